@@ -1,0 +1,102 @@
+"""The recipe schema, declared once: each setting's type, default, merge rule and help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .validators import Bool, Enum, Int, Mapping, Str, StrList, Validator
+
+PACKAGE = Str(r"[a-z0-9][a-z0-9+.-]+", "naming a Debian package")
+NAME = Str(r"[a-z0-9][a-z0-9-]{0,62}", "of lowercase letters, digits and dashes")
+SIZE = Str(r"[0-9]+[KMG]", "like 64M")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One recipe field. `base=True` means it changes the bootstrapped base rootfs."""
+
+    path: str
+    validator: Validator
+    default: Any
+    help: str
+    base: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("name", NAME, "edgebake", "Image name; outputs are <name>.img and friends."),
+    Setting("description", Str(), "", "One line saying what this recipe is for."),
+    Setting("arch", Enum(("arm64",)), "arm64", "Debian architecture of the target.", base=True),
+    Setting("suite", Enum(("bookworm",)), "bookworm", "Debian suite of the base system.",
+            base=True),
+    Setting("mirror", Str(r"https?://\S+", "that is an http(s) URL"),
+            "http://deb.debian.org/debian", "Debian mirror used by mmdebstrap.", base=True),
+    Setting("components", StrList(Str(r"[a-z-]+", "naming an archive component")),
+            ["main"], "Archive components (raspi-firmware needs non-free-firmware).", base=True),
+    Setting("variant", Enum(("essential", "apt", "required", "minbase")), "apt",
+            "mmdebstrap variant: the package set before `packages` is added.", base=True),
+    Setting("packages", StrList(PACKAGE), [], "Debian packages to install.", base=True),
+    Setting("dpkg.exclude", StrList(Str(r"/\S*", "that is an absolute path glob")), [],
+            "Paths dpkg never unpacks (docs, man pages, locales, unused modules).", base=True),
+    Setting("dpkg.include", StrList(Str(r"/\S*", "that is an absolute path glob")), [],
+            "Exceptions to dpkg.exclude.", base=True),
+    Setting("initramfs.modules", StrList(Str(r"[a-z0-9_-]+", "naming a kernel module")), [],
+            "The only modules put in the initramfs (MODULES=list).", base=True),
+    Setting("kernel.root", Str(r"(LABEL|PARTUUID|UUID)=\S+", "like LABEL=rootfs"),
+            "LABEL=EB_ROOT", "How the kernel finds the root filesystem.", base=True),
+    Setting("kernel.console", Str(r"tty[A-Za-z]*[0-9]+,[0-9]+", "like ttyS1,115200"),
+            "ttyS1,115200", "Serial console of the unit.", base=True),
+    Setting("kernel.cmdline", StrList(), ["rootwait", "fsck.repair=yes"],
+            "Extra kernel command line arguments."),
+    Setting("firmware.config_txt", StrList(), [], "Extra lines appended to config.txt."),
+    Setting("layout.boot_mib", Int(64, 2048), 256, "Size of the FAT boot partition in MiB."),
+    Setting("layout.root_free_mib", Int(16, 65536), 256,
+            "Free space in MiB added to the root filesystem beyond its contents."),
+    Setting("layout.data_mib", Int(16, 65536), 128,
+            "Size of the data partition in MiB (results, model slots, logs)."),
+    Setting("overlays", StrList(Str(r"[a-z0-9][a-z0-9_-]*", "naming a folder of overlays/")), [],
+            "Overlay trees copied and rendered into the rootfs, in order."),
+    Setting("wheels", StrList(Str(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "naming a locked wheel")), [],
+            "Python wheels from recipes/wheels.lock installed into /opt/edgebake."),
+    Setting("services.enable", StrList(Str(r"\S+\.(service|timer|socket|path|target)",
+                                           "naming a systemd unit")), [],
+            "systemd units enabled at build time."),
+    Setting("services.disable", StrList(Str(r"\S+\.(service|timer|socket|path|target)",
+                                            "naming a systemd unit")), [],
+            "systemd units disabled at build time (wins over services.enable)."),
+    Setting("hostname", Str(r"[a-z0-9][a-z0-9-]{0,62}", "that is a valid hostname"),
+            "edgebake", "Hostname until a per-unit seed sets one."),
+    Setting("ssh.authorized_keys",
+            StrList(Str(r"(ssh|ecdsa|sk)-\S+ \S+.*", "holding a public key")),
+            [], "Build-time SSH keys for the service account; SSH stays off without keys."),
+    Setting("watchdog.hardware_sec", Int(0, 60), 15,
+            "systemd RuntimeWatchdogSec for the hardware watchdog (0 disables)."),
+    Setting("watchdog.service_sec", Int(5, 600), 30,
+            "WatchdogSec of the edgebake service: restart when pings stop this long."),
+    Setting("journald.max_use", SIZE, "64M", "SystemMaxUse for the persistent journal."),
+    Setting("app", Mapping(), {}, "Defaults for /etc/edgebake/app.yaml (checked by the runtime)."),
+    Setting("model.path", Str(), "", "Model file; empty means the project's default model."),
+    Setting("verify.enabled", Bool(), True,
+            "Run the model inside the target rootfs with the shipped runtime before assembly."),
+)
+
+BY_PATH: dict[str, Setting] = {s.path: s for s in SETTINGS}
+GROUPS: frozenset[str] = frozenset(
+    ".".join(s.path.split(".")[:i]) for s in SETTINGS for i in range(1, s.path.count(".") + 1)
+)
+
+
+def defaults() -> dict[str, Any]:
+    """A fresh copy of every setting's default, keyed by dotted path."""
+    import copy
+
+    return {s.path: copy.deepcopy(s.default) for s in SETTINGS}
+
+
+def describe_all() -> str:
+    """The schema as text, for `invoke recipe-schema` and the README."""
+    lines = []
+    for s in SETTINGS:
+        lines.append(f"{s.path:24} {s.validator.describe():45} default {s.default!r}\n"
+                     f"{'':24} {s.help}")
+    return "\n".join(lines)

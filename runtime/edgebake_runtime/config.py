@@ -1,0 +1,219 @@
+"""The runtime's configuration: defaults, seed overrides, and validation with clear errors."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOURCE_KINDS = ("v4l2", "rtsp", "http", "replay", "synthetic")
+
+DEFAULTS: dict[str, Any] = {
+    "device_id": "",
+    "model": {"path": "/opt/edgebake/model/model.tflite", "card": ""},
+    "inference": {"workers": 1, "num_threads": 2, "score_threshold": None, "top_k": 3},
+    "queue": {"depth": 1},
+    "sources": [],
+    "journal": {"dir": "/data/results", "fsync_interval_sec": 1.0,
+                "rotate_bytes": 16 * 1024 * 1024, "keep_files": 64},
+    "mqtt": {"enabled": False, "host": "127.0.0.1", "port": 1883, "topic": "",
+             "qos": 1, "keepalive_sec": 30, "client_id": ""},
+    "http": {"enabled": True, "bind": "0.0.0.0", "port": 8080},
+    "watchdog": {"stall_sec": 15.0},
+}
+
+SOURCE_DEFAULTS: dict[str, Any] = {"fps": 5.0, "max_age_sec": 10.0, "width": 640, "height": 480,
+                                   "device": "", "url": "", "path": "", "loop": True,
+                                   "enabled": True}
+
+
+class ConfigError(Exception):
+    """A bad configuration value: the message names the file, the field and what was expected."""
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    kind: str
+    fps: float
+    max_age_sec: float
+    width: int
+    height: int
+    device: str
+    url: str
+    path: str
+    loop: bool
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    raw: dict[str, Any]
+    sources: tuple[SourceConfig, ...]
+
+    def section(self, name: str) -> dict[str, Any]:
+        value = self.raw[name]
+        assert isinstance(value, dict)
+        return value
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.raw["model"]["path"])
+
+    @property
+    def card_path(self) -> Path | None:
+        card = self.raw["model"]["card"]
+        return Path(card) if card else None
+
+
+class _Checker:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, field: str, expected: str, found: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: {field}: expected {expected}, found {found!r}")
+
+    def number(self, data: dict[str, Any], key: str, field: str, minimum: float,
+               maximum: float | None = None, integer: bool = False,
+               optional: bool = False) -> None:
+        value = data.get(key)
+        if value is None and optional:
+            return
+        kinds: tuple[type, ...] = (int,) if integer else (int, float)
+        kind = "an integer" if integer else "a number"
+        bound = f" between {minimum} and {maximum}" if maximum is not None else f" >= {minimum}"
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise self.fail(field, kind + bound, value)
+        assert isinstance(value, (int, float))
+        if value < minimum or (maximum is not None and value > maximum):
+            raise self.fail(field, kind + bound, value)
+
+    def string(self, data: dict[str, Any], key: str, field: str, allow_empty: bool = True) -> None:
+        value = data.get(key)
+        if not isinstance(value, str) or (not allow_empty and not value):
+            raise self.fail(field, "a non-empty string" if not allow_empty else "a string", value)
+
+    def boolean(self, data: dict[str, Any], key: str, field: str) -> None:
+        if not isinstance(data.get(key), bool):
+            raise self.fail(field, "true or false", data.get(key))
+
+    def mapping(self, data: Any, field: str, known: set[str]) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.fail(field, "a mapping", data)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{self.source}: {field}.{unknown[0]}: unknown setting; "
+                              f"known: {', '.join(sorted(known))}")
+        return data
+
+
+def validate(data: dict[str, Any], source: str) -> AppConfig:
+    """Merge `data` over the defaults, check every field, and return the typed config."""
+    check = _Checker(source)
+    check.mapping(data, "(top level)", set(DEFAULTS))
+    merged = deep_merge(DEFAULTS, data)
+    check.string(merged, "device_id", "device_id")
+    for name in ("model", "inference", "queue", "journal", "mqtt", "http", "watchdog"):
+        check.mapping(merged[name], name, set(DEFAULTS[name]))
+    check.string(merged["model"], "path", "model.path", allow_empty=False)
+    check.string(merged["model"], "card", "model.card")
+    inf = merged["inference"]
+    check.number(inf, "workers", "inference.workers", 1, 16, integer=True)
+    check.number(inf, "num_threads", "inference.num_threads", 1, 16, integer=True)
+    check.number(inf, "score_threshold", "inference.score_threshold", 0.0, 1.0, optional=True)
+    check.number(inf, "top_k", "inference.top_k", 1, 100, integer=True)
+    check.number(merged["queue"], "depth", "queue.depth", 1, 64, integer=True)
+    jr = merged["journal"]
+    check.string(jr, "dir", "journal.dir", allow_empty=False)
+    check.number(jr, "fsync_interval_sec", "journal.fsync_interval_sec", 0.0, 60.0)
+    check.number(jr, "rotate_bytes", "journal.rotate_bytes", 4096, integer=True)
+    check.number(jr, "keep_files", "journal.keep_files", 1, 100000, integer=True)
+    mq = merged["mqtt"]
+    check.boolean(mq, "enabled", "mqtt.enabled")
+    check.string(mq, "host", "mqtt.host", allow_empty=False)
+    check.number(mq, "port", "mqtt.port", 1, 65535, integer=True)
+    check.string(mq, "topic", "mqtt.topic")
+    check.number(mq, "qos", "mqtt.qos", 0, 2, integer=True)
+    check.number(mq, "keepalive_sec", "mqtt.keepalive_sec", 5, 3600, integer=True)
+    check.string(mq, "client_id", "mqtt.client_id")
+    ht = merged["http"]
+    check.boolean(ht, "enabled", "http.enabled")
+    check.string(ht, "bind", "http.bind", allow_empty=False)
+    check.number(ht, "port", "http.port", 0, 65535, integer=True)
+    check.number(merged["watchdog"], "stall_sec", "watchdog.stall_sec", 1.0, 3600.0)
+    sources = _validate_sources(check, merged["sources"])
+    return AppConfig(raw=merged, sources=sources)
+
+
+def _validate_sources(check: _Checker, raw: Any) -> tuple[SourceConfig, ...]:
+    if not isinstance(raw, list):
+        raise check.fail("sources", "a list of sources", raw)
+    result = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        field = f"sources[{i}]"
+        check.mapping(item, field, {"name", "kind", *SOURCE_DEFAULTS})
+        entry = {**SOURCE_DEFAULTS, **item}
+        check.string(entry, "name", f"{field}.name", allow_empty=False)
+        if entry["name"] in seen:
+            raise check.fail(f"{field}.name", "a name no other source uses", entry["name"])
+        seen.add(entry["name"])
+        if entry.get("kind") not in SOURCE_KINDS:
+            raise check.fail(f"{field}.kind", "one of " + ", ".join(SOURCE_KINDS),
+                             entry.get("kind"))
+        check.number(entry, "fps", f"{field}.fps", 0.1, 120.0)
+        check.number(entry, "max_age_sec", f"{field}.max_age_sec", 0.5, 3600.0)
+        check.number(entry, "width", f"{field}.width", 16, 8192, integer=True)
+        check.number(entry, "height", f"{field}.height", 16, 8192, integer=True)
+        for key in ("device", "url", "path"):
+            check.string(entry, key, f"{field}.{key}")
+        check.boolean(entry, "loop", f"{field}.loop")
+        check.boolean(entry, "enabled", f"{field}.enabled")
+        needs = {"v4l2": "device", "rtsp": "url", "http": "url", "replay": "path"}
+        key = needs.get(str(entry["kind"]), "")
+        if key and not entry[key]:
+            raise check.fail(f"{field}.{key}", f"a value for a {entry['kind']} source", "")
+        result.append(SourceConfig(**{k: entry[k] for k in SourceConfig.__dataclass_fields__}))
+    return tuple(result)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: (top level): expected a mapping, found {type(data).__name__}")
+    return data
+
+
+def load_config(path: Path, overrides: Path | None = None) -> AppConfig:
+    """Read app.yaml, merge the seed's overrides (if that file exists), validate the result."""
+    data = read_yaml_mapping(path)
+    source = str(path)
+    if overrides is not None and overrides.is_file():
+        extra = read_yaml_mapping(overrides)
+        check = _Checker(str(overrides))
+        check.mapping(extra, "(top level)", set(DEFAULTS))
+        data = deep_merge(data, extra)
+        source = f"{path} + {overrides}"
+    return validate(data, source)

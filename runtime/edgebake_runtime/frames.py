@@ -1,0 +1,77 @@
+"""Frames and the per-source latest-frame-wins queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Frame:
+    """One captured image (H x W x 3 uint8 RGB) with where and when it came from."""
+
+    source: str
+    seq: int
+    captured_at: float  # time.monotonic()
+    wall_time: float  # time.time()
+    image: np.ndarray[Any, Any]
+    placement: Any = None  # set when the source thread already resized the frame
+
+
+class LatestFrameQueue:
+    """A bounded queue where a new frame pushes out the oldest one; drops are counted."""
+
+    def __init__(self, depth: int = 1) -> None:
+        self.depth = depth
+        self._items: list[Frame] = []
+        self._lock = threading.Lock()
+        self.dropped = 0
+        self.put_count = 0
+
+    def put(self, frame: Frame) -> None:
+        with self._lock:
+            self.put_count += 1
+            if len(self._items) >= self.depth:
+                self._items.pop(0)
+                self.dropped += 1
+            self._items.append(frame)
+
+    def take(self) -> Frame | None:
+        with self._lock:
+            return self._items.pop(0) if self._items else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def drain(self) -> list[Frame]:
+        with self._lock:
+            items, self._items = self._items, []
+            return items
+
+
+class FrameSignal:
+    """Wakes idle workers when any queue gets a frame (one condition for all sources)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+
+    def notify(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._generation == seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._generation

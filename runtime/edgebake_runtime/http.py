@@ -1,0 +1,111 @@
+"""HTTP /health (JSON) and /metrics (Prometheus text) on the standard library's server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Snapshot = Callable[[], dict[str, Any]]
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(snap: dict[str, Any]) -> str:
+    """The same figures as /health, in Prometheus exposition format."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str,
+               samples: list[tuple[dict[str, str], float | None]]) -> None:
+        out.append(f"# HELP edgebake_{name} {help_text}")
+        out.append(f"# TYPE edgebake_{name} {kind}")
+        for labels, value in samples:
+            if value is None:
+                continue
+            label_text = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+            out.append(f"edgebake_{name}{{{label_text}}} {value}" if label_text
+                       else f"edgebake_{name} {value}")
+
+    sources = snap["sources"]
+    metric("up", "gauge", "1 while the service is healthy (watchdog pings are sent).",
+           [({}, 1.0 if snap["healthy"] else 0.0)])
+    metric("source_up", "gauge", "1 while the source delivers frames.",
+           [({"source": n}, 1.0 if s["state"] == "up" else 0.0) for n, s in sources.items()])
+    metric("source_fps", "gauge", "Frames per second captured.",
+           [({"source": n}, s["fps"]) for n, s in sources.items()])
+    metric("source_frame_age_seconds", "gauge", "Age of the newest frame.",
+           [({"source": n}, s["last_frame_age_sec"]) for n, s in sources.items()])
+    metric("source_queue_depth", "gauge", "Frames waiting for a worker.",
+           [({"source": n}, s["queue_depth"]) for n, s in sources.items()])
+    metric("source_frames_total", "counter", "Frames captured.",
+           [({"source": n}, s["frames"]) for n, s in sources.items()])
+    metric("source_dropped_total", "counter", "Frames replaced by newer ones before inference.",
+           [({"source": n}, s["drops"]) for n, s in sources.items()])
+    metric("source_corrupt_total", "counter", "Frames that could not be decoded.",
+           [({"source": n}, s["corrupt_frames"]) for n, s in sources.items()])
+    metric("source_reconnects_total", "counter", "Reconnect attempts.",
+           [({"source": n}, s["reconnects"]) for n, s in sources.items()])
+    inf = snap["inference"]
+    metric("inference_latency_seconds", "summary", "Interpreter invoke() time.",
+           [({"quantile": "0.5"}, inf["p50_ms"] / 1000 if inf["p50_ms"] is not None else None),
+            ({"quantile": "0.99"}, inf["p99_ms"] / 1000 if inf["p99_ms"] is not None else None)])
+    metric("results_total", "counter", "Results produced.", [({}, inf["results"])])
+    metric("inference_errors_total", "counter", "Frames whose inference failed.",
+           [({}, inf["errors"])])
+    metric("journal_records_total", "counter", "Records written to the journal.",
+           [({}, snap["journal"]["written"])])
+    metric("journal_ok", "gauge", "1 while the journal accepts writes.",
+           [({}, 0.0 if snap["journal"]["error"] else 1.0)])
+    metric("model_info", "gauge", "The loaded model.",
+           [({"sha256": snap["model"]["sha256"], "version": snap["model"]["version"]}, 1.0)])
+    if snap.get("mqtt"):
+        metric("mqtt_connected", "gauge", "1 while connected to the broker.",
+               [({}, 1.0 if snap["mqtt"]["connected"] else 0.0)])
+        metric("mqtt_published_total", "counter", "Results acknowledged by the broker.",
+               [({}, snap["mqtt"]["published"])])
+    return "\n".join(out) + "\n"
+
+
+class HealthServer:
+    def __init__(self, bind: str, port: int, snapshot: Snapshot) -> None:
+        get_snapshot = snapshot
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if path == "/health":
+                    snap = get_snapshot()
+                    body = json.dumps(snap, sort_keys=True).encode()
+                    self._reply(200 if snap["healthy"] else 503, "application/json", body)
+                elif path == "/metrics":
+                    body = prometheus_text(get_snapshot()).encode()
+                    self._reply(200, "text/plain; version=0.0.4", body)
+                else:
+                    self._reply(404, "text/plain", b"not found: try /health or /metrics\n")
+
+            def _reply(self, code: int, kind: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((bind, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="http",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

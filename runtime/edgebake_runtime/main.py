@@ -1,0 +1,64 @@
+"""`edgebake-runtime --config FILE`: validate, load the model, run until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from .app import App, StartupError
+from .config import ConfigError, load_config
+from .sdnotify import Notifier
+
+DEFAULT_CONFIG = Path("/etc/edgebake/app.yaml")
+DEFAULT_OVERRIDES = Path("/etc/edgebake/seed-overrides.yaml")
+EXIT_BAD_CONFIG = 2
+EXIT_BAD_MODEL = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgebake-runtime",
+                                     description="edgebake on-device inference service")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--overrides", type=Path, default=DEFAULT_OVERRIDES,
+                        help="per-unit overrides written from the seed (used if present)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("edgebake")
+    notifier = Notifier()
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        log.error("bad configuration: %s", exc)
+        notifier.status(f"failed: bad configuration: {exc}")
+        return EXIT_BAD_CONFIG
+    try:
+        app = App(config, notifier)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        notifier.status(f"failed: {exc}")
+        return EXIT_BAD_MODEL
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        app.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app.start()
+    log.info("started: model %s, %d source(s), %d worker(s)", app.card.version,
+             len(app.sources), len(app.workers))
+    try:
+        app.run()
+    finally:
+        app.stop()
+    log.info("stopped cleanly")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Turns an RGB frame into the model's input tensor, as the model card says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .card import Card
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the frame landed inside the model input (for mapping boxes back)."""
+
+    scale_x: float = 1.0  # fraction of the input width the frame covers
+    scale_y: float = 1.0
+    offset_x: float = 0.0  # normalised padding on the left/top
+    offset_y: float = 0.0
+
+    def to_frame(self, x: float, y: float) -> tuple[float, float]:
+        return (x - self.offset_x) / self.scale_x, (y - self.offset_y) / self.scale_y
+
+
+class Preprocessor:
+    """Resize (stretch or letterbox), then one lookup table maps uint8 pixels to input values.
+
+    A per-pixel affine map of uint8 values has only 256 possible results per channel, so the
+    normalisation and quantisation are computed once, not per frame.
+    """
+
+    def __init__(self, card: Card) -> None:
+        spec = card.inputs[0]
+        pre = card.preprocessing
+        if len(spec.shape) != 4 or spec.shape[3] != 3:
+            raise ValueError(f"input {spec.name}: expected shape [1, H, W, 3], "
+                             f"found {list(spec.shape)}")
+        self.height, self.width = int(spec.shape[1]), int(spec.shape[2])
+        self.dtype = np.dtype(spec.dtype)
+        self.fit = str(pre.get("fit", "letterbox" if card.task == "blazeface" else "stretch"))
+        values = np.arange(256, dtype=np.float64)
+        if "mean" in pre and "std" in pre:
+            mean = np.asarray(pre["mean"], dtype=np.float64).reshape(-1, 1)
+            std = np.asarray(pre["std"], dtype=np.float64).reshape(-1, 1)
+            real = (values[None, :] - mean) / std
+        else:
+            lo, hi = (float(v) for v in pre.get("range", [0.0, 1.0]))
+            real = values[None, :] / 255.0 * (hi - lo) + lo
+        real = np.broadcast_to(real, (3, 256))
+        if self.dtype.kind in "iu":
+            if spec.scale > 0:
+                real = np.round(real / spec.scale + spec.zero_point)
+            info = np.iinfo(self.dtype)
+            real = np.clip(real, info.min, info.max)
+        self.lut = np.ascontiguousarray(real.astype(self.dtype))  # shape (3, 256)
+
+    def resize(self, frame: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], Placement]:
+        h, w = frame.shape[:2]
+        if (h, w) == (self.height, self.width):
+            return frame, Placement()
+        image = Image.fromarray(frame)
+        if self.fit == "letterbox":
+            ratio = min(self.width / w, self.height / h)
+            new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))
+            canvas = np.zeros((self.height, self.width, 3), dtype=np.uint8)
+            left, top = (self.width - new_w) // 2, (self.height - new_h) // 2
+            canvas[top:top + new_h, left:left + new_w] = np.asarray(
+                image.resize((new_w, new_h), Image.Resampling.BILINEAR))
+            return canvas, Placement(new_w / self.width, new_h / self.height,
+                                     left / self.width, top / self.height)
+        resized = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
+        return np.asarray(resized), Placement()
+
+    def __call__(self, frame: np.ndarray[Any, Any],
+                 out: np.ndarray[Any, Any] | None = None) -> tuple[np.ndarray[Any, Any], Placement]:
+        """Return the input tensor [1,H,W,3]; with `out`, write into that buffer instead."""
+        resized, placement = self.resize(frame)
+        target = out if out is not None else np.empty((1, self.height, self.width, 3), self.dtype)
+        for channel in range(3):
+            np.take(self.lut[channel], resized[:, :, channel], out=target[0, :, :, channel])
+        return target, placement

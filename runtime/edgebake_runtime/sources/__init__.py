@@ -1,0 +1,24 @@
+"""Frame sources: each runs in its own thread, reconnects with backoff and caps its fps."""
+
+from __future__ import annotations
+
+from ..config import SourceConfig
+from .base import Source, SourceStats
+from .ffmpeg import FfmpegSource
+from .replay import ReplaySource
+from .synthetic import SyntheticSource
+from .v4l2 import V4l2Source
+
+__all__ = ["Source", "SourceStats", "make_source"]
+
+
+def make_source(config: SourceConfig) -> Source:
+    if config.kind == "synthetic":
+        return SyntheticSource(config)
+    if config.kind == "replay":
+        return ReplaySource(config)
+    if config.kind in ("rtsp", "http"):
+        return FfmpegSource(config)
+    if config.kind == "v4l2":
+        return V4l2Source(config)
+    raise ValueError(f"unknown source kind {config.kind!r}")

@@ -1,0 +1,143 @@
+"""The source thread: open, read frames at a capped rate, and reconnect with backoff."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import SourceConfig
+from ..frames import Frame
+
+log = logging.getLogger("edgebake.source")
+
+BACKOFF_START_SEC = 1.0
+BACKOFF_MAX_SEC = 30.0
+
+
+class CorruptFrame(Exception):
+    """One frame could not be decoded; the source stays up and the frame is counted."""
+
+
+class SourceDown(Exception):
+    """The device or stream is gone; the source reconnects after a backoff."""
+
+
+class SourceFinished(Exception):
+    """A non-looping replay reached its end."""
+
+
+@dataclass
+class SourceStats:
+    state: str = "starting"  # starting, up, down, finished, stopped
+    frames: int = 0
+    corrupt_frames: int = 0
+    reconnects: int = 0
+    last_error: str = ""
+    last_frame_monotonic: float = 0.0
+    fps: float = 0.0
+    _window: list[float] = field(default_factory=list)
+
+    def frame_age(self, now: float) -> float | None:
+        return now - self.last_frame_monotonic if self.last_frame_monotonic else None
+
+
+class Source:
+    """Subclasses implement open(), read() -> RGB uint8 HxWx3, and close()."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.stats = SourceStats()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seq = 0
+        self.on_frame: Callable[[Frame], None] = lambda frame: None
+
+    # --- to implement -------------------------------------------------------------------
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def read(self) -> np.ndarray[Any, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # --- thread -------------------------------------------------------------------------
+    def start(self, on_frame: Callable[[Frame], None]) -> None:
+        self.on_frame = on_frame
+        self._thread = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.stats.state = "stopped"
+
+    def _run(self) -> None:
+        backoff = BACKOFF_START_SEC
+        while not self._stop.is_set():
+            try:
+                self.open()
+                self.stats.state = "up"
+                self.stats.last_error = ""
+                backoff = BACKOFF_START_SEC
+                self._pump()
+            except SourceFinished:
+                self.stats.state = "finished"
+                self._safe_close()
+                return
+            except Exception as exc:  # any failure of a device or stream means "down"
+                self.stats.state = "down"
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("source %s down: %s; retrying in %.0fs", self.name,
+                            self.stats.last_error, backoff)
+            self._safe_close()
+            if self._stop.wait(backoff):
+                break
+            self.stats.reconnects += 1
+            backoff = min(backoff * 2, BACKOFF_MAX_SEC)
+
+    def _safe_close(self) -> None:
+        try:
+            self.close()
+        except Exception as exc:
+            log.debug("source %s close failed: %s", self.name, exc)
+
+    def _pump(self) -> None:
+        period = 1.0 / self.config.fps
+        next_due = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                image = self.read()
+            except CorruptFrame as exc:
+                self.stats.corrupt_frames += 1
+                log.debug("source %s: corrupt frame skipped: %s", self.name, exc)
+                continue
+            now = time.monotonic()
+            self._seq += 1
+            self._record(now)
+            self.on_frame(Frame(source=self.name, seq=self._seq, captured_at=now,
+                                wall_time=time.time(), image=image))
+            next_due = max(next_due + period, now - period)
+            delay = next_due - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                return
+
+    def _record(self, now: float) -> None:
+        stats = self.stats
+        stats.frames += 1
+        stats.last_frame_monotonic = now
+        stats._window.append(now)
+        cutoff = now - 5.0
+        while stats._window and stats._window[0] < cutoff:
+            stats._window.pop(0)
+        span = now - stats._window[0] if len(stats._window) > 1 else 0.0
+        stats.fps = (len(stats._window) - 1) / span if span > 0 else 0.0

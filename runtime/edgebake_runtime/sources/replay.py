@@ -1,0 +1,74 @@
+"""Replays a folder of images (or, through ffmpeg, a video file) at a set fps, looping."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .base import CorruptFrame, Source, SourceDown, SourceFinished
+from .ffmpeg import FfmpegSource
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
+DECODED_CACHE_LIMIT = 64
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray[Any, Any]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CorruptFrame(f"{name}: {exc}") from None
+
+
+class ReplaySource(Source):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._video: FfmpegSource | None = None
+        self._files: list[Path] = []
+        self._cache: dict[Path, np.ndarray[Any, Any]] = {}
+        self._index = 0
+
+    def open(self) -> None:
+        path = Path(self.config.path)
+        if path.is_file():
+            self._video = FfmpegSource(self.config, input_args=["-re", "-stream_loop",
+                                                                "-1" if self.config.loop else "0",
+                                                                "-i", str(path)])
+            self._video.open()
+            return
+        if not path.is_dir():
+            raise SourceDown(f"{path}: no such folder or video file")
+        self._files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self._files:
+            raise SourceDown(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self._index = 0
+
+    def read(self) -> np.ndarray[Any, Any]:
+        if self._video is not None:
+            return self._video.read()
+        if self._index >= len(self._files):
+            if not self.config.loop:
+                raise SourceFinished()
+            self._index = 0
+        path = self._files[self._index]
+        self._index += 1
+        cached = self._cache.get(path)
+        if cached is not None:
+            return cached
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CorruptFrame(f"{path}: {exc.strerror}") from None
+        image = decode_image(data, str(path))
+        if len(self._files) <= DECODED_CACHE_LIMIT:
+            self._cache[path] = image
+        return image
+
+    def close(self) -> None:
+        if self._video is not None:
+            self._video.close()
+            self._video = None

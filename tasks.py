@@ -1,0 +1,77 @@
+"""Invoke tasks: thin wrappers; the work lives in image/ (edgebake_builder) and runtime/."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from invoke import Context, Exit, task
+
+ROOT = Path(__file__).resolve().parent
+sys.path[:0] = [str(ROOT / "image"), str(ROOT / "runtime")]
+
+
+def _fail_cleanly(exc: Exception) -> Exit:
+    return Exit(f"error: {exc}", code=1)
+
+
+@task(help={"target": "recipe target under recipes/targets (pi4)",
+            "recipe": "your own recipe YAML, layered on top of the target",
+            "model": ".tflite model to bake in (default: the project's BlazeFace model)",
+            "out": "output folder (default out/<target>)",
+            "no_cache": "rebuild the base rootfs even if a cached one matches",
+            "xz_level": "xz preset for the .img.xz (0-9)"})
+def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = "",
+                out: str = "", no_cache: bool = False, xz_level: int = 6) -> None:
+    """Build a flashable image: recipe + model -> .img, .img.xz, .bmap, SHA256SUMS, manifest."""
+    from edgebake_builder.build import BuildOptions
+    from edgebake_builder.build import build_image as run_build
+    from edgebake_builder.errors import BuildError
+
+    options = BuildOptions(target=target, recipe_file=Path(recipe) if recipe else None,
+                           model=model, out_dir=Path(out) if out else None,
+                           no_cache=no_cache, xz_level=xz_level)
+    try:
+        run_build(options)
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted; no output was replaced", code=130) from None
+
+
+@task
+def recipe_schema(c: Context) -> None:
+    """Print every recipe setting with its type, default and help."""
+    from edgebake_builder.recipe.schema import describe_all
+
+    print(describe_all())
+
+
+@task(help={"target": "recipe target", "recipe": "optional user recipe on top"})
+def show_recipe(c: Context, target: str = "pi4", recipe: str = "") -> None:
+    """Print the resolved recipe and its content hash (validates it; does no work)."""
+    import yaml
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.recipe import load_recipe
+
+    try:
+        resolved = load_recipe(target, Path(recipe) if recipe else None)
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+    print(yaml.safe_dump(resolved.as_nested(), sort_keys=False), end="")
+    print(f"# recipe_sha256: {resolved.sha256()}")
+
+
+@task(help={"unit": "run only the fast unit tests", "keep_going": "don't stop at first failure"})
+def test(c: Context, unit: bool = False, keep_going: bool = True) -> None:
+    """Run the test suite: unit tests, then the image build and boot validation."""
+    marker = ["-m", "not image and not boot"] if unit else []
+    args = [sys.executable, "-m", "pytest", "-ra", *marker]
+    if not keep_going:
+        args.append("-x")
+    result = c.run(" ".join(args), warn=True, pty=False)
+    code = result.exited if result is not None else 1
+    if code == 5:
+        raise Exit("error: pytest collected no tests", code=1)
+    if code:
+        raise Exit(code=code)
