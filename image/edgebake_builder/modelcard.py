@@ -14,6 +14,7 @@ from edgebake_runtime.interp import (
     ModelError,
     load_interpreter,
     op_names,
+    probe_model,
     runtime_name_and_version,
 )
 
@@ -105,6 +106,7 @@ def inspect_model(model: Path, name: str | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the card fields that come from the file itself."""
     try:
+        probe_model(model)
         plain = load_interpreter(model, plain_ops=True)
     except ModelError as exc:
         raise BuildError(str(exc)) from None

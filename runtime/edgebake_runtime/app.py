@@ -70,7 +70,7 @@ class App:
 
     def _load_card(self) -> Card:
         from .card import CardError
-        from .interp import ModelError, check_tflite_file
+        from .interp import ModelError, check_tflite_file, probe_model
 
         model = self.config.model_path
         try:
@@ -82,6 +82,10 @@ class App:
         if actual != card.sha256:
             raise StartupError(f"{model}: sha256 {actual[:16]}… does not match its card "
                                f"({card.sha256[:16]}…); refusing a model that was changed")
+        try:
+            probe_model(model)
+        except ModelError as exc:
+            raise StartupError(str(exc)) from None
         return card
 
     # --- data path ---------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +82,37 @@ def load_interpreter(path: Path, num_threads: int = 1, plain_ops: bool = False) 
 def op_names(interpreter: Any) -> list[str]:
     """Sorted distinct op names (needs an interpreter made with plain_ops=True)."""
     return sorted({str(op["op_name"]) for op in interpreter._get_ops_details()})
+
+
+PROBE_SOURCE = """
+import sys
+from pathlib import Path
+sys.path[:0] = {paths!r}
+from edgebake_runtime.interp import ModelError, load_interpreter
+try:
+    load_interpreter(Path(sys.argv[1]), plain_ops=True)
+except ModelError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def probe_model(path: Path, timeout: float = 120.0) -> None:
+    """Load the model once in a child process: a malformed flatbuffer can crash the TFLite
+    runtime outright, and that must become an error message, not a dead service."""
+    check_tflite_file(path)
+    package_root = str(Path(__file__).resolve().parents[1])
+    code = PROBE_SOURCE.format(paths=[package_root])
+    try:
+        result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                                text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"{path}: loading the model took over {timeout:.0f}s") from None
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        raise ModelError(f"{path}: the TFLite runtime crashed ({name}) loading this model; "
+                         "the file is corrupt or not a valid TFLite flatbuffer")
+    if result.returncode != 0:
+        lines = [ln for ln in result.stderr.strip().splitlines() if not ln.startswith("INFO:")]
+        raise ModelError(lines[-1] if lines else f"{path}: model probe failed "
+                         f"(exit {result.returncode})")

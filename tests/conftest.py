@@ -1,0 +1,26 @@
+"""Shared fixtures: import paths, the project's default model, and a built image."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "image"), str(ROOT / "runtime")]
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped BlazeFace model with a card and golden outputs, in a temp folder."""
+    from edgebake_builder.modelcard import write_card
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.steps.model import DEFAULT_MODEL, fetch_locked_model, read_models_lock
+
+    folder = tmp_path_factory.mktemp("model")
+    cached = fetch_locked_model(read_models_lock()[DEFAULT_MODEL], Progress(1))
+    model = folder / "face_detection_short_range.tflite"
+    model.write_bytes(cached.read_bytes())
+    write_card(model, folder / "face_detection_short_range.card.json")
+    return model

@@ -1,0 +1,117 @@
+"""Recipe loading: layering, merge rules, hashing, and one-line errors for bad recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgebake_builder.errors import BuildError, RecipeError
+from edgebake_builder.recipe import load_recipe
+from edgebake_builder.recipe.schema import SETTINGS, describe_all
+from edgebake_builder.steps.bootstrap import base_key
+
+
+def write(tmp_path: Path, text: str, name: str = "user.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_pi4_resolves_with_all_layers() -> None:
+    recipe = load_recipe("pi4")
+    assert recipe["arch"] == "arm64"
+    assert "non-free-firmware" in recipe["components"]
+    for package in ("linux-image-arm64", "raspi-firmware", "python3-numpy", "openssh-server"):
+        assert package in recipe["packages"]
+    assert "edgebake.service" in recipe["services.enable"]
+    assert recipe["wheels"] == ["tflite-runtime", "paho-mqtt"]
+    assert [Path(s).stem for s in recipe.sources] == [
+        "base", "kernel-pi4", "python", "app", "watchdog", "ssh", "pi4"]
+
+
+def test_hash_is_stable_and_content_based(tmp_path: Path) -> None:
+    first, second = load_recipe("pi4"), load_recipe("pi4")
+    assert first.sha256() == second.sha256()
+    changed = load_recipe("pi4", write(tmp_path, "hostname: other-unit\n"))
+    assert changed.sha256() != first.sha256()
+
+
+def test_app_and_model_changes_keep_the_base_key(tmp_path: Path) -> None:
+    plain = load_recipe("pi4")
+    app_only = load_recipe("pi4", write(tmp_path, "app:\n  inference:\n    num_threads: 4\n"
+                                        "layout:\n  data_mib: 256\n"))
+    assert base_key(app_only) == base_key(plain)
+    more_packages = load_recipe("pi4", write(tmp_path, "packages: [curl]\n", "p.yaml"))
+    assert base_key(more_packages) != base_key(plain)
+
+
+def test_lists_append_and_minus_removes(tmp_path: Path) -> None:
+    recipe = load_recipe("pi4", write(tmp_path, "packages: [curl, -openssh-server]\n"))
+    assert "curl" in recipe["packages"]
+    assert "openssh-server" not in recipe["packages"]
+    assert recipe["packages"].count("python3") == 1
+
+
+def test_mappings_deep_merge(tmp_path: Path) -> None:
+    recipe = load_recipe("pi4", write(tmp_path, "app:\n  http:\n    port: 9000\n"))
+    assert recipe["app"]["http"] == {"port": 9000}
+    assert recipe["app"]["sources"][0]["kind"] == "synthetic"
+
+
+@pytest.mark.parametrize(("text", "field", "expected"), [
+    ("layout:\n  boot_mib: 8\n", "layout.boot_mib", "an integer >= 64"),
+    ("layout:\n  boot_mib: big\n", "layout.boot_mib", "an integer"),
+    ("arch: amd64\n", "arch", "one of arm64"),
+    ("packages: curl\n", "packages", "a list of"),
+    ("packages: [Not_A_Package]\n", "packages", "naming a Debian package"),
+    ("ssh:\n  authorized_keys: [hunter2]\n", "ssh.authorized_keys", "holding a public key"),
+    ("kernel: 5\n", "kernel", "a mapping"),
+])
+def test_bad_values_name_file_field_and_expectation(tmp_path: Path, text: str, field: str,
+                                                    expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe("pi4", path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {field}: expected ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "layout:\n  data_mb: 64\n")
+    with pytest.raises(BuildError, match=r"user.yaml: layout.data_mb: unknown setting; "
+                                         r"did you mean 'layout.data_mib'"):
+        load_recipe("pi4", path)
+
+
+def test_invalid_yaml_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match=r"line 2.*not valid YAML"):
+        load_recipe("pi4", write(tmp_path, "name: x\n  bad: [\n"))
+    with pytest.raises(BuildError, match="recipe file not found"):
+        load_recipe("pi4", tmp_path / "nope.yaml")
+    with pytest.raises(BuildError, match="unknown target 'pi5'; available: .*pi4"):
+        load_recipe("pi5")
+    with pytest.raises(RecipeError, match="layers: expected one of .*base"):
+        load_recipe("pi4", write(tmp_path, "layers: [nosuchlayer]\n", "l.yaml"))
+
+
+def test_app_settings_are_checked_before_building(tmp_path: Path) -> None:
+    from edgebake_builder.build import check_app_config
+
+    recipe = load_recipe("pi4", write(tmp_path, "app:\n  inference:\n    workers: 0\n"))
+    with pytest.raises(BuildError, match=r"recipe: app: inference.workers: expected an integer"):
+        check_app_config(recipe)
+
+
+def test_model_path_is_relative_to_the_recipe(tmp_path: Path) -> None:
+    recipe = load_recipe("pi4", write(tmp_path, "model:\n  path: models/m.tflite\n"))
+    assert recipe["model.path"] == str(tmp_path / "models" / "m.tflite")
+
+
+def test_schema_documents_every_setting() -> None:
+    text = describe_all()
+    for setting in SETTINGS:
+        assert setting.path in text and setting.help
+        assert setting.validator.validate(setting.default) == setting.default
