@@ -1,0 +1,196 @@
+"""Builds the real pi4 image and inspects it with the tools a user would: sfdisk, mtools,
+debugfs, sha256sum and bmaptool. Slow the first time (the base rootfs), then cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INVOKE = [sys.executable, "-m", "invoke"]
+SECTOR = 512
+
+pytestmark = pytest.mark.image
+
+
+def invoke(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*INVOKE, *args], cwd=cwd, capture_output=True, text=True,
+                          check=False)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`invoke build-image --target pi4` into out/pi4, exactly as the README says."""
+    result = subprocess.run([*INVOKE, "build-image", "--target", "pi4"], cwd=ROOT, text=True,
+                            check=False)
+    assert result.returncode == 0, "invoke build-image --target pi4 failed (see output above)"
+    out = ROOT / "out" / "pi4"
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"out": out, "manifest": manifest, "image": out / manifest["image"],
+            "partitions": partition_table(out / manifest["image"])}
+
+
+def partition_table(image: Path) -> dict[str, Any]:
+    out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True,
+                         check=True).stdout
+    return dict(json.loads(out)["partitiontable"])
+
+
+def extract_partition(image: Path, part: dict[str, Any], dest: Path) -> Path:
+    with image.open("rb") as src, dest.open("wb") as dst:
+        src.seek(part["start"] * SECTOR)
+        remaining = part["size"] * SECTOR
+        while remaining:
+            chunk = src.read(min(remaining, 1 << 22))
+            dst.write(chunk)
+            remaining -= len(chunk)
+    return dest
+
+
+def debugfs(fs: Path, request: str) -> str:
+    return subprocess.run(["debugfs", "-R", request, str(fs)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.fixture(scope="session")
+def root_fs(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    part = built["partitions"]["partitions"][1]
+    return extract_partition(built["image"], part, tmp_path_factory.mktemp("fs") / "root.ext4")
+
+
+def test_partition_table(built: dict[str, Any]) -> None:
+    table = built["partitions"]
+    assert table["label"] == "dos"
+    parts = table["partitions"]
+    assert [p["type"] for p in parts] == ["c", "83", "83"]
+    assert parts[0].get("bootable") is True
+    assert parts[0]["start"] * SECTOR == 4 * 2**20
+    assert parts[0]["size"] * SECTOR == 256 * 2**20
+    assert int(table["id"], 16) == built["manifest"]["partitions"]["disk_signature"]
+    for first, second in zip(parts, parts[1:], strict=False):
+        assert first["start"] + first["size"] <= second["start"]
+
+
+def test_boot_partition_holds_firmware_kernel_and_config(built: dict[str, Any]) -> None:
+    offset = built["partitions"]["partitions"][0]["start"] * SECTOR
+    target = f"{built['image']}@@{offset}"
+    listing = subprocess.run(["mdir", "-b", "-i", target, "::/"], capture_output=True,
+                             text=True, check=True).stdout
+    names = {line.rsplit("/", 1)[-1] for line in listing.split()}
+    for required in ("config.txt", "cmdline.txt", "bcm2711-rpi-4-b.dtb", "start4.elf",
+                     "fixup4.dat", "vmlinuz", "initrd.img"):
+        assert required in names, f"{required} missing from the boot partition: {sorted(names)}"
+    cmdline = subprocess.run(["mtype", "-i", target, "::/cmdline.txt"], capture_output=True,
+                             text=True, check=True).stdout
+    assert "root=LABEL=EB_ROOT" in cmdline and "console=ttyS1,115200" in cmdline
+    config = subprocess.run(["mtype", "-i", target, "::/config.txt"], capture_output=True,
+                            text=True, check=True).stdout
+    assert "enable_uart=1" in config and "dtparam=watchdog=on" in config
+    fsinfo = subprocess.run(["minfo", "-i", target, "::"], capture_output=True, text=True,
+                            check=True).stdout
+    assert "FAT32" in fsinfo or "fat32" in fsinfo.lower()
+
+
+def test_root_fs_has_app_unit_and_model(built: dict[str, Any], root_fs: Path) -> None:
+    listing = debugfs(root_fs, "ls -p /opt/edgebake")
+    for name in ("bin", "lib", "model"):
+        assert f"/{name}/" in listing
+    assert "edgebake_runtime" in debugfs(root_fs, "ls -p /opt/edgebake/lib")
+    assert "tflite_runtime" in debugfs(root_fs, "ls -p /opt/edgebake/lib")
+    wants = debugfs(root_fs, "ls -p /etc/systemd/system/multi-user.target.wants")
+    assert "/edgebake.service/" in wants
+    unit = debugfs(root_fs, "cat /usr/lib/systemd/system/edgebake.service")
+    for directive in ("Type=notify", "WatchdogSec=30", "User=edgebake", "ProtectSystem=strict",
+                      "NoNewPrivileges=yes", "DeviceAllow=char-video4linux rw"):
+        assert directive in unit
+    model = built["manifest"]["model"]
+    with subprocess.Popen(["debugfs", "-R", f"cat {model['path']}", str(root_fs)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        data = proc.stdout.read()
+    assert hashlib.sha256(data).hexdigest() == model["sha256"]
+    assert model["verified_on_target"] is True
+
+
+def test_no_account_has_a_password_and_no_baked_identity(root_fs: Path) -> None:
+    shadow = debugfs(root_fs, "cat /etc/shadow")
+    for line in shadow.strip().splitlines():
+        name, password = line.split(":")[:2]
+        assert password.startswith(("!", "*")), f"account {name} has a usable password"
+    assert "edgebake:" in debugfs(root_fs, "cat /etc/passwd")
+    assert debugfs(root_fs, "cat /etc/machine-id").strip() == "uninitialized"
+    assert "ssh_host_" not in debugfs(root_fs, "ls /etc/ssh")
+    sshd = debugfs(root_fs, "cat /etc/ssh/sshd_config.d/edgebake.conf")
+    assert "PasswordAuthentication no" in sshd
+
+
+def test_manifest_fields(built: dict[str, Any]) -> None:
+    m = built["manifest"]
+    for key in ("target", "image", "image_xz", "bmap", "recipe_sha256", "packages",
+                "python_wheels", "model", "source_date_epoch", "build_seconds", "rootfs_bytes"):
+        assert key in m
+    names = {p["name"] for p in m["packages"]}
+    assert {"linux-image-arm64", "raspi-firmware", "python3", "systemd"} <= names
+    assert all(p["arch"] in ("arm64", "all") for p in m["packages"])
+    assert {w["name"] for w in m["python_wheels"]} == {"tflite-runtime", "paho-mqtt"}
+    assert m["model"]["card"]["task"] == "blazeface"
+
+
+def test_checksums_and_bmap(built: dict[str, Any], tmp_path: Path) -> None:
+    out = built["out"]
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True,
+                           text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count(": OK") == 4
+    copy = tmp_path / "flashed.img"
+    flash = subprocess.run(["bmaptool", "copy", "--bmap", str(out / built["manifest"]["bmap"]),
+                            str(built["image"]), str(copy)], capture_output=True, text=True,
+                           check=False)
+    assert flash.returncode == 0, flash.stderr
+    assert copy.stat().st_size == built["image"].stat().st_size
+
+
+def test_rebuild_is_bit_identical(built: dict[str, Any], tmp_path: Path) -> None:
+    result = invoke("build-image", "--target", "pi4", "--out", str(tmp_path / "again"),
+                    "--xz-level", "0")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert again["image_sha256"] == built["manifest"]["image_sha256"]
+    assert "cached base rootfs" in result.stdout
+
+
+def test_bad_inputs_fail_early_with_one_line(tmp_path: Path) -> None:
+    bad_recipe = tmp_path / "bad.yaml"
+    bad_recipe.write_text("layout:\n  boot_mib: tiny\n")
+    not_a_model = tmp_path / "notes.tflite"
+    not_a_model.write_text("hello")
+    cases = [
+        (["--recipe", str(bad_recipe)], f"{bad_recipe}: layout.boot_mib: expected an integer"),
+        (["--model", str(tmp_path / "missing.tflite")], "missing.tflite: model file not found"),
+        (["--model", str(not_a_model)], "notes.tflite: not a TFLite model"),
+        (["--target", "pi9"], "unknown target 'pi9'"),
+    ]
+    for args, message in cases:
+        result = invoke("build-image", *args, "--out", str(tmp_path / "o"))
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr + result.stdout
+        assert message in result.stderr, result.stderr
+    assert not list((tmp_path / "o").glob("*.img"))
+
+
+def test_missing_host_tool_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgebake_builder import preflight
+    from edgebake_builder.errors import BuildError
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(BuildError, match=r"missing host tools: .*genimage.*apt-get install "
+                                         r".*bmap-tools"):
+        preflight.require_tools()
+    assert os.environ["PATH"] == "/nonexistent"
