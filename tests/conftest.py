@@ -24,3 +24,4 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.write_bytes(cached.read_bytes())
     write_card(model, folder / "face_detection_short_range.card.json")
     return model
+collect_ignore = ["image_checks"]

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
 from edgebake_runtime.app import App
 from edgebake_runtime.config import AppConfig, validate
+from PIL import Image
 
 ASTRONAUT_BOX = [0.346, 0.157, 0.531, 0.342]  # the face in scikit-image's astronaut.png
 

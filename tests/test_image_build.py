@@ -4,6 +4,7 @@ debugfs, sha256sum and bmaptool. Slow the first time (the base rootfs), then cac
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -74,7 +75,7 @@ def test_partition_table(built: dict[str, Any]) -> None:
     assert parts[0]["start"] * SECTOR == 4 * 2**20
     assert parts[0]["size"] * SECTOR == 256 * 2**20
     assert int(table["id"], 16) == built["manifest"]["partitions"]["disk_signature"]
-    for first, second in zip(parts, parts[1:], strict=False):
+    for first, second in itertools.pairwise(parts):
         assert first["start"] + first["size"] <= second["start"]
 
 

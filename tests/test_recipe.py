@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from edgebake_builder.errors import BuildError, RecipeError
 from edgebake_builder.recipe import load_recipe
 from edgebake_builder.recipe.schema import SETTINGS, describe_all
@@ -89,11 +88,11 @@ def test_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
 def test_invalid_yaml_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match=r"line 2.*not valid YAML"):
         load_recipe("pi4", write(tmp_path, "name: x\n  bad: [\n"))
-    with pytest.raises(BuildError, match="recipe file not found"):
+    with pytest.raises(BuildError, match=r"recipe file not found"):
         load_recipe("pi4", tmp_path / "nope.yaml")
-    with pytest.raises(BuildError, match="unknown target 'pi5'; available: .*pi4"):
+    with pytest.raises(BuildError, match=r"unknown target 'pi5'; available: .*pi4"):
         load_recipe("pi5")
-    with pytest.raises(RecipeError, match="layers: expected one of .*base"):
+    with pytest.raises(RecipeError, match=r"layers: expected one of .*base"):
         load_recipe("pi4", write(tmp_path, "layers: [nosuchlayer]\n", "l.yaml"))
 
 

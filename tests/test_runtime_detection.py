@@ -8,15 +8,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
-from runtime_helpers import ASTRONAUT_BOX, astronaut_path, china_image
-
 from edgebake_runtime.card import load_card
 from edgebake_runtime.frames import Frame, FrameSignal
 from edgebake_runtime.metrics import Metrics
 from edgebake_runtime.postprocess import blazeface_anchors
 from edgebake_runtime.preprocess import Preprocessor
 from edgebake_runtime.worker import InferenceWorker
+from PIL import Image
+from runtime_helpers import ASTRONAUT_BOX, astronaut_path, china_image
 
 
 def make_worker(model: Path) -> tuple[InferenceWorker, list[dict[str, Any]]]:

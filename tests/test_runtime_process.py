@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_helpers import make_config, replay_folder, wait_for, write_config
-
 from edgebake_runtime.journal import Journal, journal_files, read_lines, repair_tail
+from runtime_helpers import make_config, replay_folder, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,7 +226,6 @@ def mosquitto(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_mqtt_qos1_with_an_offline_period(tmp_path: Path, default_model: Path,
                                           mosquitto) -> None:  # type: ignore[no-untyped-def]
     import paho.mqtt.client as mqtt
-
     from edgebake_runtime.app import App
     from runtime_helpers import RunningApp
 

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
-
 from edgebake_runtime.app import App, StartupError
 from edgebake_runtime.config import ConfigError, load_config, validate
 from edgebake_runtime.journal import read_lines
+from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
 
 
 def test_replay_to_journal_and_health(tmp_path: Path, default_model: Path) -> None:
@@ -116,7 +115,7 @@ def test_model_changed_after_its_card_was_written(tmp_path: Path, default_model:
     card = default_model.with_name(default_model.stem + ".card.json")
     (tmp_path / "m.card.json").write_text(card.read_text())
     config = make_config(tmp_path, model, [{"name": "s", "kind": "synthetic"}])
-    with pytest.raises(StartupError, match="does not match its card"):
+    with pytest.raises(StartupError, match=r"does not match its card"):
         App(config)
 
 
@@ -144,7 +143,7 @@ def test_seed_overrides_merge_over_app_yaml(tmp_path: Path) -> None:
     assert config.raw["mqtt"]["host"] == "broker.local"
     assert config.sources[0].name == "a"
     overrides.write_text("mqtt:\n  port: zero\n")
-    with pytest.raises(ConfigError, match="seed-overrides.yaml: mqtt.port"):
+    with pytest.raises(ConfigError, match=r"seed-overrides\.yaml: mqtt\.port"):
         load_config(app, overrides)
 
 

@@ -34,7 +34,7 @@ class BuildOptions:
     out_dir: Path | None = None
     workdir: Path | None = None
     no_cache: bool = False
-    xz_level: int = 6
+    xz_level: int = 1
     source_date_epoch: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

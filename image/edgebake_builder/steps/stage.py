@@ -128,6 +128,11 @@ def _unit_exists(rootfs: Path, unit: str) -> bool:
 def prepare_first_boot(recipe: Recipe, rootfs: Path) -> None:
     """Identity is per unit: no machine-id or SSH host keys may be baked into the image."""
     inside(rootfs, "/etc/machine-id").write_text("uninitialized\n")
+    # Nobody is at the console of a field unit: never ask for a timezone or root password.
+    firstboot = inside(rootfs, "/etc/systemd/system/systemd-firstboot.service")
+    if firstboot.exists() or firstboot.is_symlink():
+        firstboot.unlink()
+    firstboot.symlink_to("/dev/null")
     dbus_id = inside(rootfs, "/var/lib/dbus/machine-id")
     if dbus_id.exists() or dbus_id.is_symlink():
         dbus_id.unlink()

@@ -1,0 +1,145 @@
+"""Boots the image under qemu-system-aarch64 (-M virt) through a throwaway qcow2 overlay.
+
+Only what a real unit gets at flash time differs: its seed (written into the overlay) and
+the kernel command line QEMU passes. QEMU and the overlay are always cleaned up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BuildError
+from . import diskimage
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def console_tail(console: Path, lines: int = 50) -> str:
+    try:
+        text = console.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no console output)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class QemuMachine:
+    image: Path
+    workdir: Path
+    console: Path
+    memory_mib: int = 1024
+    cpus: int = 2
+    extra_cmdline: list[str] = field(default_factory=list)
+    ssh_port: int = 0
+    http_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.overlay = self.workdir / "overlay.qcow2"
+        self.kernel = self.workdir / "vmlinuz"
+        self.initrd = self.workdir / "initrd.img"
+        self.boot = diskimage.boot_partition(self.image)
+        self.ssh_port = self.ssh_port or free_port()
+        self.http_port = self.http_port or free_port()
+
+    def prepare(self) -> None:
+        """Overlay backed by the image, plus the kernel and initrd the image itself carries."""
+        for tool, package in (("qemu-system-aarch64", "qemu-system-arm"),
+                              ("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils"),
+                              ("mcopy", "mtools"), ("ssh", "openssh-client")):
+            if shutil.which(tool) is None:
+                raise BuildError(f"missing host tool {tool}; apt-get install {package}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        kernel, initrd = diskimage.kernel_and_initrd_names(self.image, self.boot)
+        diskimage.copy_fat_file(self.image, self.boot, kernel, self.kernel)
+        diskimage.copy_fat_file(self.image, self.boot, initrd, self.initrd)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
+                        str(self.image.resolve()), "-F", "raw", str(self.overlay)], check=True)
+
+    def command(self) -> list[str]:
+        cmdline = ["root=LABEL=EB_ROOT", "rw", "rootwait", "fsck.repair=yes", "net.ifnames=0",
+                   "console=ttyAMA0", *self.extra_cmdline]
+        forwards = (f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22,"
+                    f"hostfwd=tcp:127.0.0.1:{self.http_port}-:8080")
+        return ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72",
+                "-smp", str(self.cpus), "-m", str(self.memory_mib),
+                "-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                "-append", " ".join(cmdline),
+                "-drive", f"if=none,file={self.overlay},format=qcow2,id=hd0",
+                "-device", "virtio-blk-pci,drive=hd0",
+                "-netdev", f"user,id=n0,{forwards}", "-device", "virtio-net-pci,netdev=n0",
+                "-device", "i6300esb", "-action", "watchdog=reset",
+                "-object", "rng-random,filename=/dev/urandom,id=rng0",
+                "-device", "virtio-rng-pci,rng=rng0",
+                "-display", "none", "-monitor", "none", "-nodefaults",
+                "-serial", f"file:{self.console}"]
+
+    def start(self) -> None:
+        self.console.parent.mkdir(parents=True, exist_ok=True)
+        self.console.write_text("")
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_for_ssh(self, key: Path, timeout: float) -> float:
+        """Seconds until `ssh root@` answers; on timeout or a dead QEMU, fail with the
+        console's tail."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if not self.alive():
+                err = self.proc.stderr.read().decode() if self.proc and self.proc.stderr else ""
+                raise BuildError(f"QEMU exited early ({err.strip()[-300:]}); console tail:\n"
+                                 + console_tail(self.console))
+            if self.ssh(key, "true", timeout=20).returncode == 0:
+                return time.monotonic() - started
+            time.sleep(3)
+        raise BuildError(f"no SSH after {timeout:.0f}s; last 50 console lines:\n"
+                         + console_tail(self.console))
+
+    def ssh_args(self, key: Path) -> list[str]:
+        return ["ssh", "-i", str(key), "-p", str(self.ssh_port), "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", "root@127.0.0.1"]
+
+    def ssh(self, key: Path, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run([*self.ssh_args(key), command], capture_output=True, text=True,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess([], 255, "", "ssh timed out")
+
+    def stop(self) -> None:
+        """Power off QEMU (whole process group) and delete the overlay, whatever happened."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(10)
+            self.proc = None
+        for path in (self.overlay, self.kernel, self.initrd):
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> QemuMachine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,169 @@
+"""`invoke test-image`: static testinfra checks on the rootfs, then boot in QEMU and check the
+running unit over SSH. Writes junit.xml, console.log and journal.txt."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError
+from ..progress import Progress
+from . import diskimage
+from .qemu import QemuMachine
+from .seed import render_seed, seed_overlay
+
+CHECKS_DIR = Path(__file__).resolve().parents[3] / "tests" / "image_checks"
+SSH_TIMEOUT_SEC = 420.0
+TEST_HOSTNAME = "edgebake-qemu-test"
+
+
+@dataclass
+class ImageTestResult:
+    passed: int
+    failed: int
+    junit: Path
+    figures: dict[str, float]
+
+
+def _pytest(phase: str, junit: Path, hosts: str, env: dict[str, str], progress: Progress,
+            extra: list[str]) -> int:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
+           f"--rootdir={CHECKS_DIR}", "-c", str(CHECKS_DIR / "pytest.ini"),
+           f"--junitxml={junit}", f"--hosts={hosts}", *extra, str(CHECKS_DIR / phase)]
+    progress.log("$ " + " ".join(cmd))
+    result = subprocess.run(cmd, env={**os.environ, **env}, text=True, capture_output=True,
+                            check=False)
+    progress.log(result.stdout + result.stderr)
+    for line in result.stdout.splitlines():
+        if line.startswith(("FAILED", "ERROR")) or re.search(r"\d+ (passed|failed)", line):
+            progress.say(f"      {line}")
+    return result.returncode
+
+
+def merge_junit(parts: list[Path], dest: Path) -> tuple[int, int]:
+    suites = ET.Element("testsuites")
+    passed = failed = 0
+    for part in parts:
+        if not part.exists():
+            continue
+        root = ET.parse(part).getroot()
+        for suite in (root.iter("testsuite")):
+            suites.append(suite)
+            total = int(suite.get("tests", 0))
+            bad = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+            skipped = int(suite.get("skipped", 0))
+            failed += bad
+            passed += total - bad - skipped
+    suites.set("tests", str(passed + failed))
+    suites.set("failures", str(failed))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(suites).write(dest, encoding="utf-8", xml_declaration=True)
+    return passed, failed
+
+
+def unpack_rootfs(image: Path, dest: Path, progress: Progress) -> Path:
+    """debugfs rdump: the root filesystem as a folder, read in place (no mount, no loop)."""
+    part = diskimage.root_partition(image)
+    fs = diskimage.extract(image, part, dest.parent / "root.ext4")
+    dest.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["debugfs", "-R", f"rdump / {dest}", str(fs)], capture_output=True,
+                            text=True, check=False)
+    fs.unlink()
+    if result.returncode != 0:
+        raise BuildError(f"{image}: cannot read the root filesystem: {result.stderr[-300:]}")
+    progress.log(result.stderr)
+    return dest
+
+
+def boot_figures(journal_text: str) -> dict[str, float]:
+    """Seconds since kernel start (monotonic clock) for multi-user and the first inference."""
+    figures: dict[str, float] = {}
+    for line in journal_text.splitlines():
+        match = re.match(r"\[\s*([0-9.]+)\]", line)
+        if not match:
+            continue
+        stamp = float(match.group(1))
+        if "boot-to-multi-user" not in figures and "Reached target multi-user.target" in line:
+            figures["boot-to-multi-user"] = stamp
+        if "boot-to-first-inference" not in figures and "edgebake: ready:" in line:
+            figures["boot-to-first-inference"] = stamp
+    return figures
+
+
+def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
+               progress: Progress) -> ImageTestResult:
+    started = time.monotonic()
+    test_dir = out_dir / "test"
+    shutil.rmtree(test_dir, ignore_errors=True)
+    test_dir.mkdir(parents=True)
+    junit_parts = [test_dir / "junit-static.xml", test_dir / "junit-running.xml"]
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="edgebake-test-", dir=out_dir) as tmp_name:
+        tmp = Path(tmp_name)
+        manifest_path = tmp / "manifest.json"
+        manifest_path.write_text(json.dumps(manifest))
+        env = {"EDGEBAKE_MANIFEST": str(manifest_path)}
+        with progress.step("static checks on the image's rootfs (testinfra, chroot)"):
+            rootfs = unpack_rootfs(image, tmp / "rootfs", progress)
+            _pytest("static", junit_parts[0], f"chroot://{rootfs}", env, progress, [])
+            shutil.rmtree(rootfs, ignore_errors=True)
+        key = tmp / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgebake-test",
+                        "-f", str(key)], check=True)
+        seed = render_seed(TEST_HOSTNAME, [(tmp / "id_ed25519.pub").read_text().strip()],
+                           app={"sources": [{"name": "vivid", "kind": "v4l2",
+                                             "device": "/dev/video0", "fps": 5,
+                                             "width": 640, "height": 480,
+                                             "max_age_sec": 10}]},
+                           device_id="qemu-test-unit")
+        machine = QemuMachine(image=image, workdir=tmp / "vm", console=test_dir / "console.log",
+                              extra_cmdline=["modules-load=vivid"])
+        try:
+            with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
+                machine.prepare()
+                written = seed_overlay(image, machine.overlay, machine.boot, seed)
+                progress.say(f"      seed written into the overlay ({written} bytes changed)")
+                machine.start()
+                waited = machine.wait_for_ssh(key, SSH_TIMEOUT_SEC)
+                progress.say(f"      SSH up after {waited:.0f}s")
+            with progress.step("runtime checks over SSH (testinfra)"):
+                env.update({"EDGEBAKE_SSH_KEY": str(key), "EDGEBAKE_SSH_PORT":
+                            str(machine.ssh_port), "EDGEBAKE_HTTP_PORT": str(machine.http_port),
+                            "EDGEBAKE_HOSTNAME": TEST_HOSTNAME,
+                            "EDGEBAKE_CONSOLE": str(machine.console)})
+                hosts = f"ssh://root@127.0.0.1:{machine.ssh_port}"
+                _pytest("running", junit_parts[1], hosts, env, progress,
+                        ["--ssh-identity-file", str(key), "--ssh-config",
+                         str(_ssh_config(tmp))])
+                journal = machine.ssh(key, "journalctl --no-pager -o short-monotonic -b all "
+                                           "2>/dev/null || journalctl --no-pager -o "
+                                           "short-monotonic", timeout=120).stdout
+                (test_dir / "journal.txt").write_text(journal)
+                current = machine.ssh(key, "journalctl --no-pager -o short-monotonic -b 0",
+                                      timeout=120).stdout
+                figures = boot_figures(current)
+        finally:
+            machine.stop()
+    passed, failed = merge_junit(junit_parts, test_dir / "junit.xml")
+    for part in junit_parts:
+        part.unlink(missing_ok=True)
+    figures["test-image-seconds"] = round(time.monotonic() - started, 1)
+    return ImageTestResult(passed, failed, test_dir / "junit.xml", figures)
+
+
+def _ssh_config(tmp: Path) -> Path:
+    config = tmp / "ssh_config"
+    config.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+                      "  LogLevel ERROR\n  ConnectTimeout 15\n  ServerAliveInterval 5\n"
+                      "  ServerAliveCountMax 3\n")
+    return config

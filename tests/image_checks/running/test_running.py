@@ -1,0 +1,135 @@
+"""Checks on the booted unit over SSH: services, watchdog, results, recovery, persistence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from typing import Any
+
+RESULTS = "/data/results"
+
+
+def wait(condition: Any, timeout: float, what: str, interval: float = 2.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+        except Exception as exc:  # the unit may be restarting or rebooting
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def health() -> dict[str, Any]:
+    url = f"http://127.0.0.1:{os.environ['EDGEBAKE_HTTP_PORT']}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return dict(json.loads(reply.read()))
+    except urllib.error.HTTPError as err:
+        return dict(json.loads(err.read()))
+
+
+def result_count(host: Any) -> int:
+    out = host.run(f"cat {RESULTS}/results-*.jsonl 2>/dev/null | wc -l").stdout
+    return int(out.strip() or 0)
+
+
+def main_pid(host: Any) -> int:
+    return int(host.run("systemctl show -p MainPID --value edgebake").stdout.strip() or 0)
+
+
+def test_system_is_running_with_no_failed_units(host: Any) -> None:
+    state = wait(lambda: (s := host.run("systemctl is-system-running").stdout.strip())
+                 in ("running", "degraded") and s, 240, "boot to finish")
+    failed = host.run("systemctl --failed --no-legend --plain").stdout.strip()
+    assert state == "running", f"system is {state}; failed units: {failed}"
+    assert failed == ""
+
+
+def test_service_active_with_watchdog(host: Any) -> None:
+    wait(lambda: host.service("edgebake").is_running, 180, "edgebake to be active")
+    watchdog = host.run("systemctl show -p WatchdogUSec --value edgebake").stdout.strip()
+    assert watchdog not in ("", "0", "infinity")
+    assert host.run("systemctl show -p Type --value edgebake").stdout.strip() == "notify"
+    user = host.run(f"ps -o user= -p {main_pid(host)}").stdout.strip()
+    assert user == "edgebake"
+
+
+def test_results_appear_in_the_journal(host: Any) -> None:
+    wait(lambda: result_count(host) >= 5, 180, "5 results on /data")
+    last = host.run(f"tail -n 1 $(ls {RESULTS}/results-*.jsonl | tail -n 1)").stdout
+    record = json.loads(last)
+    assert record["source"] == "vivid" and record["task"] == "blazeface"
+
+
+def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str, Any]) -> None:
+    snap = wait(lambda: (h := health()) and h.get("healthy") and h, 120, "a healthy /health")
+    vivid = snap["sources"]["vivid"]
+    assert vivid["state"] == "up" and vivid["last_frame_age_sec"] < 10
+    assert snap["model"]["sha256"] == manifest["model"]["sha256"]
+    assert snap["device_id"] == "qemu-test-unit"
+
+
+def test_seed_hostname_applied(host: Any) -> None:
+    assert host.run("hostname").stdout.strip() == os.environ["EDGEBAKE_HOSTNAME"]
+    assert host.file("/etc/hostname").content_string.strip() == os.environ["EDGEBAKE_HOSTNAME"]
+
+
+def test_password_login_is_refused() -> None:
+    result = subprocess.run(
+        ["ssh", "-p", os.environ["EDGEBAKE_SSH_PORT"], "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "PubkeyAuthentication=no",
+         "-o", "PreferredAuthentications=password,keyboard-interactive",
+         "-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "root@127.0.0.1", "true"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert "Permission denied (publickey)" in result.stderr
+
+
+def test_kill_9_is_restarted_and_results_resume(host: Any) -> None:
+    before_pid = main_pid(host)
+    assert before_pid > 0
+    host.run(f"kill -9 {before_pid}")
+    wait(lambda: main_pid(host) not in (0, before_pid) and host.service("edgebake").is_running,
+         120, "systemd to restart edgebake")
+    count = result_count(host)
+    wait(lambda: result_count(host) > count + 3, 120, "results after the restart")
+
+
+def test_sigstop_trips_the_watchdog(host: Any) -> None:
+    wait(lambda: host.run("systemctl show -p ActiveState --value edgebake").stdout.strip()
+         == "active" and health().get("healthy"), 120, "a healthy service before SIGSTOP")
+    watchdog_sec = int(host.run("systemctl show -p WatchdogUSec --value edgebake")
+                       .stdout.strip().rstrip("s").replace("min", "") or 30)
+    pid = main_pid(host)
+    restarts = int(host.run("systemctl show -p NRestarts --value edgebake").stdout.strip())
+    host.run(f"kill -STOP {pid}")
+    stopped = time.monotonic()
+    wait(lambda: main_pid(host) not in (0, pid), watchdog_sec + 60,
+         "the watchdog to restart the stopped service", interval=1.0)
+    took = time.monotonic() - stopped
+    assert int(host.run("systemctl show -p NRestarts --value edgebake").stdout.strip()) > restarts
+    log = host.run("journalctl -u edgebake --no-pager -n 50").stdout
+    assert "watchdog timeout" in log.lower(), log[-1500:]
+    assert took <= watchdog_sec + 60
+
+
+def test_results_survive_a_reboot(host: Any) -> None:
+    wait(lambda: result_count(host) > 0, 120, "results before the reboot")
+    host.run("sync")
+    before = result_count(host)
+    boot_id = host.file("/proc/sys/kernel/random/boot_id").content_string.strip()
+    subprocess.run(["true"], check=True)
+    host.run("systemctl reboot")
+    time.sleep(10)
+    wait(lambda: host.file("/proc/sys/kernel/random/boot_id").content_string.strip() != boot_id,
+         420, "the unit to come back after the reboot", interval=5.0)
+    assert result_count(host) >= before
+    wait(lambda: result_count(host) > before, 240, "new results after the reboot")

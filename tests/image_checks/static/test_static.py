@@ -1,0 +1,93 @@
+"""Static checks on the image's root filesystem, before it ever boots."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+
+SERVICE = "/usr/lib/systemd/system/edgebake.service"
+
+
+@pytest.mark.parametrize("package", ["systemd", "linux-image-arm64", "raspi-firmware",
+                                     "python3", "python3-numpy", "python3-pil",
+                                     "openssh-server"])
+def test_package_installed(host: Any, package: str) -> None:
+    assert host.package(package).is_installed
+
+
+@pytest.mark.parametrize(("path", "mode"), [
+    ("/opt/edgebake/bin/edgebake-runtime", 0o755),
+    ("/opt/edgebake/bin/edgebake-firstboot", 0o755),
+    ("/etc/edgebake/app.yaml", 0o644),
+    (SERVICE, 0o644),
+    ("/etc/ssh/sshd_config.d/edgebake.conf", 0o644),
+])
+def test_file_owner_and_mode(host: Any, path: str, mode: int) -> None:
+    f = host.file(path)
+    assert f.exists and f.user == "root" and f.group == "root"
+    assert f.mode == mode
+
+
+def test_service_user(host: Any) -> None:
+    user = host.user("edgebake")
+    assert user.exists
+    assert user.shell in ("/usr/sbin/nologin", "/sbin/nologin")
+    assert "video" in user.groups
+    assert user.uid < 1000
+
+
+def test_no_account_has_a_usable_password(host: Any) -> None:
+    for line in host.file("/etc/shadow").content_string.splitlines():
+        name, password = line.split(":")[:2]
+        assert password.startswith(("!", "*")), f"{name} has a usable password"
+
+
+@pytest.mark.parametrize(("unit", "target"), [
+    ("edgebake.service", "multi-user.target"),
+    ("edgebake-firstboot.service", "sysinit.target"),
+    ("systemd-networkd.service", "multi-user.target"),
+])
+def test_unit_enabled(host: Any, unit: str, target: str) -> None:
+    link = host.file(f"/etc/systemd/system/{target}.wants/{unit}")
+    assert link.is_symlink
+
+
+def test_model_matches_manifest(host: Any, manifest: dict[str, Any]) -> None:
+    model = manifest["model"]
+    data = host.file(model["path"]).content
+    assert hashlib.sha256(data).hexdigest() == model["sha256"]
+    assert model["verified_on_target"] is True
+
+
+def test_sshd_is_key_only(host: Any) -> None:
+    config = host.file("/etc/ssh/sshd_config.d/edgebake.conf").content_string
+    assert "PasswordAuthentication no" in config
+    assert "KbdInteractiveAuthentication no" in config
+    assert "PermitRootLogin prohibit-password" in config
+    assert not host.file("/etc/ssh/ssh_host_ed25519_key").exists
+
+
+@pytest.mark.parametrize("directive", [
+    "Type=notify", "User=edgebake", "NoNewPrivileges=yes", "ProtectSystem=strict",
+    "ReadWritePaths=/data", "PrivateTmp=yes", "CapabilityBoundingSet=",
+    "DeviceAllow=char-video4linux rw", "WatchdogSec=",
+])
+def test_unit_hardening(host: Any, directive: str) -> None:
+    assert directive in host.file(SERVICE).content_string
+
+
+def test_watchdog_and_journald_limits(host: Any) -> None:
+    watchdog = host.file("/etc/systemd/system.conf.d/edgebake-watchdog.conf").content_string
+    assert "RuntimeWatchdogSec=" in watchdog
+    assert "SystemMaxUse=" in host.file(
+        "/etc/systemd/journald.conf.d/edgebake.conf").content_string
+
+
+def test_runtime_imports_in_the_target(host: Any) -> None:
+    """The shipped Python imports the shipped runtime and tflite-runtime (under qemu-user)."""
+    cmd = host.run("PYTHONPATH=/opt/edgebake/lib python3 -c "
+                   "'import tflite_runtime.interpreter, edgebake_runtime.app; print(\"ok\")'")
+    assert cmd.rc == 0, cmd.stderr
+    assert cmd.stdout.strip() == "ok"
