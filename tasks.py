@@ -78,6 +78,37 @@ def test_image(c: Context, target: str = "pi4", image: str = "") -> None:
         raise Exit(code=1)
 
 
+@task(help={"model": "Keras .keras/.h5 file or SavedModel directory",
+            "quantize": "none, dynamic, float16 or int8",
+            "output": "the .tflite to write (its card goes next to it)",
+            "representative_data": "image folder or .npz (x) to calibrate int8",
+            "validation_data": "image folder or .npz (x, y) for the accuracy gate",
+            "labels": "text file with one class name per line",
+            "max_accuracy_loss": "fail when accuracy drops by more than this fraction"})
+def convert_model(c: Context, model: str, output: str, quantize: str = "none",
+                  representative_data: str = "", validation_data: str = "", labels: str = "",
+                  max_accuracy_loss: float = 0.01) -> None:
+    """Convert a trained model to TFLite with a model card and a measured accuracy gate."""
+    from edgebake_builder.convert.converter import ConvertOptions
+    from edgebake_builder.convert.converter import convert_model as run_convert
+    from edgebake_builder.errors import BuildError
+
+    options = ConvertOptions(
+        model=Path(model), output=Path(output), quantize=quantize,
+        representative_data=Path(representative_data) if representative_data else None,
+        validation_data=Path(validation_data) if validation_data else None,
+        labels=Path(labels) if labels else None, max_accuracy_loss=max_accuracy_loss)
+    try:
+        result = run_convert(options)
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+    print(f"wrote {result.output} ({result.size_bytes} bytes) and {result.card_path}")
+    if result.accuracy is not None:
+        acc = result.accuracy
+        print(f"{acc.metric}: original {acc.reference:.4f}, converted {acc.converted:.4f}, "
+              f"delta {acc.delta:+.4f} on {acc.samples} samples")
+
+
 @task
 def recipe_schema(c: Context) -> None:
     """Print every recipe setting with its type, default and help."""

@@ -1,0 +1,1 @@
+"""Model conversion (Keras/SavedModel -> TFLite), datasets, and the accuracy gate."""

@@ -1,0 +1,61 @@
+"""The accuracy gate: the converted model against the original, on the same validation data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebake_runtime.interp import load_interpreter
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    metric: str  # "accuracy" with labels, else "top1_agreement"
+    reference: float
+    converted: float
+    samples: int
+
+    @property
+    def delta(self) -> float:
+        return round(self.reference - self.converted, 6)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "reference": round(self.reference, 6),
+                "converted": round(self.converted, 6), "delta": self.delta,
+                "samples": self.samples}
+
+
+def tflite_predict(model: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Run every sample through the TFLite model (quantising int8 inputs); return scores."""
+    interpreter = load_interpreter(model, num_threads=2)
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+    in_dtype = np.dtype(inp["dtype"])
+    rows = []
+    for sample in x:
+        batch = sample[None, ...]
+        if in_dtype.kind in "iu" and in_scale:
+            info = np.iinfo(in_dtype)
+            batch = np.clip(np.round(batch / in_scale + in_zero), info.min, info.max)
+        interpreter.set_tensor(inp["index"], batch.astype(in_dtype))
+        interpreter.invoke()
+        scores = interpreter.get_tensor(out["index"])[0].astype(np.float32)
+        if np.dtype(out["dtype"]).kind in "iu" and out_scale:
+            scores = (scores - out_zero) * out_scale
+        rows.append(scores.reshape(-1))
+    return np.stack(rows)
+
+
+def measure(reference_scores: np.ndarray[Any, Any], converted_scores: np.ndarray[Any, Any],
+            labels: np.ndarray[Any, Any] | None) -> Accuracy:
+    ref_top = reference_scores.reshape(len(reference_scores), -1).argmax(axis=1)
+    new_top = converted_scores.reshape(len(converted_scores), -1).argmax(axis=1)
+    if labels is not None:
+        return Accuracy("accuracy", float((ref_top == labels).mean()),
+                        float((new_top == labels).mean()), len(labels))
+    return Accuracy("top1_agreement", 1.0, float((ref_top == new_top).mean()), len(ref_top))
