@@ -40,8 +40,10 @@ def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = 
 
 
 @task(help={"target": "recipe target whose image to test",
-            "image": "image to test (default: the one in out/<target>)"})
-def test_image(c: Context, target: str = "pi4", image: str = "") -> None:
+            "image": "image to test (default: the one in out/<target>)",
+            "fail_fast": "stop after the static checks if any of them fails"})
+def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool = False
+               ) -> None:
     """Validate the exact image: static testinfra checks, then QEMU boot + checks over SSH."""
     import json
 
@@ -66,7 +68,7 @@ def test_image(c: Context, target: str = "pi4", image: str = "") -> None:
         if not image_path.is_file():
             raise BuildError(f"{image_path}: image not found")
         progress = Progress(3, log_path=out_dir / "test-image.log")
-        result = run_tests(image_path.resolve(), out_dir, manifest, progress)
+        result = run_tests(image_path.resolve(), out_dir, manifest, progress, fail_fast)
     except BuildError as exc:
         raise _fail_cleanly(exc) from None
     except KeyboardInterrupt:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,4 +27,25 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.write_bytes(cached.read_bytes())
     write_card(model, folder / "face_detection_short_range.card.json")
     return model
+
+
 collect_ignore = ["image_checks"]
+INVOKE = [sys.executable, "-m", "invoke"]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`invoke build-image --target pi4` into out/pi4, exactly as the README says."""
+    result = subprocess.run([*INVOKE, "build-image", "--target", "pi4"], cwd=ROOT, text=True,
+                            check=False)
+    assert result.returncode == 0, "invoke build-image --target pi4 failed (see output above)"
+    out = ROOT / "out" / "pi4"
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"out": out, "manifest": manifest, "image": out / manifest["image"],
+            "partitions": partition_table(out / manifest["image"])}
+
+
+def partition_table(image: Path) -> dict[str, Any]:
+    out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True,
+                         check=True).stdout
+    return dict(json.loads(out)["partitiontable"])

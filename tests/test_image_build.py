@@ -26,22 +26,10 @@ def invoke(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """`invoke build-image --target pi4` into out/pi4, exactly as the README says."""
-    result = subprocess.run([*INVOKE, "build-image", "--target", "pi4"], cwd=ROOT, text=True,
-                            check=False)
-    assert result.returncode == 0, "invoke build-image --target pi4 failed (see output above)"
-    out = ROOT / "out" / "pi4"
-    manifest = json.loads((out / "manifest.json").read_text())
-    return {"out": out, "manifest": manifest, "image": out / manifest["image"],
-            "partitions": partition_table(out / manifest["image"])}
-
-
 def partition_table(image: Path) -> dict[str, Any]:
-    out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True,
-                         check=True).stdout
-    return dict(json.loads(out)["partitiontable"])
+    from conftest import partition_table as table
+
+    return table(image)
 
 
 def extract_partition(image: Path, part: dict[str, Any], dest: Path) -> Path:

@@ -1,0 +1,66 @@
+"""`invoke test-image` on the real image: it boots under QEMU and its checks pass; a broken
+image fails and names the check."""
+
+from __future__ import annotations
+
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import INVOKE, ROOT
+
+pytestmark = pytest.mark.boot
+
+
+def junit_counts(path: Path) -> tuple[int, int]:
+    root = ET.parse(path).getroot()
+    suites = list(root.iter("testsuite"))
+    tests = sum(int(s.get("tests", 0)) for s in suites)
+    bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+    return tests - bad, bad
+
+
+def test_the_built_image_boots_and_passes_its_checks(built: dict[str, Any]) -> None:
+    result = subprocess.run([*INVOKE, "test-image", "--target", "pi4"], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    print(result.stdout[-6000:], result.stderr[-3000:])
+    assert result.returncode == 0
+    test_dir = built["out"] / "test"
+    passed, failed = junit_counts(test_dir / "junit.xml")
+    assert failed == 0 and passed >= 15
+    assert "Reached target" in (test_dir / "console.log").read_text(errors="replace")
+    assert "edgebake" in (test_dir / "journal.txt").read_text(errors="replace")
+    assert "boot-to-first-inference:" in result.stdout
+    assert not list(built["out"].glob("edgebake-test-*")), "test-image left files behind"
+    ps = subprocess.run(["pgrep", "-f", "qemu-system-aarch64"], capture_output=True, text=True,
+                        check=False)
+    assert ps.stdout.strip() == "", "a QEMU process was left running"
+
+
+def test_a_broken_image_fails_naming_the_check(built: dict[str, Any], tmp_path: Path) -> None:
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("# the service is not enabled: the unit would boot and do nothing\n"
+                      "services:\n  disable: [edgebake.service]\n")
+    out = tmp_path / "broken"
+    build = subprocess.run([*INVOKE, "build-image", "--target", "pi4", "--recipe", str(recipe),
+                            "--out", str(out), "--xz-level", "0"], cwd=ROOT, capture_output=True,
+                           text=True, check=False)
+    assert build.returncode == 0, build.stderr[-2000:]
+    image = next(out.glob("*.img"))
+    result = subprocess.run([*INVOKE, "test-image", "--image", str(image), "--fail-fast"],
+                            cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode != 0
+    assert "test_unit_enabled" in result.stdout and "edgebake.service" in result.stdout
+
+
+def test_bad_image_paths_get_one_line(tmp_path: Path) -> None:
+    not_image = tmp_path / "notes.img"
+    not_image.write_bytes(b"hello" * 1000)
+    for path, message in ((tmp_path / "missing.img", "image not found"),
+                          (not_image, "not a disk image")):
+        result = subprocess.run([*INVOKE, "test-image", "--image", str(path)], cwd=ROOT,
+                                capture_output=True, text=True, check=False)
+        assert result.returncode == 1
+        assert message in result.stderr and "Traceback" not in result.stderr
