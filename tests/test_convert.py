@@ -1,0 +1,197 @@
+"""convert-model with real TensorFlow: four quantisations, cards, the gate, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgebake_builder.errors import BuildError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from edgebake_builder.convert.digits import train_digits_cnn
+
+    return train_digits_cnn(tmp_path_factory.mktemp("digits"), epochs=6)
+
+
+def convert(digits: dict[str, Path], out: Path, quantize: str, **kw: Any) -> Any:
+    from edgebake_builder.convert.converter import ConvertOptions, convert_model
+
+    options = ConvertOptions(model=kw.pop("model", digits["model"]), output=out,
+                             quantize=quantize,
+                             representative_data=kw.pop("representative",
+                                                        digits["representative"]),
+                             validation_data=kw.pop("validation", digits["validation"]), **kw)
+    return convert_model(options)
+
+
+@pytest.mark.parametrize("quantize", ["none", "dynamic", "float16", "int8"])
+def test_four_ways_with_cards(digits: dict[str, Path], tmp_path: Path, quantize: str) -> None:
+    from edgebake_runtime.interp import load_interpreter
+
+    result = convert(digits, tmp_path / f"m_{quantize}.tflite", quantize)
+    card = json.loads(result.card_path.read_text())
+    assert card["sha256"] == __import__("hashlib").sha256(result.output.read_bytes()).hexdigest()
+    assert card["size_bytes"] == result.output.stat().st_size
+    assert card["task"] == "classification" and card["labels"] == [str(i) for i in range(10)]
+    assert card["quantization"] == quantize
+    assert {"tensorflow", "tflite-runtime", "edgebake"} <= set(card["tools"])
+    assert "CONV_2D" in card["ops"] and "FULLY_CONNECTED" in card["ops"]
+    assert card["golden"]["count"] == 3
+    acc = card["accuracy"]
+    assert acc["metric"] == "accuracy" and acc["reference"] > 0.9
+    assert acc["delta"] == pytest.approx(acc["reference"] - acc["converted"], abs=1e-5)
+    assert acc["delta"] <= 0.01
+    interpreter = load_interpreter(result.output)
+    inp = interpreter.get_input_details()[0]
+    expected = {"int8": np.int8}.get(quantize, np.float32)
+    assert inp["dtype"] == expected
+    if quantize == "int8":
+        scale, _ = card["inputs"][0]["quantization"].values()
+        assert scale > 0 and card["outputs"][0]["dtype"] == "int8"
+
+
+def test_sizes_shrink_as_expected(digits: dict[str, Path], tmp_path: Path) -> None:
+    sizes = {q: convert(digits, tmp_path / f"{q}.tflite", q, validation=None).size_bytes
+             for q in ("none", "float16", "int8")}
+    assert 0.4 < sizes["float16"] / sizes["none"] < 0.6
+    assert sizes["int8"] / sizes["none"] < 0.35
+
+
+def test_gate_fails_on_bad_calibration_and_leaves_nothing(digits: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    blank = tmp_path / "blank.npz"
+    np.savez(blank, x=np.zeros((50, 8, 8, 1), np.float32))
+    out = tmp_path / "out" / "m.tflite"
+    with pytest.raises(BuildError) as caught:
+        convert(digits, out, "int8", representative=blank, max_accuracy_loss=0.01)
+    message = str(caught.value)
+    assert message.startswith("accuracy gate failed: accuracy ")
+    assert "(original)" in message and "> --max-accuracy-loss 0.01" in message
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["not-a-model", "no-signature", "shapes", "empty-folder",
+                                  "int8-without-data"])
+def test_bad_inputs_get_one_clear_error(digits: dict[str, Path], tmp_path: Path,
+                                        case: str) -> None:
+    import tensorflow as tf
+
+    kwargs: dict[str, Any] = {}
+    quantize = "none"
+    if case == "not-a-model":
+        bogus = tmp_path / "bogus.keras"
+        bogus.write_text("not a model")
+        kwargs["model"], expected = bogus, "not a loadable Keras model"
+    elif case == "no-signature":
+        module = tf.Module()
+        module.v = tf.Variable(1.0)
+        tf.saved_model.save(module, str(tmp_path / "sm"))
+        kwargs["model"], expected = tmp_path / "sm", "has no serving_default signature"
+    elif case == "shapes":
+        wrong = tmp_path / "wrong.npz"
+        np.savez(wrong, x=np.zeros((10, 16, 16, 1), np.float32))
+        kwargs["representative"], quantize = wrong, "int8"
+        expected = "representative data has samples of shape [16, 16, 1]"
+    elif case == "empty-folder":
+        (tmp_path / "val" / "cats").mkdir(parents=True)
+        kwargs["validation"], expected = tmp_path / "val", "validation data is empty"
+    else:
+        kwargs["representative"], quantize = None, "int8"
+        expected = "needs --representative-data"
+    out = tmp_path / "o" / "m.tflite"
+    with pytest.raises(BuildError) as caught:
+        convert(digits, out, quantize, **kwargs)
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert not out.exists() and not out.with_name("m.card.json").exists()
+
+
+def test_cli_prints_the_figures_and_one_line_errors(digits: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "m.tflite"
+    cmd = [sys.executable, "-m", "invoke", "convert-model", "--model", str(digits["model"]),
+           "--quantize", "int8", "--representative-data", str(digits["representative"]),
+           "--validation-data", str(digits["validation"]), "--output", str(out)]
+    ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "accuracy: original 0." in ok.stdout and "delta" in ok.stdout
+    assert out.is_file() and out.with_name("m.card.json").is_file()
+    bad = subprocess.run([*cmd[:8], "--output", str(tmp_path / "x.tflite")], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "needs --representative-data" in bad.stderr
+
+
+def unsupported_models(folder: Path) -> dict[str, Path]:
+    """One model with a Flex (SELECT_TF_OPS) op and one with a custom op."""
+    import tensorflow as tf
+
+    class Det(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 3, 3], tf.float32)], autograph=False)
+        def f(self, x: Any) -> Any:
+            return tf.linalg.det(x)
+
+    class Igamma(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)], autograph=False)
+        def f(self, x: Any) -> Any:
+            return tf.math.igamma(x, x)
+
+    paths = {}
+    for name, module, ops, custom in (
+            ("flex", Det(), [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS],
+             False),
+            ("custom", Igamma(), [tf.lite.OpsSet.TFLITE_BUILTINS], True)):
+        conv = tf.lite.TFLiteConverter.from_concrete_functions(
+            [module.f.get_concrete_function()], module)
+        conv.target_spec.supported_ops = ops
+        conv.allow_custom_ops = custom
+        paths[name] = folder / f"{name}.tflite"
+        paths[name].write_bytes(conv.convert())
+    return paths
+
+
+def test_flex_and_custom_ops_are_rejected_naming_the_op(tmp_path: Path) -> None:
+    from edgebake_builder.modelcard import inspect_model
+
+    models = unsupported_models(tmp_path)
+    with pytest.raises(BuildError, match=r"Flex\w*MatrixDeterminant|FlexMatrixDeterminant"):
+        inspect_model(models["flex"])
+    with pytest.raises(BuildError, match=r"custom op: Igamma"):
+        inspect_model(models["custom"])
+    result = subprocess.run([sys.executable, "-m", "invoke", "build-image", "--model",
+                             str(models["flex"]), "--out", str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "Flex" in result.stderr
+
+
+def test_golden_mismatch_names_the_largest_deviation(default_model: Path,
+                                                     tmp_path: Path) -> None:
+    """What the build runs inside the target rootfs: drifted golden outputs fail it."""
+    from edgebake_runtime.selfcheck import check_model
+
+    card_path = default_model.with_name(default_model.stem + ".card.json")
+    card = json.loads(card_path.read_text())
+    golden = dict(np.load(card_path.parent / card["golden"]["file"]))
+    golden["output_1_0"] = golden["output_1_0"] + 0.5
+    model = tmp_path / default_model.name
+    model.write_bytes(default_model.read_bytes())
+    np.savez(tmp_path / card["golden"]["file"], **golden)
+    (tmp_path / card_path.name).write_text(json.dumps(card))
+    report = check_model(model, tmp_path / card_path.name)
+    assert report["ok"] is False
+    assert "golden case 1" in report["error"] and "largest deviation 0.5" in report["error"]
+    good = check_model(default_model, card_path)
+    assert good["ok"] is True and good["runtime"] == "tflite-runtime"
