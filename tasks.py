@@ -111,6 +111,54 @@ def convert_model(c: Context, model: str, output: str, quantize: str = "none",
               f"delta {acc.delta:+.4f} on {acc.samples} samples")
 
 
+@task(help={"seconds": "measuring time per case", "threads": "interpreter num_threads"})
+def bench_runtime(c: Context, seconds: float = 8.0, threads: int = 1) -> None:
+    """Pipeline vs bare invoke loop on the default model with the replay source."""
+    import shutil
+    import tempfile
+
+    from edgebake_builder.bench.runtime import bench_runtime as run_bench
+    from edgebake_builder.bench.runtime import report
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.steps.model import DEFAULT_MODEL, fetch_locked_model, read_models_lock
+
+    progress = Progress(1)
+    model = fetch_locked_model(read_models_lock()[DEFAULT_MODEL], progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        replay = Path(tmp) / "replay"
+        replay.mkdir()
+        import skimage.data
+
+        shutil.copy(Path(skimage.data.__file__).parent / "astronaut.png", replay / "a.png")
+        report(run_bench(model, replay, seconds, threads), threads, progress)
+
+
+@task
+def bench_convert(c: Context) -> None:
+    """Size, accuracy delta and host latency of the four quantisations of a digits CNN."""
+    from edgebake_builder.bench.convert import bench_convert as run_bench
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.progress import Progress
+
+    try:
+        run_bench(Progress(1))
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+
+
+@task(help={"target": "recipe target", "cold": "rebuild the base rootfs (no cache) first"})
+def bench_build(c: Context, target: str = "pi4", cold: bool = True) -> None:
+    """Cold build time, warm rebuild time after an app change, and output sizes."""
+    from edgebake_builder.bench.build import bench_build as run_bench
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.progress import Progress
+
+    try:
+        run_bench(target, cold, Progress(1))
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+
+
 @task
 def recipe_schema(c: Context) -> None:
     """Print every recipe setting with its type, default and help."""

@@ -49,3 +49,16 @@ def partition_table(image: Path) -> dict[str, Any]:
     out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True,
                          check=True).stdout
     return dict(json.loads(out)["partitiontable"])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fast tests first, then the image build, then the QEMU boot that needs the image."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("boot"):
+            return 2
+        if item.get_closest_marker("image"):
+            return 1
+        return 0
+
+    items.sort(key=rank)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from edgebake_builder.errors import BuildError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -174,7 +174,7 @@ def _validate_sources(check: _Checker, raw: Any) -> tuple[SourceConfig, ...]:
         if entry.get("kind") not in SOURCE_KINDS:
             raise check.fail(f"{field}.kind", "one of " + ", ".join(SOURCE_KINDS),
                              entry.get("kind"))
-        check.number(entry, "fps", f"{field}.fps", 0.1, 120.0)
+        check.number(entry, "fps", f"{field}.fps", 0.1, 1000.0)
         check.number(entry, "max_age_sec", f"{field}.max_age_sec", 0.5, 3600.0)
         check.number(entry, "width", f"{field}.width", 16, 8192, integer=True)
         check.number(entry, "height", f"{field}.height", 16, 8192, integer=True)

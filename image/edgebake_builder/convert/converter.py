@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgebake_runtime.card import card_path_for
 from edgebake_runtime.interp import ModelError
 

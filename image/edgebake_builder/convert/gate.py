@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgebake_runtime.interp import load_interpreter
 
 

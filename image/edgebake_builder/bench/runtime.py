@@ -1,0 +1,57 @@
+"""`invoke bench-runtime`: the whole pipeline against a bare set_tensor/invoke loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..progress import Progress
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'image'}:{ROOT / 'runtime'}",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-m", "edgebake_builder.bench.runtime_child", *args],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def bench_runtime(model: Path, replay: Path, seconds: float, threads: int) -> dict[str, Any]:
+    from ..modelcard import write_card
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="edgebake-bench-") as tmp:
+        work = Path(tmp)
+        local = work / model.name
+        local.write_bytes(model.read_bytes())
+        write_card(local, work / (model.stem + ".card.json"))
+        common = [str(local), str(seconds), str(threads)]
+        results["raw"] = _child(["raw", *common, "1", "1", str(replay), str(work / "r0")])
+        results["one"] = _child(["pipeline", *common, "1", "1", str(replay), str(work / "r1")])
+        results["two"] = _child(["pipeline", *common, "2", "2", str(replay), str(work / "r2")])
+    results["model_mb"] = model.stat().st_size / 2**20
+    return results
+
+
+def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
+    raw, one, two = results["raw"], results["one"], results["two"]
+    progress.say(f"raw loop (set_tensor+invoke, {threads} thread(s)): {raw['fps']:.1f} fps")
+    progress.say(f"pipeline, 1 replay source, 1 worker: {one['fps']:.1f} fps, "
+                 f"capture->result p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms, "
+                 f"{one['drops']} frames dropped (latest wins)")
+    progress.say(f"throughput ratio pipeline/raw: {one['fps'] / raw['fps']:.2f}")
+    budget = 60 + results["model_mb"]
+    progress.say(f"peak RSS of the runtime process: {one['peak_rss_mb']:.1f} MB "
+                 f"(target {budget:.1f} MB = 60 MB + model); bare loop process: "
+                 f"{raw['peak_rss_mb']:.1f} MB")
+    per = ", ".join(f"{k} {v:.1f}" for k, v in two["per_source_fps"].items())
+    progress.say(f"2 sources, 2 workers: {two['fps']:.1f} fps total (captured per source: "
+                 f"{per}); scaling 1->2 sources: {two['fps'] / one['fps']:.2f}x on "
+                 f"{os.cpu_count()} cores")

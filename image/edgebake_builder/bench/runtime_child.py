@@ -1,0 +1,94 @@
+"""One benchmark measurement in its own process, so peak RSS belongs to that measurement only.
+
+Usage: python -m edgebake_builder.bench.runtime_child raw|pipeline MODEL SECONDS THREADS
+       SOURCES WORKERS REPLAY_DIR RESULTS_DIR
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def raw_loop(model: Path, seconds: float, threads: int, replay: Path) -> dict[str, Any]:
+    from edgebake_runtime.card import card_path_for, load_card
+    from edgebake_runtime.interp import load_interpreter
+    from edgebake_runtime.preprocess import Preprocessor
+
+    card = load_card(card_path_for(model))
+    interpreter = load_interpreter(model, num_threads=threads)
+    index = interpreter.get_input_details()[0]["index"]
+    frame = np.asarray(Image.open(sorted(replay.iterdir())[0]).convert("RGB"))
+    tensor, _ = Preprocessor(card)(frame)
+    for _ in range(20):
+        interpreter.set_tensor(index, tensor)
+        interpreter.invoke()
+    count = 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        interpreter.set_tensor(index, tensor)
+        interpreter.invoke()
+        count += 1
+    elapsed = time.monotonic() - started
+    return {"fps": count / elapsed}
+
+
+def pipeline(model: Path, seconds: float, threads: int, sources: int, workers: int,
+             replay: Path, results: Path) -> dict[str, Any]:
+    from edgebake_runtime.app import App
+    from edgebake_runtime.config import validate
+
+    config = validate({
+        "model": {"path": str(model), "card": ""},
+        "inference": {"workers": workers, "num_threads": threads},
+        "sources": [{"name": f"replay{i}", "kind": "replay", "path": str(replay),
+                     "fps": 1000} for i in range(sources)],
+        "journal": {"dir": str(results), "fsync_interval_sec": 1.0},
+        "http": {"enabled": False},
+    }, "bench")
+    app = App(config)
+    runner = threading.Thread(target=app.run, daemon=True)
+    app.start()
+    runner.start()
+    while app.metrics.results < 20:
+        time.sleep(0.05)
+    start_count = app.metrics.results
+    started = time.monotonic()
+    time.sleep(seconds)
+    count = app.metrics.results - start_count
+    elapsed = time.monotonic() - started
+    snap = app.snapshot()
+    app.request_stop()
+    runner.join(5)
+    app.stop()
+    return {"fps": count / elapsed,
+            "p50_ms": snap["inference"]["end_to_end_p50_ms"],
+            "p99_ms": snap["inference"]["end_to_end_p99_ms"],
+            "invoke_p50_ms": snap["inference"]["p50_ms"],
+            "drops": sum(s["drops"] for s in snap["sources"].values()),
+            "per_source_fps": {n: s["fps"] for n, s in snap["sources"].items()}}
+
+
+def main() -> int:
+    mode, model, seconds, threads, sources, workers, replay, results = sys.argv[1:9]
+    if mode == "raw":
+        report = raw_loop(Path(model), float(seconds), int(threads), Path(replay))
+    else:
+        report = pipeline(Path(model), float(seconds), int(threads), int(sources),
+                          int(workers), Path(replay), Path(results))
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
