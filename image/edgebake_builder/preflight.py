@@ -24,6 +24,7 @@ BUILD_TOOLS: dict[str, str] = {
     "dpkg-query": "dpkg",
     "sfdisk": "fdisk",
     "chroot": "coreutils",
+    "faketime": "faketime",
 }
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")

@@ -104,6 +104,9 @@ class QemuMachine:
                 err = self.proc.stderr.read().decode() if self.proc and self.proc.stderr else ""
                 raise BuildError(f"QEMU exited early ({err.strip()[-300:]}); console tail:\n"
                                  + console_tail(self.console))
+            if "Kernel panic - not syncing" in self.console.read_text(errors="replace"):
+                raise BuildError("the kernel panicked; last 50 console lines:\n"
+                                 + console_tail(self.console))
             if self.ssh(key, "true", timeout=20).returncode == 0:
                 return time.monotonic() - started
             time.sleep(3)
