@@ -188,7 +188,7 @@ def compile_python(rootfs: Path, source_date_epoch: int, progress: Progress) -> 
         progress.say("      host Python is not 3.11; leaving .pyc generation to the target")
         return
     env = {"SOURCE_DATE_EPOCH": str(source_date_epoch), "PYTHONHASHSEED": "0"}
-    run([sys.executable, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode",
+    run([sys.executable, "-m", "compileall", "-q", "-f", "-j", "0", "--invalidation-mode",
          "checked-hash", "-d", str(SITE_DIR), inside(rootfs, SITE_DIR)], progress, env=env,
         what="compileall")
 
@@ -230,6 +230,7 @@ def run_in_target(rootfs: Path, argv: list[str], progress: Progress,
     progress.log("$ chroot " + str(rootfs) + " " + " ".join(argv))
     result = subprocess.run(["chroot", str(rootfs), *argv], capture_output=True, text=True,
                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-                                 "HOME": "/root"}, check=False)
+                                 "HOME": "/root", "PYTHONDONTWRITEBYTECODE": "1"},
+                            check=False)
     progress.log(result.stdout + result.stderr)
     return result
