@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,9 +19,10 @@ from .metrics import Metrics
 from .preprocess import Preprocessor
 from .sdnotify import Notifier, watchdog_interval_sec
 from .sources import Source, make_source
-from .worker import InferenceWorker
+from .worker import DecodeStage, InferenceWorker
 
 log = logging.getLogger("edgebake")
+SWITCH_INTERVAL_SEC = 0.0005
 
 
 class StartupError(Exception):
@@ -64,7 +66,11 @@ class App:
                     int(inference["top_k"])))
         except Exception as exc:
             raise StartupError(f"model {config.model_path}: {exc}") from None
-        self.resizer = Preprocessor(self.card)
+        self.preprocessor = Preprocessor(self.card)
+        self.decoder = DecodeStage(self.card, self._emit, self.metrics,
+                                   inference["score_threshold"], int(inference["top_k"]))
+        for worker in self.workers:
+            worker.handoff = self.decoder
         self.mqtt: Any = None
         self.http: HealthServer | None = None
 
@@ -90,9 +96,13 @@ class App:
 
     # --- data path ---------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
-        """Runs in the source's thread: resize there, so workers only normalise and infer."""
-        frame.image, frame.placement = self.resizer.resize(frame.image)
-        self.queues[frame.source].put(frame)
+        """Runs in the source's thread: the frame becomes a ready input tensor here, so the
+        workers only copy it in and run the model."""
+        queue = self.queues[frame.source]
+        if self.sources[frame.source].can_wait:
+            queue.wait_for_room(timeout=1.0)
+        frame.image, frame.placement = self.preprocessor(frame.image)
+        queue.put(frame)
         self.signal.notify()
 
     def _emit(self, record: dict[str, Any]) -> None:
@@ -101,12 +111,16 @@ class App:
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
+        # Workers spend most of their time in invoke() without the GIL; when it returns they
+        # must get the GIL back quickly, not after a 5 ms slice of a source thread.
+        sys.setswitchinterval(SWITCH_INTERVAL_SEC)
         try:
             self.journal.open()
         except OSError as exc:
             self.journal.failed = f"{exc.strerror or exc} ({self.journal.folder})"
             log.error("journal unavailable: %s; inference and health keep running",
                       self.journal.failed)
+        self.decoder.start()
         for worker in self.workers:
             worker.start()
         for source in self.sources.values():
@@ -132,6 +146,7 @@ class App:
             time.sleep(0.05)
         for worker in self.workers:
             worker.stop()
+        self.decoder.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
         self.journal.close()
@@ -162,6 +177,8 @@ class App:
             if worker.busy_since and now - worker.busy_since > stall:
                 problems.append(f"worker {worker.index} stuck in inference for "
                                 f"{now - worker.busy_since:.0f}s")
+        if self.decoder.busy_since and now - self.decoder.busy_since > stall:
+            problems.append(f"result decoding stuck for {now - self.decoder.busy_since:.0f}s")
         pending = any(len(q) for q in self.queues.values())
         newest_done = max((w.last_done for w in self.workers), default=now)
         if pending and now - newest_done > stall:

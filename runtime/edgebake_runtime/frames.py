@@ -29,8 +29,14 @@ class LatestFrameQueue:
         self.depth = depth
         self._items: list[Frame] = []
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
         self.dropped = 0
         self.put_count = 0
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """For sources that can wait (replays): block until a put would not drop a frame."""
+        with self._room:
+            return self._room.wait_for(lambda: len(self._items) < self.depth, timeout)
 
     def put(self, frame: Frame) -> None:
         with self._lock:
@@ -42,7 +48,11 @@ class LatestFrameQueue:
 
     def take(self) -> Frame | None:
         with self._lock:
-            return self._items.pop(0) if self._items else None
+            if not self._items:
+                return None
+            frame = self._items.pop(0)
+            self._room.notify_all()
+            return frame
 
     def __len__(self) -> int:
         with self._lock:
@@ -51,6 +61,7 @@ class LatestFrameQueue:
     def drain(self) -> list[Frame]:
         with self._lock:
             items, self._items = self._items, []
+            self._room.notify_all()
             return items
 
 

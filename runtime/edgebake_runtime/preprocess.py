@@ -10,6 +10,10 @@ from PIL import Image
 
 from .card import Card
 
+# Shrink by whole factors first, then resample: several times faster for camera-sized frames,
+# with no visible loss at model input sizes.
+REDUCING_GAP = 2.0
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -67,10 +71,11 @@ class Preprocessor:
             canvas = np.zeros((self.height, self.width, 3), dtype=np.uint8)
             left, top = (self.width - new_w) // 2, (self.height - new_h) // 2
             canvas[top:top + new_h, left:left + new_w] = np.asarray(
-                image.resize((new_w, new_h), Image.Resampling.BILINEAR))
+                image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP))
             return canvas, Placement(new_w / self.width, new_h / self.height,
                                      left / self.width, top / self.height)
-        resized = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
+        resized = image.resize((self.width, self.height), Image.Resampling.BILINEAR,
+                               reducing_gap=REDUCING_GAP)
         return np.asarray(resized), Placement()
 
     def __call__(self, frame: np.ndarray[Any, Any],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ class InferenceWorker:
         self.processed = 0
         self._order = list(queues)
         self._next = 0
+        self.handoff: DecodeStage | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.index}",
@@ -81,7 +83,11 @@ class InferenceWorker:
                 generation = self.signal.wait(generation, 0.5)
                 continue
             try:
-                self.infer(frame)
+                if self.handoff is None:
+                    self.infer(frame)
+                else:
+                    outputs, placement, seconds = self.run_model(frame.image, frame.placement)
+                    self.handoff.submit(self.index, frame, outputs, placement, seconds)
             except Exception as exc:  # a bad frame must not kill the worker
                 self.metrics.inference_errors += 1
                 log.warning("worker %d: inference failed on %s#%d: %s", self.index,
@@ -89,32 +95,98 @@ class InferenceWorker:
 
     def run_model(self, image: np.ndarray[Any, Any], placement: Placement | None = None
                   ) -> tuple[list[np.ndarray[Any, Any]], Placement, float]:
-        """Preprocess straight into the input tensor, invoke, and copy the outputs out."""
+        """Fill the input tensor's own buffer, invoke, and copy the outputs out.
+
+        A frame the source thread already turned into an input tensor is copied in once;
+        anything else is resized and normalised straight into the buffer.
+        """
         started = time.monotonic()
         self.busy_since = started
         view = self._input()
-        filled, resized_placement = self.preprocess(image, out=view)
-        placement = placement or resized_placement
-        del view, filled  # invoke() refuses to run while a view of its buffers is alive
+        if placement is not None and image.shape == view.shape and image.dtype == view.dtype:
+            np.copyto(view, image)
+        else:
+            filled, placement = self.preprocess(image, out=view)
+            del filled
+        del view  # invoke() refuses to run while a view of its buffers is alive
         began = time.monotonic()
         self.interpreter.invoke()
         invoke_seconds = time.monotonic() - began
         outputs = [self.interpreter.get_tensor(i) for i in self._outputs]
         self.busy_since = 0.0
+        self.last_done = time.monotonic()
+        self.processed += 1
+        self.metrics.inference.add(invoke_seconds)
         return outputs, placement, invoke_seconds
 
     def infer(self, frame: Frame) -> dict[str, Any]:
+        """Run and decode one frame in this thread (the service hands decoding to a stage)."""
         outputs, placement, invoke_seconds = self.run_model(frame.image, frame.placement)
-        result = self.decode(self.card, outputs, placement, self.threshold, self.top_k)
-        done = time.monotonic()
-        record = {"ts": round(frame.wall_time, 3), "source": frame.source, "seq": frame.seq,
-                  "model": self.card.version, "worker": self.index,
-                  "latency_ms": round((done - frame.captured_at) * 1000, 2),
-                  "inference_ms": round(invoke_seconds * 1000, 2), **result}
-        self.emit(record)
-        self.metrics.inference.add(invoke_seconds)
-        self.metrics.end_to_end.add(done - frame.captured_at)
-        self.metrics.count_result()
-        self.processed += 1
-        self.last_done = done
-        return record
+        return finish(self.card, self.decode, frame, outputs, placement, invoke_seconds,
+                      self.index, self.threshold, self.top_k, self.emit, self.metrics)
+
+
+def finish(card: Card, decode: Any, frame: Frame, outputs: list[np.ndarray[Any, Any]],
+           placement: Placement, invoke_seconds: float, worker: int, threshold: float | None,
+           top_k: int, emit: Callable[[dict[str, Any]], None], metrics: Metrics
+           ) -> dict[str, Any]:
+    """Decode the outputs into a result record, hand it to the sinks, and count it."""
+    result = decode(card, outputs, placement, threshold, top_k)
+    done = time.monotonic()
+    record = {"ts": round(frame.wall_time, 3), "source": frame.source, "seq": frame.seq,
+              "model": card.version, "worker": worker,
+              "latency_ms": round((done - frame.captured_at) * 1000, 2),
+              "inference_ms": round(invoke_seconds * 1000, 2), **result}
+    emit(record)
+    metrics.end_to_end.add(done - frame.captured_at)
+    metrics.count_result()
+    return record
+
+
+class DecodeStage:
+    """Decodes outputs and writes results in its own thread, so workers only run the model.
+
+    Its queue is bounded: if decoding falls behind, workers wait rather than pile up work.
+    """
+
+    def __init__(self, card: Card, emit: Callable[[dict[str, Any]], None], metrics: Metrics,
+                 threshold: float | None, top_k: int, depth: int = 32) -> None:
+        self.card = card
+        self.decode = decoder_for(card)
+        self.emit = emit
+        self.metrics = metrics
+        self.threshold = threshold
+        self.top_k = top_k
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
+        self.busy_since = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, worker: int, frame: Frame, outputs: list[np.ndarray[Any, Any]],
+               placement: Placement, invoke_seconds: float) -> None:
+        self._queue.put((worker, frame, outputs, placement, invoke_seconds))
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            worker, frame, outputs, placement, invoke_seconds = item
+            self.busy_since = time.monotonic()
+            try:
+                finish(self.card, self.decode, frame, outputs, placement, invoke_seconds, worker,
+                       self.threshold, self.top_k, self.emit, self.metrics)
+            except Exception as exc:  # a decoding bug must not stop the service
+                self.metrics.inference_errors += 1
+                log.warning("decoding %s#%d failed: %s", frame.source, frame.seq, exc)
+            self.busy_since = 0.0

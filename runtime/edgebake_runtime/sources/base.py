@@ -50,6 +50,10 @@ class SourceStats:
 class Source:
     """Subclasses implement open(), read() -> RGB uint8 HxWx3, and close()."""
 
+    # A live camera never waits: the newest frame replaces an unprocessed one. A recording
+    # can wait for the workers instead of reading frames only to drop them.
+    can_wait = False
+
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
         self.name = config.name

@@ -25,6 +25,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray[Any, Any]:
 
 
 class ReplaySource(Source):
+    can_wait = True
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._video: FfmpegSource | None = None
