@@ -73,14 +73,17 @@ def test_boot_partition_holds_firmware_kernel_and_config(built: dict[str, Any]) 
     listing = subprocess.run(["mdir", "-b", "-i", target, "::/"], capture_output=True,
                              text=True, check=True).stdout
     names = {line.rsplit("/", 1)[-1] for line in listing.split()}
+    config = subprocess.run(["mtype", "-i", target, "::/config.txt"], capture_output=True,
+                            text=True, check=True).stdout
+    kernel = next(ln.split("=", 1)[1] for ln in config.splitlines() if ln.startswith("kernel="))
+    initrd = next(ln.split()[1] for ln in config.splitlines() if ln.startswith("initramfs "))
+    assert kernel.startswith("vmlinuz-") and initrd.startswith("initrd.img-")
     for required in ("config.txt", "cmdline.txt", "bcm2711-rpi-4-b.dtb", "start4.elf",
-                     "fixup4.dat", "vmlinuz", "initrd.img"):
+                     "fixup4.dat", kernel, initrd):
         assert required in names, f"{required} missing from the boot partition: {sorted(names)}"
     cmdline = subprocess.run(["mtype", "-i", target, "::/cmdline.txt"], capture_output=True,
                              text=True, check=True).stdout
     assert "root=LABEL=EB_ROOT" in cmdline and "console=ttyS1,115200" in cmdline
-    config = subprocess.run(["mtype", "-i", target, "::/config.txt"], capture_output=True,
-                            text=True, check=True).stdout
     assert "enable_uart=1" in config and "dtparam=watchdog=on" in config
     fsinfo = subprocess.run(["minfo", "-i", target, "::"], capture_output=True, text=True,
                             check=True).stdout

@@ -56,10 +56,23 @@ def mmdebstrap_command(recipe: Recipe, output: Path) -> list[str]:
     return cmd
 
 
+KEEP_BASES = 3
+
+
+def prune_bases(keep: Path, count: int = KEEP_BASES) -> list[Path]:
+    """Delete all but the `count` most recently used base tarballs (never `keep`)."""
+    bases = sorted(keep.parent.glob("*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = [p for p in bases[count:] if p != keep]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def bootstrap_base(recipe: Recipe, progress: Progress, no_cache: bool = False) -> Path:
     """Return the cached base tarball for this recipe, building it if needed."""
     tarball = base_tarball(recipe)
     if tarball.is_file() and not no_cache:
+        tarball.touch()  # most recently used: kept by prune_bases
         progress.say(f"      cached base rootfs {tarball.name} "
                      f"({tarball.stat().st_size / 2**20:.0f} MiB)")
         return tarball
@@ -68,4 +81,6 @@ def bootstrap_base(recipe: Recipe, progress: Progress, no_cache: bool = False) -
     with atomic_path(tarball) as tmp:
         tmp.unlink()  # mmdebstrap writes the file itself
         run(mmdebstrap_command(recipe, tmp), progress, what="mmdebstrap")
+    for old in prune_bases(tarball):
+        progress.say(f"      removed an old cached base: {old.name}")
     return tarball

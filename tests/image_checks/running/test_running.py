@@ -77,6 +77,14 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
     assert snap["device_id"] == "qemu-test-unit"
 
 
+def test_service_hardening_exposure(host: Any) -> None:
+    """systemd's own score of the unit's sandbox: 2.5 or less (0 is fully locked down)."""
+    out = host.run("systemd-analyze security edgebake.service --no-pager").stdout
+    line = next(ln for ln in out.splitlines() if "Overall exposure level" in ln)
+    exposure = float(line.split(":")[1].split()[0])
+    assert exposure <= 2.5, line
+
+
 def test_seed_hostname_applied(host: Any) -> None:
     assert host.run("hostname").stdout.strip() == os.environ["EDGEBAKE_HOSTNAME"]
     assert host.file("/etc/hostname").content_string.strip() == os.environ["EDGEBAKE_HOSTNAME"]
