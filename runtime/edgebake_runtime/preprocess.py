@@ -38,10 +38,11 @@ class Preprocessor:
     def __init__(self, card: Card) -> None:
         spec = card.inputs[0]
         pre = card.preprocessing
-        if len(spec.shape) != 4 or spec.shape[3] != 3:
-            raise ValueError(f"input {spec.name}: expected shape [1, H, W, 3], "
+        if len(spec.shape) != 4 or spec.shape[3] not in (1, 3):
+            raise ValueError(f"input {spec.name}: expected shape [1, H, W, 3] or [1, H, W, 1], "
                              f"found {list(spec.shape)}")
         self.height, self.width = int(spec.shape[1]), int(spec.shape[2])
+        self.channels = int(spec.shape[3])
         self.dtype = np.dtype(spec.dtype)
         self.fit = str(pre.get("fit", "letterbox" if card.task == "blazeface" else "stretch"))
         values = np.arange(256, dtype=np.float64)
@@ -52,7 +53,7 @@ class Preprocessor:
         else:
             lo, hi = (float(v) for v in pre.get("range", [0.0, 1.0]))
             real = values[None, :] / 255.0 * (hi - lo) + lo
-        real = np.broadcast_to(real, (3, 256))
+        real = np.broadcast_to(real, (3, 256))[: self.channels]
         if self.dtype.kind in "iu":
             if spec.scale > 0:
                 real = np.round(real / spec.scale + spec.zero_point)
@@ -82,7 +83,10 @@ class Preprocessor:
                  out: np.ndarray[Any, Any] | None = None) -> tuple[np.ndarray[Any, Any], Placement]:
         """Return the input tensor [1,H,W,3]; with `out`, write into that buffer instead."""
         resized, placement = self.resize(frame)
-        target = out if out is not None else np.empty((1, self.height, self.width, 3), self.dtype)
-        for channel in range(3):
+        if self.channels == 1:  # grayscale models: ITU-R 601 luma
+            resized = np.asarray(Image.fromarray(resized).convert("L"))[:, :, None]
+        shape = (1, self.height, self.width, self.channels)
+        target = out if out is not None else np.empty(shape, self.dtype)
+        for channel in range(self.channels):
             np.take(self.lut[channel], resized[:, :, channel], out=target[0, :, :, channel])
         return target, placement

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import BuildError
 from ..progress import Progress
 from . import diskimage
-from .qemu import QemuMachine
+from .qemu import QemuMachine, console_tail
 from .seed import render_seed, seed_overlay
 
 CHECKS_DIR = Path(__file__).resolve().parents[3] / "tests" / "image_checks"
@@ -148,9 +148,13 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                             "EDGEBAKE_HOSTNAME": TEST_HOSTNAME,
                             "EDGEBAKE_CONSOLE": str(machine.console)})
                 hosts = f"ssh://root@127.0.0.1:{machine.ssh_port}"
-                _pytest("running", junit_parts[1], hosts, env, progress,
-                        ["--ssh-identity-file", str(key), "--ssh-config",
-                         str(_ssh_config(tmp))])
+                code = _pytest("running", junit_parts[1], hosts, env, progress,
+                               ["--ssh-identity-file", str(key), "--ssh-config",
+                                str(_ssh_config(tmp))])
+                if code != 0:
+                    progress.say("      runtime checks failed; last 30 console lines:")
+                    for line in console_tail(machine.console, 30).splitlines():
+                        progress.say(f"      | {line}")
                 # every boot of the run; the first one is the unit's real first boot
                 journal = machine.ssh(key, "journalctl --no-pager -o short-monotonic",
                                       timeout=180).stdout

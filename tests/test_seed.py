@@ -1,0 +1,72 @@
+"""The per-unit seed: applied whole at first boot, or not at all with one clear reason."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from edgebake_builder.validate.seed import changed_chunks, put_seed_in_fat, render_seed
+from edgebake_runtime.firstboot import SeedError, apply_seed
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6oB9bHt0pLq7d3m0Yl1f3S0oQm7bTqkQJ0Zk0m3nXv tech@laptop"
+
+
+def make_etc(tmp_path: Path) -> Path:
+    etc = tmp_path / "etc"
+    (etc / "edgebake").mkdir(parents=True)
+    (etc / "edgebake" / "app.yaml").write_text(
+        "model:\n  path: /opt/edgebake/model/m.tflite\n"
+        "sources:\n  - {name: pattern, kind: synthetic}\n")
+    (etc / "hostname").write_text("edgebake\n")
+    return etc
+
+
+def test_valid_seed_is_applied(tmp_path: Path) -> None:
+    etc = make_etc(tmp_path)
+    seed = tmp_path / "edgebake-seed.yaml"
+    seed.write_text(render_seed("pole-17", [KEY], app={"mqtt": {"enabled": True,
+                                                                "host": "broker.lan"}},
+                                device_id="pole-17"))
+    summary = apply_seed(seed, etc)
+    assert "hostname=pole-17" in summary and "1 ssh key" in summary
+    assert (etc / "hostname").read_text() == "pole-17\n"
+    assert "pole-17" in (etc / "hosts").read_text()
+    keys = etc / "ssh" / "authorized_keys.d" / "root"
+    assert keys.read_text().strip() == KEY and (keys.stat().st_mode & 0o777) == 0o600
+    overrides = (etc / "edgebake" / "seed-overrides.yaml").read_text()
+    assert "broker.lan" in overrides and "device_id: pole-17" in overrides
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("hostname: Bad_Name\n", "hostname: expected lowercase"),
+    ("ssh_authorized_keys: [password123]\n", "ssh_authorized_keys: expected a list of OpenSSH"),
+    ("app:\n  mqtt:\n    port: 0\n", "mqtt.port: expected an integer between 1 and 65535"),
+    ("wifi: {ssid: x}\n", "wifi: unknown key"),
+    ("hostname: [\n", "not valid YAML"),
+])
+def test_invalid_seed_changes_nothing(tmp_path: Path, text: str, message: str) -> None:
+    etc = make_etc(tmp_path)
+    before = {p: p.read_bytes() for p in etc.rglob("*") if p.is_file()}
+    seed = tmp_path / "edgebake-seed.yaml"
+    seed.write_text("hostname: good-name\n" + text if "hostname" not in text else text)
+    with pytest.raises(SeedError) as caught:
+        apply_seed(seed, etc)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    after = {p: p.read_bytes() for p in etc.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_seed_goes_into_a_fat_image_and_only_changed_chunks_differ(tmp_path: Path) -> None:
+    fat = tmp_path / "boot.vfat"
+    subprocess.run(["truncate", "-s", "64M", str(fat)], check=True)
+    subprocess.run(["mkfs.vfat", "-F", "32", "-n", "EB_BOOT", str(fat)], check=True,
+                   capture_output=True)
+    original = tmp_path / "orig.vfat"
+    original.write_bytes(fat.read_bytes())
+    put_seed_in_fat(fat, render_seed("unit-1", [KEY]))
+    listing = subprocess.run(["mtype", "-i", str(fat), "::/edgebake-seed.yaml"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "hostname: unit-1" in listing
+    chunks = changed_chunks(original, fat)
+    assert chunks and sum(length for _, length in chunks) < 1024 * 1024
