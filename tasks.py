@@ -159,6 +159,20 @@ def bench_build(c: Context, target: str = "pi4", cold: bool = True) -> None:
         raise _fail_cleanly(exc) from None
 
 
+@task(help={"image": "the .img to write (its .bmap must sit next to it)",
+            "device": "the SD card (/dev/sdX) or an image file to write",
+            "seed": "this unit's edgebake-seed.yaml (hostname, keys, app overrides)"})
+def flash(c: Context, image: str, device: str, seed: str = "") -> None:
+    """Write the image with bmaptool, put the unit's seed on its boot partition, read back."""
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.flash import flash as run_flash
+
+    try:
+        print(run_flash(Path(image), Path(device), Path(seed) if seed else None))
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+
+
 @task
 def recipe_schema(c: Context) -> None:
     """Print every recipe setting with its type, default and help."""

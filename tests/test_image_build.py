@@ -186,3 +186,24 @@ def test_missing_host_tool_names_the_package(monkeypatch: pytest.MonkeyPatch) ->
                                          r".*bmap-tools"):
         preflight.require_tools()
     assert os.environ["PATH"] == "/nonexistent"
+
+
+def test_flash_writes_image_and_seed_and_reads_back(built: dict[str, Any], tmp_path: Path) -> None:
+    seed = tmp_path / "unit.yaml"
+    seed.write_text("hostname: pole-17\ndevice_id: pole-17\n")
+    card = tmp_path / "sdcard.img"
+    result = invoke("flash", "--image", str(built["image"]), "--device", str(card),
+                    "--seed", str(seed))
+    assert result.returncode == 0, result.stderr
+    assert "read back" in result.stdout
+    boot = built["partitions"]["partitions"][0]
+    seed_back = subprocess.run(["mtype", "-i", f"{card}@@{boot['start'] * SECTOR}",
+                                "::/edgebake-seed.yaml"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "hostname: pole-17" in seed_back
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hostname: Not_Valid\n")
+    refused = invoke("flash", "--image", str(built["image"]), "--device",
+                     str(tmp_path / "other.img"), "--seed", str(bad))
+    assert refused.returncode == 1 and "hostname: expected" in refused.stderr
+    assert not (tmp_path / "other.img").exists()

@@ -31,8 +31,9 @@ def put_seed_in_fat(fat_image: Path, seed_text: str, offset: int = 0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         seed = Path(tmp) / SEED_NAME
         seed.write_text(seed_text)
-        result = subprocess.run(["mcopy", "-o", "-i", f"{fat_image}@@{offset}", str(seed),
-                                 f"::/{SEED_NAME}"], capture_output=True, text=True, check=False)
+        result = subprocess.run(["mcopy", "-o", "-D", "o", "-i", f"{fat_image}@@{offset}",
+                                 str(seed), f"::/{SEED_NAME}"], capture_output=True, text=True,
+                                check=False)
     if result.returncode != 0:
         raise BuildError(f"cannot write the seed with mcopy: {result.stderr.strip()}")
 
