@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import threading
@@ -15,6 +14,7 @@ from .config import AppConfig
 from .frames import Frame, FrameSignal, LatestFrameQueue
 from .http import HealthServer
 from .journal import Journal
+from .merge import sha256_file
 from .metrics import Metrics
 from .preprocess import Preprocessor
 from .sdnotify import Notifier, watchdog_interval_sec
@@ -27,14 +27,6 @@ SWITCH_INTERVAL_SEC = 0.0005
 
 class StartupError(Exception):
     """The service cannot start (bad model or card); the message goes to STATUS= and the log."""
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class App:
@@ -84,7 +76,7 @@ class App:
             card = load_card(self.config.card_path or card_path_for(model))
         except (ModelError, CardError) as exc:
             raise StartupError(str(exc)) from None
-        actual = _file_sha256(model)
+        actual = sha256_file(model)
         if actual != card.sha256:
             raise StartupError(f"{model}: sha256 {actual[:16]}… does not match its card "
                                f"({card.sha256[:16]}…); refusing a model that was changed")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .merge import deep_merge
 
 SOURCE_KINDS = ("v4l2", "rtsp", "http", "replay", "synthetic")
 
@@ -32,16 +33,6 @@ SOURCE_DEFAULTS: dict[str, Any] = {"fps": 5.0, "max_age_sec": 10.0, "width": 640
 
 class ConfigError(Exception):
     """A bad configuration value: the message names the file, the field and what was expected."""
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from .config import DEFAULTS, ConfigError, deep_merge, read_yaml_mapping, validate
+from .config import DEFAULTS, ConfigError, read_yaml_mapping, validate
+from .merge import deep_merge
 
 SEED = Path("/boot/firmware/edgebake-seed.yaml")
 ETC = Path("/etc")

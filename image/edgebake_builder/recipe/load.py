@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import difflib
 import hashlib
 import json
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from edgebake_runtime.merge import deep_merge
 
 from ..errors import BuildError, RecipeError
 from .schema import BY_PATH, GROUPS, defaults
@@ -108,23 +108,13 @@ def _merge_list(current: list[str], update: list[str]) -> list[str]:
     return merged
 
 
-def _deep_merge(current: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(current)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def _apply(values: dict[str, Any], flat: dict[str, Any]) -> None:
     for path, value in flat.items():
         validator = BY_PATH[path].validator
         if isinstance(validator, StrList):
             values[path] = _merge_list(values[path], value)
         elif isinstance(validator, Mapping):
-            values[path] = _deep_merge(values[path], value)
+            values[path] = deep_merge(values[path], value)
         else:
             values[path] = value
 
