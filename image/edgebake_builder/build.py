@@ -167,7 +167,7 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
             }
             publish.write_json(staging / "manifest.json", manifest)
             names = [image.name, xz_path.name, bmap.name, "manifest.json"]
-            publish.write_sums(staging, names)
+            publish.write_sums(staging, names, known={image.name: manifest["image_sha256"]})
             publish.move_into_place(staging, out_dir, [*names, "SHA256SUMS"])
         progress.say(f"image: {out_dir / image.name} ({manifest['image_bytes'] / 2**20:.0f} MiB, "
                      f"xz {manifest['image_xz_bytes'] / 2**20:.0f} MiB, rootfs "

@@ -28,9 +28,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_sums(folder: Path, names: list[str]) -> Path:
+def write_sums(folder: Path, names: list[str], known: dict[str, str] | None = None) -> Path:
+    """SHA256SUMS for `names`; `known` holds digests already computed (the image's)."""
+    known = known or {}
     sums = folder / "SHA256SUMS"
-    sums.write_text("".join(f"{sha256_file(folder / n)}  {n}\n" for n in names))
+    sums.write_text("".join(f"{known.get(n) or sha256_file(folder / n)}  {n}\n" for n in names))
     return sums
 
 
