@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgebake_runtime.merge import sha256_file
+from edgebake_runtime.digest import sha256_file
 
 __all__ = ["atomic_path", "cache_root", "sha256_file"]
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from .card import Card, card_path_for, load_card
 from .config import AppConfig
+from .digest import sha256_file
 from .frames import Frame, FrameSignal, LatestFrameQueue
 from .http import HealthServer
 from .journal import Journal
-from .merge import sha256_file
 from .metrics import Metrics
 from .preprocess import Preprocessor
 from .sdnotify import Notifier, watchdog_interval_sec

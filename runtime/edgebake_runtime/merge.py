@@ -1,10 +1,8 @@
-"""Small helpers shared by the runtime and the image builder (which imports the runtime)."""
+"""Deep merge of settings, shared by the runtime (seed overrides) and the builder (recipes)."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-from pathlib import Path
 from typing import Any
 
 
@@ -17,11 +15,3 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
