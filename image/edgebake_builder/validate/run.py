@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import BuildError
 from ..progress import Progress
 from . import diskimage
-from .qemu import QemuMachine, console_tail
+from .qemu import QemuMachine, console_tail, free_port
 from .seed import render_seed, seed_overlay
 
 CHECKS_DIR = Path(__file__).resolve().parents[3] / "tests" / "image_checks"
@@ -126,12 +126,16 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         key = tmp / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgebake-test",
                         "-f", str(key)], check=True)
+        broker = LocalBroker.start_if_available(tmp)
+        app: dict[str, Any] = {"sources": [{"name": "vivid", "kind": "v4l2",
+                                            "device": "/dev/video0", "fps": 5, "width": 640,
+                                            "height": 480, "max_age_sec": 10}]}
+        if broker is not None:
+            # QEMU's user network shows the host's loopback to the guest as 10.0.2.2
+            app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port}
+            env["EDGEBAKE_MQTT_PORT"] = str(broker.port)
         seed = render_seed(TEST_HOSTNAME, [(tmp / "id_ed25519.pub").read_text().strip()],
-                           app={"sources": [{"name": "vivid", "kind": "v4l2",
-                                             "device": "/dev/video0", "fps": 5,
-                                             "width": 640, "height": 480,
-                                             "max_age_sec": 10}]},
-                           device_id="qemu-test-unit")
+                           app=app, device_id="qemu-test-unit")
         machine = QemuMachine(image=image, workdir=tmp / "vm", console=test_dir / "console.log",
                               extra_cmdline=["modules-load=vivid"])
         try:
@@ -162,11 +166,44 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                 figures = boot_figures(journal)
         finally:
             machine.stop()
+            if broker is not None:
+                broker.stop()
     passed, failed = merge_junit(junit_parts, test_dir / "junit.xml")
     for part in junit_parts:
         part.unlink(missing_ok=True)
     figures["test-image-seconds"] = round(time.monotonic() - started, 1)
     return ImageTestResult(passed, failed, test_dir / "junit.xml", figures)
+
+
+QEMU_HOST_ADDRESS = "10.0.2.2"
+
+
+class LocalBroker:
+    """A mosquitto on the host's loopback for the unit to publish to, when one is installed."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+    @classmethod
+    def start_if_available(cls, folder: Path) -> LocalBroker | None:
+        if shutil.which("mosquitto") is None:
+            return None
+        port = free_port()
+        conf = folder / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\n")
+        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        return cls(proc, port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _ssh_config(tmp: Path) -> Path:

@@ -9,6 +9,8 @@ import time
 import urllib.request
 from typing import Any
 
+import pytest
+
 RESULTS = "/data/results"
 
 
@@ -75,6 +77,26 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
     assert vivid["state"] == "up" and vivid["last_frame_age_sec"] < 10
     assert snap["model"]["sha256"] == manifest["model"]["sha256"]
     assert snap["device_id"] == "qemu-test-unit"
+
+
+def test_results_arrive_over_mqtt() -> None:
+    """Through QEMU's user network to a mosquitto on the host's loopback, QoS 1."""
+    port = os.environ.get("EDGEBAKE_MQTT_PORT")
+    if not port:
+        pytest.skip("no mosquitto on the host (apt-get install mosquitto)")
+    mqtt = pytest.importorskip("paho.mqtt.client")
+    received: list[dict[str, Any]] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edgebake-test-image")
+    client.on_connect = lambda c, *a: c.subscribe("edgebake/qemu-test-unit/results", qos=1)
+    client.on_message = lambda c, u, m: received.append(json.loads(m.payload))
+    client.connect("127.0.0.1", int(port))
+    client.loop_start()
+    try:
+        wait(lambda: len(received) >= 3, 120, "3 results over MQTT")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert all(r["source"] == "vivid" for r in received)
 
 
 def test_service_hardening_exposure(host: Any) -> None:
