@@ -45,30 +45,16 @@ def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = 
 def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool = False
                ) -> None:
     """Validate the exact image: static testinfra checks, then QEMU boot + checks over SSH."""
-    import json
-
     from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
+    from edgebake_builder.validate.run import find_image
     from edgebake_builder.validate.run import test_image as run_tests
 
-    out_dir = ROOT / "out" / target
-    image_path = Path(image) if image else None
     try:
-        if image_path is None:
-            manifest_file = out_dir / "manifest.json"
-            if not manifest_file.is_file():
-                raise BuildError(f"{manifest_file}: no build found; run "
-                                 f"`invoke build-image --target {target}` or pass --image")
-            manifest = json.loads(manifest_file.read_text())
-            image_path = out_dir / manifest["image"]
-        else:
-            candidate = image_path.parent / "manifest.json"
-            manifest = json.loads(candidate.read_text()) if candidate.is_file() else {}
-            out_dir = image_path.parent
-        if not image_path.is_file():
-            raise BuildError(f"{image_path}: image not found")
+        image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
+                                                   Path(image) if image else None)
         progress = Progress(3, log_path=out_dir / "test-image.log")
-        result = run_tests(image_path.resolve(), out_dir, manifest, progress, fail_fast)
+        result = run_tests(image_path, out_dir, manifest, progress, fail_fast)
     except BuildError as exc:
         raise _fail_cleanly(exc) from None
     except KeyboardInterrupt:

@@ -101,6 +101,25 @@ def boot_figures(journal_text: str) -> dict[str, float]:
     return figures
 
 
+def find_image(default_out: Path, target: str, image: Path | None
+               ) -> tuple[Path, Path, dict[str, Any]]:
+    """The image to test, the folder for its results, and its manifest (if it has one)."""
+    if image is None:
+        manifest_file = default_out / "manifest.json"
+        if not manifest_file.is_file():
+            raise BuildError(f"{manifest_file}: no build found; run "
+                             f"`invoke build-image --target {target}` or pass --image")
+        manifest = json.loads(manifest_file.read_text())
+        image, out_dir = default_out / manifest["image"], default_out
+    else:
+        candidate = image.parent / "manifest.json"
+        manifest = json.loads(candidate.read_text()) if candidate.is_file() else {}
+        out_dir = image.parent
+    if not image.is_file():
+        raise BuildError(f"{image}: image not found")
+    return image.resolve(), out_dir, manifest
+
+
 def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                progress: Progress, fail_fast: bool = False) -> ImageTestResult:
     started = time.monotonic()
