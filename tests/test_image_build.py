@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from edgebake_builder.validate.diskimage import Partition, extract
 
 ROOT = Path(__file__).resolve().parents[1]
 INVOKE = [sys.executable, "-m", "invoke"]
@@ -26,23 +27,6 @@ def invoke(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-def partition_table(image: Path) -> dict[str, Any]:
-    from conftest import partition_table as table
-
-    return table(image)
-
-
-def extract_partition(image: Path, part: dict[str, Any], dest: Path) -> Path:
-    with image.open("rb") as src, dest.open("wb") as dst:
-        src.seek(part["start"] * SECTOR)
-        remaining = part["size"] * SECTOR
-        while remaining:
-            chunk = src.read(min(remaining, 1 << 22))
-            dst.write(chunk)
-            remaining -= len(chunk)
-    return dest
-
-
 def debugfs(fs: Path, request: str) -> str:
     return subprocess.run(["debugfs", "-R", request, str(fs)], capture_output=True, text=True,
                           check=True).stdout
@@ -51,7 +35,8 @@ def debugfs(fs: Path, request: str) -> str:
 @pytest.fixture(scope="session")
 def root_fs(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     part = built["partitions"]["partitions"][1]
-    return extract_partition(built["image"], part, tmp_path_factory.mktemp("fs") / "root.ext4")
+    root = Partition(2, part["start"] * SECTOR, part["size"] * SECTOR, part["type"])
+    return extract(built["image"], root, tmp_path_factory.mktemp("fs") / "root.ext4")
 
 
 def test_partition_table(built: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from edgebake_builder.validate.qemu import free_port
 from edgebake_runtime.journal import Journal, journal_files, read_lines, repair_tail
 from runtime_helpers import make_config, replay_folder, wait_for, write_config
 
@@ -138,6 +139,7 @@ JOURNAL_WRITER = """
 import sys, time
 sys.path.insert(0, {runtime!r})
 from pathlib import Path
+from edgebake_builder.validate.qemu import free_port
 from edgebake_runtime.journal import Journal
 j = Journal(Path(sys.argv[1]), fsync_interval_sec=0.01, rotate_bytes=20000)
 j.open()
@@ -189,9 +191,7 @@ def test_power_cut_tail_is_cut_back(tmp_path: Path) -> None:
 def mosquitto(tmp_path: Path):  # type: ignore[no-untyped-def]
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed (apt-get install mosquitto; .ci/bootstrap does)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
 
