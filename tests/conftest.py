@@ -16,8 +16,9 @@ sys.path[:0] = [str(ROOT / "image"), str(ROOT / "runtime")]
 
 @pytest.fixture(scope="session")
 def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped BlazeFace model with a card and golden outputs, in a temp folder."""
-    from edgebake_builder.modelcard import write_card
+    """The shipped BlazeFace model with a card and golden outputs, in a temp folder (the card
+    is made in a child process: TensorFlow, if a test loaded it, clashes with tflite-runtime)."""
+    from edgebake_builder.convert.isolated import write_card
     from edgebake_builder.progress import Progress
     from edgebake_builder.steps.model import DEFAULT_MODEL, fetch_locked_model, read_models_lock
 
@@ -25,7 +26,7 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cached = fetch_locked_model(read_models_lock()[DEFAULT_MODEL], Progress(1))
     model = folder / "face_detection_short_range.tflite"
     model.write_bytes(cached.read_bytes())
-    write_card(model, folder / "face_detection_short_range.card.json")
+    write_card(model, folder / "face_detection_short_range.card.json", model.stem, {})
     return model
 
 
@@ -52,7 +53,12 @@ def partition_table(image: Path) -> dict[str, Any]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Fast tests first, then the image build, then the QEMU boot that needs the image."""
+    """Fast tests first, then the image build, then the QEMU boot that needs the image.
+    Tests that import TensorFlow get the `tensorflow` marker: `invoke test` runs them in a
+    pytest process of their own, since TensorFlow's TFLite build clashes with tflite-runtime."""
+    for item in items:
+        if item.path.name == "test_convert.py":
+            item.add_marker(pytest.mark.tensorflow)
 
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("boot"):

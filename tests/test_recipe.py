@@ -24,9 +24,56 @@ def test_pi4_resolves_with_all_layers() -> None:
     for package in ("linux-image-arm64", "raspi-firmware", "python3-numpy", "openssh-server"):
         assert package in recipe["packages"]
     assert "edgebake.service" in recipe["services.enable"]
-    assert recipe["wheels"] == ["tflite-runtime", "paho-mqtt"]
+    assert recipe["wheels"] == ["paho-mqtt"]
+    assert recipe["runtime"] == "auto" and recipe["python.version"] == "3.11"
     assert [Path(s).stem for s in recipe.sources] == [
         "base", "kernel-pi4", "python", "app", "watchdog", "ssh", "pi4"]
+
+
+def test_trixie_differs_only_where_trixie_differs() -> None:
+    bookworm, trixie = load_recipe("pi4"), load_recipe("pi4-trixie")
+    differing = {p for p in bookworm.values if bookworm[p] != trixie[p]}
+    assert differing == {"name", "description", "suite", "python.version", "python.glibc"}
+    assert trixie["suite"] == "trixie" and trixie["python.version"] == "3.13"
+    assert base_key(trixie) != base_key(bookworm)
+
+
+def test_wheel_lock_selects_per_python() -> None:
+    from edgebake_builder.steps.wheels import Target, read_wheels_lock, select_wheels, wheel_for
+
+    lock = read_wheels_lock()
+    bookworm, trixie, jetpack = Target("3.11", "2.36"), Target("3.13", "2.41"), \
+        Target("3.10", "2.35")
+    for target in (bookworm, trixie, jetpack):
+        litert = wheel_for("ai-edge-litert", lock, target)
+        assert litert is not None and litert.python == target.python
+        assert wheel_for("paho_mqtt", lock, target) is not None
+    assert wheel_for("tflite-runtime", lock, trixie) is None
+    assert wheel_for("tflite-runtime", lock, jetpack) is not None
+    with pytest.raises(BuildError, match=r"has no wheel for Python 3\.13"):
+        select_wheels(["tflite-runtime"], lock, trixie)
+    args = trixie.pip_args()
+    assert "manylinux_2_41_aarch64" in args and "manylinux_2_17_aarch64" in args
+    assert "cp313" in args
+
+
+def test_auto_runtime_choice_names_its_reason() -> None:
+    from edgebake_builder.steps.model import choose_runtime
+
+    both_ok = {"runtimes": {"tflite-runtime": {"ok": True, "version": "2.14.0"},
+                            "ai-edge-litert": {"ok": True, "version": "2.3.0"}}}
+    old_fails = {"file": "m.tflite", "runtimes": {
+        "tflite-runtime": {"ok": False, "version": "2.14.0",
+                           "error": "Didn't find op for builtin opcode 'X' version '9'"},
+        "ai-edge-litert": {"ok": True, "version": "2.3.0"}}}
+    wheels = ["tflite-runtime", "ai-edge-litert"]
+    assert choose_runtime("auto", both_ok, wheels, "3.11").name == "tflite-runtime"
+    picked = choose_runtime("auto", old_fails, wheels, "3.11")
+    assert picked.name == "ai-edge-litert" and "opcode 'X' version '9'" in picked.reason
+    no_wheel = choose_runtime("auto", both_ok, ["ai-edge-litert"], "3.13")
+    assert no_wheel.name == "ai-edge-litert" and "no wheel for Python 3.13" in no_wheel.reason
+    with pytest.raises(BuildError, match=r"tflite-runtime 2.14.0: Didn't find op .* '9'"):
+        choose_runtime("tflite-runtime", old_fails, wheels, "3.11")
 
 
 def test_hash_is_stable_and_content_based(tmp_path: Path) -> None:

@@ -90,19 +90,26 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
             preflight.require_tools()
             preflight.require_binfmt()
             preflight.require_disk_space(workdir, MIN_FREE_BYTES)
-        with progress.step("model: fetch, inspect, card and golden outputs"):
+        target = wheels.Target(recipe["python.version"], recipe["python.glibc"])
+        lock = wheels.read_wheels_lock()
+        with progress.step("model: fetch, inspect, card, golden outputs, runtime"):
             prepared = model.prepare_model(model_arg, workdir, progress)
+            runtime = model.choose_runtime(
+                recipe["runtime"], prepared.card,
+                [r for r in model.RUNTIME_PREFERENCE if wheels.wheel_for(r, lock, target)],
+                target.python)
+            progress.say(f"      runtime {runtime.name} ({runtime.reason})")
         with progress.step("base rootfs (mmdebstrap, cached by content key)"):
             tarball = bootstrap.bootstrap_base(recipe, progress, no_cache=options.no_cache)
         with progress.step("wheels: download pinned aarch64 wheels by hash"):
-            locked = wheels.select_wheels(recipe["wheels"], wheels.read_wheels_lock())
-            wheel_dir = wheels.download_wheels(locked, progress)
+            locked = wheels.select_wheels([runtime.name, *recipe["wheels"]], lock, target)
+            wheel_dir = wheels.download_wheels(locked, target, progress)
         rootfs = workdir / "rootfs"
         with progress.step("install: runtime, wheels, model, users"):
             stage.extract_base(tarball, rootfs, progress)
             stage.install_runtime(rootfs)
             wheels.install_wheels(locked, wheel_dir, stage.inside(rootfs, stage.SITE_DIR),
-                                  progress)
+                                  target, progress)
             model_path = stage.install_model(prepared, rootfs)
             card_path = stage.MODEL_DIR / prepared.card_path.name
         with progress.step("overlays: render templates, enable units, first-boot state"):
@@ -158,7 +165,10 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
                           "sha256": prepared.card["sha256"], "card": prepared.card,
                           "verified_on_target": bool(verified.get("ok")),
                           "target_runtime": {k: verified.get(k) for k in
-                                             ("runtime", "runtime_version", "max_deviation")}},
+                                             ("runtime", "runtime_version", "max_deviation")},
+                          "runtime": {"name": runtime.name, "reason": runtime.reason,
+                                      "version": next(w.version for w in locked
+                                                      if w.name == runtime.name)}},
                 "partitions": {"labels": assemble.PARTITION_LABELS,
                                **assemble.DiskIds.for_recipe(recipe_sha).__dict__},
                 "source_date_epoch": epoch,

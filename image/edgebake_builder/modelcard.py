@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import numpy as np
 from edgebake_runtime.card import CARD_FORMAT
 from edgebake_runtime.interp import (
     ModelError,
+    installed_runtimes,
     load_interpreter,
     op_names,
     probe_model,
@@ -24,6 +28,7 @@ from .errors import BuildError
 # Ops that tflite-runtime cannot run: a model using them fails on the device, so fail the build.
 UNSUPPORTED_OP_PREFIXES = ("Flex", "FlexDelegate")
 GOLDEN_COUNT = 3
+RUNTIME_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "runtime"
 
 # BlazeFace variants, told apart by their anchor count (MediaPipe's published anchor options).
 BLAZEFACE_VARIANTS: dict[int, dict[str, Any]] = {
@@ -82,9 +87,10 @@ def golden_inputs(spec: dict[str, Any], count: int) -> list[np.ndarray[Any, Any]
     return arrays
 
 
-def run_golden(model: Path, count: int = GOLDEN_COUNT) -> tuple[bytes, dict[str, Any]]:
+def run_golden(model: Path, runtime: str, count: int = GOLDEN_COUNT
+               ) -> tuple[bytes, dict[str, Any]]:
     """Run golden inputs on the host; return an .npz blob and the tolerance it must be met to."""
-    interpreter = load_interpreter(model, num_threads=1)
+    interpreter = load_interpreter(model, num_threads=1, runtime=runtime)
     in_detail = interpreter.get_input_details()[0]
     out_details = interpreter.get_output_details()
     arrays: dict[str, np.ndarray[Any, Any]] = {}
@@ -102,18 +108,57 @@ def run_golden(model: Path, count: int = GOLDEN_COUNT) -> tuple[bytes, dict[str,
     return buffer.getvalue(), tolerance
 
 
+def reference_runtime(model: Path) -> str:
+    """The first installed runtime that loads the model (in a child: a bad file can crash it)."""
+    errors = []
+    runtimes = installed_runtimes()
+    if not runtimes:
+        raise BuildError("no TFLite runtime on this host: pip install tflite-runtime or "
+                         "ai-edge-litert")
+    for runtime in runtimes:
+        try:
+            probe_model(model, runtime=runtime)
+            return runtime
+        except ModelError as exc:
+            errors.append(str(exc))
+    raise BuildError(errors[0] if len(set(errors)) == 1 or "crashed" in errors[0]
+                     else "; ".join(errors))
+
+
+def check_runtimes(model: Path, card_path: Path) -> dict[str, dict[str, Any]]:
+    """Which device runtimes load the model and reproduce its golden outputs, each in a child."""
+    package_root = str(RUNTIME_PACKAGE_ROOT)
+    env = {**os.environ, "PYTHONPATH": package_root, "PYTHONDONTWRITEBYTECODE": "1"}
+    results = {}
+    for runtime in installed_runtimes():
+        proc = subprocess.run([sys.executable, "-m", "edgebake_runtime.selfcheck", "--model",
+                               str(model), "--card", str(card_path), "--runtime", runtime],
+                              capture_output=True, text=True, env=env, timeout=300, check=False)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if lines:
+            report = json.loads(lines[-1])
+        else:
+            report = {"ok": False, "error": f"self-check exited {proc.returncode}"}
+        results[runtime] = {"version": report.get("runtime_version"), "ok": bool(report["ok"]),
+                            "error": report.get("error"),
+                            "max_deviation": (report.get("max_deviation") or {}).get("abs")}
+    return results
+
+
 def inspect_model(model: Path, name: str | None = None,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None, reference: str | None = None
+                  ) -> dict[str, Any]:
     """Build the card fields that come from the file itself."""
+    reference = reference or reference_runtime(model)
     try:
-        probe_model(model)
-        plain = load_interpreter(model, plain_ops=True)
+        plain = load_interpreter(model, plain_ops=True, runtime=reference)
     except ModelError as exc:
         raise BuildError(str(exc)) from None
     ops = op_names(plain)
     flex = [op for op in ops if op.startswith(UNSUPPORTED_OP_PREFIXES)]
     if flex:
-        raise BuildError(f"{model}: uses ops tflite-runtime cannot run: {', '.join(flex)}; "
+        raise BuildError(f"{model}: uses ops no TFLite runtime on a unit can run (they need "
+                         f"TensorFlow): {', '.join(flex)}; "
                          "convert without SELECT_TF_OPS (builtin ops only)")
     inputs = [_tensor_json(d) for d in plain.get_input_details()]
     outputs = [_tensor_json(d) for d in plain.get_output_details()]
@@ -121,7 +166,7 @@ def inspect_model(model: Path, name: str | None = None,
         raise BuildError(f"{model}: has {len(inputs)} inputs; edgebake runs single-input models")
     task, pre, post = guess_task(inputs, outputs, ops)
     data = model.read_bytes()
-    runtime, runtime_version = runtime_name_and_version()
+    runtime_version = runtime_name_and_version(reference)[1]
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
         "name": name or model.stem,
@@ -135,12 +180,14 @@ def inspect_model(model: Path, name: str | None = None,
         "labels": [],
         "preprocessing": pre,
         "postprocessing": post,
-        "tools": {"edgebake": __version__, runtime: runtime_version},
+        "tools": {"edgebake": __version__, reference: runtime_version},
         "accuracy": None,
     }
     card["version"] = f"{card['name']}@{card['sha256'][:12]}"
     if extra:
+        tools = {**extra.get("tools", {}), **card["tools"]}
         card.update(extra)
+        card["tools"] = tools
     return card
 
 
@@ -149,13 +196,17 @@ def write_card(model: Path, card_path: Path, name: str | None = None,
     """Inspect `model`, compute golden outputs, and write card + golden file next to each other."""
     from .cache import atomic_path
 
-    card = inspect_model(model, name=name, extra=extra)
-    blob, tolerance = run_golden(model)
+    reference = reference_runtime(model)
+    card = inspect_model(model, name=name, extra=extra, reference=reference)
+    blob, tolerance = run_golden(model, reference)
     golden_path = card_path.with_name(card_path.name.replace(".card.json", "") + ".golden.npz")
     with atomic_path(golden_path) as tmp:
         tmp.write_bytes(blob)
     card["golden"] = {"file": golden_path.name, "count": GOLDEN_COUNT, **tolerance,
-                      "sha256": hashlib.sha256(blob).hexdigest()}
-    with atomic_path(card_path) as tmp:
-        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+                      "sha256": hashlib.sha256(blob).hexdigest(), "runtime": reference}
+    for with_runtimes in (False, True):
+        if with_runtimes:
+            card["runtimes"] = check_runtimes(model, card_path)
+        with atomic_path(card_path) as tmp:
+            tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return card

@@ -14,6 +14,7 @@ from .config import AppConfig
 from .digest import sha256_file
 from .frames import Frame, FrameSignal, LatestFrameQueue
 from .http import HealthServer
+from .interp import runtime_name_and_version
 from .journal import Journal
 from .metrics import Metrics
 from .preprocess import Preprocessor
@@ -41,6 +42,7 @@ class App:
         self.ready = False
         self._stop = threading.Event()
         self.card = self._load_card()
+        self.runtime = runtime_name_and_version()
         inference = config.section("inference")
         depth = int(config.section("queue")["depth"])
         self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources
@@ -210,7 +212,8 @@ class App:
             "uptime_sec": round(now - self.started, 1),
             "device_id": self.config.raw["device_id"],
             "model": {"version": self.card.version, "sha256": self.card.sha256,
-                      "task": self.card.task, "path": str(self.config.model_path)},
+                      "task": self.card.task, "path": str(self.config.model_path),
+                      "runtime": self.runtime[0], "runtime_version": self.runtime[1]},
             "sources": sources,
             "inference": {"workers": len(self.workers), "results": self.metrics.results,
                           "errors": self.metrics.inference_errors,

@@ -61,7 +61,8 @@ def prometheus_text(snap: dict[str, Any]) -> str:
     metric("journal_ok", "gauge", "1 while the journal accepts writes.",
            [({}, 0.0 if snap["journal"]["error"] else 1.0)])
     metric("model_info", "gauge", "The loaded model.",
-           [({"sha256": snap["model"]["sha256"], "version": snap["model"]["version"]}, 1.0)])
+           [({"sha256": snap["model"]["sha256"], "version": snap["model"]["version"],
+             "runtime": f'{snap["model"]["runtime"]} {snap["model"]["runtime_version"]}'}, 1.0)])
     if snap.get("mqtt"):
         metric("mqtt_connected", "gauge", "1 while connected to the broker.",
                [({}, 1.0 if snap["mqtt"]["connected"] else 0.0)])

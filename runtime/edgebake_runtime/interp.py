@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -15,35 +18,40 @@ class ModelError(Exception):
     """The model file cannot be used; the message says why in one line."""
 
 
-def runtime_name_and_version() -> tuple[str, str]:
-    try:
-        import tflite_runtime
-
-        return "tflite-runtime", str(tflite_runtime.__version__)
-    except ImportError:
-        import ai_edge_litert
-
-        return "ai-edge-litert", str(getattr(ai_edge_litert, "__version__", "unknown"))
+# Distribution name -> import name, in the order a unit prefers them.
+RUNTIMES: dict[str, str] = {"tflite-runtime": "tflite_runtime", "ai-edge-litert": "ai_edge_litert"}
+# Forces one runtime where both are installed (the builder's host checks); a unit has only one.
+RUNTIME_ENV = "EDGEBAKE_TFLITE_RUNTIME"
 
 
-def _interpreter_class() -> Any:
-    try:
-        from tflite_runtime.interpreter import Interpreter
-    except ImportError:
+def _runtime_package(runtime: str | None = None) -> tuple[str, Any]:
+    """The runtime to use: the one asked for (argument or environment), else the first present."""
+    wanted = runtime or os.environ.get(RUNTIME_ENV) or None
+    names = [wanted] if wanted else list(RUNTIMES)
+    for name in names:
+        if name not in RUNTIMES:
+            raise ModelError(f"unknown TFLite runtime {name!r}: expected one of "
+                             f"{', '.join(RUNTIMES)}")
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            return name, importlib.import_module(RUNTIMES[name])
         except ImportError:
-            raise ModelError("no TFLite runtime installed: need tflite-runtime or "
-                             "ai-edge-litert") from None
-    return Interpreter
+            continue
+    raise ModelError(f"no TFLite runtime installed: need {' or '.join(names)}")
 
 
-def _op_resolver_without_delegates() -> Any:
-    try:
-        from tflite_runtime.interpreter import OpResolverType
-    except ImportError:
-        from ai_edge_litert.interpreter import OpResolverType
-    return OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+def installed_runtimes() -> list[str]:
+    """The runtimes importable here, without importing them."""
+    return [name for name, module in RUNTIMES.items() if importlib.util.find_spec(module)]
+
+
+def runtime_name_and_version(runtime: str | None = None) -> tuple[str, str]:
+    name, package = _runtime_package(runtime)
+    return name, str(getattr(package, "__version__", "unknown"))
+
+
+def _interpreter_module(runtime: str | None = None) -> Any:
+    name, _ = _runtime_package(runtime)
+    return importlib.import_module(RUNTIMES[name] + ".interpreter")
 
 
 def check_tflite_file(path: Path) -> None:
@@ -59,22 +67,25 @@ def check_tflite_file(path: Path) -> None:
         raise ModelError(f"{path}: not a TFLite model (no TFL3 flatbuffer identifier)")
 
 
-def load_interpreter(path: Path, num_threads: int = 1, plain_ops: bool = False) -> Any:
+def load_interpreter(path: Path, num_threads: int = 1, plain_ops: bool = False,
+                     runtime: str | None = None) -> Any:
     """Create and allocate an interpreter; unresolved or corrupt models become ModelError.
 
     `plain_ops` disables the default XNNPACK delegate so the op list shows the model's own ops.
     """
     check_tflite_file(path)
-    interpreter_class = _interpreter_class()
+    module = _interpreter_module(runtime)
     kwargs: dict[str, Any] = {"model_path": str(path), "num_threads": num_threads}
     if plain_ops:
-        kwargs["experimental_op_resolver_type"] = _op_resolver_without_delegates()
+        kwargs["experimental_op_resolver_type"] = \
+            module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
-        interpreter = interpreter_class(**kwargs)
+        interpreter = module.Interpreter(**kwargs)
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()
-        raise ModelError(f"{path}: the TFLite runtime cannot load this model: "
+        name, version = runtime_name_and_version(runtime)
+        raise ModelError(f"{path}: {name} {version} cannot load this model: "
                          f"{first[0] if first else type(exc).__name__}") from None
     return interpreter
 
@@ -90,21 +101,23 @@ from pathlib import Path
 sys.path[:0] = {paths!r}
 from edgebake_runtime.interp import ModelError, load_interpreter
 try:
-    load_interpreter(Path(sys.argv[1]), plain_ops=True)
+    for plain in (True, False):  # the op list, then the way the service runs it (XNNPACK)
+        load_interpreter(Path(sys.argv[1]), plain_ops=plain, runtime=sys.argv[2] or None)
 except ModelError as exc:
     print(exc, file=sys.stderr)
     sys.exit(1)
 """
 
 
-def probe_model(path: Path, timeout: float = 120.0) -> None:
+def probe_model(path: Path, timeout: float = 120.0, runtime: str | None = None) -> None:
     """Load the model once in a child process: a malformed flatbuffer can crash the TFLite
     runtime outright, and that must become an error message, not a dead service."""
     check_tflite_file(path)
     package_root = str(Path(__file__).resolve().parents[1])
     code = PROBE_SOURCE.format(paths=[package_root])
     try:
-        result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+        result = subprocess.run([sys.executable, "-c", code, str(path), runtime or ""],
+                                capture_output=True,
                                 text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise ModelError(f"{path}: loading the model took over {timeout:.0f}s") from None

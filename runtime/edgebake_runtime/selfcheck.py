@@ -18,18 +18,22 @@ from .card import CardError, load_card
 from .interp import ModelError, load_interpreter, op_names, runtime_name_and_version
 
 
-def check_model(model: Path, card_path: Path) -> dict[str, Any]:
+def check_model(model: Path, card_path: Path, runtime: str | None = None) -> dict[str, Any]:
     """Return a result dict with `ok`, the runtime, and the largest deviation seen."""
-    runtime, version = runtime_name_and_version()
-    result: dict[str, Any] = {"ok": False, "runtime": runtime, "runtime_version": version,
+    try:
+        name, version = runtime_name_and_version(runtime)
+    except ModelError as exc:
+        return {"ok": False, "runtime": runtime, "model": str(model), "error": str(exc)}
+    result: dict[str, Any] = {"ok": False, "runtime": name, "runtime_version": version,
                               "model": str(model)}
     try:
         card = load_card(card_path)
-        interpreter = load_interpreter(model, num_threads=1, plain_ops=True)
+        result["ops"] = op_names(load_interpreter(model, plain_ops=True, runtime=name))
+        # golden outputs come from the interpreter the service uses (default delegates)
+        interpreter = load_interpreter(model, num_threads=1, runtime=name)
     except (CardError, ModelError) as exc:
         result["error"] = str(exc)
         return result
-    result["ops"] = op_names(interpreter)
     golden = card.data.get("golden")
     if not golden:
         result["error"] = f"{card_path}: golden: missing, nothing to compare"
@@ -66,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--card", type=Path, required=True)
+    parser.add_argument("--runtime", default=None,
+                        help="tflite-runtime or ai-edge-litert (default: the one installed)")
     args = parser.parse_args(argv)
-    result = check_model(args.model, args.card)
+    result = check_model(args.model, args.card, args.runtime)
     print(json.dumps(result, sort_keys=True))
     return 0 if result["ok"] else 1
 

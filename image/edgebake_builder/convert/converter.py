@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 from edgebake_runtime.card import card_path_for
-from edgebake_runtime.interp import ModelError
 
 from ..errors import BuildError
-from ..modelcard import write_card
+from . import isolated
 from .dataset import Dataset, load_dataset
-from .gate import Accuracy, measure, tflite_predict
+from .gate import Accuracy, measure
 
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
 REPRESENTATIVE_SAMPLES = 200
@@ -49,22 +48,30 @@ def import_tensorflow() -> Any:
         import tensorflow as tf
     except ImportError:
         raise BuildError("convert-model needs TensorFlow, which is an optional extra: "
-                         "pip install '.[convert]' (or: pip install 'tensorflow-cpu~=2.14.1')"
+                         "pip install '.[convert]' (or: pip install 'tensorflow-cpu==2.21.0')"
                          ) from None
     return tf
 
 
 @contextlib.contextmanager
 def _quiet_tf() -> Iterator[None]:
-    """TensorFlow's converter prints to fd 2 from C++; keep it out of the user's terminal."""
-    saved = os.dup(2)
+    """TensorFlow's converter prints to fds 1 and 2 from C++ and Python (Keras 3's export
+    lists its captures); keep that out of the user's terminal."""
+    import sys
+
+    sys.stdout.flush()
+    saved = [os.dup(1), os.dup(2)]
     with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            sys.stdout.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 class SourceModel:
@@ -190,10 +197,10 @@ def convert_model(options: ConvertOptions) -> ConvertResult:
         if validation is not None:
             reference = source.predict(validation.x)
             try:
-                converted = tflite_predict(tmp_model, validation.x)
-            except ModelError as exc:
-                raise BuildError(f"the converted model does not run on the shipped runtime: "
-                                 f"{exc}") from None
+                converted, _ = isolated.predict(tmp_model, validation.x)
+            except BuildError as exc:
+                raise BuildError(f"the converted model runs on no device runtime: {exc}"
+                                 ) from None
             accuracy = measure(reference, converted, validation.y)
             if accuracy.delta > options.max_accuracy_loss:
                 raise BuildError(
@@ -211,7 +218,7 @@ def convert_model(options: ConvertOptions) -> ConvertResult:
             "accuracy": accuracy.to_json() if accuracy else None,
         }
         tmp_card = card_path_for(tmp_model)
-        card = write_card(tmp_model, tmp_card, name=options.output.stem, extra=extra)
+        card = isolated.write_card(tmp_model, tmp_card, options.output.stem, extra)
         card["tools"]["tensorflow"] = str(tf.__version__)
         final_card = card_path_for(options.output)
         golden = Path(tmp_name) / card["golden"]["file"]

@@ -27,9 +27,10 @@ class Accuracy:
                 "samples": self.samples}
 
 
-def tflite_predict(model: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+def tflite_predict(model: Path, x: np.ndarray[Any, Any], runtime: str | None = None
+                   ) -> np.ndarray[Any, Any]:
     """Run every sample through the TFLite model (quantising int8 inputs); return scores."""
-    interpreter = load_interpreter(model, num_threads=2)
+    interpreter = load_interpreter(model, num_threads=2, runtime=runtime)
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     in_scale, in_zero = inp["quantization"]

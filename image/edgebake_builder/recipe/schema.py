@@ -9,6 +9,7 @@ from .validators import Bool, Enum, Int, Mapping, Str, StrList, Validator
 
 PACKAGE = Str(r"[a-z0-9][a-z0-9+.-]+", "naming a Debian package")
 NAME = Str(r"[a-z0-9][a-z0-9-]{0,62}", "of lowercase letters, digits and dashes")
+MODULE_GLOB = Str(r"kernel/\S+", "that is a glob like kernel/drivers/gpu/*")
 SIZE = Str(r"[0-9]+[KMG]", "like 64M")
 
 
@@ -27,7 +28,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("name", NAME, "edgebake", "Image name; outputs are <name>.img and friends."),
     Setting("description", Str(), "", "One line saying what this recipe is for."),
     Setting("arch", Enum(("arm64",)), "arm64", "Debian architecture of the target.", base=True),
-    Setting("suite", Enum(("bookworm",)), "bookworm", "Debian suite of the base system.",
+    Setting("suite", Enum(("bookworm", "trixie")), "bookworm", "Debian suite of the base system.",
             base=True),
     Setting("mirror", Str(r"https?://\S+", "that is an http(s) URL"),
             "http://deb.debian.org/debian", "Debian mirror used by mmdebstrap.", base=True),
@@ -46,6 +47,11 @@ SETTINGS: tuple[Setting, ...] = (
             "LABEL=EB_ROOT", "How the kernel finds the root filesystem.", base=True),
     Setting("kernel.console", Str(r"tty[A-Za-z]*[0-9]+,[0-9]+", "like ttyS1,115200"),
             "ttyS1,115200", "Serial console of the unit.", base=True),
+    Setting("kernel.modules_exclude", StrList(MODULE_GLOB), [],
+            "Kernel modules pruned from the image (globs under /lib/modules/<version>/); a module "
+            "a kept one depends on always stays.", base=True),
+    Setting("kernel.modules_keep", StrList(MODULE_GLOB), [],
+            "Exceptions to kernel.modules_exclude.", base=True),
     Setting("kernel.cmdline", StrList(), ["rootwait", "fsck.repair=yes"],
             "Extra kernel command line arguments."),
     Setting("firmware.config_txt", StrList(), [], "Extra lines appended to config.txt."),
@@ -56,6 +62,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Size of the data partition in MiB (results, model slots, logs)."),
     Setting("overlays", StrList(Str(r"[a-z0-9][a-z0-9_-]*", "naming a folder of overlays/")), [],
             "Overlay trees copied and rendered into the rootfs, in order."),
+    Setting("python.version", Enum(("3.10", "3.11", "3.13")), "3.11",
+            "The base's python3: selects the wheels (cp310, cp311, cp313) from the lock."),
+    Setting("python.glibc", Str(r"2\.[0-9]+", "like 2.36"), "2.36",
+            "The base's glibc: the newest manylinux tag a wheel may have."),
+    Setting("runtime", Enum(("auto", "tflite-runtime", "ai-edge-litert")), "auto",
+            "TFLite runtime on the unit; auto takes tflite-runtime where the model loads and "
+            "matches its golden outputs under it (and a wheel exists), else ai-edge-litert."),
     Setting("wheels", StrList(Str(r"[A-Za-z0-9][A-Za-z0-9_.-]*", "naming a locked wheel")), [],
             "Python wheels from recipes/wheels.lock installed into /opt/edgebake."),
     Setting("services.enable", StrList(Str(r"\S+\.(service|timer|socket|path|target)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from ..cache import atomic_path, cache_root
@@ -13,7 +14,8 @@ from ..progress import Progress
 from ..recipe import Recipe
 
 # Bump when the way the base is made changes, so old cache entries stop matching.
-BOOTSTRAP_FORMAT = 2
+BOOTSTRAP_FORMAT = 3
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def essential_hook(recipe: Recipe) -> str:
@@ -29,6 +31,14 @@ def essential_hook(recipe: Recipe) -> str:
         '"$1/usr/share/initramfs-tools/modules.d/edgebake"',
         f'printf %s {shlex.quote(firmware_defaults)} > "$1/etc/default/raspi-firmware"',
     ])
+
+
+def prune_hook(recipe: Recipe) -> str:
+    """Shell run on the host after every package is in: prune modules, keep their closure."""
+    spec = json.dumps({"exclude": recipe["kernel.modules_exclude"],
+                       "keep": recipe["kernel.modules_keep"]}, sort_keys=True)
+    return (f"PYTHONPATH={shlex.quote(str(PACKAGE_ROOT))} {shlex.quote(sys.executable)} "
+            f'-m edgebake_builder.kmods "$1" {shlex.quote(spec)}')
 
 
 def base_key(recipe: Recipe) -> str:
@@ -49,7 +59,8 @@ def mmdebstrap_command(recipe: Recipe, output: Path) -> list[str]:
            f"--include={','.join(recipe['packages'])}",
            # the hook pre-writes /etc/default/raspi-firmware: keep it, don't prompt
            "--dpkgopt=force-confold", "--dpkgopt=force-confdef",
-           f"--essential-hook={essential_hook(recipe)}"]
+           f"--essential-hook={essential_hook(recipe)}",
+           f"--customize-hook={prune_hook(recipe)}"]
     cmd += [f"--dpkgopt=path-exclude={p}" for p in recipe["dpkg.exclude"]]
     cmd += [f"--dpkgopt=path-include={p}" for p in recipe["dpkg.include"]]
     cmd += [recipe["suite"], str(output), recipe["mirror"]]

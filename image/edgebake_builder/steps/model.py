@@ -20,6 +20,8 @@ from ..progress import Progress
 
 MODELS_LOCK = Path(__file__).resolve().parents[3] / "recipes" / "models.lock"
 DEFAULT_MODEL = "face_detection_short_range"
+# `runtime: auto` tries these in order: the older runtime is smaller and proven on bookworm.
+RUNTIME_PREFERENCE = ("tflite-runtime", "ai-edge-litert")
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,36 @@ def _user_card_fields(source: Path, copied: Path) -> dict[str, Any] | None:
                          "(invoke convert-model) or delete it")
     keep = ("task", "labels", "preprocessing", "postprocessing", "accuracy", "tools", "version")
     return {k: data[k] for k in keep if k in data}
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The TFLite runtime baked into the image, and why it was chosen."""
+
+    name: str
+    reason: str
+
+
+def choose_runtime(wanted: str, card: dict[str, Any], with_wheels: list[str],
+                   python: str) -> RuntimeChoice:
+    """Pick the unit's runtime before any work: one with a wheel for the target's Python that
+    loads the model and reproduces its golden outputs on this host (the card's `runtimes`)."""
+    checked: dict[str, dict[str, Any]] = card.get("runtimes") or {}
+    candidates = [wanted] if wanted != "auto" else list(RUNTIME_PREFERENCE)
+    reasons = []
+    for name in candidates:
+        result = checked.get(name)
+        if name not in with_wheels:
+            reasons.append(f"{name} has no wheel for Python {python} in recipes/wheels.lock")
+        elif result is None:
+            reasons.append(f"{name} is not installed on this host, so the model was not "
+                           "checked with it (pip install -e .)")
+        elif not result.get("ok"):
+            reasons.append(f"{name} {result.get('version')}: {result.get('error')}")
+        else:
+            why = "asked for by the recipe" if wanted != "auto" else \
+                ("auto: " + "; ".join(reasons) if reasons else
+                 "auto: it loads the model and matches its golden outputs")
+            return RuntimeChoice(name, why)
+    raise BuildError(f"runtime {wanted}: no runtime can run {card.get('file')}: "
+                     + "; ".join(reasons))

@@ -12,11 +12,29 @@ from ..hostcmd import run
 from ..progress import Progress
 
 WHEELS_LOCK = Path(__file__).resolve().parents[3] / "recipes" / "wheels.lock"
-TARGET_PLATFORM = ["--platform", "manylinux_2_34_aarch64", "--platform", "manylinux2014_aarch64",
-                   "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
-                   "--only-binary=:all:"]
 LOCK_LINE = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)==(?P<version>\S+)\s+"
+                       r"(?:;\s*python_version\s*==\s*\"(?P<python>3\.[0-9]+)\"\s+)?"
                        r"--hash=sha256:(?P<sha256>[0-9a-f]{64})\s*")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The target's Python and glibc: which wheels fit it."""
+
+    python: str
+    glibc: str
+
+    @property
+    def tag(self) -> str:
+        return "cp" + self.python.replace(".", "")
+
+    def pip_args(self) -> list[str]:
+        """pip does not widen a manylinux tag to older glibcs by itself: list them all."""
+        newest = int(self.glibc.split(".")[1])
+        platforms = [f"manylinux_2_{minor}_aarch64" for minor in range(newest, 16, -1)]
+        args = [arg for p in [*platforms, "manylinux2014_aarch64"] for arg in ("--platform", p)]
+        return [*args, "--python-version", self.python, "--implementation", "cp",
+                "--abi", self.tag, "--abi", "abi3", "--abi", "none", "--only-binary=:all:"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +42,7 @@ class LockedWheel:
     name: str
     version: str
     sha256: str
+    python: str | None = None
 
     @property
     def requirement_line(self) -> str:
@@ -34,50 +53,64 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_wheels_lock(path: Path = WHEELS_LOCK) -> dict[str, LockedWheel]:
-    wheels = {}
+WheelLock = dict[str, list[LockedWheel]]
+
+
+def read_wheels_lock(path: Path = WHEELS_LOCK) -> WheelLock:
+    """Normalised name -> its locked wheels (one per Python, or one for all)."""
+    wheels: WheelLock = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         match = LOCK_LINE.fullmatch(line)
         if not match:
-            raise BuildError(f"{path}:{number}: expected `name==version --hash=sha256:HEX`")
-        wheel = LockedWheel(match["name"], match["version"], match["sha256"])
-        wheels[normalise(wheel.name)] = wheel
+            raise BuildError(f"{path}:{number}: expected `name==version "
+                             '[; python_version == "3.X"] --hash=sha256:HEX`')
+        wheel = LockedWheel(match["name"], match["version"], match["sha256"], match["python"])
+        wheels.setdefault(normalise(wheel.name), []).append(wheel)
     return wheels
 
 
-def select_wheels(names: list[str], lock: dict[str, LockedWheel]) -> list[LockedWheel]:
+def wheel_for(name: str, lock: WheelLock, target: Target) -> LockedWheel | None:
+    """The locked wheel of `name` that fits the target's Python, if there is one."""
+    return next((w for w in lock.get(normalise(name), [])
+                 if w.python in (None, target.python)), None)
+
+
+def select_wheels(names: list[str], lock: WheelLock, target: Target) -> list[LockedWheel]:
     chosen = []
     for name in names:
-        wheel = lock.get(normalise(name))
+        wheel = wheel_for(name, lock, target)
         if wheel is None:
-            raise BuildError(f"recipe: wheels: {name!r} is not pinned in {WHEELS_LOCK}; "
+            where = "is not pinned" if normalise(name) not in lock else \
+                f"has no wheel for Python {target.python}"
+            raise BuildError(f"recipe: wheels: {name!r} {where} in {WHEELS_LOCK}; "
                              f"pinned: {', '.join(sorted(lock))}")
         chosen.append(wheel)
     return chosen
 
 
-def download_wheels(wheels: list[LockedWheel], progress: Progress) -> Path:
+def download_wheels(wheels: list[LockedWheel], target: Target, progress: Progress) -> Path:
     """Fetch (or reuse) the wheels into the cache; pip verifies every hash."""
-    folder = cache_root() / "wheels" / "aarch64-cp311"
+    folder = cache_root() / "wheels" / f"aarch64-{target.tag}"
     folder.mkdir(parents=True, exist_ok=True)
-    if not wheels:
-        return folder
     requirements = folder / "requirements.txt"
     requirements.write_text("".join(w.requirement_line + "\n" for w in wheels))
+    if not wheels:
+        return folder
     run(["python3", "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
-         "--require-hashes", "-r", requirements, "-d", folder, *TARGET_PLATFORM], progress,
+         "--require-hashes", "-r", requirements, "-d", folder, *target.pip_args()], progress,
         what="pip download (target wheels)")
     return folder
 
 
 def install_wheels(wheels: list[LockedWheel], wheel_dir: Path, site_dir: Path,
-                   progress: Progress) -> None:
+                   target: Target, progress: Progress) -> None:
     if not wheels:
         return
     site_dir.mkdir(parents=True, exist_ok=True)
     run(["python3", "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
          "--no-deps", "--no-compile", "--find-links", wheel_dir, "--target", site_dir,
-         "--require-hashes", "-r", wheel_dir / "requirements.txt", *TARGET_PLATFORM], progress,
+         "--require-hashes", "-r", wheel_dir / "requirements.txt", *target.pip_args()],
+        progress,
         what="pip install --no-index (target wheels)")
