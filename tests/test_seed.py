@@ -42,7 +42,13 @@ def test_valid_seed_is_applied(tmp_path: Path) -> None:
     ("hostname: Bad_Name\n", "hostname: expected lowercase"),
     ("ssh_authorized_keys: [password123]\n", "ssh_authorized_keys: expected a list of OpenSSH"),
     ("app:\n  mqtt:\n    port: 0\n", "mqtt.port: expected an integer between 1 and 65535"),
-    ("wifi: {ssid: x}\n", "wifi: unknown key"),
+    ("wifi: {ssid: x}\n", "wifi.psk: expected a WPA passphrase"),
+    ("wifi: {ssid: x, psk: longenough, country: de}\n", "wifi.country: expected a two-letter"),
+    ('wifi: {ssid: "a\\"b", psk: longenough, country: DE}\n', "wifi.ssid: expected 1-32"),
+    ("wifi: {ssid: x, psk: longenough, country: DE, key: 1}\n", "wifi: expected a mapping"),
+    ("device_id: a/b\n", "device_id: expected letters, digits"),
+    ("app:\n  mqtt:\n    topic: a/+/b\n", "mqtt.topic: expected an MQTT topic"),
+    ("hostname: one\nhostname: two\n", "key 'hostname' appears twice"),
     ("hostname: [\n", "not valid YAML"),
 ])
 def test_invalid_seed_changes_nothing(tmp_path: Path, text: str, message: str) -> None:
@@ -55,6 +61,56 @@ def test_invalid_seed_changes_nothing(tmp_path: Path, text: str, message: str) -
     assert message in str(caught.value) and "\n" not in str(caught.value)
     after = {p: p.read_bytes() for p in etc.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_wifi_seed_writes_a_private_supplicant_file_and_enables_it(tmp_path: Path) -> None:
+    etc = make_etc(tmp_path)
+    seed = tmp_path / "edgebake-seed.yaml"
+    seed.write_text("wifi: {ssid: Pole Net, psk: s3cret-pass, country: DE}\n")
+    assert "wifi: Pole Net" in apply_seed(seed, etc)
+    conf = etc / "wpa_supplicant" / "wpa_supplicant-wlan0.conf"
+    assert (conf.stat().st_mode & 0o777) == 0o600
+    text = conf.read_text()
+    assert "country=DE" in text and 'ssid="Pole Net"' in text and 'psk="s3cret-pass"' in text
+    link = etc / "systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service"
+    assert link.is_symlink()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig", "utf-16-be"])
+def test_seed_saved_by_notepad_is_read(tmp_path: Path, encoding: str) -> None:
+    """Windows editors save UTF-16 or UTF-8 with a byte-order mark."""
+    etc = make_etc(tmp_path)
+    seed = tmp_path / "edgebake-seed.yaml"
+    text = "hostname: pole-ü\n".replace("ü", "u") + "device_id: pole-9\n"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    seed.write_bytes(data)
+    assert "hostname=pole-u" in apply_seed(seed, etc)
+
+
+def test_seed_in_an_unknown_encoding_is_refused_in_one_line(tmp_path: Path) -> None:
+    etc = make_etc(tmp_path)
+    seed = tmp_path / "edgebake-seed.yaml"
+    seed.write_bytes("hostname: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SeedError, match=r"not UTF-8 text \(byte 13"):
+        apply_seed(seed, etc)
+
+
+def test_first_boot_always_writes_keys_and_marker(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seed that breaks in an unexpected way still leaves the done-marker behind."""
+    from edgebake_runtime import firstboot
+
+    seed = tmp_path / "boot" / "edgebake-seed.yaml"
+    seed.parent.mkdir()
+    seed.write_bytes(b"\xff\xfe\x00\xd8")  # a UTF-16 BOM and a lone surrogate
+    monkeypatch.setattr(firstboot, "SEED", seed)
+    monkeypatch.setattr(firstboot, "ETC", make_etc(tmp_path))
+    monkeypatch.setattr(firstboot, "DONE", tmp_path / "state" / "firstboot.done")
+    assert firstboot.main() == 0
+    assert (tmp_path / "state" / "firstboot.done").read_text() == "done\n"
+    assert list((tmp_path / "etc" / "ssh").glob("ssh_host_ed25519_key*"))
 
 
 def test_seed_goes_into_a_fat_image_and_only_changed_chunks_differ(tmp_path: Path) -> None:

@@ -24,6 +24,11 @@ from .worker import DecodeStage, InferenceWorker
 
 log = logging.getLogger("edgebake")
 SWITCH_INTERVAL_SEC = 0.0005
+# Health snapshot to MQTT (`edgebake/<device>/health`, retained) this often.
+HEALTH_TOPIC_SEC = 30.0
+# READY=1 comes with the first result; without a camera it comes after this grace period so
+# systemd does not kill a unit that is only waiting for a camera (its status says so).
+READY_GRACE_SEC = 60.0
 
 
 class StartupError(Exception):
@@ -50,7 +55,7 @@ class App:
         self.queues = {name: LatestFrameQueue(depth) for name in self.sources}
         jr = config.section("journal")
         self.journal = Journal(Path(jr["dir"]), float(jr["fsync_interval_sec"]),
-                               int(jr["rotate_bytes"]), int(jr["keep_files"]))
+                               int(jr["rotate_bytes"]), float(jr["min_free_percent"]))
         self.workers: list[InferenceWorker] = []
         try:
             for i in range(int(inference["workers"])):
@@ -66,6 +71,9 @@ class App:
         for worker in self.workers:
             worker.handoff = self.decoder
         self.mqtt: Any = None
+        self._results_seen = 0
+        self._last_result_at = time.monotonic()
+        self._health_published = 0.0
         self.http: HealthServer | None = None
 
     def _load_card(self) -> Card:
@@ -121,13 +129,16 @@ class App:
             source.start(self._on_frame)
         http = self.config.section("http")
         if http["enabled"]:
-            self.http = HealthServer(http["bind"], int(http["port"]), self.snapshot)
+            self.http = HealthServer(http["bind"], int(http["port"]), self.snapshot,
+                                     int(http["max_connections"]), float(http["timeout_sec"]),
+                                     list(http["allow"]))
             self.http.start()
         mqtt = self.config.section("mqtt")
         if mqtt["enabled"]:
             from .mqtt import MqttPublisher
 
             self.mqtt = MqttPublisher(mqtt, self.journal.folder, self.config.raw["device_id"])
+            self.journal.delivered = self.mqtt.cursor.position
             self.mqtt.start()
 
     def stop(self) -> None:
@@ -151,10 +162,19 @@ class App:
         self._stop.set()
 
     # --- health ------------------------------------------------------------------------
-    def evaluate(self, now: float) -> tuple[bool, str]:
-        """Healthy means: every enabled source fresh, and inference keeping up."""
-        problems = []
+    def evaluate(self, now: float) -> tuple[bool, bool, str]:
+        """(healthy, restart_helps, status).
+
+        Healthy means every enabled source is fresh, results are produced and every sink
+        works. A restart helps only when something inside the service is stuck or dead: a
+        worker, the decoder, the journal, or frames that arrive but give no results. A camera
+        that is gone or a broker that is down is degraded, never a reason to restart: the
+        source reconnects with backoff on its own, and the other cameras keep running.
+        """
+        stuck: list[str] = []
+        degraded: list[str] = []
         stall = float(self.config.section("watchdog")["stall_sec"])
+        fresh_sources = 0
         for name, source in self.sources.items():
             age = source.stats.frame_age(now)
             limit = source.config.max_age_sec
@@ -163,29 +183,52 @@ class App:
             if age is None:
                 if now - self.started > limit:
                     error = source.stats.last_error
-                    problems.append(f"{name} has delivered no frame ({source.stats.state}"
+                    degraded.append(f"{name} has delivered no frame ({source.stats.state}"
                                     f"{': ' + error if error else ''})")
             elif age > limit:
-                problems.append(f"{name} stale for {age:.0f}s ({source.stats.state})")
+                degraded.append(f"{name} stale for {age:.0f}s ({source.stats.state})")
+            else:
+                fresh_sources += 1
+        if not self.sources:
+            degraded.append("no camera found; waiting for one")
         for worker in self.workers:
-            if worker.busy_since and now - worker.busy_since > stall:
-                problems.append(f"worker {worker.index} stuck in inference for "
-                                f"{now - worker.busy_since:.0f}s")
-        if self.decoder.busy_since and now - self.decoder.busy_since > stall:
-            problems.append(f"result decoding stuck for {now - self.decoder.busy_since:.0f}s")
+            if not worker.alive():
+                stuck.append(f"worker {worker.index} has died")
+            elif worker.busy_since and now - worker.busy_since > stall:
+                stuck.append(f"worker {worker.index} stuck in inference for "
+                             f"{now - worker.busy_since:.0f}s")
+        if not self.decoder.alive():
+            stuck.append("result decoding has died")
+        elif self.decoder.busy_since and now - self.decoder.busy_since > stall:
+            stuck.append(f"result decoding stuck for {now - self.decoder.busy_since:.0f}s")
         pending = any(len(q) for q in self.queues.values())
         newest_done = max((w.last_done for w in self.workers), default=now)
         if pending and now - newest_done > stall:
-            problems.append(f"no inference for {now - newest_done:.0f}s with frames waiting")
-        if problems:
-            return False, "degraded: " + "; ".join(problems)
+            stuck.append(f"no inference for {now - newest_done:.0f}s with frames waiting")
+        if self.metrics.results != self._results_seen:
+            self._results_seen, self._last_result_at = self.metrics.results, now
+        if fresh_sources and now - self._last_result_at > stall:
+            stuck.append(f"frames arrive but no result for {now - self._last_result_at:.0f}s")
+        if self.journal.failed:
+            stuck.append(f"journal cannot write: {self.journal.failed}")
+        if self.mqtt is not None:
+            if not self.mqtt.sender.alive():
+                stuck.append("MQTT sender has died")
+            elif not self.mqtt.connected.is_set():
+                degraded.append(f"MQTT not connected ({self.mqtt.last_error or 'connecting'})")
+        if self.journal.dropped_undelivered:
+            degraded.append(f"{self.journal.dropped_undelivered} results deleted before "
+                            "delivery (disk full)")
+        if self.http is not None and not self.http.alive():
+            stuck.append("HTTP health server has died")
+        if stuck or degraded:
+            kind = "stuck" if stuck else "degraded"
+            return False, bool(stuck), f"{kind}: " + "; ".join(stuck + degraded)
         fps = sum(s.stats.fps for s in self.sources.values())
         p50 = self.metrics.inference.percentile(50)
-        journal = "journal stopped: " + self.journal.failed if self.journal.failed else \
-            f"{self.journal.written} results journaled"
         latency = f", inference p50 {p50 * 1000:.1f} ms" if p50 is not None else ""
-        return True, (f"running: {len(self.sources)} source(s) at {fps:.1f} fps total{latency}, "
-                      f"{journal}")
+        return True, False, (f"running: {len(self.sources)} source(s) at {fps:.1f} fps total"
+                             f"{latency}, {self.journal.written} results journaled")
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -219,12 +262,10 @@ class App:
                           "errors": self.metrics.inference_errors,
                           "p50_ms": ms(p50), "p99_ms": ms(p99),
                           "end_to_end_p50_ms": ms(e50), "end_to_end_p99_ms": ms(e99)},
-            "journal": {"dir": str(self.journal.folder), "file": str(self.journal.current or ""),
-                        "written": self.journal.written, "error": self.journal.failed},
+            "journal": self.journal.stats(),
         }
         if self.mqtt is not None:
-            snap["mqtt"] = {"connected": self.mqtt.connected.is_set(),
-                            "published": self.mqtt.published, "error": self.mqtt.last_error}
+            snap["mqtt"] = self.mqtt.stats()
         return snap
 
     def run(self) -> None:
@@ -236,17 +277,21 @@ class App:
         while not self._stop.wait(tick):
             now = time.monotonic()
             self.journal.sync_if_due()
-            self.healthy, status = self.evaluate(now)
+            self.healthy, restart_helps, status = self.evaluate(now)
             if not self.ready:
-                if self.metrics.results > 0:
+                if self.metrics.results > 0 or (now - self.started > READY_GRACE_SEC
+                                                and not restart_helps):
                     self.ready = True
                     self.notifier.ready(status)
                     log.info("ready: %s", status)
                     last_status = status
                 else:
                     status = "starting: waiting for the first frame to be inferred"
-            elif self.healthy:
+            elif not restart_helps:
                 self.notifier.watchdog()
+            if self.mqtt is not None and now - self._health_published >= HEALTH_TOPIC_SEC:
+                self._health_published = now
+                self.mqtt.publish_health(self.snapshot())
             if status != last_status:
                 self.notifier.status(status)
                 if not self.healthy:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .merge import deep_merge
+from .yamlfile import TextFileError, read_yaml
 
+DEVICE_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+TOPIC = r"[^$+#\x00-\x1f\x7f][^+#\x00-\x1f\x7f]{0,200}"
+ABSOLUTE_PATH = r"/[^\x00-\x1f\x7f]*"
 SOURCE_KINDS = ("v4l2", "rtsp", "http", "replay", "synthetic")
 
 DEFAULTS: dict[str, Any] = {
@@ -19,10 +23,12 @@ DEFAULTS: dict[str, Any] = {
     "queue": {"depth": 1},
     "sources": [],
     "journal": {"dir": "/data/results", "fsync_interval_sec": 1.0,
-                "rotate_bytes": 16 * 1024 * 1024, "keep_files": 64},
+                "rotate_bytes": 16 * 1024 * 1024, "min_free_percent": 10.0},
     "mqtt": {"enabled": False, "host": "127.0.0.1", "port": 1883, "topic": "",
-             "qos": 1, "keepalive_sec": 30, "client_id": ""},
-    "http": {"enabled": True, "bind": "0.0.0.0", "port": 8080},
+             "qos": 1, "keepalive_sec": 30, "client_id": "", "username": "", "password": "",
+             "tls": {"enabled": False, "ca_file": "", "cert_file": "", "key_file": ""}},
+    "http": {"enabled": True, "bind": "0.0.0.0", "port": 8080, "allow": [],
+             "max_connections": 8, "timeout_sec": 5.0},
     "watchdog": {"stall_sec": 15.0},
 }
 
@@ -97,6 +103,12 @@ class _Checker:
         if not isinstance(value, str) or (not allow_empty and not value):
             raise self.fail(field, "a non-empty string" if not allow_empty else "a string", value)
 
+    def pattern(self, data: dict[str, Any], key: str, field: str, regex: str,
+                expected: str) -> None:
+        value = data.get(key)
+        if not isinstance(value, str) or (value and not re.fullmatch(regex, value)):
+            raise self.fail(field, expected, value)
+
     def boolean(self, data: dict[str, Any], key: str, field: str) -> None:
         if not isinstance(data.get(key), bool):
             raise self.fail(field, "true or false", data.get(key))
@@ -117,6 +129,8 @@ def validate(data: dict[str, Any], source: str) -> AppConfig:
     check.mapping(data, "(top level)", set(DEFAULTS))
     merged = deep_merge(DEFAULTS, data)
     check.string(merged, "device_id", "device_id")
+    check.pattern(merged, "device_id", "device_id", DEVICE_ID, "letters, digits, '.', '_' or "
+                  "'-' (at most 64; it becomes part of MQTT topics and file names)")
     for name in ("model", "inference", "queue", "journal", "mqtt", "http", "watchdog"):
         check.mapping(merged[name], name, set(DEFAULTS[name]))
     check.string(merged["model"], "path", "model.path", allow_empty=False)
@@ -131,19 +145,43 @@ def validate(data: dict[str, Any], source: str) -> AppConfig:
     check.string(jr, "dir", "journal.dir", allow_empty=False)
     check.number(jr, "fsync_interval_sec", "journal.fsync_interval_sec", 0.0, 60.0)
     check.number(jr, "rotate_bytes", "journal.rotate_bytes", 4096, integer=True)
-    check.number(jr, "keep_files", "journal.keep_files", 1, 100000, integer=True)
+    check.number(jr, "min_free_percent", "journal.min_free_percent", 1.0, 90.0)
     mq = merged["mqtt"]
     check.boolean(mq, "enabled", "mqtt.enabled")
     check.string(mq, "host", "mqtt.host", allow_empty=False)
     check.number(mq, "port", "mqtt.port", 1, 65535, integer=True)
     check.string(mq, "topic", "mqtt.topic")
+    check.pattern(mq, "topic", "mqtt.topic", TOPIC, "an MQTT topic without '+', '#', control "
+                  "characters or a leading '$'")
     check.number(mq, "qos", "mqtt.qos", 0, 2, integer=True)
     check.number(mq, "keepalive_sec", "mqtt.keepalive_sec", 5, 3600, integer=True)
     check.string(mq, "client_id", "mqtt.client_id")
+    check.pattern(mq, "client_id", "mqtt.client_id", DEVICE_ID, "letters, digits, '.', '_' "
+                  "or '-'")
+    check.string(mq, "username", "mqtt.username")
+    check.string(mq, "password", "mqtt.password")
+    tls = check.mapping(mq["tls"], "mqtt.tls", set(DEFAULTS["mqtt"]["tls"]))
+    check.boolean(tls, "enabled", "mqtt.tls.enabled")
+    for key in ("ca_file", "cert_file", "key_file"):
+        check.pattern(tls, key, f"mqtt.tls.{key}", ABSOLUTE_PATH, "an absolute path or ''")
+    if bool(tls["cert_file"]) != bool(tls["key_file"]):
+        raise check.fail("mqtt.tls.key_file", "cert_file and key_file given together",
+                         tls["key_file"])
     ht = merged["http"]
     check.boolean(ht, "enabled", "http.enabled")
     check.string(ht, "bind", "http.bind", allow_empty=False)
     check.number(ht, "port", "http.port", 0, 65535, integer=True)
+    check.number(ht, "max_connections", "http.max_connections", 1, 256, integer=True)
+    check.number(ht, "timeout_sec", "http.timeout_sec", 0.5, 120.0)
+    if not isinstance(ht["allow"], list) or not all(isinstance(a, str) for a in ht["allow"]):
+        raise check.fail("http.allow", "a list of client networks like 10.0.0.0/8",
+                         ht["allow"])
+    for i, network in enumerate(ht["allow"]):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise check.fail(f"http.allow[{i}]", "a network like 10.0.0.0/8 or an address",
+                             network) from None
     check.number(merged["watchdog"], "stall_sec", "watchdog.stall_sec", 1.0, 3600.0)
     sources = _validate_sources(check, merged["sources"])
     return AppConfig(raw=merged, sources=sources)
@@ -183,16 +221,9 @@ def _validate_sources(check: _Checker, raw: Any) -> tuple[SourceConfig, ...]:
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}:{where} not valid YAML: {problem}") from None
+        data = read_yaml(path)
+    except TextFileError as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -16,13 +16,17 @@ from typing import Any
 
 import yaml
 
+from .atomic import commit, stage_file, write_atomic
 from .config import DEFAULTS, ConfigError, read_yaml_mapping, validate
 from .merge import deep_merge
 
 SEED = Path("/boot/firmware/edgebake-seed.yaml")
 ETC = Path("/etc")
 DONE = Path("/var/lib/edgebake/firstboot.done")
-SEED_KEYS = {"hostname", "device_id", "ssh_authorized_keys", "app"}
+SEED_KEYS = {"hostname", "device_id", "ssh_authorized_keys", "app", "wifi"}
+WIFI_KEYS = {"ssid", "psk", "country"}
+WIFI_UNIT_LINK = Path("systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service")
+WIFI_UNIT = Path("/usr/lib/systemd/system/wpa_supplicant@.service")
 HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 KEY = re.compile(r"(ssh-(ed25519|rsa)|ecdsa-sha2-nistp(256|384|521)|sk-\S+) [A-Za-z0-9+/=]+( .*)?")
 
@@ -58,15 +62,43 @@ def check_seed(data: dict[str, Any], source: str, app_yaml: Path) -> dict[str, A
         validate(deep_merge(base, overrides), f"{source}: app")
     except ConfigError as exc:
         raise SeedError(str(exc)) from None
-    return {"hostname": hostname, "keys": [k.strip() for k in keys], "overrides": overrides}
+    wifi = check_wifi(data.get("wifi"), source)
+    return {"hostname": hostname, "keys": [k.strip() for k in keys], "overrides": overrides,
+            "wifi": wifi}
+
+
+def check_wifi(wifi: Any, source: str) -> dict[str, str] | None:
+    """`wifi: {ssid, psk, country}`: WPA2-PSK, values that cannot break the supplicant file."""
+    if wifi is None:
+        return None
+    if not isinstance(wifi, dict) or set(wifi) - WIFI_KEYS or "ssid" not in wifi:
+        raise SeedError(f"{source}: wifi: expected a mapping with ssid, psk and country, "
+                        f"found {wifi!r}")
+    ssid, psk, country = wifi.get("ssid"), wifi.get("psk", ""), wifi.get("country", "")
+    if not isinstance(ssid, str) or not 1 <= len(ssid.encode()) <= 32 or \
+            re.search(r'["\\\x00-\x1f\x7f]', ssid):
+        raise SeedError(f"{source}: wifi.ssid: expected 1-32 bytes without quotes, "
+                        f"backslashes or control characters, found {ssid!r}")
+    if not isinstance(psk, str) or not ((8 <= len(psk) <= 63 and psk.isprintable()
+                                        and '"' not in psk and "\\" not in psk)
+                                        or re.fullmatch(r"[0-9a-fA-F]{64}", psk)):
+        raise SeedError(f"{source}: wifi.psk: expected a WPA passphrase of 8-63 printable "
+                        "characters (no quotes or backslashes) or 64 hex digits")
+    if not isinstance(country, str) or not re.fullmatch(r"[A-Z]{2}", country):
+        raise SeedError(f"{source}: wifi.country: expected a two-letter country code like "
+                        f"DE (it sets the legal channels), found {country!r}")
+    return {"ssid": ssid, "psk": psk, "country": country}
+
+
+def wpa_supplicant_conf(wifi: dict[str, str]) -> str:
+    psk = wifi["psk"] if len(wifi["psk"]) == 64 else f'"{wifi["psk"]}"'
+    return (f"# written at first boot from the unit's seed\ncountry={wifi['country']}\n"
+            "ctrl_interface=DIR=/run/wpa_supplicant GROUP=netdev\nupdate_config=0\n"
+            f'network={{\n\tssid="{wifi["ssid"]}"\n\tpsk={psk}\n\tkey_mgmt=WPA-PSK\n}}\n')
 
 
 def _write(path: Path, text: str, mode: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.seed-tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    return tmp
+    return stage_file(path, text.encode(), mode)
 
 
 def apply_seed(seed: Path, etc: Path = ETC) -> str:
@@ -91,28 +123,46 @@ def apply_seed(seed: Path, etc: Path = ETC) -> str:
         text = "# written at first boot from the unit's seed\n" + yaml.safe_dump(
             plan["overrides"], sort_keys=False)
         staged.append((_write(target, text, 0o644), target))
-    for tmp, final in staged:
-        os.replace(tmp, final)
+    if plan["wifi"]:
+        target = etc / "wpa_supplicant" / "wpa_supplicant-wlan0.conf"
+        staged.append((_write(target, wpa_supplicant_conf(plan["wifi"]), 0o600), target))
+    commit(staged)
+    if plan["wifi"]:
+        link = etc / WIFI_UNIT_LINK
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(WIFI_UNIT)
     return (f"seed applied: hostname={plan['hostname'] or '(unchanged)'}, "
-            f"{len(plan['keys'])} ssh key(s), app overrides: "
+            f"{len(plan['keys'])} ssh key(s), wifi: "
+            f"{plan['wifi']['ssid'] if plan['wifi'] else 'none'}, app overrides: "
             f"{', '.join(sorted(plan['overrides'])) or 'none'}")
 
 
 def main() -> int:
+    """Whatever the seed holds, the host keys and the done-marker are written: a bad seed must
+    not make every boot retry it, nor leave SSH without host keys."""
     if SEED.is_file():
         try:
             print(apply_seed(SEED), flush=True)
             if HOSTNAME.fullmatch(ETC.joinpath("hostname").read_text().strip()):
                 subprocess.run(["hostname", ETC.joinpath("hostname").read_text().strip()],
                                check=False)
+            if ETC.joinpath(WIFI_UNIT_LINK).is_symlink():
+                subprocess.run(["systemctl", "--no-block", "start",
+                                "wpa_supplicant@wlan0.service"], check=False)
         except SeedError as exc:
             print(f"edgebake seed rejected, keeping built-in defaults: {exc}", flush=True)
+        except Exception as exc:  # never let a seed stop the host keys and the marker
+            print(f"edgebake seed not applied ({type(exc).__name__}: {exc}); keeping "
+                  "built-in defaults", flush=True)
     else:
         print(f"no seed at {SEED}; keeping built-in defaults", flush=True)
     if Path("/usr/bin/ssh-keygen").exists():
-        subprocess.run(["/usr/bin/ssh-keygen", "-A"], check=False)
-    DONE.parent.mkdir(parents=True, exist_ok=True)
-    DONE.write_text("done\n")
+        (ETC / "ssh").mkdir(parents=True, exist_ok=True)
+        # -f: the root the keys go under (ETC's parent), so a test can point it elsewhere
+        subprocess.run(["/usr/bin/ssh-keygen", "-A", "-f", str(ETC.parent)], check=False)
+        os.sync()
+    write_atomic(DONE, b"done\n")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 from collections.abc import Callable
@@ -60,6 +61,14 @@ def prometheus_text(snap: dict[str, Any]) -> str:
            [({}, snap["journal"]["written"])])
     metric("journal_ok", "gauge", "1 while the journal accepts writes.",
            [({}, 0.0 if snap["journal"]["error"] else 1.0)])
+    metric("journal_dropped_undelivered_total", "counter",
+           "Results deleted by retention before any sink delivered them.",
+           [({}, snap["journal"]["dropped_undelivered"])])
+    metric("journal_dropped_unwritten_total", "counter",
+           "Results that could not be written to the journal at all.",
+           [({}, snap["journal"]["dropped_unwritten"])])
+    metric("data_free_ratio", "gauge", "Free share of the journal's filesystem.",
+           [({}, (snap["journal"]["free_percent"] or 0.0) / 100)])
     metric("model_info", "gauge", "The loaded model.",
            [({"sha256": snap["model"]["sha256"], "version": snap["model"]["version"],
              "runtime": f'{snap["model"]["runtime"]} {snap["model"]["runtime_version"]}'}, 1.0)])
@@ -68,14 +77,57 @@ def prometheus_text(snap: dict[str, Any]) -> str:
                [({}, 1.0 if snap["mqtt"]["connected"] else 0.0)])
         metric("mqtt_published_total", "counter", "Results acknowledged by the broker.",
                [({}, snap["mqtt"]["published"])])
+        metric("mqtt_backlog_bytes", "gauge", "Journal bytes not yet acknowledged.",
+               [({}, snap["mqtt"]["backlog_bytes"])])
+        metric("mqtt_sender_restarts_total", "counter", "Times the sender thread restarted.",
+               [({}, snap["mqtt"]["sender_restarts"])])
     return "\n".join(out) + "\n"
 
 
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, but at most `limit` at once, each with a socket timeout, and
+    only from allowed networks: a LAN neighbour that opens connections and sends nothing
+    cannot use up the unit's threads or memory."""
+
+    daemon_threads = True
+    request_queue_size = 16
+
+    def __init__(self, address: tuple[str, int], handler: Any, limit: int,
+                 allow: list[str]) -> None:
+        self.slots = threading.BoundedSemaphore(limit)
+        self.allow = [ipaddress.ip_network(n, strict=False) for n in allow]
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self.allow:
+            try:
+                peer = ipaddress.ip_address(client_address[0])
+            except ValueError:
+                return False
+            if not any(peer in network for network in self.allow):
+                self.refused += 1
+                return False
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            return False
+        return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 class HealthServer:
-    def __init__(self, bind: str, port: int, snapshot: Snapshot) -> None:
+    def __init__(self, bind: str, port: int, snapshot: Snapshot, max_connections: int = 8,
+                 timeout_sec: float = 5.0, allow: list[str] | None = None) -> None:
         get_snapshot = snapshot
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_sec  # applies to every read and write on the connection
+
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 if path == "/health":
@@ -92,20 +144,24 @@ class HealthServer:
                 self.send_response(code)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(body)
+                self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((bind, port), Handler)
-        self.server.daemon_threads = True
+        self.server = BoundedHTTPServer((bind, port), Handler, max_connections, allow or [])
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="http",
                                         daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -3,6 +3,11 @@
 The journal is the buffer. A cursor (file name and byte offset) marks what the broker has
 acknowledged; after an outage the sender resumes from the cursor, so results written while
 the broker was unreachable go out once it is back.
+
+Guarantee: at-least-once. The cursor is saved durably about once a second, so after a crash or
+power cut up to that second's records are sent again. Every record carries an `id` that is
+unique across restarts and reboots (a random per-process run id plus a counter), so a receiver
+removes duplicates by `id`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .journal import journal_files
+from .supervise import Supervised
 
 log = logging.getLogger("edgebake.mqtt")
 CURSOR_NAME = ".mqtt-cursor"
@@ -33,9 +40,11 @@ class Cursor:
             pass
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"file": self.file, "offset": self.offset}))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"file": self.file, "offset": self.offset}).encode(),
+                     0o640)
+
+    def position(self) -> tuple[str, int] | None:
+        return (self.file, self.offset) if self.file else None
 
 
 class MqttPublisher:
@@ -47,15 +56,24 @@ class MqttPublisher:
         self.device = device_id or os.uname().nodename
         self.topic = settings["topic"] or f"edgebake/{self.device}/results"
         self.status_topic = f"edgebake/{self.device}/status"
+        self.health_topic = f"edgebake/{self.device}/health"
         self.qos = int(settings["qos"])
         self.connected = threading.Event()
         self.published = 0
         self.last_error = ""
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.sender = Supervised("mqtt-sender", self._run, self._stop)
+        self.cursor_error = ""
         client_id = settings["client_id"] or f"edgebake-{self.device}"
         api = mqtt.CallbackAPIVersion.VERSION2  # type: ignore[attr-defined]
         self.client = mqtt.Client(api, client_id=client_id, clean_session=False)
+        if settings["username"]:
+            self.client.username_pw_set(settings["username"], settings["password"] or None)
+        tls = settings["tls"]
+        if tls["enabled"]:
+            self.client.tls_set(ca_certs=tls["ca_file"] or None,
+                                certfile=tls["cert_file"] or None,
+                                keyfile=tls["key_file"] or None)
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -79,24 +97,60 @@ class MqttPublisher:
         self.client.connect_async(self.settings["host"], int(self.settings["port"]),
                                   keepalive=int(self.settings["keepalive_sec"]))
         self.client.loop_start()
-        self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
-        self._thread.start()
+        self.sender.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self.sender.thread.join(5)
         if self.connected.is_set():
             self.client.publish(self.status_topic, "offline", qos=1, retain=True)
         self.client.disconnect()
         self.client.loop_stop()
-        self.cursor.save()
+        self._save_cursor()
+
+    def publish_health(self, snapshot: dict[str, Any]) -> None:
+        """The health snapshot (drops, backlog, sources) as a retained message for the fleet."""
+        if self.connected.is_set():
+            self.client.publish(self.health_topic, json.dumps(snapshot, sort_keys=True),
+                                qos=0, retain=True)
+
+    def _save_cursor(self) -> None:
+        """A cursor that cannot be saved (full disk) only means more re-sends after a restart."""
+        try:
+            self.cursor.save()
+            self.cursor_error = ""
+        except OSError as exc:
+            self.cursor_error = f"cursor not saved: {exc.strerror or exc}"
+
+    def backlog_bytes(self) -> int:
+        """Journal bytes not yet acknowledged by the broker."""
+        total = 0
+        reached = not self.cursor.file
+        for path in journal_files(self.journal_dir):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if path.name == self.cursor.file:
+                reached = True
+                total += max(0, size - self.cursor.offset)
+            elif reached or path.name > self.cursor.file:
+                total += size
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        return {"connected": self.connected.is_set(), "published": self.published,
+                "error": self.last_error or self.cursor_error,
+                "backlog_bytes": self.backlog_bytes(), "sender_alive": self.sender.alive(),
+                "sender_restarts": self.sender.restarts,
+                "sender_error": self.sender.last_error}
 
     def _next_lines(self, limit: int = 200) -> list[tuple[str, int, bytes]]:
         """Up to `limit` complete lines after the cursor, with where each one ends."""
         files = journal_files(self.journal_dir)
         names = [f.name for f in files]
         if self.cursor.file not in names:
+            # a file deleted by retention: its undelivered records were counted by the journal
             # first run, or the cursor's file was rotated away: start at the oldest kept file
             if not files:
                 return []
@@ -105,7 +159,11 @@ class MqttPublisher:
         start = names.index(self.cursor.file)
         for name in names[start:]:
             offset = self.cursor.offset if name == self.cursor.file else 0
-            with (self.journal_dir / name).open("rb") as handle:
+            try:
+                handle = (self.journal_dir / name).open("rb")
+            except FileNotFoundError:  # deleted by retention while we read: go on with the next
+                continue
+            with handle:
                 handle.seek(offset)
                 for raw in handle:
                     if not raw.endswith(b"\n"):
@@ -136,5 +194,5 @@ class MqttPublisher:
                 self.published += 1
                 self.cursor.file, self.cursor.offset = name, end
             if time.monotonic() - last_save > 1.0:
-                self.cursor.save()
+                self._save_cursor()
                 last_save = time.monotonic()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +23,11 @@ from .preprocess import Placement, Preprocessor
 
 log = logging.getLogger("edgebake.worker")
 
+
+# Record ids: unique across restarts and reboots without persisted state, so MQTT receivers
+# can drop the duplicates that at-least-once delivery allows.
+RUN_ID = secrets.token_hex(6)
+RECORD_NUMBERS = itertools.count(1)
 
 class InferenceWorker:
     def __init__(self, index: int, model: Path, card: Card, num_threads: int,
@@ -58,6 +65,9 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.index}",
                                         daemon=True)
         self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -102,18 +112,21 @@ class InferenceWorker:
         """
         started = time.monotonic()
         self.busy_since = started
-        view = self._input()
-        if placement is not None and image.shape == view.shape and image.dtype == view.dtype:
-            np.copyto(view, image)
-        else:
-            filled, placement = self.preprocess(image, out=view)
-            del filled
-        del view  # invoke() refuses to run while a view of its buffers is alive
-        began = time.monotonic()
-        self.interpreter.invoke()
-        invoke_seconds = time.monotonic() - began
-        outputs = [self.interpreter.get_tensor(i) for i in self._outputs]
-        self.busy_since = 0.0
+        try:
+            view = self._input()
+            if placement is not None and image.shape == view.shape and \
+                    image.dtype == view.dtype:
+                np.copyto(view, image)
+            else:
+                filled, placement = self.preprocess(image, out=view)
+                del filled
+            del view  # invoke() refuses to run while a view of its buffers is alive
+            began = time.monotonic()
+            self.interpreter.invoke()
+            invoke_seconds = time.monotonic() - began
+            outputs = [self.interpreter.get_tensor(i) for i in self._outputs]
+        finally:
+            self.busy_since = 0.0  # a failed invoke is an error, not a stuck worker
         self.last_done = time.monotonic()
         self.processed += 1
         self.metrics.inference.add(invoke_seconds)
@@ -133,7 +146,8 @@ def finish(card: Card, decode: Any, frame: Frame, outputs: list[np.ndarray[Any, 
     """Decode the outputs into a result record, hand it to the sinks, and count it."""
     result = decode(card, outputs, placement, threshold, top_k)
     done = time.monotonic()
-    record = {"ts": round(frame.wall_time, 3), "source": frame.source, "seq": frame.seq,
+    record = {"id": f"{RUN_ID}-{next(RECORD_NUMBERS)}", "ts": round(frame.wall_time, 3),
+              "source": frame.source, "seq": frame.seq,
               "model": card.version, "worker": worker,
               "latency_ms": round((done - frame.captured_at) * 1000, 2),
               "inference_ms": round(invoke_seconds * 1000, 2), **result}
@@ -163,6 +177,9 @@ class DecodeStage:
 
     def start(self) -> None:
         self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def submit(self, worker: int, frame: Frame, outputs: list[np.ndarray[Any, Any]],
                placement: Placement, invoke_seconds: float) -> None:
