@@ -208,3 +208,21 @@ def test(c: Context, unit: bool = False, keep_going: bool = True, long: bool = F
             break
     if failed:
         raise Exit(code=failed)
+
+
+@task(help={"minutes": "how long to run", "rate": "records per second fed to the journal"})
+def soak(c: Context, minutes: float = 10.0, rate: float = 22000.0) -> None:
+    """Journal + MQTT on a tiny filesystem with the broker stopped and started, for minutes."""
+    from edgebake_builder.bench.soak import run_soak
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.progress import Progress
+
+    try:
+        result = run_soak(minutes, Progress(1), rate=rate)
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+    print(f"      {result.simulated_days:.1f} simulated days at 5 fps in "
+          f"{result.seconds:.0f}s, broker restarted {result.broker_restarts} times")
+    print(result.line())
+    if result.lost:
+        raise Exit(code=1)

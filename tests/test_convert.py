@@ -221,3 +221,49 @@ def test_golden_mismatch_names_the_largest_deviation(default_model: Path,
         assert "golden case 1" in report["error"] and "largest deviation 0.5" in report["error"]
         good = check(default_model, card_path, runtime)
         assert good["ok"] is True and good["runtime"] == runtime
+
+
+@pytest.mark.image
+def test_auto_runtime_takes_ai_edge_litert_when_tflite_runtime_cannot_load(
+        digits: dict[str, Path], tmp_path: Path) -> None:
+    """TF 2.21's dynamic-range model uses FULLY_CONNECTED v12, newer than tflite-runtime 2.14
+    knows: the pi4 (bookworm) build picks ai-edge-litert and says why, in log and manifest."""
+    result = convert(digits, tmp_path / "dyn.tflite", "dynamic")
+    card = json.loads(result.card_path.read_text())
+    old = card["runtimes"]["tflite-runtime"]
+    assert old["ok"] is False and "FULLY_CONNECTED" in old["error"], old
+    out = tmp_path / "out"
+    build = subprocess.run([sys.executable, "-m", "invoke", "build-image", "--target", "pi4",
+                            "--model", str(result.output), "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    runtime = manifest["model"]["runtime"]
+    assert runtime["name"] == "ai-edge-litert" and runtime["version"] == "2.3.0"
+    assert "FULLY_CONNECTED" in runtime["reason"] and "version '12'" in runtime["reason"]
+    assert manifest["model"]["verified_on_target"] is True
+    assert manifest["model"]["target_runtime"]["runtime"] == "ai-edge-litert"
+    assert {w["name"] for w in manifest["python_wheels"]} == {"ai-edge-litert", "paho-mqtt"}
+    assert "runtime ai-edge-litert (auto: tflite-runtime 2.14.0" in \
+        (out / "build.log").read_text()
+
+
+@pytest.mark.image
+@pytest.mark.boot
+def test_trixie_acceptance_int8_model_built_and_booted(digits: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """Issue acceptance: a Keras 3 model -> int8 -> pi4-trixie image -> booted and checked."""
+    model = tmp_path / "m.tflite"
+    convert(digits, model, "int8")
+    build = subprocess.run([sys.executable, "-m", "invoke", "build-image", "--target",
+                            "pi4-trixie", "--model", str(model)], cwd=ROOT, text=True,
+                           check=False)
+    assert build.returncode == 0, "invoke build-image --target pi4-trixie failed (see above)"
+    manifest = json.loads((ROOT / "out" / "pi4-trixie" / "manifest.json").read_text())
+    assert manifest["model"]["runtime"]["name"] == "ai-edge-litert"
+    assert manifest["model"]["card"]["task"] == "classification"
+    assert any(p["name"] == "python3" and p["version"].startswith("3.13")
+               for p in manifest["packages"]), "trixie's python3 is 3.13"
+    tested = subprocess.run([sys.executable, "-m", "invoke", "test-image", "--target",
+                             "pi4-trixie"], cwd=ROOT, text=True, check=False)
+    assert tested.returncode == 0, "invoke test-image --target pi4-trixie failed (see above)"

@@ -153,7 +153,7 @@ def test_unwritable_journal_file_is_replaced_and_counted(tmp_path: Path,
     room, starts a new file and goes on; nothing is lost silently."""
     results = tmp_path / "results"
     results.mkdir()
-    (results / "results-00000000T000000-000.jsonl").symlink_to("/dev/full")
+    (results / "results-000000001-20260101T000000.jsonl").symlink_to("/dev/full")
     config = make_config(tmp_path, default_model, [{"name": "s", "kind": "synthetic",
                                                     "fps": 20}])
     with RunningApp(App(config)) as running:
@@ -162,7 +162,7 @@ def test_unwritable_journal_file_is_replaced_and_counted(tmp_path: Path,
                           and h, 10, "the journal writing again")
         assert health["journal"]["error"] == ""
         assert health["journal"]["deleted_files"] == 1
-        assert not (results / "results-00000000T000000-000.jsonl").is_symlink()
+        assert not (results / "results-000000001-20260101T000000.jsonl").is_symlink()
     lines = [json.loads(line) for f in sorted(results.glob("results-*.jsonl"))
              for line in f.read_text().splitlines()]
     assert len(lines) >= 5 and len({r["id"] for r in lines}) == len(lines)

@@ -144,13 +144,13 @@ class Journal:
             self._open_file(self._new_name())
 
     def _new_name(self) -> Path:
+        """`results-<sequence>-<UTC time>.jsonl`: names sort in creation order even when the
+        clock jumps back (a Pi has no RTC until NTP answers), so oldest-first holds."""
+        files = journal_files(self.folder)
+        last = files[-1].name[len(PREFIX):].split("-", 1)[0] if files else "0"
+        sequence = int(last) + 1 if last.isdigit() else len(files) + 1
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        existing = {p.name for p in journal_files(self.folder)}
-        for n in range(1000):
-            name = f"{PREFIX}{stamp}-{n:03d}{SUFFIX}"
-            if name not in existing:
-                return self.folder / name
-        raise OSError(errno.EEXIST, "no free journal file name")
+        return self.folder / f"{PREFIX}{sequence:09d}-{stamp}{SUFFIX}"
 
     def _open_file(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)

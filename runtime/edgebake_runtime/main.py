@@ -10,6 +10,7 @@ from pathlib import Path
 from types import FrameType
 
 from .app import App, StartupError
+from .atomic import write_atomic
 from .config import ConfigError, load_config
 from .sdnotify import Notifier
 
@@ -17,6 +18,19 @@ DEFAULT_CONFIG = Path("/etc/edgebake/app.yaml")
 DEFAULT_OVERRIDES = Path("/etc/edgebake/seed-overrides.yaml")
 EXIT_BAD_CONFIG = 2
 EXIT_BAD_MODEL = 3
+# Why the service is not running, for a technician after systemd stopped restarting it.
+STARTUP_ERROR = Path("/data/edgebake/startup-error")
+
+
+def record_startup_error(message: str | None, path: Path = STARTUP_ERROR) -> None:
+    """Write (or with None, clear) the reason; best effort, /data may be missing or full."""
+    try:
+        if message is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_atomic(path, (message + "\n").encode())
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,13 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         notifier.status(f"failed: bad configuration: {exc}")
+        record_startup_error(f"bad configuration: {exc}")
         return EXIT_BAD_CONFIG
     try:
         app = App(config, notifier)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         notifier.status(f"failed: {exc}")
+        record_startup_error(f"cannot start: {exc}")
         return EXIT_BAD_MODEL
+    record_startup_error(None)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         app.request_stop()

@@ -78,6 +78,7 @@ class MqttPublisher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.reconnect_delay_set(1, 30)
+        self.client.max_inflight_messages_set(1000)
         self.cursor = Cursor(journal_dir)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
@@ -145,7 +146,7 @@ class MqttPublisher:
                 "sender_restarts": self.sender.restarts,
                 "sender_error": self.sender.last_error}
 
-    def _next_lines(self, limit: int = 200) -> list[tuple[str, int, bytes]]:
+    def _next_lines(self, limit: int = 1000) -> list[tuple[str, int, bytes]]:
         """Up to `limit` complete lines after the cursor, with where each one ends."""
         files = journal_files(self.journal_dir)
         names = [f.name for f in files]
@@ -183,8 +184,11 @@ class MqttPublisher:
             if not batch:
                 self._stop.wait(0.2)
                 continue
-            for name, end, payload in batch:
-                info = self.client.publish(self.topic, payload, qos=self.qos)
+            # publish the whole batch, then take the acknowledgements in order: the cursor
+            # only moves past records the broker has acknowledged
+            sent = [(name, end, self.client.publish(self.topic, payload, qos=self.qos))
+                    for name, end, payload in batch]
+            for name, end, info in sent:
                 try:
                     info.wait_for_publish(timeout=10)
                 except (RuntimeError, ValueError) as exc:

@@ -31,6 +31,7 @@ LAUNCHERS = {
     "edgebake-runtime": ("edgebake_runtime.main", "the inference service"),
     "edgebake-firstboot": ("edgebake_runtime.firstboot", "first-boot seed and host keys"),
     "edgebake-selfcheck": ("edgebake_runtime.selfcheck", "model check with the shipped runtime"),
+    "edgebake-growdata": ("edgebake_runtime.growdata", "data partition grows to fill the card"),
 }
 
 

@@ -42,6 +42,7 @@ class QemuMachine:
     memory_mib: int = 1024
     cpus: int = 2
     extra_cmdline: list[str] = field(default_factory=list)
+    disk_bytes: int = 0  # 0: the size of the image
     ssh_port: int = 0
     http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -65,8 +66,11 @@ class QemuMachine:
         kernel, initrd = diskimage.kernel_and_initrd_names(self.image, self.boot)
         diskimage.copy_fat_file(self.image, self.boot, kernel, self.kernel)
         diskimage.copy_fat_file(self.image, self.boot, initrd, self.initrd)
+        # the overlay may be larger than the image, like a card larger than the image
+        size = [str(self.disk_bytes)] if self.disk_bytes else []
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
-                        str(self.image.resolve()), "-F", "raw", str(self.overlay)], check=True)
+                        str(self.image.resolve()), "-F", "raw", str(self.overlay), *size],
+                       check=True)
 
     def command(self) -> list[str]:
         cmdline = ["root=LABEL=EB_ROOT", "rw", "rootwait", "fsck.repair=yes", "net.ifnames=0",

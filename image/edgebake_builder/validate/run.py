@@ -25,6 +25,7 @@ from .seed import render_seed, seed_overlay
 CHECKS_DIR = Path(__file__).resolve().parents[3] / "tests" / "image_checks"
 SSH_TIMEOUT_SEC = 420.0
 TEST_HOSTNAME = "edgebake-qemu-test"
+CARD_EXTRA_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -133,10 +134,12 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         manifest_path = tmp / "manifest.json"
         manifest_path.write_text(json.dumps(manifest))
         env = {"EDGEBAKE_MANIFEST": str(manifest_path)}
+        codes = {"static": 1, "running": 1}
         with progress.step("static checks on the image's rootfs (testinfra, chroot)"):
             rootfs = unpack_rootfs(image, tmp / "rootfs", progress)
-            static_code = _pytest("static", junit_parts[0], str(rootfs), env, progress,
-                                  ["--connection=chroot"])
+            env["EDGEBAKE_ROOTFS"] = str(rootfs)
+            static_code = codes["static"] = _pytest("static", junit_parts[0], str(rootfs), env,
+                                                    progress, ["--connection=chroot"])
             shutil.rmtree(rootfs, ignore_errors=True)
         if static_code != 0 and fail_fast:
             progress.say("      static checks failed; not booting (--fail-fast)")
@@ -153,10 +156,14 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
             # QEMU's user network shows the host's loopback to the guest as 10.0.2.2
             app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port}
             env["EDGEBAKE_MQTT_PORT"] = str(broker.port)
+        # saved as UTF-16 with a byte-order mark, as Windows editors do
         seed = render_seed(TEST_HOSTNAME, [(tmp / "id_ed25519.pub").read_text().strip()],
-                           app=app, device_id="qemu-test-unit")
+                           app=app, device_id="qemu-test-unit").encode("utf-16")
+        # a "card" larger than the image: the data partition must grow into it at first boot
+        disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
+        env["EDGEBAKE_DISK_BYTES"] = str(disk_bytes)
         machine = QemuMachine(image=image, workdir=tmp / "vm", console=test_dir / "console.log",
-                              extra_cmdline=["modules-load=vivid"])
+                              extra_cmdline=["modules-load=vivid"], disk_bytes=disk_bytes)
         try:
             with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
                 machine.prepare()
@@ -171,9 +178,9 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                             "EDGEBAKE_HOSTNAME": TEST_HOSTNAME,
                             "EDGEBAKE_CONSOLE": str(machine.console)})
                 hosts = f"ssh://root@127.0.0.1:{machine.ssh_port}"
-                code = _pytest("running", junit_parts[1], hosts, env, progress,
-                               ["--ssh-identity-file", str(key), "--ssh-config",
-                                str(_ssh_config(tmp))])
+                code = codes["running"] = _pytest(
+                    "running", junit_parts[1], hosts, env, progress,
+                    ["--ssh-identity-file", str(key), "--ssh-config", str(_ssh_config(tmp))])
                 if code != 0:
                     progress.say("      runtime checks failed; last 30 console lines:")
                     for line in console_tail(machine.console, 30).splitlines():
@@ -188,7 +195,12 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
             if broker is not None:
                 broker.stop()
     passed, failed = merge_junit(junit_parts, test_dir / "junit.xml")
-    for part in junit_parts:
+    for phase, part in zip(codes, junit_parts, strict=True):
+        if codes[phase] != 0 and failed == 0:
+            # a phase that crashed, or wrote no report, is a failure even with no failed test
+            failed = 1
+            progress.say(f"      {phase} checks exited {codes[phase]} "
+                         f"({'no report' if not part.exists() else 'see the log'})")
         part.unlink(missing_ok=True)
     figures["test-image-seconds"] = round(time.monotonic() - started, 1)
     return ImageTestResult(passed, failed, test_dir / "junit.xml", figures)

@@ -27,10 +27,11 @@ def render_seed(hostname: str, keys: list[str], app: dict[str, Any] | None = Non
         data, sort_keys=False)
 
 
-def put_seed_in_fat(fat_image: Path, seed_text: str, offset: int = 0) -> None:
+def put_seed_in_fat(fat_image: Path, seed_text: str | bytes, offset: int = 0) -> None:
+    """Copy the seed onto the FAT; bytes go as they are (a test seed may be UTF-16)."""
     with tempfile.TemporaryDirectory() as tmp:
         seed = Path(tmp) / SEED_NAME
-        seed.write_text(seed_text)
+        seed.write_bytes(seed_text if isinstance(seed_text, bytes) else seed_text.encode())
         result = subprocess.run(["mcopy", "-o", "-D", "o", "-i", f"{fat_image}@@{offset}",
                                  str(seed), f"::/{SEED_NAME}"], capture_output=True, text=True,
                                 check=False)
@@ -56,7 +57,7 @@ def changed_chunks(before: Path, after: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-def seed_overlay(image: Path, overlay: Path, boot: Partition, seed_text: str) -> int:
+def seed_overlay(image: Path, overlay: Path, boot: Partition, seed_text: str | bytes) -> int:
     """Write the seed into the qcow2 overlay's boot partition; the image is only read.
 
     mtools edits a raw copy of the boot partition; only the changed 64 KiB chunks are written

@@ -64,11 +64,11 @@ def test_service_active_with_watchdog(host: Any) -> None:
     assert user == "edgebake"
 
 
-def test_results_appear_in_the_journal(host: Any) -> None:
+def test_results_appear_in_the_journal(host: Any, manifest: dict[str, Any]) -> None:
     wait(lambda: result_count(host) >= 5, 180, "5 results on /data")
     last = host.run(f"tail -n 1 $(ls {RESULTS}/results-*.jsonl | tail -n 1)").stdout
     record = json.loads(last)
-    assert record["source"] == "vivid" and record["task"] == "blazeface"
+    assert record["source"] == "vivid" and record["task"] == manifest["model"]["card"]["task"]
 
 
 def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str, Any]) -> None:
@@ -77,6 +77,12 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
     assert vivid["state"] == "up" and vivid["last_frame_age_sec"] < 10
     assert snap["model"]["sha256"] == manifest["model"]["sha256"]
     assert snap["device_id"] == "qemu-test-unit"
+    runtime = manifest["model"]["runtime"]
+    assert snap["model"]["runtime"] == runtime["name"]
+    assert snap["model"]["runtime_version"] == runtime["version"]
+    record = json.loads(host.run(f"tail -n 1 $(ls {RESULTS}/results-*.jsonl | tail -n 1)")
+                        .stdout)
+    assert len(record["id"].split("-")) == 2  # run id and number: unique across restarts
 
 
 def test_results_arrive_over_mqtt() -> None:
@@ -108,6 +114,7 @@ def test_service_hardening_exposure(host: Any) -> None:
 
 
 def test_seed_hostname_applied(host: Any) -> None:
+    """The test seed is saved as UTF-16 with a byte-order mark, as Windows editors do."""
     assert host.run("hostname").stdout.strip() == os.environ["EDGEBAKE_HOSTNAME"]
     assert host.file("/etc/hostname").content_string.strip() == os.environ["EDGEBAKE_HOSTNAME"]
 
@@ -121,6 +128,39 @@ def test_password_login_is_refused() -> None:
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0
     assert "Permission denied (publickey)" in result.stderr
+
+
+def test_data_partition_fills_the_card(host: Any) -> None:
+    """The QEMU disk is larger than the image, like a card: /data grew to its end."""
+    disk_bytes = int(os.environ["EDGEBAKE_DISK_BYTES"])
+    table = json.loads(host.run("sfdisk -J /dev/vda").stdout)["partitiontable"]
+    data = table["partitions"][-1]
+    end_bytes = (int(data["start"]) + int(data["size"])) * 512
+    assert disk_bytes - end_bytes < 2**20, (disk_bytes, end_bytes)
+    fs_bytes = int(host.run("df -B1 --output=size /data | tail -n 1").stdout.strip())
+    assert fs_bytes > 512 * 2**20, fs_bytes  # 128 MiB in the image, +512 MiB of "card"
+    log = host.run("journalctl -b 0 -u edgebake-growdata --no-pager").stdout + host.run(
+        "journalctl --no-pager -u edgebake-growdata").stdout
+    assert "data partition grown" in log or "already fills" in log, log[-800:]
+
+
+def test_camera_unplugged_and_replugged_without_a_restart(host: Any) -> None:
+    """vivid's device is unbound (as if the USB camera were pulled), then bound again: the
+    source goes down and comes back; the service is never restarted."""
+    wait(lambda: health().get("healthy"), 120, "a healthy unit before the unplug")
+    pid = main_pid(host)
+    device = host.run("ls /sys/bus/platform/drivers/vivid/ | grep vivid").stdout.split()[0]
+    host.run(f"echo {device} > /sys/bus/platform/drivers/vivid/unbind")
+    try:
+        down = wait(lambda: (h := health())["sources"]["vivid"]["state"] != "up" and h, 60,
+                    "the source to go down")
+        assert down["healthy"] is False
+    finally:
+        host.run(f"echo {device} > /sys/bus/platform/drivers/vivid/bind")
+    count = result_count(host)
+    wait(lambda: result_count(host) > count + 3, 120, "results from the replugged camera")
+    wait(lambda: health().get("healthy"), 60, "a healthy unit again")
+    assert main_pid(host) == pid
 
 
 def test_kill_9_is_restarted_and_results_resume(host: Any) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,9 +87,47 @@ def test_watchdog_and_journald_limits(host: Any) -> None:
         "/etc/systemd/journald.conf.d/edgebake.conf").content_string
 
 
-def test_runtime_imports_in_the_target(host: Any) -> None:
-    """The shipped Python imports the shipped runtime and tflite-runtime (under qemu-user)."""
+def test_runtime_imports_in_the_target(host: Any, manifest: dict[str, Any]) -> None:
+    """The shipped Python imports the shipped app and the TFLite runtime the build chose."""
+    module = {"tflite-runtime": "tflite_runtime",
+              "ai-edge-litert": "ai_edge_litert"}[manifest["model"]["runtime"]["name"]]
     cmd = host.run("PYTHONPATH=/opt/edgebake/lib python3 -c "
-                   "'import tflite_runtime.interpreter, edgebake_runtime.app; print(\"ok\")'")
+                   f"'import {module}.interpreter, edgebake_runtime.app; print(\"ok\")'")
     assert cmd.rc == 0, cmd.stderr
     assert cmd.stdout.strip() == "ok"
+
+
+def test_every_kernel_module_has_its_dependencies() -> None:
+    """The closure of `depends=` over every shipped module: none points at a pruned one."""
+    from edgebake_builder.kmods import ModuleTree, kernel_trees, missing_dependencies
+
+    trees = kernel_trees(Path(os.environ["EDGEBAKE_ROOTFS"]))
+    assert trees
+    for root in trees:
+        tree = ModuleTree.scan(root)
+        assert len(tree.files) > 100
+        assert missing_dependencies(tree) == {}
+        for needed in ("usb_storage", "uas", "sd_mod", "scsi_mod", "brcmfmac", "cfg80211",
+                       "vivid"):
+            assert needed in tree.files, needed
+
+
+@pytest.mark.parametrize("path", ["/usr/sbin/wpa_supplicant", "/usr/sbin/sfdisk",
+                                  "/usr/sbin/resize2fs"])
+def test_field_tools_present(host: Any, path: str) -> None:
+    assert host.file(path).exists
+
+
+def test_pi4_wifi_firmware_present(host: Any) -> None:
+    found = host.run("ls /lib/firmware/brcm/ | grep -c '^brcmfmac43455-sdio'").stdout.strip()
+    assert int(found or 0) >= 1
+
+
+@pytest.mark.parametrize("unit", ["edgebake-growdata.service"])
+def test_field_units_enabled(host: Any, unit: str) -> None:
+    assert host.service(unit).is_enabled
+
+
+def test_config_and_model_errors_do_not_restart_loop(host: Any) -> None:
+    unit = host.file(SERVICE).content_string
+    assert "RestartPreventExitStatus=2 3" in unit

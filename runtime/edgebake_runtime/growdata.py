@@ -1,0 +1,81 @@
+"""Grow the data partition and its ext4 filesystem to fill the card (MBR, last partition).
+
+Runs at every boot as root before the service: when the partition already ends at the end of
+the disk it does nothing, so an interrupted run simply finishes on the next boot. The MBR
+entry is one sector, written in one go by sfdisk; ext4 grows online with its own journal.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+LABEL = "EB_DATA"
+ALIGN_SECTORS = 2048  # 1 MiB: what is left at the end of a card is not worth a resize
+
+
+@dataclass(frozen=True)
+class Plan:
+    disk: str
+    number: int
+    device: str
+    start: int
+    size: int
+    disk_sectors: int
+
+    @property
+    def spare(self) -> int:
+        return self.disk_sectors - (self.start + self.size)
+
+
+def _run(cmd: list[str], stdin: str | None = None) -> str:
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def plan(label: str = LABEL) -> Plan:
+    device = _run(["blkid", "-L", label])
+    disk = "/dev/" + _run(["lsblk", "-ndo", "PKNAME", device])
+    number = int(Path(f"/sys/class/block/{Path(device).name}/partition").read_text())
+    table = json.loads(_run(["sfdisk", "-J", disk]))["partitiontable"]
+    entry = next(p for p in table["partitions"] if p["node"] == device)
+    sectors = int(Path(f"/sys/class/block/{Path(disk).name}/size").read_text())
+    if table.get("label") != "dos":
+        raise RuntimeError(f"{disk}: expected an MBR (dos) partition table")
+    last = max(int(p["start"]) + int(p["size"]) for p in table["partitions"])
+    if last != int(entry["start"]) + int(entry["size"]):
+        raise RuntimeError(f"{device} is not the last partition on {disk}")
+    return Plan(disk, number, device, int(entry["start"]), int(entry["size"]), sectors)
+
+
+def grow(p: Plan) -> str:
+    if p.spare >= ALIGN_SECTORS:
+        # ", +" keeps the start and takes all free space after it
+        _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", str(p.number), p.disk],
+             stdin=", +\n")
+        _run(["partx", "-u", "--nr", str(p.number), p.disk])
+    _run(["resize2fs", p.device])
+    return (f"{p.device}: {p.size * 512 / 2**20:.0f} MiB -> "
+            f"{(p.disk_sectors - p.start) * 512 / 2**20:.0f} MiB")
+
+
+def main() -> int:
+    try:
+        current = plan()
+        if current.spare < ALIGN_SECTORS:
+            print(f"{current.device} already fills {current.disk}", flush=True)
+            _run(["resize2fs", current.device])  # finishes a run cut short after sfdisk
+            return 0
+        print("data partition grown: " + grow(current), flush=True)
+    except (subprocess.CalledProcessError, RuntimeError, OSError, StopIteration,
+            ValueError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        print(f"data partition not grown: {str(detail).strip()[:300]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

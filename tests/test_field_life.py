@@ -1,0 +1,216 @@
+"""What months unattended need: a full data disk, write errors, broker outages, thread crashes,
+a hostile LAN neighbour. Real filesystems (a small tmpfs), a real mosquitto, real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from edgebake_runtime.config import ConfigError, validate
+from edgebake_runtime.journal import Journal, journal_files, read_lines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size_kib: int) -> Iterator[Path]:
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)],
+                   check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def record(n: int) -> dict[str, object]:
+    return {"id": f"t-{n}", "pad": "x" * 150}
+
+
+def test_retention_keeps_free_space_and_counts_undelivered(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "data", 2048) as data:
+        journal = Journal(data / "results", rotate_bytes=64 * 1024, min_free_percent=30.0)
+        journal.delivered = lambda: None  # a consumer that has delivered nothing yet
+        journal.open()
+        for n in range(30000):  # ~5.5 MiB of records into a 2 MiB filesystem
+            assert journal.append(record(n)), journal.failed
+            if n % 500 == 0:
+                journal.sync_if_due()
+        journal.close()
+        stats = journal.stats()
+        assert stats["free_percent"] >= 25.0, stats
+        kept = list(read_lines(data / "results"))
+        assert journal.written == 30000 and stats["dropped_unwritten"] == 0
+        assert stats["deleted_records"] + len(kept) == 30000
+        assert stats["dropped_undelivered"] == stats["deleted_records"] > 0
+        assert kept[-1]["id"] == "t-29999"  # the newest survive, the oldest went first
+
+
+def test_retention_spares_nothing_it_was_not_told_was_delivered(tmp_path: Path) -> None:
+    """Records before the consumer's mark are deleted as delivered, not counted as lost."""
+    with tmpfs(tmp_path / "data", 2048) as data:
+        journal = Journal(data / "results", rotate_bytes=64 * 1024, min_free_percent=30.0)
+        journal.delivered = lambda: (journal_files(journal.folder)[-1].name, 0)
+        journal.open()
+        for n in range(30000):
+            journal.append(record(n))
+        journal.close()
+        assert journal.deleted_records > 0 and journal.dropped_undelivered == 0
+
+
+def test_journal_is_unhealthy_while_full_and_recovers_when_space_returns(tmp_path: Path
+                                                                         ) -> None:
+    with tmpfs(tmp_path / "data", 512) as data:
+        journal = Journal(data / "results", min_free_percent=1.0)
+        journal.open()
+        blocker = data / "someone-elses-file"
+        with contextlib.suppress(OSError), blocker.open("wb") as handle:
+            handle.write(b"\0" * (1024 * 1024))  # fills the filesystem
+        results = [journal.append(record(n)) for n in range(50)]
+        assert not all(results)
+        assert "No space left" in journal.failed
+        assert journal.dropped_unwritten > 0
+        blocker.unlink()
+        time.sleep(Journal.RETRY_SEC + 0.1)
+        assert journal.append(record(999))
+        assert journal.failed == ""
+        journal.close()
+        ids = [r["id"] for r in read_lines(data / "results")]
+        assert ids[-1] == "t-999" and len(ids) + journal.dropped_unwritten == 51
+
+
+def test_supervised_thread_comes_back_after_errors() -> None:
+    from edgebake_runtime.supervise import Supervised
+
+    calls = []
+    stop = threading.Event()
+
+    def body() -> None:
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise OSError("journal file deleted by rotation")
+        stop.wait()
+
+    worker = Supervised("test", body, stop, first_backoff=0.05)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(calls) == 3 and worker.restarts == 2 and worker.alive()
+    assert "journal file deleted" in worker.last_error
+    stop.set()
+    worker.thread.join(2)
+    assert not worker.alive()
+
+
+def test_soak_loses_nothing_while_the_broker_comes_and_goes() -> None:
+    """A short `invoke soak`: journal + MQTT sender on a tiny tmpfs, broker restarted."""
+    from edgebake_builder.bench.soak import run_soak
+    from edgebake_builder.progress import Progress
+
+    result = run_soak(0.6, Progress(1), rate=3000.0, fs_mib=8)
+    assert result.broker_restarts >= 1
+    assert result.lost == 0, result.line()
+    assert result.received_unique + result.dropped_undelivered >= result.records
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"device_id": "pole/17"}, "device_id: expected letters"),
+    ({"mqtt": {"topic": "a/#"}}, "mqtt.topic: expected an MQTT topic"),
+    ({"mqtt": {"topic": "$SYS/x"}}, "mqtt.topic: expected an MQTT topic"),
+    ({"mqtt": {"tls": {"cert_file": "/etc/c.pem"}}}, "mqtt.tls.key_file: expected cert_file"),
+    ({"mqtt": {"tls": {"ca_file": "ca.pem"}}}, "mqtt.tls.ca_file: expected an absolute path"),
+    ({"http": {"allow": ["10.0.0.0/33"]}}, "http.allow[0]: expected a network"),
+    ({"journal": {"keep_files": 3}}, "journal.keep_files: unknown setting"),
+])
+def test_values_that_reach_topics_files_and_sockets_are_checked(change: dict[str, object],
+                                                                message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("$", r"\$")):
+        validate(change, "app.yaml")
+
+
+def _get(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+        return int(reply.status)
+
+
+def test_http_idle_connections_cannot_wedge_the_server() -> None:
+    from edgebake_runtime.http import HealthServer
+
+    server = HealthServer("127.0.0.1", 0, lambda: {"healthy": True}, max_connections=2,
+                          timeout_sec=1.0)
+    server.start()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        time.sleep(0.2)
+        with pytest.raises((ConnectionError, urllib.error.URLError)):
+            _get(server.port)  # both slots held by clients that send nothing
+        assert server.server.refused >= 1
+        time.sleep(1.5)  # their timeout frees the slots
+        assert _get(server.port) == 200
+        for sock in idle:
+            sock.close()
+    finally:
+        server.stop()
+
+
+def test_http_allow_list_refuses_other_networks() -> None:
+    from edgebake_runtime.http import HealthServer
+
+    server = HealthServer("127.0.0.1", 0, lambda: {"healthy": True}, allow=["10.0.0.0/8"])
+    server.start()
+    try:
+        with pytest.raises((ConnectionError, urllib.error.URLError)):
+            _get(server.port)
+    finally:
+        server.stop()
+    allowed = HealthServer("127.0.0.1", 0, lambda: {"healthy": True}, allow=["127.0.0.0/8"])
+    allowed.start()
+    try:
+        assert _get(allowed.port) == 200
+    finally:
+        allowed.stop()
+
+
+def test_invoke_test_passes_whole_marker_expressions_to_pytest() -> None:
+    out = subprocess.run([sys.executable, "-m", "invoke", "--dry", "test", "--unit"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out)  # invoke --dry colours its echo
+    commands = [shlex.split(line) for line in plain.splitlines() if "pytest" in line]
+    expressions = [cmd[cmd.index("-m", cmd.index("pytest")) + 1] for cmd in commands]
+    assert expressions == ["(tensorflow) and not image and not boot and not long",
+                           "(not tensorflow) and not image and not boot and not long"]
+
+
+def test_growdata_plans_on_a_real_partition_table(tmp_path: Path) -> None:
+    """The arithmetic of the first-boot grow, on an MBR made by sfdisk (no loop device)."""
+    from edgebake_runtime.growdata import ALIGN_SECTORS, Plan
+
+    disk = tmp_path / "card.img"
+    subprocess.run(["truncate", "-s", "64M", str(disk)], check=True)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="label: dos\n,8M,c\n,16M,83\n,8M,83\n",
+                   text=True, check=True)
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(disk)], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    last = table["partitions"][-1]
+    plan = Plan(str(disk), 3, last["node"], int(last["start"]), int(last["size"]),
+                64 * 2**20 // 512)
+    assert plan.spare > ALIGN_SECTORS
+    subprocess.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", "-N", "3", str(disk)],
+                   input=", +\n", text=True, check=True)
+    grown = json.loads(subprocess.run(["sfdisk", "-J", str(disk)], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    end = int(grown["partitions"][-1]["start"]) + int(grown["partitions"][-1]["size"])
+    assert 64 * 2**20 // 512 - end < ALIGN_SECTORS
+    assert grown["partitions"][-1]["start"] == last["start"]
