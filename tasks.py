@@ -147,16 +147,39 @@ def bench_build(c: Context, target: str = "pi4", cold: bool = True) -> None:
 
 @task(help={"image": "the .img to write (its .bmap must sit next to it)",
             "device": "the SD card (/dev/sdX) or an image file to write",
-            "seed": "this unit's edgebake-seed.yaml (hostname, keys, app overrides)"})
-def flash(c: Context, image: str, device: str, seed: str = "") -> None:
+            "seed": "this unit's edgebake-seed.yaml (hostname, keys, app overrides)",
+            "units": "a CSV with one unit per row: flashes one card per row, asking for each",
+            "log": "flash log (JSON lines) for --units (default: next to the image)",
+            "yes": "do not ask before writing a block device",
+            "force": "allow a disk that is not removable (never the system disk)"})
+def flash(c: Context, image: str, device: str, seed: str = "", units: str = "", log: str = "",
+          yes: bool = False, force: bool = False) -> None:
     """Write the image with bmaptool, put the unit's seed on its boot partition, read back."""
     from edgebake_builder.errors import BuildError
-    from edgebake_builder.flash import flash as run_flash
+    from edgebake_builder.flashing.units import flash_units
+    from edgebake_builder.flashing.write import flash as run_flash
+
+    def confirm(question: str) -> bool:
+        return yes or input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+    def next_card(unit: str) -> None:
+        if not yes:
+            input(f"insert the card for {unit} and press Enter ")
 
     try:
-        print(run_flash(Path(image), Path(device), Path(seed) if seed else None))
+        if units:
+            log_path = Path(log) if log else Path(image).with_name("flash-log.jsonl")
+            for line in flash_units(Path(image), Path(device), Path(units), log_path,
+                                    force=force, confirm=confirm, next_card=next_card):
+                print(line)
+            print(f"flash log: {log_path}")
+        else:
+            print(run_flash(Path(image), Path(device), Path(seed) if seed else None,
+                            force=force, confirm=confirm))
     except BuildError as exc:
         raise _fail_cleanly(exc) from None
+    except (EOFError, KeyboardInterrupt):
+        raise Exit("stopped; the card being written may be incomplete", code=130) from None
 
 
 @task

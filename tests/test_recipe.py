@@ -113,6 +113,12 @@ def test_mappings_deep_merge(tmp_path: Path) -> None:
     ("packages: [Not_A_Package]\n", "packages", "naming a Debian package"),
     ("ssh:\n  authorized_keys: [hunter2]\n", "ssh.authorized_keys", "holding a public key"),
     ("kernel: 5\n", "kernel", "a mapping"),
+    ('kernel:\n  cmdline: ["quiet\\ninit=/bin/sh"]\n', "kernel.cmdline", "one argument"),
+    ("kernel:\n  cmdline: [a b]\n", "kernel.cmdline", "one argument"),
+    ('firmware:\n  config_txt: ["a=1\\nb=2"]\n', "firmware.config_txt", "one line"),
+    ("suite: sid\n", "suite", "one of bookworm, trixie"),
+    ("runtime: tensorflow\n", "runtime", "one of auto, tflite-runtime, ai-edge-litert"),
+    ("python:\n  version: '3.12'\n", "python.version", "one of 3.10, 3.11, 3.13"),
 ])
 def test_bad_values_name_file_field_and_expectation(tmp_path: Path, text: str, field: str,
                                                     expected: str) -> None:
@@ -161,3 +167,22 @@ def test_schema_documents_every_setting() -> None:
     for setting in SETTINGS:
         assert setting.path in text and setting.help
         assert setting.validator.validate(setting.default) == setting.default
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ("hostname: a\nhostname: b\n".encode(), "key 'hostname' appears twice"),
+    ("hostname: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 13"),
+])
+def test_unreadable_recipe_is_one_line(tmp_path: Path, data: bytes, expected: str) -> None:
+    path = tmp_path / "user.yaml"
+    path.write_bytes(data)
+    with pytest.raises(BuildError) as caught:
+        load_recipe("pi4", path)
+    assert str(caught.value).startswith(str(path)) and expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_utf16_recipe_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "user.yaml"
+    path.write_bytes("hostname: from-notepad\n".encode("utf-16"))
+    assert load_recipe("pi4", path)["hostname"] == "from-notepad"

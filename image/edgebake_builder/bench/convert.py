@@ -12,10 +12,12 @@ import numpy as np
 from ..progress import Progress
 
 
-def _latency_ms(model: Path, x: np.ndarray[Any, Any], repeats: int = 300) -> float:
+def measure_latency_ms(model: Path, x: np.ndarray[Any, Any], runtime: str,
+                       repeats: int = 300) -> float:
+    """Runs in a child without TensorFlow (convert.isolated.latency_ms)."""
     from edgebake_runtime.interp import load_interpreter
 
-    interpreter = load_interpreter(model, num_threads=1)
+    interpreter = load_interpreter(model, num_threads=1, runtime=runtime)
     inp = interpreter.get_input_details()[0]
     scale, zero = inp["quantization"]
     sample = x[:1]
@@ -33,8 +35,17 @@ def _latency_ms(model: Path, x: np.ndarray[Any, Any], repeats: int = 300) -> flo
 
 
 def bench_convert(progress: Progress) -> dict[str, Any]:
-    from ..convert.converter import ConvertOptions, convert_model
+    """A Keras 3 model trained in the run by the current TensorFlow, converted four ways."""
+    import json
+
+    from ..convert import isolated
+    from ..convert.converter import ConvertOptions, convert_model, import_tensorflow
     from ..convert.digits import train_digits_cnn
+    from ..steps.model import RUNTIME_PREFERENCE, choose_runtime
+
+    tf = import_tensorflow()
+    keras = getattr(tf.keras, "__version__", "?")
+    progress.say(f"TensorFlow {tf.__version__}, Keras {keras}: digits CNN trained in this run")
 
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgebake-bench-convert-") as tmp:
@@ -46,14 +57,19 @@ def bench_convert(progress: Progress) -> dict[str, Any]:
                 model=paths["model"], output=out, quantize=mode,
                 representative_data=paths["representative"],
                 validation_data=paths["validation"], max_accuracy_loss=1.0))
+            card = json.loads(result.card_path.read_text())
+            ms, measured_with = isolated.latency_ms(out, x_val)
+            auto = choose_runtime("auto", card, list(RUNTIME_PREFERENCE), "3.11")
             figures[mode] = {"bytes": result.size_bytes, "accuracy": result.accuracy,
-                             "latency_ms": _latency_ms(out, x_val)}
+                             "latency_ms": ms, "latency_runtime": measured_with,
+                             "auto": auto.name}
     base = figures["none"]
     for mode, f in figures.items():
         acc = f["accuracy"]
         progress.say(f"{mode:8} {f['bytes']:8d} bytes  size x{f['bytes'] / base['bytes']:.2f}  "
                      f"accuracy {acc.converted:.4f} (delta {acc.delta:+.4f})  "
-                     f"host latency {f['latency_ms']:.3f} ms")
+                     f"host latency {f['latency_ms']:.3f} ms ({f['latency_runtime']})  "
+                     f"auto picks {f['auto']}")
     progress.say(f"latency ratio int8/float32: "
                  f"{figures['int8']['latency_ms'] / base['latency_ms']:.2f}")
     return figures

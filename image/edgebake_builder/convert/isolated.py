@@ -49,6 +49,15 @@ def predict(model: Path, x: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any],
         return np.load(outputs), str(result["runtime"])
 
 
+def latency_ms(model: Path, x: np.ndarray[Any, Any]) -> tuple[float, str]:
+    """Host latency of one inference under the first runtime that loads the model."""
+    with tempfile.TemporaryDirectory(prefix="edgebake-latency-") as tmp:
+        inputs = Path(tmp) / "x.npy"
+        np.save(inputs, x[:1])
+        result = _child("latency", {"model": str(model), "x": str(inputs)})
+        return float(result["ms"]), str(result["runtime"])
+
+
 def write_card(model: Path, card_path: Path, name: str, extra: dict[str, Any]
                ) -> dict[str, Any]:
     """modelcard.write_card, in a child; returns the card it wrote."""
@@ -66,6 +75,12 @@ def _main(action: str, payload: dict[str, Any]) -> dict[str, Any]:
 
     model = Path(payload["model"])
     try:
+        if action == "latency":
+            from ..bench.convert import measure_latency_ms
+
+            runtime = reference_runtime(model)
+            return {"runtime": runtime,
+                    "ms": measure_latency_ms(model, np.load(payload["x"]), runtime)}
         if action == "predict":
             runtime = reference_runtime(model)
             scores = tflite_predict(model, np.load(payload["x"]), runtime)

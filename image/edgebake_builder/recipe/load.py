@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from edgebake_runtime.merge import deep_merge
+from edgebake_runtime.yamlfile import TextFileError, read_yaml
 
 from ..errors import BuildError, RecipeError
 from .schema import BY_PATH, GROUPS, defaults
@@ -51,19 +51,12 @@ class Recipe:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BuildError(f"{path}: recipe file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BuildError(f"{path}: recipe file not found") from None
-    except OSError as exc:
-        raise BuildError(f"{path}: cannot read recipe: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise BuildError(f"{path}:{where}: not valid YAML: "
-                         f"{getattr(exc, 'problem', None) or exc}") from None
+        data = read_yaml(path)
+    except TextFileError as exc:
+        raise BuildError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

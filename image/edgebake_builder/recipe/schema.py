@@ -52,9 +52,11 @@ SETTINGS: tuple[Setting, ...] = (
             "a kept one depends on always stays.", base=True),
     Setting("kernel.modules_keep", StrList(MODULE_GLOB), [],
             "Exceptions to kernel.modules_exclude.", base=True),
-    Setting("kernel.cmdline", StrList(), ["rootwait", "fsck.repair=yes"],
+    Setting("kernel.cmdline", StrList(Str(r"[^\s\"']+", "that is one argument without spaces, "
+                                          "quotes or newlines")), ["rootwait", "fsck.repair=yes"],
             "Extra kernel command line arguments."),
-    Setting("firmware.config_txt", StrList(), [], "Extra lines appended to config.txt."),
+    Setting("firmware.config_txt", StrList(Str(r"[^\r\n\x00]+", "that is one line")), [],
+            "Extra lines appended to config.txt."),
     Setting("layout.boot_mib", Int(64, 2048), 256, "Size of the FAT boot partition in MiB."),
     Setting("layout.root_free_mib", Int(16, 65536), 256,
             "Free space in MiB added to the root filesystem beyond its contents."),

@@ -22,7 +22,7 @@ class Partition:
 
 def partitions(image: Path) -> list[Partition]:
     """The MBR partitions; a clear error for a path that is not a partitioned disk image."""
-    if not image.is_file():
+    if not image.is_file() and not image.is_block_device():
         raise BuildError(f"{image}: image not found")
     result = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True,
                             check=False)

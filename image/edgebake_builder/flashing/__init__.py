@@ -1,0 +1,1 @@
+"""`invoke flash`: write cards for units, refuse disks that must not be written."""
