@@ -170,7 +170,7 @@ def test_schema_documents_every_setting() -> None:
 
 
 @pytest.mark.parametrize(("data", "expected"), [
-    ("hostname: a\nhostname: b\n".encode(), "key 'hostname' appears twice"),
+    (b"hostname: a\nhostname: b\n", "key 'hostname' appears twice"),
     ("hostname: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 13"),
 ])
 def test_unreadable_recipe_is_one_line(tmp_path: Path, data: bytes, expected: str) -> None:
