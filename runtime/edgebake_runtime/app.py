@@ -187,6 +187,8 @@ class App:
                                     f"{': ' + error if error else ''})")
             elif age > limit:
                 degraded.append(f"{name} stale for {age:.0f}s ({source.stats.state})")
+            elif source.stats.state == "down":
+                degraded.append(f"{name} is down, reconnecting ({source.stats.last_error})")
             else:
                 fresh_sources += 1
         if not self.sources:
