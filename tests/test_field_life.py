@@ -214,3 +214,14 @@ def test_growdata_plans_on_a_real_partition_table(tmp_path: Path) -> None:
     end = int(grown["partitions"][-1]["start"]) + int(grown["partitions"][-1]["size"])
     assert 64 * 2**20 // 512 - end < ALIGN_SECTORS
     assert grown["partitions"][-1]["start"] == last["start"]
+
+
+@pytest.mark.long
+def test_ten_minute_soak_loses_nothing() -> None:
+    """`invoke soak --minutes 10` as a test (only with `invoke test --long`)."""
+    from edgebake_builder.bench.soak import run_soak
+    from edgebake_builder.progress import Progress
+
+    result = run_soak(10.0, Progress(1), rate=22000.0)
+    assert result.lost == 0, result.line()
+    assert result.broker_restarts >= 15
