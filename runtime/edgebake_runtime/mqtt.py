@@ -191,9 +191,11 @@ class MqttPublisher:
             for name, end, info in sent:
                 try:
                     info.wait_for_publish(timeout=10)
-                except (RuntimeError, ValueError) as exc:
+                    acknowledged = info.is_published()
+                except (RuntimeError, ValueError) as exc:  # published while disconnected
                     self.last_error = str(exc)
-                if not info.is_published():
+                    acknowledged = False
+                if not acknowledged:
                     break  # broker gone: resume from the cursor after reconnecting
                 self.published += 1
                 self.cursor.file, self.cursor.offset = name, end

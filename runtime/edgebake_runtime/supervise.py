@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("edgebake.supervise")
@@ -36,10 +37,13 @@ class Supervised:
     def _loop(self) -> None:
         backoff = self.first_backoff
         while not self.stop.is_set():
+            began = time.monotonic()
             try:
                 self.body()
                 backoff = self.first_backoff
             except Exception as exc:  # the point of supervision: log, count, come back
+                if time.monotonic() - began > 2 * self.max_backoff:
+                    backoff = self.first_backoff  # it ran well for a while: start over
                 self.restarts += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("%s failed (restart %d in %.0fs)", self.name, self.restarts,
