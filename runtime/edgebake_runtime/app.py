@@ -207,8 +207,6 @@ class App:
         newest_done = max((w.last_done for w in self.workers), default=now)
         if pending and now - newest_done > stall:
             stuck.append(f"no inference for {now - newest_done:.0f}s with frames waiting")
-        if self.metrics.results != self._results_seen:
-            self._results_seen, self._last_result_at = self.metrics.results, now
         if fresh_sources and now - self._last_result_at > stall:
             stuck.append(f"frames arrive but no result for {now - self._last_result_at:.0f}s")
         if self.journal.failed:
@@ -252,8 +250,11 @@ class App:
         def ms(value: float | None) -> float | None:
             return round(value * 1000, 3) if value is not None else None
 
+        # judged now, from the same source states the snapshot shows, not at the last tick
+        healthy, _, status = self.evaluate(now)
         snap: dict[str, Any] = {
-            "healthy": self.healthy, "ready": self.ready, "status": self.status,
+            "healthy": healthy, "ready": self.ready,
+            "status": status if self.ready else self.status,
             "uptime_sec": round(now - self.started, 1),
             "device_id": self.config.raw["device_id"],
             "model": {"version": self.card.version, "sha256": self.card.sha256,
@@ -279,6 +280,8 @@ class App:
         while not self._stop.wait(tick):
             now = time.monotonic()
             self.journal.sync_if_due()
+            if self.metrics.results != self._results_seen:
+                self._results_seen, self._last_result_at = self.metrics.results, now
             self.healthy, restart_helps, status = self.evaluate(now)
             if not self.ready:
                 if self.metrics.results > 0 or (now - self.started > READY_GRACE_SEC

@@ -55,6 +55,12 @@ def test_system_is_running_with_no_failed_units(host: Any) -> None:
     assert failed == ""
 
 
+def test_boot_has_no_ordering_cycle(host: Any) -> None:
+    """systemd breaks a cycle by dropping a job at random: a unit silently does not run."""
+    cycles = host.run("journalctl -b 0 --no-pager -g 'ordering cycle'").stdout
+    assert "ordering cycle" not in cycles.lower(), cycles[-1500:]
+
+
 def test_service_active_with_watchdog(host: Any) -> None:
     wait(lambda: host.service("edgebake").is_running, 180, "edgebake to be active")
     watchdog = host.run("systemctl show -p WatchdogUSec --value edgebake").stdout.strip()
