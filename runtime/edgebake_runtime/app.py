@@ -18,6 +18,7 @@ from .interp import runtime_name_and_version
 from .journal import Journal
 from .metrics import Metrics
 from .preprocess import Preprocessor
+from .procworker import ProcessWorker
 from .sdnotify import Notifier, watchdog_interval_sec
 from .sources import Source, make_source
 from .worker import DecodeStage, InferenceWorker
@@ -56,20 +57,29 @@ class App:
         jr = config.section("journal")
         self.journal = Journal(Path(jr["dir"]), float(jr["fsync_interval_sec"]),
                                int(jr["rotate_bytes"]), float(jr["min_free_percent"]))
-        self.workers: list[InferenceWorker] = []
-        try:
-            for i in range(int(inference["workers"])):
-                self.workers.append(InferenceWorker(
-                    i, config.model_path, self.card, int(inference["num_threads"]), self.queues,
-                    self.signal, self._emit, self.metrics, inference["score_threshold"],
-                    int(inference["top_k"])))
-        except Exception as exc:
-            raise StartupError(f"model {config.model_path}: {exc}") from None
-        self.preprocessor = Preprocessor(self.card)
         self.decoder = DecodeStage(self.card, self._emit, self.metrics,
                                    inference["score_threshold"], int(inference["top_k"]))
-        for worker in self.workers:
-            worker.handoff = self.decoder
+        self.workers: list[InferenceWorker | ProcessWorker] = []
+        try:
+            for i in range(int(inference["workers"])):
+                if inference["processes"]:
+                    process = ProcessWorker(
+                        i, config.model_path, self.card, int(inference["num_threads"]),
+                        self.queues, self.signal, self.metrics, self.decoder)
+                    self.workers.append(process)
+                    process.spawn()
+                else:
+                    worker = InferenceWorker(
+                        i, config.model_path, self.card, int(inference["num_threads"]),
+                        self.queues, self.signal, self._emit, self.metrics,
+                        inference["score_threshold"], int(inference["top_k"]))
+                    worker.handoff = self.decoder
+                    self.workers.append(worker)
+        except Exception as exc:
+            for started in self.workers:
+                started.stop()
+            raise StartupError(f"model {config.model_path}: {exc}") from None
+        self.preprocessor = Preprocessor(self.card)
         self.mqtt: Any = None
         self._results_seen = 0
         self._last_result_at = time.monotonic()
@@ -113,9 +123,10 @@ class App:
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        # Workers spend most of their time in invoke() without the GIL; when it returns they
-        # must get the GIL back quickly, not after a 5 ms slice of a source thread.
-        sys.setswitchinterval(SWITCH_INTERVAL_SEC)
+        if not self.config.section("inference")["processes"]:
+            # Thread workers spend most of their time in invoke() without the GIL; when it
+            # returns they must get it back quickly, not after a 5 ms slice of a source thread.
+            sys.setswitchinterval(SWITCH_INTERVAL_SEC)
         try:
             self.journal.open()
         except OSError as exc:
@@ -195,7 +206,8 @@ class App:
             degraded.append("no camera found; waiting for one")
         for worker in self.workers:
             if not worker.alive():
-                stuck.append(f"worker {worker.index} has died")
+                why = getattr(worker, "last_error", "")
+                stuck.append(f"worker {worker.index} has died" + (f" ({why})" if why else ""))
             elif worker.busy_since and now - worker.busy_since > stall:
                 stuck.append(f"worker {worker.index} stuck in inference for "
                              f"{now - worker.busy_since:.0f}s")
@@ -264,7 +276,11 @@ class App:
             "inference": {"workers": len(self.workers), "results": self.metrics.results,
                           "errors": self.metrics.inference_errors,
                           "p50_ms": ms(p50), "p99_ms": ms(p99),
-                          "end_to_end_p50_ms": ms(e50), "end_to_end_p99_ms": ms(e99)},
+                          "end_to_end_p50_ms": ms(e50), "end_to_end_p99_ms": ms(e99),
+                          "worker_restarts": sum(getattr(w, "restarts", 0)
+                                                 for w in self.workers),
+                          "processes": [w.stats() for w in self.workers
+                                        if isinstance(w, ProcessWorker)]},
             "journal": self.journal.stats(),
         }
         if self.mqtt is not None:

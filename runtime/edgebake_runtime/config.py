@@ -19,7 +19,8 @@ SOURCE_KINDS = ("v4l2", "rtsp", "http", "replay", "synthetic")
 DEFAULTS: dict[str, Any] = {
     "device_id": "",
     "model": {"path": "/opt/edgebake/model/model.tflite", "card": ""},
-    "inference": {"workers": 1, "num_threads": 2, "score_threshold": None, "top_k": 3},
+    "inference": {"workers": 1, "num_threads": 2, "processes": True,
+                  "score_threshold": None, "top_k": 3},
     "queue": {"depth": 1},
     "sources": [],
     "journal": {"dir": "/data/results", "fsync_interval_sec": 1.0,
@@ -138,6 +139,7 @@ def validate(data: dict[str, Any], source: str) -> AppConfig:
     inf = merged["inference"]
     check.number(inf, "workers", "inference.workers", 1, 16, integer=True)
     check.number(inf, "num_threads", "inference.num_threads", 1, 16, integer=True)
+    check.boolean(inf, "processes", "inference.processes")
     check.number(inf, "score_threshold", "inference.score_threshold", 0.0, 1.0, optional=True)
     check.number(inf, "top_k", "inference.top_k", 1, 100, integer=True)
     check.number(merged["queue"], "depth", "queue.depth", 1, 64, integer=True)

@@ -57,6 +57,9 @@ def prometheus_text(snap: dict[str, Any]) -> str:
     metric("results_total", "counter", "Results produced.", [({}, inf["results"])])
     metric("inference_errors_total", "counter", "Frames whose inference failed.",
            [({}, inf["errors"])])
+    metric("worker_restarts_total", "counter",
+           "Worker processes replaced after they exited or were killed.",
+           [({}, inf.get("worker_restarts", 0))])
     metric("journal_records_total", "counter", "Records written to the journal.",
            [({}, snap["journal"]["written"])])
     metric("journal_ok", "gauge", "1 while the journal accepts writes.",

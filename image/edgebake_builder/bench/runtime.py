@@ -34,6 +34,8 @@ def bench_runtime(model: Path, replay: Path, seconds: float, threads: int) -> di
         write_card(local, work / (model.stem + ".card.json"))
         common = [str(local), str(seconds), str(threads)]
         results["raw"] = _child(["raw", *common, "1", "1", str(replay), str(work / "r0")])
+        results["raw_pair"] = _child(["raw-pair", *common, "2", "2", str(replay),
+                                      str(work / "r0")])
         results["one"] = _child(["pipeline", *common, "1", "1", str(replay), str(work / "r1")])
         results["two"] = _child(["pipeline", *common, "2", "2", str(replay), str(work / "r2")])
     results["model_mb"] = model.stat().st_size / 2**20
@@ -41,17 +43,24 @@ def bench_runtime(model: Path, replay: Path, seconds: float, threads: int) -> di
 
 
 def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
-    raw, one, two = results["raw"], results["one"], results["two"]
-    progress.say(f"raw loop (set_tensor+invoke, {threads} thread(s)): {raw['fps']:.1f} fps")
-    progress.say(f"pipeline, 1 replay source, 1 worker: {one['fps']:.1f} fps, "
+    raw, pair, one, two = results["raw"], results["raw_pair"], results["one"], results["two"]
+    progress.say(f"raw loop (set_tensor+invoke, {threads} thread(s), own process): "
+                 f"{raw['fps']:.1f} fps")
+    progress.say(f"two raw loops in two processes: {pair['fps']:.1f} fps in total; physical "
+                 f"reference 1->2: {pair['fps'] / raw['fps']:.2f}")
+    progress.say(f"pipeline, 1 replay source, 1 worker process: {one['fps']:.1f} fps, "
                  f"capture->result p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms, "
                  f"{one['drops']} frames dropped (latest wins)")
     progress.say(f"throughput ratio pipeline/raw: {one['fps'] / raw['fps']:.2f}")
-    budget = 60 + results["model_mb"]
-    progress.say(f"peak RSS of the runtime process: {one['peak_rss_mb']:.1f} MB "
-                 f"(target {budget:.1f} MB = 60 MB + model); bare loop process: "
-                 f"{raw['peak_rss_mb']:.1f} MB")
     per = ", ".join(f"{k} {v:.1f}" for k, v in two["per_source_fps"].items())
-    progress.say(f"2 sources, 2 workers: {two['fps']:.1f} fps total (captured per source: "
-                 f"{per}); scaling 1->2 sources: {two['fps'] / one['fps']:.2f}x on "
-                 f"{os.cpu_count()} cores")
+    progress.say(f"pipeline, 2 sources, 2 worker processes: {two['fps']:.1f} fps in total "
+                 f"(captured per source: {per})")
+    progress.say(f"scaling 1->2 sources: {two['fps'] / one['fps']:.2f}")
+    model_mb = results["model_mb"]
+    for label, run, workers in (("1 worker", one, 1), ("2 workers", two, 2)):
+        total = run["peak_rss_mb"] + workers * run["worker_rss_mb"]
+        progress.say(f"peak RSS, {label}: service process {run['peak_rss_mb']:.1f} MB, each "
+                     f"worker process {run['worker_rss_mb']:.1f} MB (budget 50 MB + model "
+                     f"{model_mb:.1f} MB = {50 + model_mb:.1f} MB), whole service "
+                     f"{total:.1f} MB")
+    progress.say(f"bare loop process: {raw['peak_rss_mb']:.1f} MB")

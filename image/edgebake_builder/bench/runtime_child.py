@@ -42,6 +42,20 @@ def raw_loop(model: Path, seconds: float, threads: int, replay: Path) -> dict[st
     return {"fps": count / elapsed}
 
 
+def raw_pair(model: Path, seconds: float, threads: int, replay: Path) -> dict[str, Any]:
+    """Two bare loops in two processes at once: what two cores can do with no pipeline."""
+    import json
+    import os
+    import subprocess
+
+    args = [sys.executable, "-m", "edgebake_builder.bench.runtime_child", "raw", str(model),
+            str(seconds), str(threads), "1", "1", str(replay), "-"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+             for _ in range(2)]
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    return {"fps": sum(float(o["fps"]) for o in outs)}
+
+
 def pipeline(model: Path, seconds: float, threads: int, sources: int, workers: int,
              replay: Path, results: Path) -> dict[str, Any]:
     from edgebake_runtime.app import App
@@ -82,10 +96,14 @@ def main() -> int:
     mode, model, seconds, threads, sources, workers, replay, results = sys.argv[1:9]
     if mode == "raw":
         report = raw_loop(Path(model), float(seconds), int(threads), Path(replay))
+    elif mode == "raw-pair":
+        report = raw_pair(Path(model), float(seconds), int(threads), Path(replay))
     else:
         report = pipeline(Path(model), float(seconds), int(threads), int(sources),
                           int(workers), Path(replay), Path(results))
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the largest peak among the worker processes (they have ended by now)
+    report["worker_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(report))
     return 0
 

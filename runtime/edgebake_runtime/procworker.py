@@ -1,0 +1,237 @@
+"""An inference worker in its own process, fed from the service through shared memory.
+
+A feeder thread in the service takes the freshest frame (round-robin over sources, as the
+thread worker does), copies its input tensor into a free slot and sends the slot number.
+Two slots per worker keep the process busy: the next frame is already in place when an
+invoke returns. The process replies with the slot; the outputs are copied out and handed to
+the decoder thread, so decoding never takes the worker's core.
+
+Failures: a process that exits or is killed is replaced (with backoff) and counted; until
+its replacement is ready the worker is not alive, so the unit is not healthy. A process
+that hangs keeps `busy_since`, which the watchdog check turns into "stuck": the pings stop
+and systemd restarts the service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from .card import Card
+from .frames import Frame, FrameSignal, LatestFrameQueue
+from .metrics import Metrics
+from .slots import FrameSlots
+from .worker import DecodeStage
+
+log = logging.getLogger("edgebake.worker")
+
+SLOTS = 2
+START_TIMEOUT_SEC = 120.0
+BACKOFF_START_SEC = 1.0
+BACKOFF_MAX_SEC = 30.0
+IDLE_POLL_SEC = 0.002  # a slot is free: look for a frame again this soon
+
+
+class WorkerStartError(Exception):
+    """The worker process could not load the model; the message says why."""
+
+
+class ProcessWorker:
+    def __init__(self, index: int, model: Path, card: Card, num_threads: int,
+                 queues: dict[str, LatestFrameQueue], signal_: FrameSignal, metrics: Metrics,
+                 handoff: DecodeStage) -> None:
+        self.index = index
+        self.model = model
+        self.card = card
+        self.num_threads = num_threads
+        self.queues = queues
+        self.signal = signal_
+        self.metrics = metrics
+        self.handoff = handoff
+        self.slots = FrameSlots.create(card, SLOTS)
+        self.busy_since = 0.0  # monotonic: oldest unanswered request, 0 when idle
+        self.last_done = time.monotonic()
+        self.processed = 0
+        self.restarts = 0
+        self.lost_frames = 0  # frames in flight when a process died
+        self.pid = 0
+        self.last_error = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._ready = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next = 0
+        self._token = 0
+
+    # --- the process ----------------------------------------------------------------
+    def spawn(self) -> None:
+        """Start the process and wait until it has loaded the model (or says why not)."""
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        args = [sys.executable, "-m", "edgebake_runtime.inferproc", str(self.slots.fd),
+                str(theirs.fileno()), str(self.model), str(self.num_threads), str(SLOTS),
+                str(self.card.path)]
+        try:
+            self._proc = subprocess.Popen(args, pass_fds=(self.slots.fd, theirs.fileno()),
+                                          env=env, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        if not self._conn.poll(START_TIMEOUT_SEC):
+            self._kill()
+            raise WorkerStartError(f"worker process gave no sign in {START_TIMEOUT_SEC:.0f}s")
+        try:
+            kind, detail = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._proc.wait()
+            self._kill()
+            raise WorkerStartError(f"worker process exited with {code} while loading") from None
+        if kind != "ready":
+            self._kill()
+            raise WorkerStartError(str(detail))
+        self.pid = int(detail)
+        self._ready = True
+
+    def _kill(self) -> None:
+        self._ready = False
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def alive(self) -> bool:
+        proc = self._proc
+        return (self._thread is not None and self._thread.is_alive() and self._ready
+                and proc is not None and proc.poll() is None)
+
+    # --- the feeder thread -------------------------------------------------------------
+    def start(self) -> None:
+        if not self._ready:
+            self.spawn()
+        self._thread = threading.Thread(target=self._run, name=f"worker-{self.index}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.signal.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout)
+        self._kill()
+        self.slots.close()
+
+    def _take(self) -> Frame | None:
+        order = list(self.queues)
+        for step in range(len(order)):
+            name = order[(self._next + step) % len(order)]
+            frame = self.queues[name].take()
+            if frame is not None:
+                self._next = (self._next + step + 1) % len(order)
+                return frame
+        return None
+
+    def _run(self) -> None:
+        backoff = BACKOFF_START_SEC
+        while not self._stop.is_set():
+            if not self._ready:
+                try:
+                    self.spawn()
+                    log.info("worker %d: process %d ready (restart %d)", self.index, self.pid,
+                             self.restarts)
+                except (WorkerStartError, OSError) as exc:
+                    self.last_error = str(exc)
+                    log.error("worker %d: %s; retrying in %.0fs", self.index, exc, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_SEC)
+                    continue
+            started = time.monotonic()
+            try:
+                self._feed()
+            except (EOFError, OSError, BrokenPipeError) as exc:
+                code = self._proc.poll() if self._proc is not None else None
+                self.restarts += 1
+                self.last_error = (f"process {self.pid} exited ({code})" if code is not None
+                                   else f"pipe to process {self.pid} failed: {exc}")
+                log.error("worker %d: %s; starting a new one", self.index, self.last_error)
+                self._kill()
+                if time.monotonic() - started > 2 * BACKOFF_MAX_SEC:
+                    backoff = BACKOFF_START_SEC
+                elif self.restarts > 1:
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_SEC)
+        self.busy_since = 0.0
+
+    def _feed(self) -> None:
+        """Keep both slots busy until stopped; raises when the process is gone."""
+        conn = self._conn
+        assert conn is not None
+        free = list(range(SLOTS))
+        flight: dict[int, tuple[Frame, int]] = {}
+        generation = 0
+        try:
+            while not self._stop.is_set():
+                while free:
+                    frame = self._take()
+                    if frame is None:
+                        break
+                    slot = free.pop()
+                    self._token += 1
+                    self.slots.input(slot)[...] = frame.image
+                    conn.send((slot, self._token))
+                    flight[slot] = (frame, self._token)
+                    if not self.busy_since:
+                        self.busy_since = time.monotonic()
+                if not flight:
+                    generation = self.signal.wait(generation, 0.5)
+                    continue
+                if not conn.poll(IDLE_POLL_SEC if free else 0.5):
+                    if self._proc is not None and self._proc.poll() is not None:
+                        raise EOFError("worker process exited")
+                    continue
+                slot, token, seconds, error = conn.recv()
+                frame, sent = flight.pop(slot)
+                free.append(slot)
+                now = time.monotonic()
+                self.busy_since = now if flight else 0.0
+                if token != sent:
+                    raise OSError(f"reply for token {token}, expected {sent}")
+                if error:
+                    self.metrics.inference_errors += 1
+                    log.warning("worker %d: inference failed on %s#%d: %s", self.index,
+                                frame.source, frame.seq, error)
+                    continue
+                self.last_done = now
+                self.processed += 1
+                self.metrics.inference.add(seconds)
+                outputs = [out.copy() for out in self.slots.outputs(slot)]
+                self.handoff.submit(self.index, frame, outputs, frame.placement, seconds)
+        finally:
+            if not self._stop.is_set():
+                self.lost_frames += len(flight)
+            self.busy_since = 0.0
+
+    def stats(self) -> dict[str, Any]:
+        return {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,
+                "processed": self.processed, "lost_frames": self.lost_frames,
+                "last_error": self.last_error}
+
