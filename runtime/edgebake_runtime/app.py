@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .preprocess import Preprocessor
 from .procworker import ProcessWorker
 from .sdnotify import Notifier, watchdog_interval_sec
-from .sources import Source, make_source
+from .sources import Source, StreamSource, make_source
 from .worker import DecodeStage, InferenceWorker
 
 log = logging.getLogger("edgebake")
@@ -80,6 +80,9 @@ class App:
                 started.stop()
             raise StartupError(f"model {config.model_path}: {exc}") from None
         self.preprocessor = Preprocessor(self.card)
+        for source in self.sources.values():
+            if isinstance(source, StreamSource):  # FFmpeg scales to the model's geometry
+                source.size_for = self.preprocessor.native_size
         self.mqtt: Any = None
         self._results_seen = 0
         self._last_result_at = time.monotonic()
@@ -266,7 +269,7 @@ class App:
         healthy, _, status = self.evaluate(now)
         snap: dict[str, Any] = {
             "healthy": healthy, "ready": self.ready,
-            "status": status if self.ready else self.status,
+            "status": status if self.ready or healthy else f"starting: {status}",
             "uptime_sec": round(now - self.started, 1),
             "device_id": self.config.raw["device_id"],
             "model": {"version": self.card.version, "sha256": self.card.sha256,

@@ -71,20 +71,29 @@ class Preprocessor:
             real = np.clip(real, info.min, info.max)
         self.lut = np.ascontiguousarray(real.astype(self.dtype))  # shape (3, 256)
 
+    def native_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size a frame of this size is scaled to before padding: a source that scales
+        natively (FFmpeg) delivers this size and the resize here is skipped."""
+        if self.fit != "letterbox":
+            return self.width, self.height
+        ratio = min(self.width / width, self.height / height)
+        return max(1, round(width * ratio)), max(1, round(height * ratio))
+
     def resize(self, frame: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], Placement]:
         h, w = frame.shape[:2]
         if (h, w) == (self.height, self.width):
             return frame, Placement()
-        image = _as_image(frame)
         if self.fit == "letterbox":
-            ratio = min(self.width / w, self.height / h)
-            new_w, new_h = max(1, round(w * ratio)), max(1, round(h * ratio))
+            new_w, new_h = self.native_size(w, h)
             canvas = np.zeros((self.height, self.width, 3), dtype=np.uint8)
             left, top = (self.width - new_w) // 2, (self.height - new_h) // 2
-            canvas[top:top + new_h, left:left + new_w] = np.asarray(
-                image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP))
+            canvas[top:top + new_h, left:left + new_w] = frame if (w, h) == (new_w, new_h) \
+                else np.asarray(_as_image(frame).resize((new_w, new_h),
+                                                        Image.Resampling.BILINEAR,
+                                                        reducing_gap=REDUCING_GAP))
             return canvas, Placement(new_w / self.width, new_h / self.height,
                                      left / self.width, top / self.height)
+        image = _as_image(frame)
         resized = image.resize((self.width, self.height), Image.Resampling.BILINEAR,
                                reducing_gap=REDUCING_GAP)
         return np.asarray(resized), Placement()

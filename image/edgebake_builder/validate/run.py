@@ -20,6 +20,7 @@ from ..errors import BuildError
 from ..progress import Progress
 from . import diskimage
 from .qemu import QemuMachine, console_tail, free_port
+from .rtsp import RtspServer, make_h264
 from .seed import render_seed, seed_overlay
 
 CHECKS_DIR = Path(__file__).resolve().parents[3] / "tests" / "image_checks"
@@ -149,9 +150,17 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgebake-test",
                         "-f", str(key)], check=True)
         broker = LocalBroker.start_if_available(tmp)
-        app: dict[str, Any] = {"sources": [{"name": "vivid", "kind": "v4l2",
-                                            "device": "/dev/video0", "fps": 5, "width": 640,
-                                            "height": 480, "max_age_sec": 10}]}
+        # an RTSP camera on the host, seen by the guest through QEMU's user network
+        # (small and slow: QEMU emulates the unit's CPU, and H.264 is decoded in full)
+        stream = make_h264(tmp / "stream.h264", fps=5, width=320, height=320,
+                           picture=stream_picture())
+        rtsp = RtspServer(stream, fps=5).start()
+        env["EDGEBAKE_RTSP_SOURCE"] = "rtsp"
+        app: dict[str, Any] = {"sources": [
+            {"name": "vivid", "kind": "v4l2", "device": "/dev/video0", "fps": 5, "width": 640,
+             "height": 480, "max_age_sec": 10},
+            {"name": "rtsp", "kind": "rtsp", "url": rtsp.url(QEMU_HOST_ADDRESS), "fps": 2,
+             "max_age_sec": 20}]}
         if broker is not None:
             # QEMU's user network shows the host's loopback to the guest as 10.0.2.2
             app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port}
@@ -192,6 +201,7 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                 figures = boot_figures(journal)
         finally:
             machine.stop()
+            rtsp.stop()
             if broker is not None:
                 broker.stop()
     passed, failed = merge_junit(junit_parts, test_dir / "junit.xml")
@@ -207,6 +217,18 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
 
 
 QEMU_HOST_ADDRESS = "10.0.2.2"
+
+
+def stream_picture() -> Any:
+    """A picture with a face for the RTSP stream, from scikit-image when it is installed."""
+    try:
+        import numpy as np
+        import skimage.data
+        from PIL import Image
+    except ImportError:
+        return None
+    path = Path(skimage.data.__file__).parent / "astronaut.png"
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 class LocalBroker:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from ..config import SourceConfig
 from .base import Source, SourceStats
-from .ffmpeg import FfmpegSource
 from .replay import ReplaySource
+from .stream import StreamSource
 from .synthetic import SyntheticSource
 from .v4l2 import V4l2Source
 
-__all__ = ["Source", "SourceStats", "make_source"]
+__all__ = ["Source", "SourceStats", "StreamSource", "make_source"]
 
 
 def make_source(config: SourceConfig) -> Source:
@@ -18,7 +18,7 @@ def make_source(config: SourceConfig) -> Source:
     if config.kind == "replay":
         return ReplaySource(config)
     if config.kind in ("rtsp", "http"):
-        return FfmpegSource(config)
+        return StreamSource(config)
     if config.kind == "v4l2":
         return V4l2Source(config)
     raise ValueError(f"unknown source kind {config.kind!r}")

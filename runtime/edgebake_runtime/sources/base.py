@@ -53,6 +53,9 @@ class Source:
     # A live camera never waits: the newest frame replaces an unprocessed one. A recording
     # can wait for the workers instead of reading frames only to drop them.
     can_wait = False
+    # The source thread caps reads at the configured fps; a live stream sets this False and
+    # skips frames itself, since it must be read as fast as it arrives.
+    paced = True
 
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
@@ -130,6 +133,8 @@ class Source:
             self._record(now)
             self.on_frame(Frame(source=self.name, seq=self._seq, captured_at=now,
                                 wall_time=time.time(), image=image))
+            if not self.paced:
+                continue
             next_due = max(next_due + period, now - period)
             delay = next_due - time.monotonic()
             if delay > 0 and self._stop.wait(delay):

@@ -1,4 +1,4 @@
-"""Replays a folder of images (or, through ffmpeg, a video file) at a set fps, looping."""
+"""Replays a folder of images (or, through PyAV, a video file) at a set fps, looping."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .base import CorruptFrame, Source, SourceDown, SourceFinished
-from .ffmpeg import FfmpegSource
+from .stream import StreamSource
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 DECODED_CACHE_LIMIT = 64
@@ -28,7 +28,7 @@ class ReplaySource(Source):
     can_wait = True
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._video: FfmpegSource | None = None
+        self._video: StreamSource | None = None
         self._files: list[Path] = []
         self._cache: dict[Path, np.ndarray[Any, Any]] = {}
         self._index = 0
@@ -36,9 +36,7 @@ class ReplaySource(Source):
     def open(self) -> None:
         path = Path(self.config.path)
         if path.is_file():
-            self._video = FfmpegSource(self.config, input_args=["-re", "-stream_loop",
-                                                                "-1" if self.config.loop else "0",
-                                                                "-i", str(path)])
+            self._video = StreamSource(self.config, location=str(path), live=False)
             self._video.open()
             return
         if not path.is_dir():

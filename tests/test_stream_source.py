@@ -1,0 +1,86 @@
+"""RTSP and video sources through PyAV, against a real RTSP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from edgebake_builder.validate.qemu import free_port
+from edgebake_builder.validate.rtsp import RtspServer, make_h264
+from edgebake_runtime.app import App
+from edgebake_runtime.journal import read_lines
+from PIL import Image
+from runtime_helpers import RunningApp, astronaut_path, make_config, wait_for
+
+
+@pytest.fixture(scope="module")
+def stream_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    picture = np.asarray(Image.open(astronaut_path()).convert("RGB"))
+    return make_h264(tmp_path_factory.mktemp("h264") / "astronaut.h264", seconds=3, fps=15,
+                     picture=picture)
+
+
+def rtsp_app(tmp_path: Path, model: Path, url: str, **source: Any) -> App:
+    return App(make_config(tmp_path, model, [{"name": "cam", "kind": "rtsp", "url": url,
+                                              "fps": 10, "max_age_sec": 3.0, **source}]))
+
+
+def test_rtsp_stream_gives_results(tmp_path: Path, default_model: Path,
+                                   stream_file: Path) -> None:
+    with RtspServer(stream_file, 15) as server, \
+            RunningApp(rtsp_app(tmp_path, default_model, server.url())) as running:
+        wait_for(lambda: running.app.metrics.results >= 15, 60, "15 results from RTSP")
+        health = running.health()
+        cam = health["sources"]["cam"]
+        assert cam["state"] == "up" and cam["last_frame_age_sec"] < 2.0, cam
+        # the stream runs at 15 fps; the source converts only what is due at 10 fps
+        assert 6 <= cam["fps"] <= 12, cam
+    records = list(read_lines(tmp_path / "results"))
+    assert any(r["detections"] for r in records), "no face found in the astronaut stream"
+
+
+def test_rtsp_reconnects_after_the_server_restarts(tmp_path: Path, default_model: Path,
+                                                   stream_file: Path) -> None:
+    port = free_port()
+    server = RtspServer(stream_file, 15, port=port).start()
+    app = rtsp_app(tmp_path, default_model, server.url())
+    with RunningApp(app) as running:
+        try:
+            wait_for(lambda: running.app.metrics.results >= 5, 60, "results before the restart")
+            server.stop()
+            wait_for(lambda: running.health()["sources"]["cam"]["state"] == "down", 30,
+                     "the source to notice the server is gone")
+            assert not running.health()["healthy"]
+            server = RtspServer(stream_file, 15, port=port).start()
+            count = running.app.metrics.results
+            wait_for(lambda: running.app.metrics.results > count + 5, 90,
+                     "results after the server came back")
+            cam = running.health()["sources"]["cam"]
+            assert cam["state"] == "up" and cam["reconnects"] >= 1, cam
+        finally:
+            server.stop()
+
+
+def test_a_dead_url_is_a_degraded_source_not_a_crash(tmp_path: Path,
+                                                      default_model: Path) -> None:
+    url = f"rtsp://127.0.0.1:{free_port()}/nothing-here"
+    with RunningApp(rtsp_app(tmp_path, default_model, url, max_age_sec=1.0)) as running:
+        health = wait_for(lambda: (h := running.health())["sources"]["cam"]["state"] == "down"
+                          and h, 30, "the dead URL to show as a down source")
+        assert health["sources"]["cam"]["last_error"], health["sources"]["cam"]
+        wait_for(lambda: "cam" in running.health()["status"], 10, "the status to name it")
+        assert not running.health()["healthy"]
+        _, restart_helps, _ = running.app.evaluate(time.monotonic())
+        assert not restart_helps, "a dead camera URL must not restart the service"
+
+
+def test_video_file_replay_through_pyav(tmp_path: Path, default_model: Path,
+                                        stream_file: Path) -> None:
+    config = make_config(tmp_path, default_model, [{"name": "clip", "kind": "replay",
+                                                    "path": str(stream_file), "fps": 30}])
+    with RunningApp(App(config)) as running:
+        # 3 s of video at 15 fps is 45 frames: more results than that means it looped
+        wait_for(lambda: running.app.metrics.results > 60, 60, "the clip to loop")
