@@ -24,7 +24,7 @@ def test_pi4_resolves_with_all_layers() -> None:
     for package in ("linux-image-arm64", "raspi-firmware", "python3-numpy", "openssh-server"):
         assert package in recipe["packages"]
     assert "edgebake.service" in recipe["services.enable"]
-    assert recipe["wheels"] == ["paho-mqtt"]
+    assert recipe["wheels"] == ["paho-mqtt", "av"]
     assert recipe["runtime"] == "auto" and recipe["python.version"] == "3.11"
     assert [Path(s).stem for s in recipe.sources] == [
         "base", "kernel-pi4", "python", "app", "watchdog", "ssh", "pi4"]
