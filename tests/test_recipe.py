@@ -102,7 +102,7 @@ def test_lists_append_and_minus_removes(tmp_path: Path) -> None:
 def test_mappings_deep_merge(tmp_path: Path) -> None:
     recipe = load_recipe("pi4", write(tmp_path, "app:\n  http:\n    port: 9000\n"))
     assert recipe["app"]["http"] == {"port": 9000}
-    assert recipe["app"]["sources"][0]["kind"] == "synthetic"
+    assert recipe["app"]["sources"][0]["kind"] == "v4l2-auto"
 
 
 @pytest.mark.parametrize(("text", "field", "expected"), [

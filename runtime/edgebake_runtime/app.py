@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 import threading
 import time
@@ -21,12 +23,16 @@ from .preprocess import Preprocessor
 from .procworker import ProcessWorker
 from .sdnotify import Notifier, watchdog_interval_sec
 from .sources import Source, StreamSource, make_source
+from .sources.discover import find_cameras
+from .supervise import Supervised
 from .worker import DecodeStage, InferenceWorker
 
 log = logging.getLogger("edgebake")
 SWITCH_INTERVAL_SEC = 0.0005
 # Health snapshot to MQTT (`edgebake/<device>/health`, retained) this often.
 HEALTH_TOPIC_SEC = 30.0
+# New cameras are looked for this often (udev's /dev/v4l links; a replug takes effect within it).
+CAMERA_SCAN_SEC = 2.0
 # READY=1 comes with the first result; without a camera it comes after this grace period so
 # systemd does not kill a unit that is only waiting for a camera (its status says so).
 READY_GRACE_SEC = 60.0
@@ -52,8 +58,12 @@ class App:
         inference = config.section("inference")
         depth = int(config.section("queue")["depth"])
         self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources
-                                           if s.enabled}
+                                           if s.enabled and s.kind != "v4l2-auto"}
         self.queues = {name: LatestFrameQueue(depth) for name in self.sources}
+        self._depth = depth
+        self.camera_template = next((s for s in config.sources
+                                     if s.enabled and s.kind == "v4l2-auto"), None)
+        self.scanner: Supervised | None = None
         jr = config.section("journal")
         self.journal = Journal(Path(jr["dir"]), float(jr["fsync_interval_sec"]),
                                int(jr["rotate_bytes"]), float(jr["min_free_percent"]))
@@ -141,6 +151,10 @@ class App:
             worker.start()
         for source in self.sources.values():
             source.start(self._on_frame)
+        if self.camera_template is not None:
+            self.scan_cameras()  # the cameras present at boot start at once
+            self.scanner = Supervised("camera-scan", self._scan_loop, self._stop)
+            self.scanner.start()
         http = self.config.section("http")
         if http["enabled"]:
             self.http = HealthServer(http["bind"], int(http["port"]), self.snapshot,
@@ -155,10 +169,40 @@ class App:
             self.journal.delivered = self.mqtt.cursor.position
             self.mqtt.start()
 
+    # --- cameras found by themselves --------------------------------------------------
+    def scan_cameras(self) -> list[str]:
+        """Add a v4l2 source for every capture device not yet in use; returns new names.
+
+        A camera that goes away keeps its source: it shows as down and comes back by itself
+        when the same camera (same by-id or by-path link) is plugged in again."""
+        template = self.camera_template
+        assert template is not None
+        in_use = {os.path.realpath(s.config.device) for s in list(self.sources.values())
+                  if s.config.kind == "v4l2"}
+        added = []
+        for camera in find_cameras():
+            if camera.node in in_use or camera.name in self.sources:
+                continue
+            config = dataclasses.replace(template, name=camera.name, kind="v4l2",
+                                         device=camera.device)
+            source = make_source(config)
+            self.queues[camera.name] = LatestFrameQueue(self._depth)
+            self.sources[camera.name] = source
+            in_use.add(camera.node)
+            source.start(self._on_frame)
+            added.append(camera.name)
+            log.info("camera found: %s (%s -> %s)", camera.name, camera.device, camera.node)
+        return added
+
+    def _scan_loop(self) -> None:
+        while not self._stop.wait(CAMERA_SCAN_SEC):
+            self.scan_cameras()
+
     def stop(self) -> None:
         """Stop sources first, let workers finish what is queued, then flush the journal."""
         self.notifier.stopping("stopping: draining queues and flushing results")
-        for source in self.sources.values():
+        self._stop.set()  # no camera is added from here on
+        for source in list(self.sources.values()):
             source.stop()
         deadline = time.monotonic() + 5.0
         while any(len(q) for q in self.queues.values()) and time.monotonic() < deadline:
@@ -189,7 +233,7 @@ class App:
         degraded: list[str] = []
         stall = float(self.config.section("watchdog")["stall_sec"])
         fresh_sources = 0
-        for name, source in self.sources.items():
+        for name, source in list(self.sources.items()):
             age = source.stats.frame_age(now)
             limit = source.config.max_age_sec
             if source.stats.state == "finished":
@@ -207,6 +251,8 @@ class App:
                 fresh_sources += 1
         if not self.sources:
             degraded.append("no camera found; waiting for one")
+        if self.scanner is not None and not self.scanner.alive():
+            stuck.append("camera discovery has died")
         for worker in self.workers:
             if not worker.alive():
                 why = getattr(worker, "last_error", "")
@@ -239,7 +285,7 @@ class App:
         if stuck or degraded:
             kind = "stuck" if stuck else "degraded"
             return False, bool(stuck), f"{kind}: " + "; ".join(stuck + degraded)
-        fps = sum(s.stats.fps for s in self.sources.values())
+        fps = sum(s.stats.fps for s in list(self.sources.values()))
         p50 = self.metrics.inference.percentile(50)
         latency = f", inference p50 {p50 * 1000:.1f} ms" if p50 is not None else ""
         return True, False, (f"running: {len(self.sources)} source(s) at {fps:.1f} fps total"
@@ -248,10 +294,11 @@ class App:
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
         sources = {}
-        for name, source in self.sources.items():
+        for name, source in list(self.sources.items()):
             st = source.stats
             age = st.frame_age(now)
             sources[name] = {"kind": source.config.kind, "state": st.state,
+                             "device": source.config.device,
                              "fps": round(st.fps, 2), "frames": st.frames,
                              "last_frame_age_sec": round(age, 3) if age is not None else None,
                              "queue_depth": len(self.queues[name]),

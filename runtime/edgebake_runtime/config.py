@@ -14,7 +14,8 @@ from .yamlfile import TextFileError, read_yaml
 DEVICE_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 TOPIC = r"[^$+#\x00-\x1f\x7f][^+#\x00-\x1f\x7f]{0,200}"
 ABSOLUTE_PATH = r"/[^\x00-\x1f\x7f]*"
-SOURCE_KINDS = ("v4l2", "rtsp", "http", "replay", "synthetic")
+# v4l2-auto: every V4L2 capture device present, found at start and while running
+SOURCE_KINDS = ("v4l2-auto", "v4l2", "rtsp", "http", "replay", "synthetic")
 
 DEFAULTS: dict[str, Any] = {
     "device_id": "",
@@ -218,6 +219,9 @@ def _validate_sources(check: _Checker, raw: Any) -> tuple[SourceConfig, ...]:
         if key and not entry[key]:
             raise check.fail(f"{field}.{key}", f"a value for a {entry['kind']} source", "")
         result.append(SourceConfig(**{k: entry[k] for k in SourceConfig.__dataclass_fields__}))
+    if sum(1 for s in result if s.kind == "v4l2-auto") > 1:
+        raise check.fail("sources", "at most one v4l2-auto entry (it finds every camera)",
+                         [s.name for s in result if s.kind == "v4l2-auto"])
     return tuple(result)
 
 

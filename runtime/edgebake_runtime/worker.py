@@ -57,7 +57,6 @@ class InferenceWorker:
         self.busy_since = 0.0  # monotonic start of the current invoke, 0 when idle
         self.last_done = time.monotonic()
         self.processed = 0
-        self._order = list(queues)
         self._next = 0
         self.handoff: DecodeStage | None = None
 
@@ -77,11 +76,12 @@ class InferenceWorker:
 
     def _take(self) -> Frame | None:
         """Round-robin over sources so a fast camera cannot starve a slow one."""
-        for step in range(len(self._order)):
-            name = self._order[(self._next + step) % len(self._order)]
+        order = list(self.queues)  # cameras found while running join the rotation
+        for step in range(len(order)):
+            name = order[(self._next + step) % len(order)]
             frame = self.queues[name].take()
             if frame is not None:
-                self._next = (self._next + step + 1) % len(self._order)
+                self._next = (self._next + step + 1) % len(order)
                 return frame
         return None
 

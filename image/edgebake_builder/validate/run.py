@@ -157,8 +157,9 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         rtsp = RtspServer(stream, fps=5).start()
         env["EDGEBAKE_RTSP_SOURCE"] = "rtsp"
         app: dict[str, Any] = {"sources": [
-            {"name": "vivid", "kind": "v4l2", "device": "/dev/video0", "fps": 5, "width": 640,
-             "height": 480, "max_age_sec": 10},
+            # vivid (loaded from the kernel command line) must be found by itself
+            {"name": "cameras", "kind": "v4l2-auto", "fps": 5, "width": 640, "height": 480,
+             "max_age_sec": 10},
             {"name": "rtsp", "kind": "rtsp", "url": rtsp.url(QEMU_HOST_ADDRESS), "fps": 2,
              "max_age_sec": 20}]}
         if broker is not None:

@@ -21,4 +21,6 @@ def make_source(config: SourceConfig) -> Source:
         return StreamSource(config)
     if config.kind == "v4l2":
         return V4l2Source(config)
+    if config.kind == "v4l2-auto":
+        raise ValueError("v4l2-auto is expanded into one v4l2 source per camera found")
     raise ValueError(f"unknown source kind {config.kind!r}")

@@ -43,6 +43,27 @@ def result_count(host: Any) -> int:
     return int(out.strip() or 0)
 
 
+def camera_name() -> str:
+    """The V4L2 camera the unit found by itself (vivid under QEMU)."""
+    snap = wait(lambda: (h := health()) and any(s["kind"] == "v4l2"
+                                                for s in h["sources"].values()) and h,
+                120, "a V4L2 camera to be found")
+    return next(n for n, s in snap["sources"].items() if s["kind"] == "v4l2")
+
+
+def test_the_camera_was_found_by_itself(host: Any) -> None:
+    """No device path in the seed: vivid's node is found and named by its /dev/v4l link,
+    and the capture-less nodes vivid also makes (output, metadata, radio) are left out."""
+    camera_name()  # waits for the service
+    cameras = {n: s for n, s in health()["sources"].items() if s["kind"] == "v4l2"}
+    assert len(cameras) == 1, cameras
+    (name, source), = cameras.items()
+    assert source["device"].startswith("/dev/v4l/"), source
+    assert "vivid" in name, name
+    nodes = host.run("ls /dev/video*").stdout.split()
+    assert len(nodes) > 1, nodes  # vivid makes more than one node; only one captures video
+
+
 def main_pid(host: Any) -> int:
     return int(host.run("systemctl show -p MainPID --value edgebake").stdout.strip() or 0)
 
@@ -74,7 +95,7 @@ def test_results_appear_in_the_journal(host: Any, manifest: dict[str, Any]) -> N
     wait(lambda: result_count(host) >= 5, 180, "5 results on /data")
     last = host.run(f"tail -n 20 $(ls {RESULTS}/results-*.jsonl | tail -n 1)").stdout
     records = [json.loads(line) for line in last.splitlines()]
-    assert any(r["source"] == "vivid" for r in records), [r["source"] for r in records]
+    assert any(r["source"] == camera_name() for r in records), [r["source"] for r in records]
     assert all(r["task"] == manifest["model"]["card"]["task"] for r in records)
 
 
@@ -95,7 +116,7 @@ def test_rtsp_camera_on_the_host_gives_results(host: Any) -> None:
 
 def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str, Any]) -> None:
     snap = wait(lambda: (h := health()) and h.get("healthy") and h, 120, "a healthy /health")
-    vivid = snap["sources"]["vivid"]
+    vivid = snap["sources"][camera_name()]
     assert vivid["state"] == "up" and vivid["last_frame_age_sec"] < 10
     assert snap["model"]["sha256"] == manifest["model"]["sha256"]
     assert snap["device_id"] == "qemu-test-unit"
@@ -124,7 +145,7 @@ def test_results_arrive_over_mqtt() -> None:
     finally:
         client.loop_stop()
         client.disconnect()
-    assert {r["source"] for r in received} <= {"vivid", "rtsp"}
+    assert {r["source"] for r in received} <= {camera_name(), "rtsp"}
 
 
 def test_service_hardening_exposure(host: Any) -> None:
@@ -171,10 +192,11 @@ def test_camera_unplugged_and_replugged_without_a_restart(host: Any) -> None:
     source goes down and comes back; the service is never restarted."""
     wait(lambda: health().get("healthy"), 120, "a healthy unit before the unplug")
     pid = main_pid(host)
+    name = camera_name()
     device = host.run("ls /sys/bus/platform/drivers/vivid/ | grep vivid").stdout.split()[0]
     host.run(f"echo {device} > /sys/bus/platform/drivers/vivid/unbind")
     try:
-        down = wait(lambda: (h := health())["sources"]["vivid"]["state"] != "up" and h, 60,
+        down = wait(lambda: (h := health())["sources"][name]["state"] != "up" and h, 60,
                     "the source to go down")
         assert down["healthy"] is False
     finally:
