@@ -38,6 +38,7 @@ def bench_runtime(model: Path, replay: Path, seconds: float, threads: int) -> di
                                       str(work / "r0")])
         results["one"] = _child(["pipeline", *common, "1", "1", str(replay), str(work / "r1")])
         results["two"] = _child(["pipeline", *common, "2", "2", str(replay), str(work / "r2")])
+        results["rtsp"] = _child(["rtsp", *common, "1", "1", str(replay), str(work / "r3")])
     results["model_mb"] = model.stat().st_size / 2**20
     return results
 
@@ -64,3 +65,7 @@ def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
                      f"{model_mb:.1f} MB = {50 + model_mb:.1f} MB), whole service "
                      f"{total:.1f} MB")
     progress.say(f"bare loop process: {raw['peak_rss_mb']:.1f} MB")
+    rt = results["rtsp"]
+    progress.say(f"RTSP (H.264 640x480 at {rt['stream_fps']} fps from 127.0.0.1, PyAV): "
+                 f"{rt['fps']:.1f} results/s, decode+scale {rt['decode_ms']:.2f} ms per frame, "
+                 f"capture->result p50 {rt['p50_ms']:.2f} ms, p99 {rt['p99_ms']:.2f} ms")

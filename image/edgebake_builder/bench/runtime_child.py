@@ -56,16 +56,15 @@ def raw_pair(model: Path, seconds: float, threads: int, replay: Path) -> dict[st
     return {"fps": sum(float(o["fps"]) for o in outs)}
 
 
-def pipeline(model: Path, seconds: float, threads: int, sources: int, workers: int,
-             replay: Path, results: Path) -> dict[str, Any]:
+def run_app(model: Path, seconds: float, threads: int, workers: int,
+            sources: list[dict[str, Any]], results: Path) -> dict[str, Any]:
     from edgebake_runtime.app import App
     from edgebake_runtime.config import validate
 
     config = validate({
         "model": {"path": str(model), "card": ""},
         "inference": {"workers": workers, "num_threads": threads},
-        "sources": [{"name": f"replay{i}", "kind": "replay", "path": str(replay),
-                     "fps": 1000} for i in range(sources)],
+        "sources": sources,
         "journal": {"dir": str(results), "fsync_interval_sec": 1.0},
         "http": {"enabled": False},
     }, "bench")
@@ -92,10 +91,47 @@ def pipeline(model: Path, seconds: float, threads: int, sources: int, workers: i
             "per_source_fps": {n: s["fps"] for n, s in snap["sources"].items()}}
 
 
+def pipeline(model: Path, seconds: float, threads: int, sources: int, workers: int,
+             replay: Path, results: Path) -> dict[str, Any]:
+    return run_app(model, seconds, threads, workers,
+                   [{"name": f"replay{i}", "kind": "replay", "path": str(replay), "fps": 1000}
+                    for i in range(sources)], results)
+
+
+def rtsp(model: Path, seconds: float, threads: int, replay: Path, results: Path
+         ) -> dict[str, Any]:
+    """An H.264 stream (640x480, 25 fps) served on 127.0.0.1 by the bench itself."""
+    import av
+    from edgebake_runtime.card import card_path_for, load_card
+    from edgebake_runtime.preprocess import Preprocessor
+
+    from edgebake_builder.validate.rtsp import RtspServer, make_h264
+
+    picture = np.asarray(Image.open(sorted(replay.iterdir())[0]).convert("RGB"))
+    fps = 25
+    clip = make_h264(results.parent / "bench.h264", seconds=8, fps=fps, picture=picture)
+    size = Preprocessor(load_card(card_path_for(model))).native_size(640, 480)
+    frames, began = 0, time.perf_counter()
+    with av.open(str(clip)) as container:  # what the source pays per frame
+        for frame in container.decode(video=0):
+            frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
+            frames += 1
+    decode_ms = (time.perf_counter() - began) / frames * 1000
+    with RtspServer(clip, fps) as server:
+        report = run_app(model, seconds, threads, 1,
+                         [{"name": "rtsp", "kind": "rtsp", "url": server.url(), "fps": fps}],
+                         results)
+    report["decode_ms"] = decode_ms
+    report["stream_fps"] = fps
+    return report
+
+
 def main() -> int:
     mode, model, seconds, threads, sources, workers, replay, results = sys.argv[1:9]
     if mode == "raw":
         report = raw_loop(Path(model), float(seconds), int(threads), Path(replay))
+    elif mode == "rtsp":
+        report = rtsp(Path(model), float(seconds), int(threads), Path(replay), Path(results))
     elif mode == "raw-pair":
         report = raw_pair(Path(model), float(seconds), int(threads), Path(replay))
     else:
