@@ -65,6 +65,25 @@ class LatestFrameQueue:
             return items
 
 
+class RoundRobin:
+    """Takes the next frame from the queues in turn, so a fast camera cannot starve a slow
+    one; queues added while running (cameras found later) join the rotation."""
+
+    def __init__(self, queues: dict[str, LatestFrameQueue]) -> None:
+        self.queues = queues
+        self._next = 0
+
+    def take(self) -> Frame | None:
+        order = list(self.queues)
+        for step in range(len(order)):
+            name = order[(self._next + step) % len(order)]
+            frame = self.queues[name].take()
+            if frame is not None:
+                self._next = (self._next + step + 1) % len(order)
+                return frame
+        return None
+
+
 class FrameSignal:
     """Wakes idle workers when any queue gets a frame (one condition for all sources)."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .card import Card
-from .frames import Frame, FrameSignal, LatestFrameQueue
+from .frames import Frame, FrameSignal, LatestFrameQueue, RoundRobin
 from .metrics import Metrics
 from .slots import FrameSlots
 from .worker import DecodeStage
@@ -70,7 +70,7 @@ class ProcessWorker:
         self._ready = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._next = 0
+        self._frames = RoundRobin(queues)
         self._token = 0
 
     # --- the process ----------------------------------------------------------------
@@ -140,16 +140,6 @@ class ProcessWorker:
         self._kill()
         self.slots.close()
 
-    def _take(self) -> Frame | None:
-        order = list(self.queues)
-        for step in range(len(order)):
-            name = order[(self._next + step) % len(order)]
-            frame = self.queues[name].take()
-            if frame is not None:
-                self._next = (self._next + step + 1) % len(order)
-                return frame
-        return None
-
     def _run(self) -> None:
         backoff = BACKOFF_START_SEC
         while not self._stop.is_set():
@@ -191,7 +181,7 @@ class ProcessWorker:
         try:
             while not self._stop.is_set():
                 while free:
-                    frame = self._take()
+                    frame = self._frames.take()
                     if frame is None:
                         break
                     slot = free.pop()

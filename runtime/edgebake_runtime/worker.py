@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .card import Card
-from .frames import Frame, FrameSignal, LatestFrameQueue
+from .frames import Frame, FrameSignal, LatestFrameQueue, RoundRobin
 from .interp import load_interpreter
 from .metrics import Metrics
 from .postprocess import decoder_for
@@ -57,7 +57,7 @@ class InferenceWorker:
         self.busy_since = 0.0  # monotonic start of the current invoke, 0 when idle
         self.last_done = time.monotonic()
         self.processed = 0
-        self._next = 0
+        self._frames = RoundRobin(queues)
         self.handoff: DecodeStage | None = None
 
     def start(self) -> None:
@@ -74,21 +74,10 @@ class InferenceWorker:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _take(self) -> Frame | None:
-        """Round-robin over sources so a fast camera cannot starve a slow one."""
-        order = list(self.queues)  # cameras found while running join the rotation
-        for step in range(len(order)):
-            name = order[(self._next + step) % len(order)]
-            frame = self.queues[name].take()
-            if frame is not None:
-                self._next = (self._next + step + 1) % len(order)
-                return frame
-        return None
-
     def _run(self) -> None:
         generation = 0
         while not self._stop.is_set():
-            frame = self._take()
+            frame = self._frames.take()
             if frame is None:
                 generation = self.signal.wait(generation, 0.5)
                 continue
