@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
+import io
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -84,3 +87,44 @@ def test_video_file_replay_through_pyav(tmp_path: Path, default_model: Path,
     with RunningApp(App(config)) as running:
         # 3 s of video at 15 fps is 45 frames: more results than that means it looped
         wait_for(lambda: running.app.metrics.results > 60, 60, "the clip to loop")
+
+
+class MjpegHandler(http.server.BaseHTTPRequestHandler):
+    """multipart/x-mixed-replace JPEG frames, as IP cameras serve them."""
+
+    frame = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        try:
+            while True:
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                 + str(len(self.frame)).encode() + b"\r\n\r\n" + self.frame
+                                 + b"\r\n")
+                time.sleep(0.05)
+        except OSError:
+            return
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_http_mjpeg_camera_gives_results(tmp_path: Path, default_model: Path) -> None:
+    buf = io.BytesIO()
+    Image.open(astronaut_path()).convert("RGB").save(buf, "JPEG")
+    MjpegHandler.frame = buf.getvalue()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MjpegHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/video.mjpg"
+    config = make_config(tmp_path, default_model, [{"name": "ipcam", "kind": "http",
+                                                    "url": url, "fps": 10}])
+    try:
+        with RunningApp(App(config)) as running:
+            wait_for(lambda: running.app.metrics.results >= 10, 60, "results from MJPEG")
+            assert running.health()["sources"]["ipcam"]["state"] == "up"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert any(r["detections"] for r in read_lines(tmp_path / "results"))
