@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .preprocess import Preprocessor
 from .procworker import ProcessWorker
 from .sdnotify import Notifier, watchdog_interval_sec
-from .sources import Source, StreamSource, make_source
+from .sources import Source, make_source
 from .sources.discover import find_cameras
 from .supervise import Supervised
 from .worker import DecodeStage, InferenceWorker
@@ -90,9 +90,8 @@ class App:
                 started.stop()
             raise StartupError(f"model {config.model_path}: {exc}") from None
         self.preprocessor = Preprocessor(self.card)
-        for source in self.sources.values():
-            if isinstance(source, StreamSource):  # FFmpeg scales to the model's geometry
-                source.size_for = self.preprocessor.native_size
+        for source in self.sources.values():  # FFmpeg or PIL scale to the model's geometry
+            source.size_for = self.preprocessor.native_size
         self.mqtt: Any = None
         self._results_seen = 0
         self._last_result_at = time.monotonic()
@@ -136,10 +135,9 @@ class App:
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        if not self.config.section("inference")["processes"]:
-            # Thread workers spend most of their time in invoke() without the GIL; when it
-            # returns they must get it back quickly, not after a 5 ms slice of a source thread.
-            sys.setswitchinterval(SWITCH_INTERVAL_SEC)
+        # Workers (threads in invoke(), or feeders waiting on their process) must get the
+        # GIL back as soon as they wake, not after a 5 ms slice of a source or decoder thread.
+        sys.setswitchinterval(SWITCH_INTERVAL_SEC)
         try:
             self.journal.open()
         except OSError as exc:
@@ -186,6 +184,7 @@ class App:
             config = dataclasses.replace(template, name=camera.name, kind="v4l2",
                                          device=camera.device)
             source = make_source(config)
+            source.size_for = self.preprocessor.native_size
             self.queues[camera.name] = LatestFrameQueue(self._depth)
             self.sources[camera.name] = source
             in_use.add(camera.node)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +49,15 @@ class Card:
     def sha256(self) -> str:
         return str(self.data["sha256"])
 
-    @property
+    @cached_property  # read per frame by the decoders
     def inputs(self) -> list[TensorSpec]:
         return [TensorSpec.from_json(t) for t in self.data["inputs"]]
 
-    @property
+    @cached_property  # read per frame by the decoders
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec.from_json(t) for t in self.data["outputs"]]
 
-    @property
+    @cached_property  # read per frame by the decoders
     def labels(self) -> list[str]:
         return [str(x) for x in self.data.get("labels") or []]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -85,16 +87,34 @@ class RoundRobin:
 
 
 class FrameSignal:
-    """Wakes idle workers when any queue gets a frame (one condition for all sources)."""
+    """Wakes idle workers when any queue gets a frame (one condition for all sources).
+
+    A worker that must also watch a pipe (a process worker's feeder) subscribes an eventfd
+    instead, and waits on both at once in select()."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._generation = 0
+        self._fds: list[int] = []
+
+    def subscribe(self) -> int:
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        with self._cond:
+            self._fds = [*self._fds, fd]
+        return fd
+
+    def unsubscribe(self, fd: int) -> None:
+        with self._cond:  # under the lock: notify never writes to a closed (reused) fd
+            self._fds = [f for f in self._fds if f != fd]
+            os.close(fd)
 
     def notify(self) -> None:
         with self._cond:
             self._generation += 1
             self._cond.notify_all()
+            for fd in self._fds:
+                with contextlib.suppress(BlockingIOError):  # the counter is full: awake anyway
+                    os.eventfd_write(fd, 1)
 
     def wait(self, seen: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout

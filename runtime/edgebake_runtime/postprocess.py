@@ -95,6 +95,14 @@ def _iou(box: Array, others: Array) -> Array:
     return ratio
 
 
+def _logit(probability: float) -> float:
+    if probability <= 0.0:
+        return -np.inf
+    if probability >= 1.0:
+        return np.inf
+    return float(np.log(probability / (1.0 - probability)))
+
+
 def blazeface(card: Card, outputs: list[Array], placement: Placement, threshold: float | None,
               top_k: int) -> Result:
     opts = card.postprocessing["blazeface"]
@@ -109,11 +117,14 @@ def blazeface(card: Card, outputs: list[Array], placement: Placement, threshold:
     if anchors.shape[0] != raw_scores.size:
         raise ValueError(f"card anchors ({anchors.shape[0]}) do not match the model's "
                          f"{raw_scores.size} outputs")
-    scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores.astype(np.float64), -100.0, 100.0)))
     limit = threshold if threshold is not None else float(opts["score_threshold"])
-    keep = np.nonzero(scores >= limit)[0]
+    # The sigmoid is monotonic: compare the logits with the threshold's logit and take the
+    # sigmoid of the few anchors kept, not of all of them.
+    keep = np.nonzero(raw_scores >= _logit(limit))[0]
     if keep.size == 0:
         return {"task": "blazeface", "detections": []}
+    kept_scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores[keep].astype(np.float64),
+                                                -100.0, 100.0)))
     r = regs[keep]
     a = anchors[keep]
     cx = r[:, 0] / size + a[:, 0]
@@ -124,8 +135,8 @@ def blazeface(card: Card, outputs: list[Array], placement: Placement, threshold:
     n_kp = int(opts.get("num_keypoints", 6))
     kps = np.stack([r[:, 4:4 + 2 * n_kp:2] / size + a[:, :1],
                     r[:, 5:5 + 2 * n_kp:2] / size + a[:, 1:2]], axis=-1)
-    order = np.argsort(-scores[keep])
-    boxes, kps, s = boxes[order], kps[order], scores[keep][order]
+    order = np.argsort(-kept_scores)
+    boxes, kps, s = boxes[order], kps[order], kept_scores[order]
     detections: list[dict[str, Any]] = []
     iou_limit = float(opts.get("iou_threshold", 0.3))
     remaining = np.arange(len(s))

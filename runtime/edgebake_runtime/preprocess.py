@@ -39,10 +39,11 @@ def _as_image(frame: np.ndarray[Any, Any]) -> Image.Image:
 
 
 class Preprocessor:
-    """Resize (stretch or letterbox), then one lookup table maps uint8 pixels to input values.
+    """Resize (stretch or letterbox), then map uint8 pixels to input values.
 
-    A per-pixel affine map of uint8 values has only 256 possible results per channel, so the
-    normalisation and quantisation are computed once, not per frame.
+    Float inputs are an affine map per channel. Quantised inputs use a lookup table: a
+    per-pixel map of uint8 values has only 256 results per channel, so rounding and clipping
+    are computed once, not per frame.
     """
 
     def __init__(self, card: Card) -> None:
@@ -64,6 +65,12 @@ class Preprocessor:
             lo, hi = (float(v) for v in pre.get("range", [0.0, 1.0]))
             real = values[None, :] / 255.0 * (hi - lo) + lo
         real = np.broadcast_to(real, (3, 256))[: self.channels]
+        # Float inputs with the same map for every channel (the usual range or mean/std):
+        # value * scale + offset in two native passes, ten times faster than a table lookup
+        # per channel on a strided output. Anything else uses the tables.
+        self.affine: tuple[Any, Any] | None = None
+        if self.dtype.kind == "f" and np.all(real == real[0]):
+            self.affine = (self.dtype.type(real[0, 1] - real[0, 0]), self.dtype.type(real[0, 0]))
         if self.dtype.kind in "iu":
             if spec.scale > 0:
                 real = np.round(real / spec.scale + spec.zero_point)
@@ -106,6 +113,11 @@ class Preprocessor:
             resized = np.asarray(Image.fromarray(resized).convert("L"))[:, :, None]
         shape = (1, self.height, self.width, self.channels)
         target = out if out is not None else np.empty(shape, self.dtype)
+        if self.affine is not None:
+            scale, offset = self.affine
+            np.multiply(resized, scale, out=target[0], casting="unsafe")
+            target[0] += offset
+            return target, placement
         for channel in range(self.channels):
             np.take(self.lut[channel], resized[:, :, channel], out=target[0, :, :, channel])
         return target, placement

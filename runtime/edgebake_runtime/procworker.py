@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -38,7 +39,7 @@ SLOTS = 2
 START_TIMEOUT_SEC = 120.0
 BACKOFF_START_SEC = 1.0
 BACKOFF_MAX_SEC = 30.0
-IDLE_POLL_SEC = 0.002  # a slot is free: look for a frame again this soon
+WAIT_SEC = 0.5  # with nothing happening, check this often that the process still lives
 
 
 class WorkerStartError(Exception):
@@ -172,12 +173,16 @@ class ProcessWorker:
         self.busy_since = 0.0
 
     def _feed(self) -> None:
-        """Keep both slots busy until stopped; raises when the process is gone."""
+        """Keep both slots busy until stopped; raises when the process is gone.
+
+        One select() waits for whichever comes first, a reply or a new frame, so a free
+        slot is refilled the moment a frame arrives and the process never waits on a poll.
+        """
         conn = self._conn
         assert conn is not None
         free = list(range(SLOTS))
         flight: dict[int, tuple[Frame, int]] = {}
-        generation = 0
+        wake = self.signal.subscribe()
         try:
             while not self._stop.is_set():
                 while free:
@@ -191,34 +196,43 @@ class ProcessWorker:
                     flight[slot] = (frame, self._token)
                     if not self.busy_since:
                         self.busy_since = time.monotonic()
-                if not flight:
-                    generation = self.signal.wait(generation, 0.5)
-                    continue
-                if not conn.poll(IDLE_POLL_SEC if free else 0.5):
-                    if self._proc is not None and self._proc.poll() is not None:
+                readable, _, _ = select.select([conn.fileno(), wake], [], [], WAIT_SEC)
+                if wake in readable:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(wake)
+                if conn.fileno() not in readable:
+                    if not readable and self._proc is not None and \
+                            self._proc.poll() is not None:
                         raise EOFError("worker process exited")
                     continue
-                slot, token, seconds, error = conn.recv()
-                frame, sent = flight.pop(slot)
-                free.append(slot)
-                now = time.monotonic()
-                self.busy_since = now if flight else 0.0
-                if token != sent:
-                    raise OSError(f"reply for token {token}, expected {sent}")
-                if error:
-                    self.metrics.inference_errors += 1
-                    log.warning("worker %d: inference failed on %s#%d: %s", self.index,
-                                frame.source, frame.seq, error)
-                    continue
-                self.last_done = now
-                self.processed += 1
-                self.metrics.inference.add(seconds)
-                outputs = [out.copy() for out in self.slots.outputs(slot)]
-                self.handoff.submit(self.index, frame, outputs, frame.placement, seconds)
+                if not flight:
+                    raise OSError("the worker process spoke without a request")
+                self._take_reply(conn, flight, free)
         finally:
+            self.signal.unsubscribe(wake)
             if not self._stop.is_set():
                 self.lost_frames += len(flight)
             self.busy_since = 0.0
+
+    def _take_reply(self, conn: Connection, flight: dict[int, tuple[Frame, int]],
+                    free: list[int]) -> None:
+        slot, token, seconds, error = conn.recv()
+        frame, sent = flight.pop(slot)
+        free.append(slot)
+        now = time.monotonic()
+        self.busy_since = now if flight else 0.0
+        if token != sent:
+            raise OSError(f"reply for token {token}, expected {sent}")
+        if error:
+            self.metrics.inference_errors += 1
+            log.warning("worker %d: inference failed on %s#%d: %s", self.index,
+                        frame.source, frame.seq, error)
+            return
+        self.last_done = now
+        self.processed += 1
+        self.metrics.inference.add(seconds)
+        outputs = [out.copy() for out in self.slots.outputs(slot)]
+        self.handoff.submit(self.index, frame, outputs, frame.placement, seconds)
 
     def stats(self) -> dict[str, Any]:
         return {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,

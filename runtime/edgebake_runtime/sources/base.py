@@ -65,6 +65,9 @@ class Source:
         self._thread: threading.Thread | None = None
         self._seq = 0
         self.on_frame: Callable[[Frame], None] = lambda frame: None
+        # Set by the service: the size a WxH frame should have for the model. A source that
+        # can scale in native code (FFmpeg, PIL at decode) delivers frames at that size.
+        self.size_for: Callable[[int, int], tuple[int, int]] | None = None
 
     # --- to implement -------------------------------------------------------------------
     def open(self) -> None:

@@ -9,7 +9,7 @@ the configured fps and loops when `loop` is set.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,6 @@ class StreamSource(Source):
         self._next_due = 0.0
         # (source width, height) -> output size; set by the service to the model's input
         # geometry so FFmpeg's scaler does the resize once
-        self.size_for: Callable[[int, int], tuple[int, int]] | None = None
 
     def open(self) -> None:
         av = _av()

@@ -125,7 +125,7 @@ class V4l2Source(Source):
         fcntl.ioctl(self._fd, VIDIOC_QBUF, buf)
         width, height = self._size
         if self._format == MJPEG:
-            return decode_image(data, self.config.device)
+            return decode_image(data, self.config.device, self.size_for)
         if used < width * height * 2:
             raise CorruptFrame(f"short YUYV frame: {used} bytes")
         return yuyv_to_rgb(data, width, height)
