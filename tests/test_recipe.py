@@ -143,8 +143,8 @@ def test_invalid_yaml_and_missing_files(tmp_path: Path) -> None:
         load_recipe("pi4", write(tmp_path, "name: x\n  bad: [\n"))
     with pytest.raises(BuildError, match=r"recipe file not found"):
         load_recipe("pi4", tmp_path / "nope.yaml")
-    with pytest.raises(BuildError, match=r"unknown target 'pi5'; available: .*pi4"):
-        load_recipe("pi5")
+    with pytest.raises(BuildError, match=r"unknown target 'pi9'; available: .*pi4"):
+        load_recipe("pi9")
     with pytest.raises(RecipeError, match=r"layers: expected one of .*base"):
         load_recipe("pi4", write(tmp_path, "layers: [nosuchlayer]\n", "l.yaml"))
 
@@ -186,3 +186,18 @@ def test_utf16_recipe_is_read(tmp_path: Path) -> None:
     path = tmp_path / "user.yaml"
     path.write_bytes("hostname: from-notepad\n".encode("utf-16"))
     assert load_recipe("pi4", path)["hostname"] == "from-notepad"
+
+
+def test_vendor_base_targets_choose_their_own_layers() -> None:
+    on_debian = load_recipe("pi4")
+    on_vendor = load_recipe("pi4", base_image=True)
+    assert "linux-image-arm64" in on_debian["packages"]
+    assert "linux-image-arm64" not in on_vendor["packages"]
+    assert "python3-numpy" in on_vendor["packages"]
+    assert on_vendor["layout.boot_mib"] == 512 and on_vendor.base_image
+    assert load_recipe("pi5", base_image=True)["firmware.requires"] == [
+        "kernel_2712.img", "bcm2712-rpi-5-b.dtb"]
+    with pytest.raises(BuildError, match="pi5: needs a vendor image"):
+        load_recipe("pi5")
+    with pytest.raises(BuildError, match="pi4-trixie: cannot be built on a vendor image"):
+        load_recipe("pi4-trixie", base_image=True)

@@ -19,7 +19,19 @@ from .cache import sha256_file
 from .errors import BuildError
 from .progress import Progress
 from .recipe import Recipe, load_recipe
-from .steps import assemble, bootstrap, model, overlays, publish, stage, verify, wheels
+from .steps import (
+    assemble,
+    baseimage,
+    bootstrap,
+    model,
+    overlays,
+    packages,
+    publish,
+    stage,
+    vendorboot,
+    verify,
+    wheels,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS = 9
@@ -36,6 +48,8 @@ class BuildOptions:
     no_cache: bool = False
     xz_level: int = 1
     source_date_epoch: int | None = None
+    base_image: Path | None = None  # a vendor image (Raspberry Pi OS Lite) to build on
+    base_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,7 +85,13 @@ def check_app_config(recipe: Recipe) -> None:
 
 def build_image(options: BuildOptions) -> dict[str, Any]:
     started = time.monotonic()
-    recipe = load_recipe(options.target, options.recipe_file)
+    vendor = None
+    if options.base_image is not None:
+        vendor = baseimage.BaseImage(options.base_image.resolve(), options.base_sha256.lower())
+        vendor.check_args()
+    elif options.base_sha256:
+        raise BuildError("--base-sha256 given without --base")
+    recipe = load_recipe(options.target, options.recipe_file, base_image=vendor is not None)
     model_arg = options.model or recipe["model.path"]
     check_app_config(recipe)
     out_dir = (options.out_dir or REPO_ROOT / "out" / options.target).resolve()
@@ -99,14 +119,22 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
                 [r for r in model.RUNTIME_PREFERENCE if wheels.wheel_for(r, lock, target)],
                 target.python)
             progress.say(f"      runtime {runtime.name} ({runtime.reason})")
-        with progress.step("base rootfs (mmdebstrap, cached by content key)"):
-            tarball = bootstrap.bootstrap_base(recipe, progress, no_cache=options.no_cache)
+        base_info: dict[str, Any] = {}
+        if vendor is None:
+            with progress.step("base rootfs (mmdebstrap, cached by content key)"):
+                tarball = bootstrap.bootstrap_base(recipe, progress, no_cache=options.no_cache)
+        else:
+            with progress.step(f"base rootfs: import {vendor.path.name} (no mounts, cached)"):
+                tarball, base_info = baseimage.import_base(vendor, progress,
+                                                           no_cache=options.no_cache)
         with progress.step("wheels: download pinned aarch64 wheels by hash"):
             locked = wheels.select_wheels([runtime.name, *recipe["wheels"]], lock, target)
             wheel_dir = wheels.download_wheels(locked, target, progress)
         rootfs = workdir / "rootfs"
         with progress.step("install: runtime, wheels, model, users"):
             stage.extract_base(tarball, rootfs, progress)
+            if vendor is not None:
+                packages.add_missing(recipe, rootfs, base_info["packages"], progress)
             stage.install_runtime(rootfs)
             wheels.install_wheels(locked, wheel_dir, stage.inside(rootfs, stage.SITE_DIR),
                                   target, progress)
@@ -123,7 +151,10 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
             stage.lock_passwords(rootfs)
             stage.configure_services(recipe, rootfs, progress)
             stage.prepare_first_boot(recipe, rootfs)
-            stage.write_boot_config(recipe, rootfs)
+            if vendor is None:
+                stage.write_boot_config(recipe, rootfs)
+            else:
+                vendorboot.adapt(recipe, rootfs, base_info, progress)
             stage.make_data_tree(rootfs, uid, gid)
         verified: dict[str, Any] = {"ok": False, "skipped": True}
         with progress.step("verify: run the model in the target rootfs (qemu-user)"):
@@ -135,7 +166,7 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
         image_name = f"{recipe['name']}.img"
         with progress.step("assemble: genimage (MBR: FAT32 boot, ext4 root, ext4 data)"):
             stage.compile_python(rootfs, epoch, progress)
-            packages = stage.installed_packages(rootfs)
+            installed = stage.installed_packages(rootfs)
             rootfs_bytes = stage.tree_bytes(rootfs)
             stage.clamp_mtimes(rootfs, epoch)
             image = assemble.assemble(recipe, recipe_sha, rootfs, workdir, staging,
@@ -157,8 +188,14 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
                 "recipe_sources": [os.path.relpath(s, REPO_ROOT) if s.startswith(
                     str(REPO_ROOT)) else s for s in recipe.sources],
                 "recipe": recipe.as_nested(),
-                "base_key": bootstrap.base_key(recipe),
-                "packages": packages,
+                "base_key": bootstrap.base_key(recipe) if vendor is None else None,
+                "base_image": None if vendor is None else {
+                    "name": base_info["name"], "sha256": base_info["sha256"],
+                    "release": base_info["release"], "rpi_issue": base_info["rpi_issue"],
+                    "cmdline": base_info["cmdline"],
+                    "packages_added": sorted({p["name"] for p in installed}
+                                             - set(base_info["packages"]))},
+                "packages": installed,
                 "python_wheels": [{"name": w.name, "version": w.version, "sha256": w.sha256}
                                   for w in locked],
                 "model": {"path": str(model_path), "card_path": str(card_path),

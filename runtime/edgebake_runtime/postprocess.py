@@ -83,15 +83,14 @@ def blazeface_anchors(input_size: int, strides: tuple[int, ...], offset: float,
 
 
 def _iou(box: Array, others: Array) -> Array:
-    x0 = np.maximum(box[0], others[:, 0])
-    y0 = np.maximum(box[1], others[:, 1])
-    x1 = np.minimum(box[2], others[:, 2])
-    y1 = np.minimum(box[3], others[:, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    lo = np.maximum(box[:2], others[:, :2])
+    hi = np.minimum(box[2:], others[:, 2:])
+    wh = np.clip(hi - lo, 0, None)
+    inter = wh[:, 0] * wh[:, 1]
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
     union = area + areas - inter
-    ratio: Array = np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+    ratio: Array = inter / np.maximum(union, 1e-9)
     return ratio
 
 
@@ -127,14 +126,11 @@ def blazeface(card: Card, outputs: list[Array], placement: Placement, threshold:
                                                 -100.0, 100.0)))
     r = regs[keep]
     a = anchors[keep]
-    cx = r[:, 0] / size + a[:, 0]
-    cy = r[:, 1] / size + a[:, 1]
-    w = r[:, 2] / size
-    h = r[:, 3] / size
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    centre = r[:, :2] / size + a
+    half = r[:, 2:4] / (2 * size)
+    boxes = np.concatenate([centre - half, centre + half], axis=1)
     n_kp = int(opts.get("num_keypoints", 6))
-    kps = np.stack([r[:, 4:4 + 2 * n_kp:2] / size + a[:, :1],
-                    r[:, 5:5 + 2 * n_kp:2] / size + a[:, 1:2]], axis=-1)
+    kps = r[:, 4:4 + 2 * n_kp].reshape(-1, n_kp, 2) / size + a[:, None, :]
     order = np.argsort(-kept_scores)
     boxes, kps, s = boxes[order], kps[order], kept_scores[order]
     detections: list[dict[str, Any]] = []
@@ -144,15 +140,16 @@ def blazeface(card: Card, outputs: list[Array], placement: Placement, threshold:
         first = remaining[0]
         overlap = _iou(boxes[first], boxes[remaining]) > iou_limit
         group = remaining[overlap]
-        weights = s[group][:, None]
-        box = (boxes[group] * weights).sum(0) / weights.sum()
-        kp = (kps[group] * weights[:, :, None]).sum(0) / weights.sum()
+        weights = s[group]
+        total = float(weights.sum())
+        box = (weights @ boxes[group]) / total
+        kp = np.tensordot(weights, kps[group], axes=1) / total
         detections.append({
             "label": "face", "score": round(float(s[first]), 5),
             "box": _box_to_frame((float(box[0]), float(box[1]), float(box[2]), float(box[3])),
                                  placement),
             "keypoints": [[round(c, 4) for c in placement.to_frame(float(x), float(y))]
-                          for x, y in kp]})
+                          for x, y in kp.tolist()]})
         remaining = remaining[~overlap]
     return {"task": "blazeface", "detections": detections}
 

@@ -23,15 +23,21 @@ def _child(args: list[str]) -> dict[str, Any]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def bench_runtime(model: Path, replay: Path, seconds: float, threads: int) -> dict[str, Any]:
+def _with_card(model: Path, work: Path) -> Path:
     from ..modelcard import write_card
 
+    local = work / model.name
+    local.write_bytes(model.read_bytes())
+    write_card(local, work / (model.stem + ".card.json"))
+    return local
+
+
+def bench_runtime(model: Path, replay: Path, seconds: float, threads: int,
+                  heavier: Path | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgebake-bench-") as tmp:
         work = Path(tmp)
-        local = work / model.name
-        local.write_bytes(model.read_bytes())
-        write_card(local, work / (model.stem + ".card.json"))
+        local = _with_card(model, work)
         common = [str(local), str(seconds), str(threads)]
         results["raw"] = _child(["raw", *common, "1", "1", str(replay), str(work / "r0")])
         results["raw_pair"] = _child(["raw-pair", *common, "2", "2", str(replay),
@@ -39,6 +45,14 @@ def bench_runtime(model: Path, replay: Path, seconds: float, threads: int) -> di
         results["one"] = _child(["pipeline", *common, "1", "1", str(replay), str(work / "r1")])
         results["two"] = _child(["pipeline", *common, "2", "2", str(replay), str(work / "r2")])
         results["rtsp"] = _child(["rtsp", *common, "1", "1", str(replay), str(work / "r3")])
+        if heavier is not None:  # where inference, not Python, is most of each frame's cost
+            big = [str(_with_card(heavier, work)), str(seconds), str(threads)]
+            results["heavier"] = {
+                "name": heavier.stem,
+                "raw": _child(["raw", *big, "1", "1", str(replay), str(work / "h0")]),
+                "raw_pair": _child(["raw-pair", *big, "2", "2", str(replay), str(work / "h0")]),
+                "one": _child(["pipeline", *big, "1", "1", str(replay), str(work / "h1")]),
+                "two": _child(["pipeline", *big, "2", "2", str(replay), str(work / "h2")])}
     results["model_mb"] = model.stat().st_size / 2**20
     return results
 
@@ -57,6 +71,12 @@ def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
     progress.say(f"pipeline, 2 sources, 2 worker processes: {two['fps']:.1f} fps in total "
                  f"(captured per source: {per})")
     progress.say(f"scaling 1->2 sources: {two['fps'] / one['fps']:.2f}")
+    per_frame = two["service_cpu_ms"] + two["worker_cpu_ms"]
+    progress.say(f"CPU per result with 2 sources: service process {two['service_cpu_ms']:.2f} ms "
+                 f"(sources, feeders, decoding, journal), worker processes "
+                 f"{two['worker_cpu_ms']:.2f} ms (invoke p50 {two['invoke_p50_ms']:.2f} ms); "
+                 f"2 cores allow at most {2000 / per_frame:.0f} fps, a scaling of "
+                 f"{2000 / per_frame / one['fps']:.2f}")
     model_mb = results["model_mb"]
     for label, run, workers in (("1 worker", one, 1), ("2 workers", two, 2)):
         total = run["peak_rss_mb"] + workers * run["worker_rss_mb"]
@@ -69,3 +89,11 @@ def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
     progress.say(f"RTSP (H.264 640x480 at {rt['stream_fps']} fps from 127.0.0.1, PyAV): "
                  f"{rt['fps']:.1f} results/s, decode+scale {rt['decode_ms']:.2f} ms per frame, "
                  f"capture->result p50 {rt['p50_ms']:.2f} ms, p99 {rt['p99_ms']:.2f} ms")
+    heavy = results.get("heavier")
+    if heavy:
+        h1, h2 = heavy["one"], heavy["two"]
+        progress.say(f"heavier model ({heavy['name']}, invoke p50 {h1['invoke_p50_ms']:.2f} ms): "
+                     f"raw {heavy['raw']['fps']:.1f} fps, pipeline/raw "
+                     f"{h1['fps'] / heavy['raw']['fps']:.2f}, 2 sources {h2['fps']:.1f} fps")
+        progress.say(f"heavier model scaling 1->2 sources: {h2['fps'] / h1['fps']:.2f} "
+                     f"(physical reference {heavy['raw_pair']['fps'] / heavy['raw']['fps']:.2f})")

@@ -8,6 +8,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import threading
@@ -74,10 +75,14 @@ def run_app(model: Path, seconds: float, threads: int, workers: int,
     runner.start()
     while app.metrics.results < 20:
         time.sleep(0.05)
+    pids = [int(getattr(w, "pid", 0)) for w in app.workers if getattr(w, "pid", 0)]
     start_count = app.metrics.results
+    cpu_service, cpu_workers = _cpu_seconds([0]), _cpu_seconds(pids)
     started = time.monotonic()
     time.sleep(seconds)
     count = app.metrics.results - start_count
+    cpu_service = _cpu_seconds([0]) - cpu_service
+    cpu_workers = _cpu_seconds(pids) - cpu_workers
     elapsed = time.monotonic() - started
     snap = app.snapshot()
     app.request_stop()
@@ -88,7 +93,20 @@ def run_app(model: Path, seconds: float, threads: int, workers: int,
             "p99_ms": snap["inference"]["end_to_end_p99_ms"],
             "invoke_p50_ms": snap["inference"]["p50_ms"],
             "drops": sum(s["drops"] for s in snap["sources"].values()),
+            "service_cpu_ms": cpu_service / max(count, 1) * 1000,
+            "worker_cpu_ms": cpu_workers / max(count, 1) * 1000,
             "per_source_fps": {n: s["fps"] for n, s in snap["sources"].items()}}
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU time of processes (0: this one, all its threads) from /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def pipeline(model: Path, seconds: float, threads: int, sources: int, workers: int,

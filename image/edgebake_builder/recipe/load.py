@@ -26,6 +26,7 @@ class Recipe:
     target: str
     values: dict[str, Any]
     sources: list[str] = field(default_factory=list)
+    base_image: bool = False  # built on a vendor image (--base), not bootstrapped
 
     def __getitem__(self, path: str) -> Any:
         return self.values[path]
@@ -112,17 +113,22 @@ def _apply(values: dict[str, Any], flat: dict[str, Any]) -> None:
             values[path] = value
 
 
-def _split_layers(source: str, data: dict[str, Any]) -> list[str]:
-    layers = data.pop("layers", [])
+def _split_layers(source: str, data: dict[str, Any], key: str = "layers") -> list[str]:
+    layers = data.pop(key, [])
     if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
-        raise RecipeError(source, "layers", "a list of layer names", layers)
+        raise RecipeError(source, key, "a list of layer names", layers)
     return layers
 
 
 def _apply_file(values: dict[str, Any], path: Path, sources: list[str],
-                recipes_dir: Path, allow_layers: bool) -> None:
+                recipes_dir: Path, allow_layers: bool, base_image: bool = False) -> None:
     data = _read_yaml(path)
     layers = _split_layers(str(path), data) if allow_layers else []
+    if allow_layers:
+        # a target built on a vendor image (--base) has its own layer list
+        image_layers = _split_layers(str(path), data, "base_image_layers")
+        if base_image:
+            layers = image_layers
     for layer in layers:
         layer_path = recipes_dir / "layers" / f"{layer}.yaml"
         if not layer_path.is_file():
@@ -142,15 +148,27 @@ def available_targets(recipes_dir: Path = RECIPES_DIR) -> list[str]:
 
 
 def load_recipe(target: str, user_recipe: Path | None = None,
-                recipes_dir: Path = RECIPES_DIR) -> Recipe:
-    """Resolve `target` (a name under recipes/targets) plus an optional user recipe on top."""
+                recipes_dir: Path = RECIPES_DIR, base_image: bool = False) -> Recipe:
+    """Resolve `target` (a name under recipes/targets) plus an optional user recipe on top.
+
+    With `base_image`, the target's `base_image_layers` are used instead of its `layers`: the
+    build starts from a vendor image (`--base`) rather than from Debian packages."""
     target_path = recipes_dir / "targets" / f"{target}.yaml"
     if not target_path.is_file():
         raise BuildError(f"unknown target {target!r}; available: "
                          + ", ".join(available_targets(recipes_dir)))
+    declared = _read_yaml(target_path)
+    if base_image and "base_image_layers" not in declared:
+        raise BuildError(f"target {target}: cannot be built on a vendor image (--base); it "
+                         f"has no base_image_layers in {target_path}")
+    if not base_image and "layers" not in declared:
+        raise BuildError(f"target {target}: needs a vendor image: --base raspios-lite.img[.xz] "
+                         "--base-sha256 H (it has no layers of its own in "
+                         f"{target_path})")
     values = defaults()
     sources: list[str] = []
-    _apply_file(values, target_path, sources, recipes_dir, allow_layers=True)
+    _apply_file(values, target_path, sources, recipes_dir, allow_layers=True,
+                base_image=base_image)
     if user_recipe is not None:
         _apply_file(values, user_recipe, sources, recipes_dir, allow_layers=True)
-    return Recipe(target=target, values=values, sources=sources)
+    return Recipe(target=target, values=values, sources=sources, base_image=base_image)

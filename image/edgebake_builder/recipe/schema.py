@@ -57,6 +57,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Extra kernel command line arguments."),
     Setting("firmware.config_txt", StrList(Str(r"[^\r\n\x00]+", "that is one line")), [],
             "Extra lines appended to config.txt."),
+    Setting("firmware.requires", StrList(Str(r"[A-Za-z0-9_.-]+", "naming a boot partition file")),
+            [], "Files the base's boot partition must have (a vendor base is refused without "
+            "them), e.g. the Pi 5's kernel_2712.img."),
     Setting("layout.boot_mib", Int(64, 2048), 256, "Size of the FAT boot partition in MiB."),
     Setting("layout.root_free_mib", Int(16, 65536), 256,
             "Free space in MiB added to the root filesystem beyond its contents."),

@@ -90,14 +90,26 @@ def extract(image: Path, part: Partition, dest: Path) -> Path:
 
 
 def kernel_and_initrd_names(image: Path, part: Partition) -> tuple[str, str]:
-    """What the Pi firmware boots, from config.txt's kernel= and initramfs lines."""
-    kernel, initrd = "", ""
+    """What the Pi firmware boots on a Pi 4, from config.txt: `kernel=` and `initramfs` lines
+    (Debian's raspi-firmware), or the 64-bit defaults `kernel8.img` with `initramfs8` under
+    `auto_initramfs=1` (Raspberry Pi OS)."""
+    kernel, initrd, auto, applies = "", "", False, True
     for line in read_fat_file(image, part, "config.txt").decode().splitlines():
         line = line.strip()
+        if line.startswith("["):  # only the sections a Pi 4 reads
+            applies = line in ("[all]", "[pi4]")
+            continue
+        if not applies:
+            continue
         if line.startswith("kernel="):
             kernel = line.split("=", 1)[1].strip()
         elif line.startswith("initramfs "):
             initrd = line.split()[1]
-    if not kernel or not initrd:
-        raise BuildError(f"{image}: config.txt names no kernel= or initramfs")
+        elif line.replace(" ", "") == "auto_initramfs=1":
+            auto = True
+    kernel = kernel or "kernel8.img"
+    if not initrd and auto:
+        initrd = "initramfs8" if kernel == "kernel8.img" else kernel.replace("kernel", "initramfs")
+    if not initrd:
+        raise BuildError(f"{image}: config.txt names no initramfs (nor auto_initramfs=1)")
     return kernel, initrd

@@ -1,0 +1,151 @@
+"""A Raspberry Pi OS Lite look-alike, to test `--base` where the real image cannot be fetched.
+
+It has the vendor image's shape, which is what the import step depends on: an MBR disk with a
+FAT32 `bootfs` and an ext4 `rootfs` addressed by PARTUUID, `kernel8.img`/`kernel_2712.img` and
+`initramfs8` chosen by `auto_initramfs=1`, a `cmdline.txt` whose `init=` resizes the root on
+first boot, `/etc/rpi-issue`, Imager's `firstrun.sh` when asked, and an `rpicam-vid` that writes
+YUV420 frames. Inside is a Debian bookworm arm64 system (the pi4 target's cached base), so
+the result boots under QEMU like any edgebake image.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from ..hostcmd import run
+from ..progress import Progress
+
+DISK_SIGNATURE = 0x5A7E0B0B
+CMDLINE = ("console=serial0,115200 console=tty1 root=PARTUUID={sig:08x}-02 rootfstype=ext4 "
+           "fsck.repair=yes rootwait quiet init=/usr/lib/raspberrypi-sys-mods/firstboot\n")
+CONFIG_TXT = """# For more options and information see
+# http://rptl.io/configtxt
+dtparam=audio=on
+camera_auto_detect=1
+display_auto_detect=1
+auto_initramfs=1
+dtoverlay=vc4-kms-v3d
+max_framebuffers=2
+disable_fw_kms_setup=1
+arm_64bit=1
+disable_overscan=1
+arm_boost=1
+
+[cm4]
+otg_mode=1
+
+[all]
+"""
+FSTAB = """proc            /proc           proc    defaults          0       0
+PARTUUID={sig:08x}-01  /boot/firmware  vfat    defaults          0       2
+PARTUUID={sig:08x}-02  /               ext4    defaults,noatime  0       1
+"""
+FIRSTBOOT = """#!/bin/sh
+# look-alike of raspberrypi-sys-mods' firstboot: grows the root partition, then boots on
+echo "firstboot: would resize the root partition to fill the card" > /dev/kmsg
+exec /sbin/init
+"""
+# The real tool streams camera frames; this one streams a moving gradient in the same format
+# (raw YUV420 planes, --width/--height/--framerate, -o - to stdout, -t 0 for ever).
+RPICAM_VID = r"""#!/usr/bin/python3
+import argparse, sys, time
+p = argparse.ArgumentParser()
+p.add_argument("--width", type=int, default=640)
+p.add_argument("--height", type=int, default=480)
+p.add_argument("--framerate", type=float, default=30)
+p.add_argument("--codec", default="h264")
+p.add_argument("-t", "--timeout", type=int, default=5000)
+p.add_argument("-o", "--output", default="-")
+p.add_argument("-n", "--nopreview", action="store_true")
+p.add_argument("--flush", action="store_true")
+a, _ = p.parse_known_args()
+if a.codec != "yuv420":
+    sys.exit("look-alike rpicam-vid: only --codec yuv420 is implemented")
+w, h = a.width, a.height
+out = sys.stdout.buffer
+end = time.monotonic() + a.timeout / 1000 if a.timeout else None
+n = 0
+while end is None or time.monotonic() < end:
+    luma = bytes((x + n) & 255 for x in range(w)) * h
+    out.write(luma + bytes([128]) * (w // 2 * h // 2 * 2))
+    out.flush()
+    n += 8
+    time.sleep(1 / a.framerate)
+"""
+
+
+def make_raspios_lookalike(base_tar: Path, out: Path, progress: Progress,
+                           firstrun: bool = False, pi5: bool = True) -> Path:
+    """Write `out` (.img) from a Debian arm64 base tarball that has raspi-firmware."""
+    with tempfile.TemporaryDirectory(prefix="edgebake-lookalike-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        root = work / "rootfs"
+        root.mkdir()
+        with tarfile.open(base_tar) as tar:
+            tar.extractall(root, numeric_owner=True, filter="fully_trusted")
+        boot = work / "bootfs"
+        shutil.move(str(root / "boot" / "firmware"), boot)
+        (root / "boot" / "firmware").mkdir()
+        kernel = sorted(boot.glob("vmlinuz-*"))[-1]
+        initrd = sorted(boot.glob("initrd.img-*"))[-1]
+        for name in ("kernel8.img", *(["kernel_2712.img"] if pi5 else [])):
+            shutil.copy(kernel, boot / name)
+        for name in ("initramfs8", *(["initramfs_2712"] if pi5 else [])):
+            shutil.copy(initrd, boot / name)
+        kernel.unlink()
+        initrd.unlink()
+        if pi5:  # the Pi 5's device tree, as the vendor ships it beside the Pi 4's
+            shutil.copy(boot / "bcm2711-rpi-4-b.dtb", boot / "bcm2712-rpi-5-b.dtb")
+        (boot / "config.txt").write_text(CONFIG_TXT)
+        (boot / "cmdline.txt").write_text(CMDLINE.format(sig=DISK_SIGNATURE))
+        (boot / "issue.txt").write_text("Raspberry Pi reference (edgebake look-alike)\n")
+        if firstrun:
+            (boot / "firstrun.sh").write_text("#!/bin/bash\n# written by Imager\n"
+                                              "hostnamectl set-hostname from-imager\n"
+                                              "rm -f /boot/firmware/firstrun.sh\nexit 0\n")
+            (boot / "cmdline.txt").write_text(
+                CMDLINE.format(sig=DISK_SIGNATURE).rstrip("\n")
+                + " systemd.run=/boot/firmware/firstrun.sh systemd.run_success_action=reboot"
+                " systemd.unit=kernel-command-line.target\n")
+        (root / "etc" / "fstab").write_text(FSTAB.format(sig=DISK_SIGNATURE))
+        (root / "etc" / "rpi-issue").write_text(
+            "Raspberry Pi reference (edgebake look-alike of Raspberry Pi OS Lite)\n")
+        sysmods = root / "usr" / "lib" / "raspberrypi-sys-mods"
+        sysmods.mkdir(parents=True)
+        (sysmods / "firstboot").write_text(FIRSTBOOT)
+        (sysmods / "firstboot").chmod(0o755)
+        rpicam = root / "usr" / "bin" / "rpicam-vid"
+        rpicam.write_text(RPICAM_VID)
+        rpicam.chmod(0o755)
+        config = work / "genimage.cfg"
+        config.write_text(f"""image bootfs.vfat {{
+    vfat {{ label = "bootfs" extraargs = "-F 32" }}
+    srcpath = "{boot}"
+    size = 512M
+}}
+image rootfs.ext4 {{
+    ext4 {{ label = "rootfs" use-mke2fs = true }}
+    srcpath = "{root}"
+    size = 1600M
+}}
+image {out.name} {{
+    hdimage {{ partition-table-type = "mbr" disk-signature = 0x{DISK_SIGNATURE:08x} }}
+    partition boot {{ partition-type = 0x0C bootable = true offset = 4M
+                      image = "bootfs.vfat" }}
+    partition root {{ partition-type = 0x83 image = "rootfs.ext4" }}
+}}
+""")
+        empty = work / "empty"
+        empty.mkdir()
+        began = time.monotonic()
+        run(["genimage", "--config", config, "--rootpath", empty, "--tmppath", work / "gtmp",
+             "--inputpath", work / "parts", "--outputpath", work / "parts"], progress,
+            what="genimage (look-alike)")
+        shutil.move(str(work / "parts" / out.name), out)
+        progress.say(f"      look-alike Raspberry Pi OS Lite: {out} "
+                     f"({out.stat().st_size / 2**20:.0f} MiB, {time.monotonic() - began:.0f}s)")
+    return out
