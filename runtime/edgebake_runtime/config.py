@@ -15,7 +15,8 @@ DEVICE_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 TOPIC = r"[^$+#\x00-\x1f\x7f][^+#\x00-\x1f\x7f]{0,200}"
 ABSOLUTE_PATH = r"/[^\x00-\x1f\x7f]*"
 # v4l2-auto: every V4L2 capture device present, found at start and while running
-SOURCE_KINDS = ("v4l2-auto", "v4l2", "rtsp", "http", "replay", "synthetic")
+# rpicam: a CSI camera module through the base's rpicam-vid (Raspberry Pi OS bases)
+SOURCE_KINDS = ("v4l2-auto", "v4l2", "rpicam", "rtsp", "http", "replay", "synthetic")
 
 DEFAULTS: dict[str, Any] = {
     "device_id": "",

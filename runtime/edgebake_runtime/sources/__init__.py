@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import SourceConfig
 from .base import Source, SourceStats
 from .replay import ReplaySource
+from .rpicam import RpicamSource
 from .stream import StreamSource
 from .synthetic import SyntheticSource
 from .v4l2 import V4l2Source
@@ -21,6 +22,8 @@ def make_source(config: SourceConfig) -> Source:
         return StreamSource(config)
     if config.kind == "v4l2":
         return V4l2Source(config)
+    if config.kind == "rpicam":
+        return RpicamSource(config)
     if config.kind == "v4l2-auto":
         raise ValueError("v4l2-auto is expanded into one v4l2 source per camera found")
     raise ValueError(f"unknown source kind {config.kind!r}")

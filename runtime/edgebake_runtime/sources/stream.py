@@ -41,8 +41,6 @@ class StreamSource(Source):
         self._packets: Iterator[Any] | None = None
         self._pending: list[Any] = []
         self._next_due = 0.0
-        # (source width, height) -> output size; set by the service to the model's input
-        # geometry so FFmpeg's scaler does the resize once
 
     def open(self) -> None:
         av = _av()
