@@ -257,9 +257,10 @@ def soak(c: Context, minutes: float = 10.0, rate: float = 22000.0) -> None:
 
 
 @task(help={"out": "where to write the look-alike .img",
-            "firstrun": "add Imager's firstrun.sh and its kernel arguments"})
-def make_raspios_lookalike(c: Context, out: str = "out/raspios-lookalike.img",
-                           firstrun: bool = False) -> None:
+            "firstrun": "add Imager's firstrun.sh and its kernel arguments (bookworm)",
+            "cloud_init": "add Imager's cloud-init user-data and network-config (trixie)"})
+def make_raspios_lookalike(c: Context, out: str = "out/raspios-lookalike.img.xz",
+                           firstrun: bool = False, cloud_init: bool = False) -> None:
     """A Raspberry Pi OS Lite look-alike (its layout, names and hooks over the pi4 base), to
     try or test `build-image --base` where the real image cannot be downloaded."""
     from edgebake_builder.build import load_recipe
@@ -273,9 +274,44 @@ def make_raspios_lookalike(c: Context, out: str = "out/raspios-lookalike.img",
         tarball = bootstrap_base(load_recipe("pi4"), progress)
         path = Path(out).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
-        make(tarball, path, progress, firstrun=firstrun)
+        make(tarball, path, progress, firstrun=firstrun, cloud_init=cloud_init)
     except BuildError as exc:
         raise _fail_cleanly(exc) from None
     from edgebake_builder.cache import sha256_file
 
     print(f"{path}\nsha256 {sha256_file(path)}")
+
+
+@task(help={"rootfs": "the rootfs to change, e.g. Linux_for_Tegra/rootfs",
+            "overlay": "overlay tarball (default out/jetson-orin-nano/edgebake-overlay.tar.zst)",
+            "remove": "take a previously applied overlay out again",
+            "verify": "run the model self-check in the rootfs under qemu-user afterwards"})
+def apply_overlay(c: Context, rootfs: str, overlay: str = "", remove: bool = False,
+                  verify: bool = False) -> None:
+    """Apply the Jetson overlay to an L4T rootfs offline (idempotent), or remove it."""
+    from edgebake_builder import overlayapply
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.preflight import require_root
+    from edgebake_builder.progress import Progress
+
+    progress = Progress(1)
+    root = Path(rootfs).resolve()
+    path = Path(overlay) if overlay else ROOT / "out" / "jetson-orin-nano" / \
+        "edgebake-overlay.tar.zst"
+    try:
+        require_root()
+        if remove:
+            count = overlayapply.remove_overlay(root, progress)
+            print(f"overlay removed from {root} ({count} files)" if count else
+                  f"{root}: no edgebake overlay applied; nothing to remove")
+            return
+        result = overlayapply.apply_overlay(path.resolve(), root, progress)
+        print(f"overlay applied to {root}: {result['files']} files, {result['kept_aside']} "
+              f"of the rootfs's kept aside for --remove, edgebake.service enabled")
+        if not overlayapply.is_l4t(root):
+            print("note: this rootfs does not look like L4T (no etc/nv_tegra_release)")
+        if verify:
+            print(f"self-check: {overlayapply.verify_in_rootfs(root, progress)}")
+        print(overlayapply.NEXT_STEPS)
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None

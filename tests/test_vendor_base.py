@@ -25,8 +25,8 @@ def invoke(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="session")
 def lookalike(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("raspios") / "raspios-lite.img"
-    result = invoke("make-raspios-lookalike", "--out", str(out))
+    out = tmp_path_factory.mktemp("raspios") / "raspios-lite.img.xz"
+    result = invoke("make-raspios-lookalike", "--out", str(out), "--firstrun", "--cloud-init")
     assert result.returncode == 0, result.stderr[-2000:]
     sha = result.stdout.strip().splitlines()[-1].split()[-1]
     return out, sha
@@ -56,9 +56,10 @@ def test_manifest_names_the_base_and_what_was_added(vendor_built: dict[str, Any]
                                                      lookalike: tuple[Path, str]) -> None:
     base = vendor_built["manifest"]["base_image"]
     assert base["sha256"] == lookalike[1]
-    assert base["name"] == "raspios-lite.img"
+    assert base["name"] == "raspios-lite.img.xz"
     assert "look-alike" in base["rpi_issue"]
     assert "init=/usr/lib/raspberrypi-sys-mods/firstboot" in base["cmdline"]
+    assert "systemd.run=/boot/firmware/firstrun.sh" in base["cmdline"]
     # the look-alike is made from a base that has every package our layers list
     assert base["packages_added"] == []
     assert vendor_built["manifest"]["base_key"] is None
@@ -79,6 +80,10 @@ def test_boot_partition_keeps_the_vendor_kernel_and_fixes_cmdline(
     names = {line.rsplit("/", 1)[-1] for line in listing.split()}
     assert {"kernel8.img", "kernel_2712.img", "initramfs8", "bcm2712-rpi-5-b.dtb"} <= names
     assert [p["type"] for p in vendor_built["partitions"]["partitions"]] == ["c", "83", "83"]
+    # Imager's customisation is left for Imager's own first boot
+    assert {"firstrun.sh", "user-data", "network-config"} <= names
+    assert "systemd.run=/boot/firmware/firstrun.sh" in cmdline
+    assert "hostname: from-imager" in fat_text(vendor_built, "user-data")
 
 
 def test_setuid_bits_survive_the_import_and_units_are_enabled(

@@ -14,7 +14,7 @@ from typing import Any
 
 from edgebake_runtime.config import ConfigError, validate
 
-from . import __version__, preflight
+from . import __version__, preflight, units
 from .cache import sha256_file
 from .errors import BuildError
 from .progress import Progress
@@ -24,6 +24,7 @@ from .steps import (
     baseimage,
     bootstrap,
     model,
+    overlayout,
     overlays,
     packages,
     publish,
@@ -120,7 +121,12 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
                 target.python)
             progress.say(f"      runtime {runtime.name} ({runtime.reason})")
         base_info: dict[str, Any] = {}
-        if vendor is None:
+        overlay_only = recipe["output"] == "overlay"
+        tarball: Path | None = None
+        if vendor is None and recipe["base"] == "none":
+            with progress.step("base rootfs: none (an overlay for a rootfs made elsewhere)"):
+                progress.say("      the overlay starts from an empty tree")
+        elif vendor is None:
             with progress.step("base rootfs (mmdebstrap, cached by content key)"):
                 tarball = bootstrap.bootstrap_base(recipe, progress, no_cache=options.no_cache)
         else:
@@ -132,7 +138,10 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
             wheel_dir = wheels.download_wheels(locked, target, progress)
         rootfs = workdir / "rootfs"
         with progress.step("install: runtime, wheels, model, users"):
-            stage.extract_base(tarball, rootfs, progress)
+            if tarball is None:
+                rootfs.mkdir(parents=True)
+            else:
+                stage.extract_base(tarball, rootfs, progress)
             if vendor is not None:
                 packages.add_missing(recipe, rootfs, base_info["packages"], progress)
             stage.install_runtime(rootfs)
@@ -147,23 +156,70 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
                        "partition_labels": {k.lower(): v for k, v in
                                             assemble.PARTITION_LABELS.items()}}
             overlays.apply_overlays(recipe["overlays"], rootfs, context)
-            uid, gid = stage.create_users(rootfs, progress)
-            stage.lock_passwords(rootfs)
-            stage.configure_services(recipe, rootfs, progress)
-            stage.prepare_first_boot(recipe, rootfs)
-            if vendor is None:
-                stage.write_boot_config(recipe, rootfs)
+            units.check_units(rootfs, ["edgebake"], recipe["systemd.version"])
+            if overlay_only:  # users and ownership come when it is applied to a rootfs
+                stage.configure_services(recipe, rootfs, progress)
+                stage.make_data_tree(rootfs, 0, 0)
             else:
-                vendorboot.adapt(recipe, rootfs, base_info, progress)
-            stage.make_data_tree(rootfs, uid, gid)
+                uid, gid = stage.create_users(rootfs, progress)
+                stage.lock_passwords(rootfs)
+                stage.configure_services(recipe, rootfs, progress)
+                stage.prepare_first_boot(recipe, rootfs)
+                if vendor is None:
+                    stage.write_boot_config(recipe, rootfs)
+                else:
+                    vendorboot.adapt(recipe, rootfs, base_info, progress)
+                stage.make_data_tree(rootfs, uid, gid)
         verified: dict[str, Any] = {"ok": False, "skipped": True}
         with progress.step("verify: run the model in the target rootfs (qemu-user)"):
-            if recipe["verify.enabled"]:
+            if tarball is None:
+                progress.say("      skipped: no target rootfs to run in (apply-overlay --verify "
+                             "runs it in the real one)")
+            elif recipe["verify.enabled"]:
                 verified = verify.verify_on_target(rootfs, model_path, card_path, progress)
             else:
                 progress.say("      skipped (verify.enabled: false)")
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
         image_name = f"{recipe['name']}.img"
+        common = {
+            "edgebake_version": __version__, "target": options.target, "name": recipe["name"],
+            "recipe_sha256": recipe_sha,
+            "recipe_sources": [os.path.relpath(s, REPO_ROOT) if s.startswith(
+                str(REPO_ROOT)) else s for s in recipe.sources],
+            "recipe": recipe.as_nested(),
+            "python_wheels": [{"name": w.name, "version": w.version, "sha256": w.sha256}
+                              for w in locked],
+            "model": {"path": str(model_path), "card_path": str(card_path),
+                      "sha256": prepared.card["sha256"], "card": prepared.card,
+                      "verified_on_target": bool(verified.get("ok")),
+                      "target_runtime": {k: verified.get(k) for k in
+                                         ("runtime", "runtime_version", "max_deviation")},
+                      "runtime": {"name": runtime.name, "reason": runtime.reason,
+                                  "version": next(w.version for w in locked
+                                                  if w.name == runtime.name)}},
+            "source_date_epoch": epoch,
+        }
+        if overlay_only:
+            with progress.step("overlay: .tar.zst of what edgebake adds"):
+                rootfs_bytes = stage.tree_bytes(rootfs)
+                stage.clamp_mtimes(rootfs, epoch)
+                overlay = overlayout.write_overlay(rootfs, staging, epoch, progress)
+            with progress.step("publish: SHA256SUMS, manifest.json"):
+                manifest = {**common, "overlay": overlay.name,
+                            "overlay_sha256": sha256_file(overlay),
+                            "overlay_bytes": overlay.stat().st_size,
+                            "systemd_version": recipe["systemd.version"],
+                            "rootfs_bytes": rootfs_bytes,
+                            "build_seconds": round(time.monotonic() - started, 1)}
+                publish.write_json(staging / "manifest.json", manifest)
+                names = [overlay.name, "manifest.json"]
+                publish.write_sums(staging, names)
+                publish.move_into_place(staging, out_dir, [*names, "SHA256SUMS"])
+            progress.say(f"overlay: {out_dir / overlay.name} "
+                         f"({manifest['overlay_bytes'] / 2**20:.1f} MiB, {rootfs_bytes / 2**20:.0f}"
+                         f" MiB unpacked) in {manifest['build_seconds']:.0f}s; apply it with "
+                         f"`invoke apply-overlay --rootfs Linux_for_Tegra/rootfs`")
+            return manifest
         with progress.step("assemble: genimage (MBR: FAT32 boot, ext4 root, ext4 data)"):
             stage.compile_python(rootfs, epoch, progress)
             installed = stage.installed_packages(rootfs)
@@ -175,19 +231,13 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
             xz_path = publish.compress(image, options.xz_level, progress)
             bmap = publish.make_bmap(image, progress)
             manifest = {
-                "edgebake_version": __version__,
-                "target": options.target,
-                "name": recipe["name"],
+                **common,
                 "image": image.name,
                 "image_xz": xz_path.name,
                 "bmap": bmap.name,
                 "image_sha256": sha256_file(image),
                 "image_bytes": image.stat().st_size,
                 "image_xz_bytes": xz_path.stat().st_size,
-                "recipe_sha256": recipe_sha,
-                "recipe_sources": [os.path.relpath(s, REPO_ROOT) if s.startswith(
-                    str(REPO_ROOT)) else s for s in recipe.sources],
-                "recipe": recipe.as_nested(),
                 "base_key": bootstrap.base_key(recipe) if vendor is None else None,
                 "base_image": None if vendor is None else {
                     "name": base_info["name"], "sha256": base_info["sha256"],
@@ -196,19 +246,8 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
                     "packages_added": sorted({p["name"] for p in installed}
                                              - set(base_info["packages"]))},
                 "packages": installed,
-                "python_wheels": [{"name": w.name, "version": w.version, "sha256": w.sha256}
-                                  for w in locked],
-                "model": {"path": str(model_path), "card_path": str(card_path),
-                          "sha256": prepared.card["sha256"], "card": prepared.card,
-                          "verified_on_target": bool(verified.get("ok")),
-                          "target_runtime": {k: verified.get(k) for k in
-                                             ("runtime", "runtime_version", "max_deviation")},
-                          "runtime": {"name": runtime.name, "reason": runtime.reason,
-                                      "version": next(w.version for w in locked
-                                                      if w.name == runtime.name)}},
                 "partitions": {"labels": assemble.PARTITION_LABELS,
                                **assemble.DiskIds.for_recipe(recipe_sha).__dict__},
-                "source_date_epoch": epoch,
                 "rootfs_bytes": rootfs_bytes,
                 "build_seconds": round(time.monotonic() - started, 1),
             }

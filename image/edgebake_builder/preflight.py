@@ -25,6 +25,7 @@ BUILD_TOOLS: dict[str, str] = {
     "sfdisk": "fdisk",
     "chroot": "coreutils",
     "faketime": "faketime",
+    "zstd": "zstd",
 }
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")

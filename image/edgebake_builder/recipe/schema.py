@@ -27,6 +27,16 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("name", NAME, "edgebake", "Image name; outputs are <name>.img and friends."),
     Setting("description", Str(), "", "One line saying what this recipe is for."),
+    Setting("base", Enum(("debian", "none")), "debian",
+            "Where the rootfs starts: Debian packages (mmdebstrap), or nothing, for an overlay "
+            "applied later to a rootfs made elsewhere (NVIDIA's L4T). A vendor image given "
+            "with --base replaces either."),
+    Setting("output", Enum(("disk-image", "overlay")), "disk-image",
+            "What the build makes: a flashable disk image, or a rootfs overlay tarball "
+            "(.tar.zst) for `invoke apply-overlay`."),
+    Setting("systemd.version", Int(240, 400), 252,
+            "systemd of the target: units may use only directives it knows (bookworm 252, "
+            "trixie 257, JetPack 6 249)."),
     Setting("arch", Enum(("arm64",)), "arm64", "Debian architecture of the target.", base=True),
     Setting("suite", Enum(("bookworm", "trixie")), "bookworm", "Debian suite of the base system.",
             base=True),

@@ -3,9 +3,10 @@
 It has the vendor image's shape, which is what the import step depends on: an MBR disk with a
 FAT32 `bootfs` and an ext4 `rootfs` addressed by PARTUUID, `kernel8.img`/`kernel_2712.img` and
 `initramfs8` chosen by `auto_initramfs=1`, a `cmdline.txt` whose `init=` resizes the root on
-first boot, `/etc/rpi-issue`, Imager's `firstrun.sh` when asked, and an `rpicam-vid` that writes
-YUV420 frames. Inside is a Debian bookworm arm64 system (the pi4 target's cached base), so
-the result boots under QEMU like any edgebake image.
+first boot, `/etc/rpi-issue`, Imager's `firstrun.sh` or cloud-init files when asked, and an
+`rpicam-vid` that writes YUV420 frames. Inside is a Debian bookworm arm64 system (the pi4
+target's cached base) with Debian's generic kernel as `kernel8.img`, so the result boots
+under QEMU's `virt` machine like any edgebake image; a real Raspberry Pi OS kernel would not.
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ while end is None or time.monotonic() < end:
 
 
 def make_raspios_lookalike(base_tar: Path, out: Path, progress: Progress,
-                           firstrun: bool = False, pi5: bool = True) -> Path:
-    """Write `out` (.img) from a Debian arm64 base tarball that has raspi-firmware."""
+                           firstrun: bool = False, cloud_init: bool = False,
+                           pi5: bool = True) -> Path:
+    """Write `out` (.img, or .img.xz as published) from a Debian arm64 base tarball that has
+    raspi-firmware."""
     with tempfile.TemporaryDirectory(prefix="edgebake-lookalike-", dir=out.parent) as tmp:
         work = Path(tmp)
         root = work / "rootfs"
@@ -103,6 +106,11 @@ def make_raspios_lookalike(base_tar: Path, out: Path, progress: Progress,
         (boot / "config.txt").write_text(CONFIG_TXT)
         (boot / "cmdline.txt").write_text(CMDLINE.format(sig=DISK_SIGNATURE))
         (boot / "issue.txt").write_text("Raspberry Pi reference (edgebake look-alike)\n")
+        if cloud_init:  # what Imager writes for trixie images instead of firstrun.sh
+            (boot / "user-data").write_text("#cloud-config\nhostname: from-imager\n"
+                                            "manage_etc_hosts: true\n")
+            (boot / "meta-data").write_text("instance-id: edgebake-lookalike\n")
+            (boot / "network-config").write_text("network:\n  version: 2\n")
         if firstrun:
             (boot / "firstrun.sh").write_text("#!/bin/bash\n# written by Imager\n"
                                               "hostnamectl set-hostname from-imager\n"
@@ -121,6 +129,7 @@ def make_raspios_lookalike(base_tar: Path, out: Path, progress: Progress,
         rpicam = root / "usr" / "bin" / "rpicam-vid"
         rpicam.write_text(RPICAM_VID)
         rpicam.chmod(0o755)
+        raw_name = out.name.removesuffix(".xz")
         config = work / "genimage.cfg"
         config.write_text(f"""image bootfs.vfat {{
     vfat {{ label = "bootfs" extraargs = "-F 32" }}
@@ -132,7 +141,7 @@ image rootfs.ext4 {{
     srcpath = "{root}"
     size = 1600M
 }}
-image {out.name} {{
+image {raw_name} {{
     hdimage {{ partition-table-type = "mbr" disk-signature = 0x{DISK_SIGNATURE:08x} }}
     partition boot {{ partition-type = 0x0C bootable = true offset = 4M
                       image = "bootfs.vfat" }}
@@ -145,7 +154,11 @@ image {out.name} {{
         run(["genimage", "--config", config, "--rootpath", empty, "--tmppath", work / "gtmp",
              "--inputpath", work / "parts", "--outputpath", work / "parts"], progress,
             what="genimage (look-alike)")
-        shutil.move(str(work / "parts" / out.name), out)
+        if out.suffix == ".xz":
+            run(["xz", "-T0", "-1", "-f", work / "parts" / raw_name], progress,
+                what="xz (look-alike)")
+            raw_name += ".xz"
+        shutil.move(str(work / "parts" / raw_name), out)
         progress.say(f"      look-alike Raspberry Pi OS Lite: {out} "
                      f"({out.stat().st_size / 2**20:.0f} MiB, {time.monotonic() - began:.0f}s)")
     return out
