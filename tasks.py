@@ -285,9 +285,10 @@ def make_raspios_lookalike(c: Context, out: str = "out/raspios-lookalike.img.xz"
 @task(help={"rootfs": "the rootfs to change, e.g. Linux_for_Tegra/rootfs",
             "overlay": "overlay tarball (default out/jetson-orin-nano/edgebake-overlay.tar.zst)",
             "remove": "take a previously applied overlay out again",
-            "verify": "run the model self-check in the rootfs under qemu-user afterwards"})
+            "verify": "run the model self-check in the rootfs under qemu-user afterwards",
+            "check": "run the static image checks that hold for an overlay on the rootfs"})
 def apply_overlay(c: Context, rootfs: str, overlay: str = "", remove: bool = False,
-                  verify: bool = False) -> None:
+                  verify: bool = False, check: bool = False) -> None:
     """Apply the Jetson overlay to an L4T rootfs offline (idempotent), or remove it."""
     from edgebake_builder import overlayapply
     from edgebake_builder.errors import BuildError
@@ -312,6 +313,11 @@ def apply_overlay(c: Context, rootfs: str, overlay: str = "", remove: bool = Fal
             print("note: this rootfs does not look like L4T (no etc/nv_tegra_release)")
         if verify:
             print(f"self-check: {overlayapply.verify_in_rootfs(root, progress)}")
+        if check:
+            junit = path.resolve().parent / "test" / "junit-overlay.xml"
+            if overlayapply.check_rootfs(root, path.resolve().parent / "manifest.json", junit,
+                                         progress) != 0:
+                raise Exit(f"static checks failed on {root} (see {junit})", code=1)
         print(overlayapply.NEXT_STEPS)
     except BuildError as exc:
         raise _fail_cleanly(exc) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tarfile
 from pathlib import Path
@@ -94,8 +95,10 @@ def test_apply_twice_then_remove_restores_the_rootfs(overlay: dict[str, Any],
     theirs.parent.mkdir(parents=True, exist_ok=True)
     theirs.write_text("[Journal]\n# the rootfs's own file of that name\n")
     before = snapshot(rootfs)
-    first = invoke("apply-overlay", "--rootfs", str(rootfs), "--overlay", str(overlay["path"]))
-    assert first.returncode == 0, first.stderr[-2000:]
+    first = invoke("apply-overlay", "--rootfs", str(rootfs), "--overlay", str(overlay["path"]),
+                   "--check")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
+    assert re.search(r"1[0-9] passed", first.stdout), first.stdout[-2000:]
     assert "l4t_initrd_flash.sh" in first.stdout and "kept aside" in first.stdout
     applied = snapshot(rootfs)
     second = invoke("apply-overlay", "--rootfs", str(rootfs), "--overlay", str(overlay["path"]))

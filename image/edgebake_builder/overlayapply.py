@@ -142,3 +142,13 @@ def verify_in_rootfs(rootfs: Path, progress: Progress) -> str:
         raise BuildError(f"model self-check in {rootfs} failed: "
                          f"{(result.stderr or result.stdout).strip()[-400:]}")
     return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "ok"
+
+
+def check_rootfs(rootfs: Path, manifest: Path, junit: Path, progress: Progress) -> int:
+    """The static image checks that hold for an overlay (marked `overlay`), on this rootfs."""
+    from .validate.run import run_checks
+
+    if not manifest.is_file():
+        raise BuildError(f"{manifest}: the overlay's manifest.json is missing")
+    return run_checks("static", junit, str(rootfs), {"EDGEBAKE_MANIFEST": str(manifest)},
+                      progress, ["--connection=chroot", "-m", "overlay"])

@@ -37,7 +37,7 @@ class ImageTestResult:
     figures: dict[str, float]
 
 
-def _pytest(phase: str, junit: Path, hosts: str, env: dict[str, str], progress: Progress,
+def run_checks(phase: str, junit: Path, hosts: str, env: dict[str, str], progress: Progress,
             extra: list[str]) -> int:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
            f"--rootdir={CHECKS_DIR}", "-c", str(CHECKS_DIR / "pytest.ini"),
@@ -139,7 +139,7 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         with progress.step("static checks on the image's rootfs (testinfra, chroot)"):
             rootfs = unpack_rootfs(image, tmp / "rootfs", progress)
             env["EDGEBAKE_ROOTFS"] = str(rootfs)
-            static_code = codes["static"] = _pytest("static", junit_parts[0], str(rootfs), env,
+            static_code = codes["static"] = run_checks("static", junit_parts[0], str(rootfs), env,
                                                     progress, ["--connection=chroot"])
             shutil.rmtree(rootfs, ignore_errors=True)
         if static_code != 0 and fail_fast:
@@ -188,7 +188,7 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                             "EDGEBAKE_HOSTNAME": TEST_HOSTNAME,
                             "EDGEBAKE_CONSOLE": str(machine.console)})
                 hosts = f"ssh://root@127.0.0.1:{machine.ssh_port}"
-                code = codes["running"] = _pytest(
+                code = codes["running"] = run_checks(
                     "running", junit_parts[1], hosts, env, progress,
                     ["--ssh-identity-file", str(key), "--ssh-config", str(_ssh_config(tmp))])
                 if code != 0:

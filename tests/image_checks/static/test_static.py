@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 SERVICE = "/usr/lib/systemd/system/edgebake.service"
+# `overlay`: also true of a rootfs the Jetson overlay was applied to (`apply-overlay --check`)
+overlay = pytest.mark.overlay
 
 
 @pytest.mark.parametrize("package", ["systemd", "linux-image-arm64", "raspi-firmware",
@@ -20,10 +22,11 @@ def test_package_installed(host: Any, package: str) -> None:
 
 
 @pytest.mark.parametrize(("path", "mode"), [
-    ("/opt/edgebake/bin/edgebake-runtime", 0o755),
+    pytest.param("/opt/edgebake/bin/edgebake-runtime", 0o755, marks=overlay),
     ("/opt/edgebake/bin/edgebake-firstboot", 0o755),
-    ("/etc/edgebake/app.yaml", 0o644),
-    (SERVICE, 0o644),
+    pytest.param("/etc/edgebake/app.yaml", 0o644, marks=overlay),
+    pytest.param(SERVICE, 0o644, marks=overlay),
+    pytest.param("/usr/lib/sysusers.d/edgebake.conf", 0o644, marks=overlay),
     ("/etc/ssh/sshd_config.d/edgebake.conf", 0o644),
 ])
 def test_file_owner_and_mode(host: Any, path: str, mode: int) -> None:
@@ -32,6 +35,7 @@ def test_file_owner_and_mode(host: Any, path: str, mode: int) -> None:
     assert f.mode == mode
 
 
+@overlay
 def test_service_user(host: Any) -> None:
     user = host.user("edgebake")
     assert user.exists
@@ -47,7 +51,7 @@ def test_no_account_has_a_usable_password(host: Any) -> None:
 
 
 @pytest.mark.parametrize(("unit", "target"), [
-    ("edgebake.service", "multi-user.target"),
+    pytest.param("edgebake.service", "multi-user.target", marks=overlay),
     ("edgebake-firstboot.service", "sysinit.target"),
     ("systemd-networkd.service", "multi-user.target"),
 ])
@@ -56,11 +60,13 @@ def test_unit_enabled(host: Any, unit: str, target: str) -> None:
     assert link.is_symlink
 
 
+@overlay
 def test_model_matches_manifest(host: Any, manifest: dict[str, Any]) -> None:
     model = manifest["model"]
     data = host.file(model["path"]).content
     assert hashlib.sha256(data).hexdigest() == model["sha256"]
-    assert model["verified_on_target"] is True
+    if "image" in manifest:  # an overlay is verified in the rootfs it is applied to
+        assert model["verified_on_target"] is True
 
 
 def test_sshd_is_key_only(host: Any) -> None:
@@ -76,10 +82,12 @@ def test_sshd_is_key_only(host: Any) -> None:
     "ReadWritePaths=/data", "PrivateTmp=yes", "CapabilityBoundingSet=",
     "DeviceAllow=char-video4linux rw", "WatchdogSec=",
 ])
+@overlay
 def test_unit_hardening(host: Any, directive: str) -> None:
     assert directive in host.file(SERVICE).content_string
 
 
+@overlay
 def test_watchdog_and_journald_limits(host: Any) -> None:
     watchdog = host.file("/etc/systemd/system.conf.d/edgebake-watchdog.conf").content_string
     assert "RuntimeWatchdogSec=" in watchdog
