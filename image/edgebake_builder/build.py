@@ -23,16 +23,17 @@ from .steps import (
     assemble,
     baseimage,
     bootstrap,
+    install,
     model,
     overlayout,
     overlays,
     packages,
     publish,
-    stage,
     vendorboot,
     verify,
     wheels,
 )
+from .steps import rootfs as rootfs_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS = 9
@@ -141,14 +142,14 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
             if tarball is None:
                 rootfs.mkdir(parents=True)
             else:
-                stage.extract_base(tarball, rootfs, progress)
+                install.extract_base(tarball, rootfs, progress)
             if vendor is not None:
                 packages.add_missing(recipe, rootfs, base_info["packages"], progress)
-            stage.install_runtime(rootfs)
-            wheels.install_wheels(locked, wheel_dir, stage.inside(rootfs, stage.SITE_DIR),
+            install.install_runtime(rootfs)
+            wheels.install_wheels(locked, wheel_dir, rootfs_tree.inside(rootfs, install.SITE_DIR),
                                   target, progress)
-            model_path = stage.install_model(prepared, rootfs)
-            card_path = stage.MODEL_DIR / prepared.card_path.name
+            model_path = install.install_model(prepared, rootfs)
+            card_path = install.MODEL_DIR / prepared.card_path.name
         with progress.step("overlays: render templates, enable units, first-boot state"):
             context = {"recipe": recipe.as_nested(), "model": prepared.card,
                        "model_path": str(model_path), "card_path": str(card_path),
@@ -158,18 +159,18 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
             overlays.apply_overlays(recipe["overlays"], rootfs, context)
             units.check_units(rootfs, ["edgebake"], recipe["systemd.version"])
             if overlay_only:  # users and ownership come when it is applied to a rootfs
-                stage.configure_services(recipe, rootfs, progress)
-                stage.make_data_tree(rootfs, 0, 0)
+                overlays.configure_services(recipe, rootfs, progress)
+                overlays.make_data_tree(rootfs, 0, 0)
             else:
-                uid, gid = stage.create_users(rootfs, progress)
-                stage.lock_passwords(rootfs)
-                stage.configure_services(recipe, rootfs, progress)
-                stage.prepare_first_boot(recipe, rootfs)
+                uid, gid = overlays.create_users(rootfs, progress)
+                overlays.lock_passwords(rootfs)
+                overlays.configure_services(recipe, rootfs, progress)
+                overlays.prepare_first_boot(recipe, rootfs)
                 if vendor is None:
-                    stage.write_boot_config(recipe, rootfs)
+                    overlays.write_boot_config(recipe, rootfs)
                 else:
                     vendorboot.adapt(recipe, rootfs, base_info, progress)
-                stage.make_data_tree(rootfs, uid, gid)
+                overlays.make_data_tree(rootfs, uid, gid)
         verified: dict[str, Any] = {"ok": False, "skipped": True}
         with progress.step("verify: run the model in the target rootfs (qemu-user)"):
             if tarball is None:
@@ -201,8 +202,8 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
         }
         if overlay_only:
             with progress.step("overlay: .tar.zst of what edgebake adds"):
-                rootfs_bytes = stage.tree_bytes(rootfs)
-                stage.clamp_mtimes(rootfs, epoch)
+                rootfs_bytes = rootfs_tree.tree_bytes(rootfs)
+                assemble.clamp_mtimes(rootfs, epoch)
                 overlay = overlayout.write_overlay(rootfs, staging, epoch, progress)
             with progress.step("publish: SHA256SUMS, manifest.json"):
                 manifest = {**common, "overlay": overlay.name,
@@ -221,10 +222,10 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
                          f"`invoke apply-overlay --rootfs Linux_for_Tegra/rootfs`")
             return manifest
         with progress.step("assemble: genimage (MBR: FAT32 boot, ext4 root, ext4 data)"):
-            stage.compile_python(rootfs, epoch, progress)
-            installed = stage.installed_packages(rootfs)
-            rootfs_bytes = stage.tree_bytes(rootfs)
-            stage.clamp_mtimes(rootfs, epoch)
+            assemble.compile_python(rootfs, epoch, progress)
+            installed = rootfs_tree.installed_packages(rootfs)
+            rootfs_bytes = rootfs_tree.tree_bytes(rootfs)
+            assemble.clamp_mtimes(rootfs, epoch)
             image = assemble.assemble(recipe, recipe_sha, rootfs, workdir, staging,
                                       image_name, epoch, progress)
         with progress.step("publish: xz, bmap, SHA256SUMS, manifest.json"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from ..errors import BuildError
 from ..hostcmd import run
 from ..progress import Progress
 from ..recipe import Recipe
+from .install import SITE_DIR
+from .rootfs import inside
 
 MIB = 1024 * 1024
 BLOCK = 4096
@@ -184,3 +187,25 @@ def assemble(recipe: Recipe, recipe_sha256: str, rootfs: Path, workdir: Path, ou
     progress.say(f"      partitions: boot {recipe['layout.boot_mib']} MiB, root {root_mib} MiB, "
                  f"data {recipe['layout.data_mib']} MiB")
     return out_dir / image_name
+
+
+def compile_python(rootfs: Path, source_date_epoch: int, progress: Progress) -> None:
+    """Hash-checked .pyc (deterministic, valid on a read-only system) for our own code."""
+    if sys.version_info[:2] != (3, 11):
+        progress.say("      host Python is not 3.11; leaving .pyc generation to the target")
+        return
+    env = {"SOURCE_DATE_EPOCH": str(source_date_epoch), "PYTHONHASHSEED": "0"}
+    run([sys.executable, "-m", "compileall", "-q", "-f", "-j", "0", "--invalidation-mode",
+         "checked-hash", "-d", str(SITE_DIR), inside(rootfs, SITE_DIR)], progress, env=env,
+        what="compileall")
+
+
+def clamp_mtimes(rootfs: Path, source_date_epoch: int) -> None:
+    """Nothing in the image is newer than SOURCE_DATE_EPOCH, so rebuilds give the same bytes."""
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_mtime > source_date_epoch:
+                os.utime(path, (source_date_epoch, source_date_epoch), follow_symlinks=False)
+    os.utime(rootfs, (source_date_epoch, source_date_epoch))

@@ -1,4 +1,6 @@
-"""Step: copy overlay trees onto the rootfs, rendering `.j2` files with Jinja2."""
+"""Step: copy overlay trees onto the rootfs (rendering `.j2` files with Jinja2), then the
+system settings: the service account, locked passwords, enabled units, first-boot state,
+boot configuration and the /data layout."""
 
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ import jinja2
 import yaml
 
 from ..errors import BuildError
+from ..hostcmd import run
+from ..progress import Progress
+from ..recipe import Recipe
+from .rootfs import inside
+
+SERVICE_USER = "edgebake"
 
 OVERLAYS_DIR = Path(__file__).resolve().parents[3] / "overlays"
 
@@ -60,3 +68,106 @@ def apply_overlays(names: list[str], rootfs: Path, context: dict[str, Any],
             os.chown(target, 0, 0, follow_symlinks=False)
             written.append("/" + target_rel.as_posix())
     return written
+
+
+def create_users(rootfs: Path, progress: Progress) -> tuple[int, int]:
+    """Apply sysusers.d on the host (no emulation); return the service account's uid and gid."""
+    run(["systemd-sysusers", f"--root={rootfs}"], progress, what="systemd-sysusers")
+    for line in inside(rootfs, "/etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == SERVICE_USER:
+            return int(fields[2]), int(fields[3])
+    raise BuildError(f"systemd-sysusers did not create the {SERVICE_USER} account; is the "
+                     "app overlay listed in the recipe's overlays?")
+
+
+def lock_passwords(rootfs: Path) -> list[str]:
+    """Make sure no account can log in with a password; return the accounts changed."""
+    shadow = inside(rootfs, "/etc/shadow")
+    changed = []
+    lines = []
+    for line in shadow.read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) > 1 and not fields[1].startswith(("!", "*")):
+            changed.append(fields[0])
+            fields[1] = "!*"
+        lines.append(":".join(fields))
+    shadow.write_text("\n".join(lines) + "\n")
+    return changed
+
+
+def configure_services(recipe: Recipe, rootfs: Path, progress: Progress) -> None:
+    enable = [u for u in recipe["services.enable"] if u not in recipe["services.disable"]]
+    for unit in enable:
+        if not _unit_exists(rootfs, unit):
+            raise BuildError(f"recipe: services.enable: unit {unit} is not in the image "
+                             "(missing package or overlay?)")
+    if enable:
+        run(["systemctl", f"--root={rootfs}", "enable", *enable], progress,
+            what="systemctl enable")
+    present = [u for u in recipe["services.disable"] if _unit_exists(rootfs, u)]
+    if present:
+        run(["systemctl", f"--root={rootfs}", "disable", *present], progress,
+            what="systemctl disable")
+
+
+def _unit_exists(rootfs: Path, unit: str) -> bool:
+    return any(inside(rootfs, d).joinpath(unit).exists()
+               for d in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"))
+
+
+def prepare_first_boot(recipe: Recipe, rootfs: Path) -> None:
+    """Identity is per unit: no machine-id or SSH host keys may be baked into the image."""
+    inside(rootfs, "/etc/machine-id").write_text("uninitialized\n")
+    # Nobody is at the console of a field unit: never ask for a timezone or root password.
+    firstboot = inside(rootfs, "/etc/systemd/system/systemd-firstboot.service")
+    if firstboot.exists() or firstboot.is_symlink():
+        firstboot.unlink()
+    firstboot.symlink_to("/dev/null")
+    dbus_id = inside(rootfs, "/var/lib/dbus/machine-id")
+    if dbus_id.exists() or dbus_id.is_symlink():
+        dbus_id.unlink()
+    for key in inside(rootfs, "/etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    keys_dir = inside(rootfs, "/etc/ssh/authorized_keys.d")
+    if inside(rootfs, "/etc/ssh").is_dir():
+        keys_dir.mkdir(mode=0o755, exist_ok=True)
+        if recipe["ssh.authorized_keys"]:
+            root_keys = keys_dir / "root"
+            root_keys.write_text("\n".join(recipe["ssh.authorized_keys"]) + "\n")
+            root_keys.chmod(0o600)
+    for junk in ("/var/cache/apt/pkgcache.bin", "/var/cache/apt/srcpkgcache.bin",
+                 "/var/cache/debconf/templates.dat-old", "/var/cache/debconf/config.dat-old"):
+        path = inside(rootfs, junk)
+        if path.exists():
+            path.unlink()
+
+
+def make_data_tree(rootfs: Path, uid: int, gid: int) -> Path:
+    """The data partition's first contents, owned by the service account."""
+    data = inside(rootfs, "/data")
+    data.mkdir(exist_ok=True)
+    data.chmod(0o755)
+    for name in ("results", "models", "logs"):
+        sub = data / name
+        sub.mkdir(exist_ok=True)
+        sub.chmod(0o750)
+        os.chown(sub, uid, gid)
+    return data
+
+
+def write_boot_config(recipe: Recipe, rootfs: Path) -> None:
+    """cmdline.txt and config.txt on the boot partition, as raspi-firmware would write them."""
+    firmware = inside(rootfs, "/boot/firmware")
+    if not (firmware / "config.txt").is_file():
+        raise BuildError("the base rootfs has no /boot/firmware/config.txt; the recipe must "
+                         "install raspi-firmware (components: non-free-firmware)")
+    console = recipe["kernel.console"]
+    cmdline = ["console=tty0", f"console={console}", f"root={recipe['kernel.root']}", "rw",
+               *recipe["kernel.cmdline"]]
+    (firmware / "cmdline.txt").write_text(" ".join(cmdline) + "\n")
+    config = (firmware / "config.txt").read_text()
+    marker = "# edgebake recipe settings\n"
+    config = config.split(marker)[0].rstrip("\n") + "\n\n" + marker
+    config += "".join(line + "\n" for line in recipe["firmware.config_txt"])
+    (firmware / "config.txt").write_text(config)

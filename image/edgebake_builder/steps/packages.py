@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import BuildError
 from ..progress import Progress
 from ..recipe import Recipe
-from .stage import inside, run_in_target
+from .rootfs import inside, run_in_target
 
 # packages that only a bootstrapped Debian base wants (the vendor ships its own kernel)
 NOT_FOR_VENDOR_BASES = {"linux-image-arm64", "raspi-firmware", "initramfs-tools"}

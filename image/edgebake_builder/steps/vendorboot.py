@@ -19,7 +19,7 @@ from ..errors import BuildError
 from ..hostcmd import run
 from ..progress import Progress
 from ..recipe import Recipe
-from .stage import inside
+from .rootfs import inside
 
 DROPPED_PREFIXES = ("root=", "rootfstype=")
 DROPPED_ARGS = ("init=/usr/lib/raspberrypi-sys-mods/firstboot",

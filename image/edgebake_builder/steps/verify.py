@@ -8,7 +8,8 @@ from typing import Any
 
 from ..errors import BuildError
 from ..progress import Progress
-from .stage import APP_ROOT, run_in_target
+from .install import APP_ROOT
+from .rootfs import run_in_target
 
 
 def verify_on_target(rootfs: Path, model_path: Path, card_path: Path,

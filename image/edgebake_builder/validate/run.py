@@ -177,6 +177,13 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         try:
             with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
                 machine.prepare()
+                kernel, _ = diskimage.kernel_and_initrd_names(image, machine.boot)
+                origin = "the image's own kernel"
+                if manifest.get("base_image"):
+                    origin += (" (QEMU's virt machine cannot run a Raspberry Pi kernel: this "
+                               "works when the base carries a generic arm64 kernel, as the "
+                               "look-alike does with Debian's)")
+                progress.say(f"      kernel: {kernel} from the boot partition, {origin}")
                 written = seed_overlay(image, machine.overlay, machine.boot, seed)
                 progress.say(f"      seed written into the overlay ({written} bytes changed)")
                 machine.start()
