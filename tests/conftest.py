@@ -34,6 +34,12 @@ collect_ignore = ["image_checks"]
 INVOKE = [sys.executable, "-m", "invoke"]
 
 
+def invoke(*args: str) -> subprocess.CompletedProcess[str]:
+    """An invoke task as a user runs it, from the repository root, output captured."""
+    return subprocess.run([*INVOKE, *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """`invoke build-image --target pi4` into out/pi4, exactly as the README says."""

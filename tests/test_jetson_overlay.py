@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import INVOKE, ROOT
+from conftest import invoke
 from edgebake_builder.errors import BuildError
 from edgebake_builder.units import check_units
 
 pytestmark = pytest.mark.image
-
-
-def invoke(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*INVOKE, *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
 
 
 @pytest.fixture(scope="module")

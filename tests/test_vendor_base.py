@@ -10,17 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import INVOKE, ROOT, partition_table
+from conftest import INVOKE, ROOT, invoke, partition_table
 from edgebake_builder.validate.diskimage import Partition, extract
 
 SECTOR = 512
 
 pytestmark = pytest.mark.image
-
-
-def invoke(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*INVOKE, *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
 
 
 @pytest.fixture(scope="session")
