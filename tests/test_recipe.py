@@ -33,7 +33,8 @@ def test_pi4_resolves_with_all_layers() -> None:
 def test_trixie_differs_only_where_trixie_differs() -> None:
     bookworm, trixie = load_recipe("pi4"), load_recipe("pi4-trixie")
     differing = {p for p in bookworm.values if bookworm[p] != trixie[p]}
-    assert differing == {"name", "description", "suite", "python.version", "python.glibc"}
+    assert differing == {"name", "description", "suite", "python.version", "python.glibc",
+                         "systemd.version"}
     assert trixie["suite"] == "trixie" and trixie["python.version"] == "3.13"
     assert base_key(trixie) != base_key(bookworm)
 
