@@ -26,6 +26,7 @@ def test_copy_out_keeps_what_rdump_loses(tmp_path: Path) -> None:
     subprocess.run(["setcap", "cap_net_raw+ep", str(ping)], check=True)
     os.mkfifo(src / "fifo")
     os.mknod(src / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chmod(src / "null", 0o666)
     (src / "home" / "pi" / "notes").write_text("x")
     os.chown(src / "home" / "pi", 1000, 1000)
     os.chown(src / "home" / "pi" / "notes", 1000, 1000)
@@ -43,6 +44,7 @@ def test_copy_out_keeps_what_rdump_loses(tmp_path: Path) -> None:
     assert stat.S_ISFIFO((out / "fifo").lstat().st_mode)
     null = (out / "null").lstat()
     assert stat.S_ISCHR(null.st_mode) and (os.major(null.st_rdev), os.minor(null.st_rdev)) == (1, 3)
+    assert stat.S_IMODE(null.st_mode) == 0o666
     home = (out / "home" / "pi").stat()
     assert (home.st_uid, home.st_gid, stat.S_IMODE(home.st_mode)) == (1000, 1000, 0o2750)
     assert os.readlink(out / "usr" / "bin" / "link") == "su"

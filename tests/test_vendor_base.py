@@ -32,8 +32,11 @@ def vendor_built(lookalike: tuple[Path, str], tmp_path_factory: pytest.TempPathF
                  ) -> dict[str, Any]:
     image, sha = lookalike
     out = tmp_path_factory.mktemp("pi4-raspios")
+    recipe = out.parent / "extra-package.yaml"
+    # a package the base lacks: apt adds it inside the imported tree under qemu-user
+    recipe.write_text("packages: [jq]\n")
     result = invoke("build-image", "--target", "pi4", "--base", str(image), "--base-sha256",
-                    sha, "--out", str(out), "--xz-level", "0")
+                    sha, "--recipe", str(recipe), "--out", str(out), "--xz-level", "0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     built = out / manifest["image"]
@@ -55,8 +58,9 @@ def test_manifest_names_the_base_and_what_was_added(vendor_built: dict[str, Any]
     assert "look-alike" in base["rpi_issue"]
     assert "init=/usr/lib/raspberrypi-sys-mods/firstboot" in base["cmdline"]
     assert "systemd.run=/boot/firmware/firstrun.sh" in base["cmdline"]
-    # the look-alike is made from a base that has every package our layers list
-    assert base["packages_added"] == []
+    # the look-alike has every package our layers list; the recipe's jq came through apt
+    assert "jq" in base["packages_added"] and "python3" not in base["packages_added"]
+    assert "adding 1 package(s) to the base with apt" in vendor_built["build_log"]
     assert vendor_built["manifest"]["base_key"] is None
 
 

@@ -126,12 +126,21 @@ def copy_out(fs_image: Path, tree: Path, workdir: Path, progress: Progress) -> i
     if devices:
         out = _debugfs(fs_image, [f"stat {_quote(e.path)}" for e in devices], workdir,
                        progress, "debugfs (device nodes)")
-        numbers = DEVICE_LINE.findall(out)
-        for entry, (major, minor) in zip(devices, numbers, strict=False):
+        numbers: dict[str, tuple[int, int]] = {}
+        for block in out.split("debugfs: stat ")[1:]:
+            found = DEVICE_LINE.search(block)
+            if found:
+                numbers[block.split("\n", 1)[0].strip('"')] = (int(found.group(1), 16),
+                                                              int(found.group(2), 16))
+        for entry in devices:
             host = tree / entry.path.lstrip("/")
-            if not host.exists():
-                os.mknod(host, entry.mode, os.makedev(int(major, 16), int(minor, 16)))
-                os.chown(host, entry.uid, entry.gid)
+            if entry.path not in numbers:
+                raise BuildError(f"{fs_image}: {entry.path}: device numbers not readable")
+            if host.exists() or host.is_symlink():  # rdump may leave an empty file there
+                host.unlink()
+            os.mknod(host, entry.mode, os.makedev(*numbers[entry.path]))
+            os.chown(host, entry.uid, entry.gid)
+            os.chmod(host, stat.S_IMODE(entry.mode))  # mknod's mode went through the umask
     # capabilities and other attributes: only executables and libraries carry them in practice
     candidates = [e for e in entries if stat.S_ISREG(e.mode) and e.mode & 0o111]
     for path, attrs in _xattrs(fs_image, candidates, workdir, progress).items():

@@ -25,7 +25,7 @@ from ..hostcmd import run
 from ..progress import Progress
 from ..validate import diskimage
 
-IMPORT_FORMAT = 1
+IMPORT_FORMAT = 2  # bumped when the import changes what it makes
 
 
 @dataclass(frozen=True)
