@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import cache_root
+from ..cache import atomic_path, cache_root
 from ..errors import BuildError
 from ..hostcmd import run
 from ..progress import Progress
@@ -94,14 +95,23 @@ def download_wheels(wheels: list[LockedWheel], target: Target, progress: Progres
     """Fetch (or reuse) the wheels into the cache; pip verifies every hash."""
     folder = cache_root() / "wheels" / f"aarch64-{target.tag}"
     folder.mkdir(parents=True, exist_ok=True)
-    requirements = folder / "requirements.txt"
-    requirements.write_text("".join(w.requirement_line + "\n" for w in wheels))
     if not wheels:
         return folder
     run(["python3", "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
-         "--require-hashes", "-r", requirements, "-d", folder, *target.pip_args()], progress,
-        what="pip download (target wheels)")
+         "--require-hashes", "-r", requirements_file(wheels, folder), "-d", folder,
+         *target.pip_args()], progress, what="pip download (target wheels)")
     return folder
+
+
+def requirements_file(wheels: list[LockedWheel], folder: Path) -> Path:
+    """The pip requirements for exactly these wheels, named by their content: builds running
+    at once with different wheel sets share the cache folder but never one file."""
+    text = "".join(w.requirement_line + "\n" for w in sorted(wheels, key=lambda w: w.name))
+    path = folder / f"requirements-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return path
 
 
 def install_wheels(wheels: list[LockedWheel], wheel_dir: Path, site_dir: Path,
@@ -111,6 +121,6 @@ def install_wheels(wheels: list[LockedWheel], wheel_dir: Path, site_dir: Path,
     site_dir.mkdir(parents=True, exist_ok=True)
     run(["python3", "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
          "--no-deps", "--no-compile", "--find-links", wheel_dir, "--target", site_dir,
-         "--require-hashes", "-r", wheel_dir / "requirements.txt", *target.pip_args()],
+         "--require-hashes", "-r", requirements_file(wheels, wheel_dir), *target.pip_args()],
         progress,
         what="pip install --no-index (target wheels)")
