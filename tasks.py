@@ -321,3 +321,79 @@ def apply_overlay(c: Context, rootfs: str, overlay: str = "", remove: bool = Fal
         print(overlayapply.NEXT_STEPS)
     except BuildError as exc:
         raise _fail_cleanly(exc) from None
+
+
+def _bundle_error(exc: Exception) -> Exit:
+    return Exit(f"error: {exc}", code=1)
+
+
+@task(help={"out": "private key file to write (the public key goes to <out>.pub)"})
+def make_key(c: Context, out: str = "signing.key") -> None:
+    """Write an ed25519 keypair for signing model bundles (the private key mode 0600)."""
+    import os
+
+    from edgebake_runtime.bundle import BundleError, make_keypair
+
+    path = Path(out)
+    if path.exists():
+        raise Exit(f"error: {path} exists; refusing to replace a signing key", code=1)
+    try:
+        private, public_text = make_keypair()
+    except BundleError as exc:
+        raise _bundle_error(exc) from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"ed25519-private {private.hex()}\n")
+    Path(f"{out}.pub").write_text(public_text)
+    print(f"{path} (keep it secret) and {out}.pub (goes into recipes: update.public_keys)")
+
+
+@task(help={"model": ".tflite model to ship (default: the project's default model)",
+            "key": "private key from make-key",
+            "version": "bundle version, e.g. 1.4.2 (units only move forward)",
+            "target": "recipe target the bundle is for (default pi4)",
+            "out": "bundle file to write (.ebundle)",
+            "card": "the model's card (default: made here, with golden outputs)"})
+def make_bundle(c: Context, key: str, version: str, out: str, model: str = "",
+                target: str = "pi4", card: str = "") -> None:
+    """A signed model bundle: model, card and golden outputs, manifest, ed25519 signature."""
+    import tempfile
+
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.steps.model import prepare_model
+    from edgebake_runtime.atomic import write_atomic
+    from edgebake_runtime.bundle import BundleError, build_bundle
+
+    try:
+        fields = Path(key).read_text().split()
+        if len(fields) != 2 or fields[0] != "ed25519-private":
+            raise BundleError(f"{key}: expected a private key written by `invoke make-key`")
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = prepare_model(model, Path(tmp), Progress(1))
+            card_path = Path(card) if card else prepared.card_path
+            data = build_bundle({"model.tflite": prepared.model.read_bytes(),
+                                 "model.card.json": card_path.read_bytes(),
+                                 "model.golden.npz": prepared.golden_path.read_bytes()},
+                                bytes.fromhex(fields[1]), version, target)
+        write_atomic(Path(out), data)
+    except (BundleError, BuildError, OSError, ValueError) as exc:
+        raise _bundle_error(exc) from None
+    print(f"{out}: version {version} for {target}, {len(data)} bytes, signed")
+
+
+@task(help={"bundle": ".ebundle to check", "public_key": "trusted public key file(s)",
+            "target": "the target it must be for", "current": "version the unit runs now",
+            "allow_rollback": "accept an older version"}, iterable=["public_key"])
+def verify_bundle(c: Context, bundle: str, public_key: list[str], target: str = "pi4",
+                  current: str = "", allow_rollback: bool = False) -> None:
+    """Check a bundle with the code the unit uses: signature, members, target, version."""
+    from edgebake_runtime.bundle import BundleError, check_bundle, load_public_key
+
+    try:
+        keys = dict(load_public_key(Path(p).read_text(), p) for p in public_key)
+        found = check_bundle(Path(bundle), keys, target, current or None, allow_rollback)
+    except (BundleError, OSError) as exc:
+        raise _bundle_error(exc) from None
+    print(f"{bundle}: ok, version {found.version} for {target}, signed by "
+          f"{found.manifest['key_id']}")

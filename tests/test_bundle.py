@@ -1,0 +1,106 @@
+"""Signed model bundles on the host: `make-key`, `make-bundle`, `verify-bundle`. Every bad
+bundle is refused with one line naming the reason, by the code the unit will use."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import invoke
+from edgebake_runtime.bundle import BundleError, check_bundle, load_public_key
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bundle")
+    for name in ("signing.key", "other.key"):
+        made = invoke("make-key", "--out", str(folder / name))
+        assert made.returncode == 0, made.stderr
+    bundle = folder / "m.ebundle"
+    made = invoke("make-bundle", "--model", str(default_model), "--key",
+                  str(folder / "signing.key"), "--version", "1.2.0", "--target", "pi4",
+                  "--out", str(bundle))
+    assert made.returncode == 0, made.stderr
+    return {"bundle": bundle, "pub": folder / "signing.key.pub",
+            "other": folder / "other.key.pub", "folder": folder}
+
+
+def verify(bundle: Path, pub: Path, *extra: str) -> tuple[int, str]:
+    result = invoke("verify-bundle", "--bundle", str(bundle), "--public-key", str(pub), *extra)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, result.stdout + result.stderr
+
+
+def rewrite(source: Path, dest: Path, change: dict[str, bytes | None],
+            extra: tuple[str, bytes] | None = None) -> Path:
+    """Copy a bundle, replacing (bytes) or dropping (None) members, maybe adding one."""
+    out = io.BytesIO()
+    with tarfile.open(source) as old, tarfile.open(fileobj=out, mode="w") as new:
+        for info in old:
+            handle = old.extractfile(info)
+            assert handle is not None
+            data = change.get(info.name, handle.read())
+            if info.name in change and change[info.name] is None:
+                continue
+            assert data is not None
+            info.size = len(data)
+            new.addfile(info, io.BytesIO(data))
+        if extra is not None:
+            info = tarfile.TarInfo(extra[0])
+            info.size = len(extra[1])
+            new.addfile(info, io.BytesIO(extra[1]))
+    dest.write_bytes(out.getvalue())
+    return dest
+
+
+def test_a_good_bundle_verifies(signed: dict[str, Path]) -> None:
+    code, text = verify(signed["bundle"], signed["pub"], "--current", "1.1.9")
+    assert code == 0 and "ok, version 1.2.0 for pi4" in text, text
+    assert (signed["folder"] / "signing.key").stat().st_mode & 0o077 == 0
+
+
+def test_every_bad_bundle_is_refused_in_one_line(signed: dict[str, Path]) -> None:
+    folder, bundle = signed["folder"], signed["bundle"]
+    with tarfile.open(bundle) as tar:
+        handle = tar.extractfile("model.tflite")
+        assert handle is not None
+        model = bytearray(handle.read())
+    model[100] ^= 0xFF
+    cases = [
+        (rewrite(bundle, folder / "t.ebundle", {"model.tflite": bytes(model)}), [],
+         "model.tflite does not match its signed sha256 (tampered)"),
+        (rewrite(bundle, folder / "u.ebundle", {"manifest.sig": None}), [], "unsigned"),
+        (bundle, ["--public-key", str(signed["other"])], "unknown key"),
+        (bundle, ["--current", "1.2.0"], "not newer than the current 1.2.0"),
+        (bundle, ["--target", "jetson-orin-nano"], "made for target 'pi4'"),
+        (rewrite(bundle, folder / "p.ebundle", {}, ("../evil", b"x")), [],
+         "member '../evil' is not allowed"),
+        (rewrite(bundle, folder / "s.ebundle", {"manifest.json": b'{"key_id": "x"}'}), [],
+         "unknown key x"),
+    ]
+    for path, extra, expected in cases:
+        pub = signed["other"] if "--public-key" in extra else signed["pub"]
+        rest = [a for a in extra if a not in ("--public-key", str(signed["other"]))]
+        code, text = verify(path, pub, *rest)
+        assert code != 0 and expected in text, (path.name, expected, text)
+        assert len(text.strip().splitlines()) == 1, text
+    # the signature covers the manifest: editing it (a new version) breaks the signature
+    with tarfile.open(bundle) as tar:
+        handle = tar.extractfile("manifest.json")
+        assert handle is not None
+        manifest = handle.read().replace(b'"version": "1.2.0"', b'"version": "9.0.0"')
+    forged = rewrite(bundle, folder / "f.ebundle", {"manifest.json": manifest})
+    code, text = verify(forged, signed["pub"])
+    assert code != 0 and "signature does not match" in text, text
+
+
+def test_size_limit_and_rollback(signed: dict[str, Path]) -> None:
+    keys = dict([load_public_key(signed["pub"].read_text(), "pub")])
+    with pytest.raises(BundleError, match="too big"):
+        check_bundle(signed["bundle"], keys, "pi4", max_bytes=1000)
+    found = check_bundle(signed["bundle"], keys, "pi4", current_version="2.0",
+                         allow_rollback=True)
+    assert found.version == "1.2.0" and set(found.members) == {
+        "model.tflite", "model.card.json", "model.golden.npz"}
