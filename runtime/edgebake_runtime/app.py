@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from .http import HealthServer
 from .interp import runtime_name_and_version
 from .journal import Journal
 from .metrics import Metrics
+from .modelstore import ModelStore, Slot, boot_id
 from .preprocess import Preprocessor
 from .procworker import ProcessWorker
 from .sdnotify import Notifier, watchdog_interval_sec
@@ -38,6 +40,18 @@ CAMERA_SCAN_SEC = 2.0
 READY_GRACE_SEC = 60.0
 
 
+@dataclass
+class ModelSet:
+    """One model with everything built for it; swapped as a whole."""
+
+    card: Card
+    preprocessor: Preprocessor
+    decoder: DecodeStage
+    workers: list[InferenceWorker | ProcessWorker]
+    generation: int  # frames carry it; workers skip frames prepared for another model
+    model: Path
+
+
 class StartupError(Exception):
     """The service cannot start (bad model or card); the message goes to STATUS= and the log."""
 
@@ -53,9 +67,9 @@ class App:
         self.healthy = False
         self.ready = False
         self._stop = threading.Event()
-        self.card = self._load_card()
+        update = config.section("update")
+        self.store = ModelStore(Path(update["dir"]))
         self.runtime = runtime_name_and_version()
-        inference = config.section("inference")
         depth = int(config.section("queue")["depth"])
         self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources
                                            if s.enabled and s.kind != "v4l2-auto"}
@@ -64,48 +78,97 @@ class App:
         self.camera_template = next((s for s in config.sources
                                      if s.enabled and s.kind == "v4l2-auto"), None)
         self.scanner: Supervised | None = None
+        self.model_watch: Supervised | None = None
         jr = config.section("journal")
         self.journal = Journal(Path(jr["dir"]), float(jr["fsync_interval_sec"]),
                                int(jr["rotate_bytes"]), float(jr["min_free_percent"]))
-        self.decoder = DecodeStage(self.card, self._emit, self.metrics,
-                                   inference["score_threshold"], int(inference["top_k"]))
-        self.workers: list[InferenceWorker | ProcessWorker] = []
+        self._swap_lock = threading.Lock()
+        self.generation = 0
+        self._check_trial_after_reboot()
+        slot = self.store.current()
+        self.model_path, card_path = (slot.model, slot.card) if slot else \
+            (config.model_path, config.card_path)
         try:
-            for i in range(int(inference["workers"])):
-                if inference["processes"]:
-                    process = ProcessWorker(
-                        i, config.model_path, self.card, int(inference["num_threads"]),
-                        self.queues, self.signal, self.metrics, self.decoder)
-                    self.workers.append(process)
-                    process.spawn()
-                else:
-                    worker = InferenceWorker(
-                        i, config.model_path, self.card, int(inference["num_threads"]),
-                        self.queues, self.signal, self._emit, self.metrics,
-                        inference["score_threshold"], int(inference["top_k"]))
-                    worker.handoff = self.decoder
-                    self.workers.append(worker)
-        except Exception as exc:
-            for started in self.workers:
-                started.stop()
-            raise StartupError(f"model {config.model_path}: {exc}") from None
-        self.preprocessor = Preprocessor(self.card)
+            self.models = self._load_models(self.model_path, card_path, slot)
+        except StartupError:
+            if slot is None:
+                raise
+            # a slot that no longer loads: back to what ran before, never a restart loop
+            self.store.audit("rollback", reason=f"model {slot.version} does not load")
+            self.store.rollback()
+            slot = self.store.current()
+            self.model_path, card_path = (slot.model, slot.card) if slot else \
+                (config.model_path, config.card_path)
+            self.models = self._load_models(self.model_path, card_path, slot)
+        self.running_version = slot.version if slot else None  # None: the image's model
         for source in self.sources.values():  # FFmpeg or PIL scale to the model's geometry
             source.size_for = self.preprocessor.native_size
+        self.swaps = 0
+        self.last_swap_gap_sec: float | None = None
         self.mqtt: Any = None
         self._results_seen = 0
         self._last_result_at = time.monotonic()
         self._health_published = 0.0
+        self._trial_errors = (0, 0)  # (results, errors) when the trial began
         self.http: HealthServer | None = None
 
-    def _load_card(self) -> Card:
+    # the running model set: card, preprocessing, decoding and workers of one model
+    @property
+    def card(self) -> Card:
+        return self.models.card
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return self.models.preprocessor
+
+    @property
+    def decoder(self) -> DecodeStage:
+        return self.models.decoder
+
+    @property
+    def workers(self) -> list[InferenceWorker | ProcessWorker]:
+        return self.models.workers
+
+    def _load_models(self, model: Path, card_path: Path | None, slot: Slot | None
+                     ) -> ModelSet:
+        """Card checked against the model, workers spawned and loaded; not yet started."""
+        card = self._load_card(model, card_path)
+        if slot is not None:
+            card.data["version"] = slot.version  # the bundle's version names the model
+        inference = self.config.section("inference")
+        generation = self.generation + 1
+        decoder = DecodeStage(card, self._emit, self.metrics, inference["score_threshold"],
+                              int(inference["top_k"]))
+        workers: list[InferenceWorker | ProcessWorker] = []
+        try:
+            for i in range(int(inference["workers"])):
+                if inference["processes"]:
+                    process = ProcessWorker(
+                        i, model, card, int(inference["num_threads"]),
+                        self.queues, self.signal, self.metrics, decoder, generation)
+                    workers.append(process)
+                    process.spawn()
+                else:
+                    worker = InferenceWorker(
+                        i, model, card, int(inference["num_threads"]),
+                        self.queues, self.signal, self._emit, self.metrics,
+                        inference["score_threshold"], int(inference["top_k"]), generation)
+                    worker.handoff = decoder
+                    workers.append(worker)
+        except Exception as exc:
+            for started in workers:
+                started.stop()
+            raise StartupError(f"model {model}: {exc}") from None
+        self.generation = generation
+        return ModelSet(card, Preprocessor(card), decoder, workers, generation, model)
+
+    def _load_card(self, model: Path, card_path: Path | None) -> Card:
         from .card import CardError
         from .interp import ModelError, check_tflite_file, probe_model
 
-        model = self.config.model_path
         try:
             check_tflite_file(model)
-            card = load_card(self.config.card_path or card_path_for(model))
+            card = load_card(card_path or card_path_for(model))
         except (ModelError, CardError) as exc:
             raise StartupError(str(exc)) from None
         actual = sha256_file(model)
@@ -118,6 +181,83 @@ class App:
             raise StartupError(str(exc)) from None
         return card
 
+    # --- model updates -------------------------------------------------------------------
+    def _check_trial_after_reboot(self) -> None:
+        """A model still on trial from an earlier boot did not survive its window: roll back."""
+        trial = self.store.state().get("trial")
+        if trial and trial.get("boot_id") != boot_id():
+            self.store.audit("rollback", version=trial.get("version"),
+                             reason="the unit rebooted inside the health window")
+            self.store.rollback()
+
+    def swap_to(self, slot: Slot | None) -> None:
+        """Load the new model beside the running one, then switch frames over to it."""
+        model, card_path = (slot.model, slot.card) if slot else \
+            (self.config.model_path, self.config.card_path)
+        with self._swap_lock:
+            old = self.models
+            new = self._load_models(model, card_path, slot)  # the old one keeps running
+            new.decoder.start()
+            newest_before = self.metrics.results
+            began = time.monotonic()
+            self.models = new  # frames preprocessed from now on are for the new model
+            for source in list(self.sources.values()):
+                source.size_for = new.preprocessor.native_size
+            for worker in new.workers:
+                worker.start()
+            for worker in old.workers:
+                worker.stop()
+            old.decoder.stop()
+            self.model_path = model
+            self.running_version = slot.version if slot else None
+            self.swaps += 1
+            self._trial_errors = (self.metrics.results, self.metrics.inference_errors)
+            while self.metrics.results == newest_before and time.monotonic() - began < 10:
+                time.sleep(0.005)
+            self.last_swap_gap_sec = time.monotonic() - began
+        log.info("model %s now serving (switch took %.3fs)", new.card.version,
+                 self.last_swap_gap_sec)
+
+    def _watch_models(self) -> None:
+        poll = float(self.config.section("update")["poll_sec"])
+        while not self._stop.wait(poll):
+            wanted = self.store.state().get("current")
+            if wanted != self.running_version:
+                slot = self.store.slot(wanted)
+                if wanted and slot is None:
+                    continue  # named but not written yet
+                try:
+                    self.swap_to(slot)
+                    self.store.audit("serving", version=wanted or "image model",
+                                     switch_sec=round(self.last_swap_gap_sec or 0, 3))
+                except StartupError as exc:
+                    self.store.audit("rollback", version=wanted, reason=str(exc))
+                    self.store.rollback()
+
+    def _judge_trial(self, healthy: bool, restart_helps: bool) -> None:
+        """During a trial: unhealthy or erring -> roll back; a clean window -> confirmed."""
+        trial = self.store.state().get("trial")
+        if not trial or trial.get("version") != self.card.version:
+            return
+        results, errors = self._trial_errors
+        new_results = self.metrics.results - results
+        new_errors = self.metrics.inference_errors - errors
+        rate = new_errors / max(new_results + new_errors, 1)
+        limit = float(self.config.section("update")["max_error_rate"])
+        reason = ""
+        if restart_helps:
+            reason = f"unhealthy in the health window: {self.status}"
+        elif new_results + new_errors >= 20 and rate > limit:
+            reason = f"inference errors {rate:.0%} in the health window (limit {limit:.0%})"
+        if reason:
+            self.store.audit("rollback", version=trial["version"], reason=reason)
+            log.error("model %s rolled back: %s", trial["version"], reason)
+            self.store.rollback()
+        elif healthy and time.time() - float(trial["started"]) >= float(trial["window_sec"]):
+            self.store.confirm()
+            self.store.audit("confirmed", version=trial["version"])
+            log.info("model %s confirmed after its health window", trial["version"])
+
     # --- data path ---------------------------------------------------------------------
     def _on_frame(self, frame: Frame) -> None:
         """Runs in the source's thread: the frame becomes a ready input tensor here, so the
@@ -125,7 +265,9 @@ class App:
         queue = self.queues[frame.source]
         if self.sources[frame.source].can_wait:
             queue.wait_for_room(timeout=1.0)
-        frame.image, frame.placement = self.preprocessor(frame.image)
+        models = self.models
+        frame.image, frame.placement = models.preprocessor(frame.image)
+        frame.generation = models.generation
         queue.put(frame)
         self.signal.notify()
 
@@ -149,6 +291,8 @@ class App:
             worker.start()
         for source in self.sources.values():
             source.start(self._on_frame)
+        self.model_watch = Supervised("model-watch", self._watch_models, self._stop)
+        self.model_watch.start()
         if self.camera_template is not None:
             self.scan_cameras()  # the cameras present at boot start at once
             self.scanner = Supervised("camera-scan", self._scan_loop, self._stop)
@@ -250,6 +394,8 @@ class App:
                 fresh_sources += 1
         if not self.sources:
             degraded.append("no camera found; waiting for one")
+        if self.model_watch is not None and not self.model_watch.alive():
+            stuck.append("model update watcher has died")
         if self.scanner is not None and not self.scanner.alive():
             stuck.append("camera discovery has died")
         for worker in self.workers:
@@ -319,7 +465,9 @@ class App:
             "uptime_sec": round(now - self.started, 1),
             "device_id": self.config.raw["device_id"],
             "model": {"version": self.card.version, "sha256": self.card.sha256,
-                      "task": self.card.task, "path": str(self.config.model_path),
+                      "task": self.card.task, "path": str(self.model_path),
+                      "swaps": self.swaps, "trial": self.store.state().get("trial"),
+                      "last_switch_sec": self.last_swap_gap_sec,
                       "runtime": self.runtime[0], "runtime_version": self.runtime[1]},
             "sources": sources,
             "inference": {"workers": len(self.workers), "results": self.metrics.results,
@@ -348,6 +496,8 @@ class App:
             if self.metrics.results != self._results_seen:
                 self._results_seen, self._last_result_at = self.metrics.results, now
             self.healthy, restart_helps, status = self.evaluate(now)
+            if self.ready:
+                self._judge_trial(self.healthy, restart_helps)
             if not self.ready:
                 if self.metrics.results > 0 or (now - self.started > READY_GRACE_SEC
                                                 and not restart_helps):

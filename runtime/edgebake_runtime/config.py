@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "http": {"enabled": True, "bind": "0.0.0.0", "port": 8080, "allow": [],
              "max_connections": 8, "timeout_sec": 5.0},
     "watchdog": {"stall_sec": 15.0},
+    # model updates: slots on /data, a health window after each, a latency budget to pass
+    "update": {"dir": "/data/models", "window_sec": 600.0, "max_latency_ms": 500.0,
+               "poll_sec": 2.0, "max_error_rate": 0.05},
 }
 
 SOURCE_DEFAULTS: dict[str, Any] = {"fps": 5.0, "max_age_sec": 10.0, "width": 640, "height": 480,
@@ -134,7 +137,8 @@ def validate(data: dict[str, Any], source: str) -> AppConfig:
     check.string(merged, "device_id", "device_id")
     check.pattern(merged, "device_id", "device_id", DEVICE_ID, "letters, digits, '.', '_' or "
                   "'-' (at most 64; it becomes part of MQTT topics and file names)")
-    for name in ("model", "inference", "queue", "journal", "mqtt", "http", "watchdog"):
+    for name in ("model", "inference", "queue", "journal", "mqtt", "http", "watchdog",
+                 "update"):
         check.mapping(merged[name], name, set(DEFAULTS[name]))
     check.string(merged["model"], "path", "model.path", allow_empty=False)
     check.string(merged["model"], "card", "model.card")
@@ -145,6 +149,12 @@ def validate(data: dict[str, Any], source: str) -> AppConfig:
     check.number(inf, "score_threshold", "inference.score_threshold", 0.0, 1.0, optional=True)
     check.number(inf, "top_k", "inference.top_k", 1, 100, integer=True)
     check.number(merged["queue"], "depth", "queue.depth", 1, 64, integer=True)
+    up = merged["update"]
+    check.pattern(up, "dir", "update.dir", ABSOLUTE_PATH, "an absolute path")
+    check.number(up, "window_sec", "update.window_sec", 0.0, 86400.0)
+    check.number(up, "max_latency_ms", "update.max_latency_ms", 1.0, 60000.0)
+    check.number(up, "poll_sec", "update.poll_sec", 0.2, 60.0)
+    check.number(up, "max_error_rate", "update.max_error_rate", 0.0, 1.0)
     jr = merged["journal"]
     check.string(jr, "dir", "journal.dir", allow_empty=False)
     check.number(jr, "fsync_interval_sec", "journal.fsync_interval_sec", 0.0, 60.0)

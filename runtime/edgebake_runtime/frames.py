@@ -22,6 +22,7 @@ class Frame:
     wall_time: float  # time.time()
     image: np.ndarray[Any, Any]
     placement: Any = None  # set when the source thread already resized the frame
+    generation: int = 0  # which model set prepared it (a model switch changes it)
 
 
 class LatestFrameQueue:
@@ -112,7 +113,11 @@ class FrameSignal:
         with self._cond:
             self._generation += 1
             self._cond.notify_all()
-            for fd in self._fds:
+            # the first woken feeder usually takes the frame: rotate who is first, so idle
+            # workers share the frames instead of one of them taking every one
+            count = len(self._fds)
+            for step in range(count):
+                fd = self._fds[(self._generation + step) % count]
                 with contextlib.suppress(BlockingIOError):  # the counter is full: awake anyway
                     os.eventfd_write(fd, 1)
 

@@ -38,6 +38,7 @@ class Metrics:
         self.inference_errors = 0
         self.journal_errors = 0
         self.mqtt_published = 0
+        self.switch_drops = 0  # frames prepared for a model that was switched away
         self._lock = threading.Lock()
 
     def count_result(self) -> None:

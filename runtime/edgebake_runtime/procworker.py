@@ -49,7 +49,7 @@ class WorkerStartError(Exception):
 class ProcessWorker:
     def __init__(self, index: int, model: Path, card: Card, num_threads: int,
                  queues: dict[str, LatestFrameQueue], signal_: FrameSignal, metrics: Metrics,
-                 handoff: DecodeStage) -> None:
+                 handoff: DecodeStage, generation: int = 0) -> None:
         self.index = index
         self.model = model
         self.card = card
@@ -58,6 +58,7 @@ class ProcessWorker:
         self.signal = signal_
         self.metrics = metrics
         self.handoff = handoff
+        self.generation = generation
         self.slots = FrameSlots.create(card, SLOTS)
         self.busy_since = 0.0  # monotonic: oldest unanswered request, 0 when idle
         self.last_done = time.monotonic()
@@ -189,6 +190,9 @@ class ProcessWorker:
                     frame = self._frames.take()
                     if frame is None:
                         break
+                    if frame.generation != self.generation:
+                        self.metrics.switch_drops += 1  # prepared for the other model
+                        continue
                     slot = free.pop()
                     self._token += 1
                     self.slots.input(slot)[...] = frame.image

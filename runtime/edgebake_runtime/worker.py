@@ -33,8 +33,9 @@ class InferenceWorker:
     def __init__(self, index: int, model: Path, card: Card, num_threads: int,
                  queues: dict[str, LatestFrameQueue], signal: FrameSignal,
                  emit: Callable[[dict[str, Any]], None], metrics: Metrics,
-                 threshold: float | None, top_k: int) -> None:
+                 threshold: float | None, top_k: int, generation: int = 0) -> None:
         self.index = index
+        self.generation = generation
         self.card = card
         self.interpreter = load_interpreter(model, num_threads=num_threads)
         details = self.interpreter.get_input_details()[0]
@@ -80,6 +81,9 @@ class InferenceWorker:
             frame = self._frames.take()
             if frame is None:
                 generation = self.signal.wait(generation, 0.5)
+                continue
+            if frame.generation != self.generation:
+                self.metrics.switch_drops += 1  # prepared for the other model
                 continue
             try:
                 if self.handoff is None:

@@ -1,0 +1,156 @@
+"""Model slots on /data: the models a unit received after it was flashed, and which one runs.
+
+    /data/models/slots/<version>/   model.tflite, its card and golden file, written whole
+    /data/models/state.json         {"current", "previous", "trial": {...} or null}
+    /data/models/audit.log          one JSON line per step, fsynced
+
+No slot (or state) means the model baked into the image runs. A new slot is written into a
+temp folder, fsynced and renamed, and only then named in state.json (itself replaced
+atomically), so a power cut leaves either the old model or the new one. A model on trial
+records when and in which boot its health window started; the service confirms it when the
+window passes healthy, and rolls back to `previous` when it does not, when inference errors
+rise, or when the unit rebooted inside the window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import fsync_dir, write_atomic
+from .bundle import Bundle, BundleError, version_key
+
+KEEP_SLOTS = 3
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Slot:
+    version: str
+    model: Path
+    card: Path
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.slots = root / "slots"
+        self.state_path = root / "state.json"
+        self.audit_path = root / "audit.log"
+
+    # --- state ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {"current": None, "previous": None, "trial": None}
+        return data if isinstance(data, dict) else {"current": None, "previous": None,
+                                                    "trial": None}
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        write_atomic(self.state_path, json.dumps(state, indent=1, sort_keys=True).encode())
+
+    def audit(self, step: str, **fields: Any) -> None:
+        line = json.dumps({"ts": round(time.time(), 3), "step": step, **fields},
+                          sort_keys=True) + "\n"
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o640)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def slot(self, version: str | None) -> Slot | None:
+        if not version:
+            return None
+        folder = self.slots / version
+        cards = sorted(folder.glob("*.card.json"))
+        models = sorted(folder.glob("*.tflite"))
+        if len(cards) != 1 or len(models) != 1:
+            return None
+        return Slot(version, models[0], cards[0])
+
+    def current(self) -> Slot | None:
+        return self.slot(self.state().get("current"))
+
+    # --- changes ---------------------------------------------------------------------------
+    def write_slot(self, bundle: Bundle) -> Slot:
+        """The bundle's members in slots/<version>/, whole or not at all."""
+        version = bundle.version
+        version_key(version)
+        card = json.loads(bundle.members["model.card.json"])
+        golden = str((card.get("golden") or {}).get("file", "model.golden.npz"))
+        if not SAFE_NAME.fullmatch(golden):
+            raise ValueError(f"card golden.file {golden!r}: expected a plain file name")
+        names = {"model.tflite": "model.tflite", "model.card.json": "model.card.json",
+                 "model.golden.npz": golden}
+        self.slots.mkdir(parents=True, exist_ok=True)
+        temp = self.slots / f".{version}.incoming"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir()
+        for member, name in names.items():
+            write_atomic(temp / name, bundle.members[member])
+        fsync_dir(temp)
+        final = self.slots / version
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        fsync_dir(self.slots)
+        slot = self.slot(version)
+        assert slot is not None
+        return slot
+
+    def start_trial(self, version: str, window_sec: float) -> None:
+        state = self.state()
+        self._write_state({"current": version, "previous": state.get("current"),
+                           "trial": {"version": version, "started": time.time(),
+                                     "boot_id": boot_id(), "window_sec": window_sec}})
+
+    def confirm(self) -> None:
+        state = self.state()
+        if state.get("trial"):
+            self._write_state({**state, "trial": None})
+            self.prune()
+
+    def rollback(self) -> str | None:
+        """Go back to the previous model (None: the image's own); returns what now runs."""
+        state = self.state()
+        previous = state.get("previous")
+        self._write_state({"current": previous, "previous": None, "trial": None})
+        return previous if isinstance(previous, str) else None
+
+    def prune(self) -> None:
+        """Keep the current, the previous and the newest others, up to KEEP_SLOTS."""
+        state = self.state()
+        keep = {state.get("current"), state.get("previous")}
+        found = sorted((p.name for p in self.slots.glob("*") if p.is_dir()
+                        and not p.name.startswith(".")), key=_sort_key, reverse=True)
+        for name in found:
+            if name in keep:
+                continue
+            if len(keep - {None}) < KEEP_SLOTS:
+                keep.add(name)
+                continue
+            shutil.rmtree(self.slots / name, ignore_errors=True)
+
+
+def _sort_key(name: str) -> tuple[int, ...]:
+    try:
+        return version_key(name)
+    except BundleError:
+        return (-1,)

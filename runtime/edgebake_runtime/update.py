@@ -1,0 +1,143 @@
+"""`edgebake-update apply B.ebundle | status | rollback`: a new model, checked on the unit first.
+
+apply: the bundle's signature against the keys in /etc/edgebake/update-keys/*.pub, its target
+against /etc/edgebake/target, its version against the running one; then the golden test with
+this unit's TFLite runtime, then a latency run against `update.max_latency_ms`. Only then is
+the slot written and the model put on trial; the running service picks it up within
+`update.poll_sec` without a restart and rolls it back on its own if the health window fails.
+Every step goes to /data/models/audit.log. Exit codes: 0 done, 1 refused, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import BundleError, check_bundle, load_public_key
+from .card import load_card
+from .config import ConfigError, load_config
+from .interp import ModelError, load_interpreter
+from .modelstore import ModelStore
+from .selfcheck import check_model
+
+KEYS_DIR = Path("/etc/edgebake/update-keys")
+TARGET_FILE = Path("/etc/edgebake/target")
+LATENCY_RUNS = 20
+
+
+def trusted_keys(folder: Path) -> dict[str, Any]:
+    keys = dict(load_public_key(p.read_text(), str(p)) for p in sorted(folder.glob("*.pub")))
+    if not keys:
+        raise BundleError(f"{folder}: no public keys; this unit accepts no updates "
+                          "(recipe: update.public_keys)")
+    return keys
+
+
+def measure_latency_ms(model: Path, card_path: Path) -> float:
+    """Median invoke time of the model on this unit, on its first golden input."""
+    card = load_card(card_path)
+    golden = card.data.get("golden") or {}
+    arrays = np.load(card_path.parent / str(golden.get("file", "")))
+    interpreter = load_interpreter(model, num_threads=1)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.set_tensor(index, arrays["input_0"])
+    interpreter.invoke()
+    times = []
+    for _ in range(LATENCY_RUNS):
+        began = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - began)
+    return float(np.median(times) * 1000)
+
+
+def apply(bundle_path: Path, store: ModelStore, keys_dir: Path, target: str,
+          current_version: str, settings: dict[str, Any], allow_rollback: bool) -> str:
+    """All checks, then the slot and the trial; returns the line to print."""
+    store.audit("received", bundle=str(bundle_path))
+    bundle = check_bundle(bundle_path, trusted_keys(keys_dir), target, current_version,
+                          allow_rollback)
+    store.audit("signature ok", version=bundle.version, key_id=bundle.manifest["key_id"])
+    with tempfile.TemporaryDirectory(prefix=".check-", dir=store.root) as tmp:
+        # the golden test runs on the bundle's files before anything replaces a model
+        trial = ModelStore(Path(tmp)).write_slot(bundle)
+        result = check_model(trial.model, trial.card)
+        if not result["ok"]:
+            raise BundleError(f"golden test failed with {result.get('runtime')}: "
+                              f"{result.get('error')}")
+        store.audit("golden test ok", version=bundle.version, runtime=result["runtime"],
+                    max_deviation=result["max_deviation"]["abs"])
+        latency = measure_latency_ms(trial.model, trial.card)
+        budget = float(settings["max_latency_ms"])
+        if latency > budget:
+            raise BundleError(f"latency {latency:.1f} ms per frame on this unit exceeds "
+                              f"update.max_latency_ms {budget:g}")
+        store.audit("latency ok", version=bundle.version, p50_ms=round(latency, 3))
+    store.write_slot(bundle)
+    store.start_trial(bundle.version, float(settings["window_sec"]))
+    store.audit("trial started", version=bundle.version, window_sec=settings["window_sec"])
+    return (f"model {bundle.version} installed and on trial for {settings['window_sec']:g}s "
+            f"(golden ok, latency {latency:.1f} ms); the service switches to it without a "
+            "restart")
+
+
+def current_version(store: ModelStore, baked_card: Path) -> str:
+    state = store.state()
+    if state.get("current"):
+        return str(state["current"])
+    try:
+        return load_card(baked_card).version
+    except Exception:  # a baked model without a readable version: any bundle is newer
+        return "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgebake-update", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("/etc/edgebake/app.yaml"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    apply_cmd = sub.add_parser("apply", help="check and install a bundle")
+    apply_cmd.add_argument("bundle", type=Path)
+    apply_cmd.add_argument("--allow-rollback", action="store_true",
+                           help="accept a bundle older than the running model")
+    sub.add_parser("status", help="what runs, what is on trial, the last audit lines")
+    sub.add_parser("rollback", help="go back to the previous model now")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = config.section("update")
+    store = ModelStore(Path(settings["dir"]))
+    baked_card = config.card_path or config.model_path.with_name(
+        config.model_path.stem + ".card.json")
+    try:
+        if args.command == "apply":
+            target = TARGET_FILE.read_text().strip() if TARGET_FILE.is_file() else ""
+            print(apply(args.bundle, store, KEYS_DIR, target,
+                        current_version(store, baked_card), settings, args.allow_rollback))
+        elif args.command == "rollback":
+            now = store.rollback()
+            store.audit("rollback", reason="asked", now=now)
+            print(f"rolled back; running {now or 'the image model'}")
+        else:
+            state = store.state()
+            lines = store.audit_path.read_text().splitlines()[-5:] \
+                if store.audit_path.is_file() else []
+            print(json.dumps({"state": state, "audit": [json.loads(x) for x in lines]},
+                             indent=1))
+    except (BundleError, ModelError, OSError, ValueError) as exc:
+        store.audit("refused", reason=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
