@@ -49,6 +49,7 @@ def make_config(tmp: Path, model: Path, sources: list[dict[str, Any]],
         "journal": {"dir": str(tmp / "results"), "fsync_interval_sec": 0.2},
         "http": {"enabled": True, "bind": "127.0.0.1", "port": 0},
         "inference": {"workers": 1, "num_threads": 1},
+        "update": {"dir": str(tmp / "models")},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import BundleError, check_bundle, load_public_key
+from .bundle import BundleError, check_bundle, load_public_key, version_key
 from .card import load_card
 from .config import ConfigError, load_config
 from .interp import ModelError, load_interpreter
@@ -92,8 +92,10 @@ def current_version(store: ModelStore, baked_card: Path) -> str:
     if state.get("current"):
         return str(state["current"])
     try:
-        return load_card(baked_card).version
-    except Exception:  # a baked model without a readable version: any bundle is newer
+        version = load_card(baked_card).version
+        version_key(version)
+        return version
+    except Exception:  # the image's model has no numeric version: any bundle is newer
         return "0"
 
 

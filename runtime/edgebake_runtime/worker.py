@@ -183,6 +183,8 @@ class DecodeStage:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish what is queued, then end the thread."""
+        if not self._thread.is_alive():
+            return  # never started (a service stopped before it ran), or already ended
         self._queue.put(None)
         self._thread.join(timeout)
 
