@@ -24,7 +24,7 @@ def test_pi4_resolves_with_all_layers() -> None:
     for package in ("linux-image-arm64", "raspi-firmware", "python3-numpy", "openssh-server"):
         assert package in recipe["packages"]
     assert "edgebake.service" in recipe["services.enable"]
-    assert recipe["wheels"] == ["paho-mqtt", "av"]
+    assert recipe["wheels"] == ["paho-mqtt", "av", "cryptography", "cffi", "pycparser"]
     assert recipe["runtime"] == "auto" and recipe["python.version"] == "3.11"
     assert [Path(s).stem for s in recipe.sources] == [
         "base", "kernel-pi4", "python", "app", "watchdog", "ssh", "pi4"]
@@ -120,6 +120,9 @@ def test_mappings_deep_merge(tmp_path: Path) -> None:
     ("suite: sid\n", "suite", "one of bookworm, trixie"),
     ("runtime: tensorflow\n", "runtime", "one of auto, tflite-runtime, ai-edge-litert"),
     ("python:\n  version: '3.12'\n", "python.version", "one of 3.10, 3.11, 3.13"),
+    ("update:\n  public_keys: [ssh-ed25519 AAAA]\n", "update.public_keys", "ed25519 <64 hex"),
+    ("output: iso\n", "output", "one of disk-image, overlay"),
+    ("systemd:\n  version: 99\n", "systemd.version", "an integer >= 240"),
 ])
 def test_bad_values_name_file_field_and_expectation(tmp_path: Path, text: str, field: str,
                                                     expected: str) -> None:

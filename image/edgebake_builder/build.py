@@ -151,7 +151,8 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
             model_path = install.install_model(prepared, rootfs)
             card_path = install.MODEL_DIR / prepared.card_path.name
         with progress.step("overlays: render templates, enable units, first-boot state"):
-            context = {"recipe": recipe.as_nested(), "model": prepared.card,
+            context = {"recipe": recipe.as_nested(), "target": options.target,
+                       "model": prepared.card,
                        "model_path": str(model_path), "card_path": str(card_path),
                        "app_config": app_config_for(recipe, model_path, card_path),
                        "partition_labels": {k.lower(): v for k, v in

@@ -497,7 +497,10 @@ class App:
                 self._results_seen, self._last_result_at = self.metrics.results, now
             self.healthy, restart_helps, status = self.evaluate(now)
             if self.ready:
-                self._judge_trial(self.healthy, restart_helps)
+                try:
+                    self._judge_trial(self.healthy, restart_helps)
+                except OSError as exc:  # /data trouble shows in the journal check too
+                    log.error("model trial state: %s", exc)
             if not self.ready:
                 if self.metrics.results > 0 or (now - self.started > READY_GRACE_SEC
                                                 and not restart_helps):

@@ -15,6 +15,7 @@ rise, or when the unit rebooted inside the window.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 from .atomic import fsync_dir, write_atomic
 from .bundle import Bundle, BundleError, version_key
 
+log = logging.getLogger("edgebake.update")
 KEEP_SLOTS = 3
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
 
@@ -62,18 +64,34 @@ class ModelStore:
 
     def _write_state(self, state: dict[str, Any]) -> None:
         write_atomic(self.state_path, json.dumps(state, indent=1, sort_keys=True).encode())
+        self._own(self.state_path)
+
+    def _own(self, *paths: Path) -> None:
+        """Files written by root (edgebake-update over SSH) go to the folder's owner, the
+        service account, which must be able to confirm, roll back and audit later."""
+        if os.geteuid() != 0 or not self.root.is_dir():
+            return
+        owner = self.root.stat()
+        for path in paths:
+            for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+                os.chown(item, owner.st_uid, owner.st_gid, follow_symlinks=False)
 
     def audit(self, step: str, **fields: Any) -> None:
+        """One fsynced line; a failure to log is reported, never fatal to the caller."""
         line = json.dumps({"ts": round(time.time(), 3), "step": step, **fields},
                           sort_keys=True) + "\n"
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                     0o640)
         try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.audit_path,
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._own(self.audit_path)
+        except OSError as exc:
+            log.error("model audit log %s: %s (step %s)", self.audit_path, exc, step)
 
     def slot(self, version: str | None) -> Slot | None:
         if not version:
@@ -111,6 +129,7 @@ class ModelStore:
             shutil.rmtree(final)
         os.replace(temp, final)
         fsync_dir(self.slots)
+        self._own(self.slots)
         slot = self.slot(version)
         assert slot is not None
         return slot

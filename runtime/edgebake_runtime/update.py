@@ -33,7 +33,11 @@ LATENCY_RUNS = 20
 
 
 def trusted_keys(folder: Path) -> dict[str, Any]:
-    keys = dict(load_public_key(p.read_text(), str(p)) for p in sorted(folder.glob("*.pub")))
+    """Every key in the folder's *.pub files, one per line (# comments allowed)."""
+    keys = dict(load_public_key(line, f"{path}:{number}")
+                for path in sorted(folder.glob("*.pub"))
+                for number, line in enumerate(path.read_text().splitlines(), 1)
+                if line.strip() and not line.lstrip().startswith("#"))
     if not keys:
         raise BundleError(f"{folder}: no public keys; this unit accepts no updates "
                           "(recipe: update.public_keys)")

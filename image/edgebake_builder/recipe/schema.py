@@ -101,6 +101,11 @@ SETTINGS: tuple[Setting, ...] = (
             "systemd RuntimeWatchdogSec for the hardware watchdog (0 disables)."),
     Setting("watchdog.service_sec", Int(5, 600), 30,
             "WatchdogSec of the edgebake service: restart when pings stop this long."),
+    Setting("update.public_keys",
+            StrList(Str(r"ed25519 [0-9a-f]{64}", "like `ed25519 <64 hex digits>` (a .pub from "
+                        "`invoke make-key`)")), [],
+            "Keys whose signed model bundles the unit accepts (several: key rotation); "
+            "without any, the unit takes no model updates."),
     Setting("journald.max_use", SIZE, "64M", "SystemMaxUse for the persistent journal."),
     Setting("app", Mapping(), {}, "Defaults for /etc/edgebake/app.yaml (checked by the runtime)."),
     Setting("model.path", Str(), "", "Model file; empty means the project's default model."),

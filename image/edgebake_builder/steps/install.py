@@ -27,6 +27,7 @@ LAUNCHERS = {
     "edgebake-firstboot": ("edgebake_runtime.firstboot", "first-boot seed and host keys"),
     "edgebake-selfcheck": ("edgebake_runtime.selfcheck", "model check with the shipped runtime"),
     "edgebake-growdata": ("edgebake_runtime.growdata", "data partition grows to fill the card"),
+    "edgebake-update": ("edgebake_runtime.update", "signed model updates"),
 }
 
 

@@ -105,6 +105,19 @@ def test_runtime_imports_in_the_target(host: Any, manifest: dict[str, Any]) -> N
     assert cmd.stdout.strip() == "ok"
 
 
+def test_model_updates_can_be_checked_on_the_target(host: Any) -> None:
+    """The shipped cryptography wheels sign and verify ed25519 under the target's Python."""
+    script = ("from cryptography.hazmat.primitives.asymmetric import ed25519; "
+              "k = ed25519.Ed25519PrivateKey.generate(); "
+              "k.public_key().verify(k.sign(b'x'), b'x'); "
+              "import edgebake_runtime.update; print('ok')")
+    cmd = host.run(f'PYTHONPATH=/opt/edgebake/lib python3 -c "{script}"')
+    assert cmd.rc == 0 and cmd.stdout.strip() == "ok", cmd.stderr
+    assert host.file("/opt/edgebake/bin/edgebake-update").mode == 0o755
+    assert host.file("/etc/edgebake/target").content_string.strip()
+    assert host.file("/etc/edgebake/update-keys/recipe.pub").exists
+
+
 def test_every_kernel_module_has_its_dependencies() -> None:
     """The closure of `depends=` over every shipped module: none points at a pruned one."""
     from edgebake_builder.kmods import ModuleTree, kernel_trees, missing_dependencies
