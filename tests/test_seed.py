@@ -50,6 +50,7 @@ def test_valid_seed_is_applied(tmp_path: Path) -> None:
     ("app:\n  mqtt:\n    topic: a/+/b\n", "mqtt.topic: expected an MQTT topic"),
     ("hostname: one\nhostname: two\n", "key 'hostname' appears twice"),
     ("hostname: [\n", "not valid YAML"),
+    ("update_public_keys: [ssh-ed25519 AAAA]\n", "update_public_keys: expected a list of keys"),
 ])
 def test_invalid_seed_changes_nothing(tmp_path: Path, text: str, message: str) -> None:
     etc = make_etc(tmp_path)
@@ -61,6 +62,16 @@ def test_invalid_seed_changes_nothing(tmp_path: Path, text: str, message: str) -
     assert message in str(caught.value) and "\n" not in str(caught.value)
     after = {p: p.read_bytes() for p in etc.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_update_keys_from_the_seed_join_the_recipe_keys(tmp_path: Path) -> None:
+    etc = make_etc(tmp_path)
+    seed = tmp_path / "edgebake-seed.yaml"
+    key = "ed25519 " + "ab" * 32
+    seed.write_text(render_seed("pole-18", [KEY], update_keys=[key]))
+    assert "1 update key(s)" in apply_seed(seed, etc)
+    written = (etc / "edgebake" / "update-keys" / "seed.pub").read_text()
+    assert written.splitlines()[-1] == key
 
 
 def test_wifi_seed_writes_a_private_supplicant_file_and_enables_it(tmp_path: Path) -> None:

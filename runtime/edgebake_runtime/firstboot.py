@@ -23,7 +23,9 @@ from .merge import deep_merge
 SEED = Path("/boot/firmware/edgebake-seed.yaml")
 ETC = Path("/etc")
 DONE = Path("/var/lib/edgebake/firstboot.done")
-SEED_KEYS = {"hostname", "device_id", "ssh_authorized_keys", "app", "wifi"}
+SEED_KEYS = {"hostname", "device_id", "ssh_authorized_keys", "app", "wifi",
+             "update_public_keys"}
+UPDATE_KEY = re.compile(r"ed25519 [0-9a-f]{64}")
 WIFI_KEYS = {"ssid", "psk", "country"}
 WIFI_UNIT_LINK = Path("systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service")
 WIFI_UNIT = Path("/usr/lib/systemd/system/wpa_supplicant@.service")
@@ -63,8 +65,13 @@ def check_seed(data: dict[str, Any], source: str, app_yaml: Path) -> dict[str, A
     except ConfigError as exc:
         raise SeedError(str(exc)) from None
     wifi = check_wifi(data.get("wifi"), source)
+    update_keys = data.get("update_public_keys", [])
+    if not isinstance(update_keys, list) or not all(
+            isinstance(k, str) and UPDATE_KEY.fullmatch(k.strip()) for k in update_keys):
+        raise SeedError(f"{source}: update_public_keys: expected a list of keys like "
+                        "`ed25519 <64 hex digits>` (from `invoke make-key`)")
     return {"hostname": hostname, "keys": [k.strip() for k in keys], "overrides": overrides,
-            "wifi": wifi}
+            "wifi": wifi, "update_keys": [k.strip() for k in update_keys]}
 
 
 def check_wifi(wifi: Any, source: str) -> dict[str, str] | None:
@@ -123,6 +130,11 @@ def apply_seed(seed: Path, etc: Path = ETC) -> str:
         text = "# written at first boot from the unit's seed\n" + yaml.safe_dump(
             plan["overrides"], sort_keys=False)
         staged.append((_write(target, text, 0o644), target))
+    if plan["update_keys"]:  # per-fleet model signing keys, beside the recipe's
+        target = etc / "edgebake" / "update-keys" / "seed.pub"
+        text = "# written at first boot from the unit's seed\n" + "\n".join(
+            plan["update_keys"]) + "\n"
+        staged.append((_write(target, text, 0o644), target))
     if plan["wifi"]:
         target = etc / "wpa_supplicant" / "wpa_supplicant-wlan0.conf"
         staged.append((_write(target, wpa_supplicant_conf(plan["wifi"]), 0o600), target))
@@ -134,7 +146,8 @@ def apply_seed(seed: Path, etc: Path = ETC) -> str:
             link.symlink_to(WIFI_UNIT)
     return (f"seed applied: hostname={plan['hostname'] or '(unchanged)'}, "
             f"{len(plan['keys'])} ssh key(s), wifi: "
-            f"{plan['wifi']['ssid'] if plan['wifi'] else 'none'}, app overrides: "
+            f"{plan['wifi']['ssid'] if plan['wifi'] else 'none'}, "
+            f"{len(plan['update_keys'])} update key(s), app overrides: "
             f"{', '.join(sorted(plan['overrides'])) or 'none'}")
 
 

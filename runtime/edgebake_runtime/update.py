@@ -106,6 +106,9 @@ def current_version(store: ModelStore, baked_card: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgebake-update", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("/etc/edgebake/app.yaml"))
+    parser.add_argument("--overrides", type=Path,
+                        default=Path("/etc/edgebake/seed-overrides.yaml"),
+                        help="the unit's seed overrides, as the service reads them")
     sub = parser.add_subparsers(dest="command", required=True)
     apply_cmd = sub.add_parser("apply", help="check and install a bundle")
     apply_cmd.add_argument("bundle", type=Path)
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("rollback", help="go back to the previous model now")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

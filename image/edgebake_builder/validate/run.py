@@ -37,6 +37,26 @@ class ImageTestResult:
     figures: dict[str, float]
 
 
+def update_bundle(tmp: Path, manifest: dict[str, Any], progress: Progress
+                  ) -> tuple[str, str]:
+    """A model bundle for the running checks to apply: BlazeFace full range as version 2.0,
+    signed by a key made here; returns (the public key line for the seed, the bundle path)."""
+    from edgebake_runtime.bundle import build_bundle, make_keypair
+
+    from ..steps.model import fetch_locked_model, prepare_model, read_models_lock
+
+    private, public = make_keypair()
+    model = fetch_locked_model(read_models_lock()["face_detection_full_range"], progress)
+    prepared = prepare_model(str(model), tmp / "update-model", progress)
+    data = build_bundle({"model.tflite": prepared.model.read_bytes(),
+                         "model.card.json": prepared.card_path.read_bytes(),
+                         "model.golden.npz": prepared.golden_path.read_bytes()},
+                        private, "2.0", str(manifest.get("target", "pi4")))
+    bundle = tmp / "update-2.0.ebundle"
+    bundle.write_bytes(data)
+    return public.strip(), str(bundle)
+
+
 def run_checks(phase: str, junit: Path, hosts: str, env: dict[str, str], progress: Progress,
             extra: list[str]) -> int:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
@@ -134,7 +154,7 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         tmp = Path(tmp_name)
         manifest_path = tmp / "manifest.json"
         manifest_path.write_text(json.dumps(manifest))
-        env = {"EDGEBAKE_MANIFEST": str(manifest_path)}
+        env = {"EDGEBAKE_MANIFEST": str(manifest_path), "EDGEBAKE_TEST_DIR": str(test_dir)}
         codes = {"static": 1, "running": 1}
         with progress.step("static checks on the image's rootfs (testinfra, chroot)"):
             rootfs = unpack_rootfs(image, tmp / "rootfs", progress)
@@ -149,6 +169,7 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         key = tmp / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgebake-test",
                         "-f", str(key)], check=True)
+        update_key, env["EDGEBAKE_BUNDLE"] = update_bundle(tmp, manifest, progress)
         broker = LocalBroker.start_if_available(tmp)
         # an RTSP camera on the host, seen by the guest through QEMU's user network
         # (small and slow: QEMU emulates the unit's CPU, and H.264 is decoded in full)
@@ -161,14 +182,17 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
             {"name": "cameras", "kind": "v4l2-auto", "fps": 5, "width": 640, "height": 480,
              "max_age_sec": 10},
             {"name": "rtsp", "kind": "rtsp", "url": rtsp.url(QEMU_HOST_ADDRESS), "fps": 2,
-             "max_age_sec": 20}]}
+             "max_age_sec": 20}],
+            # QEMU emulates the CPU: a generous latency budget; a window past the reboot check
+            "update": {"max_latency_ms": 20000, "window_sec": 3600}}
         if broker is not None:
             # QEMU's user network shows the host's loopback to the guest as 10.0.2.2
             app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port}
             env["EDGEBAKE_MQTT_PORT"] = str(broker.port)
         # saved as UTF-16 with a byte-order mark, as Windows editors do
         seed = render_seed(TEST_HOSTNAME, [(tmp / "id_ed25519.pub").read_text().strip()],
-                           app=app, device_id="qemu-test-unit").encode("utf-16")
+                           app=app, device_id="qemu-test-unit",
+                           update_keys=[update_key]).encode("utf-16")
         # a "card" larger than the image: the data partition must grow into it at first boot
         disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
         env["EDGEBAKE_DISK_BYTES"] = str(disk_bytes)
@@ -220,6 +244,12 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
             progress.say(f"      {phase} checks exited {codes[phase]} "
                          f"({'no report' if not part.exists() else 'see the log'})")
         part.unlink(missing_ok=True)
+    update_figures = test_dir / "figures-update.json"
+    if update_figures.is_file():
+        for name, value in json.loads(update_figures.read_text()).items():
+            if isinstance(value, (int, float)):
+                figures[name.replace("_", "-")] = float(value)
+        update_figures.unlink()
     figures["test-image-seconds"] = round(time.monotonic() - started, 1)
     return ImageTestResult(passed, failed, test_dir / "junit.xml", figures)
 

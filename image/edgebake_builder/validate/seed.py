@@ -17,10 +17,12 @@ CHUNK = 64 * 1024
 
 
 def render_seed(hostname: str, keys: list[str], app: dict[str, Any] | None = None,
-                device_id: str = "") -> str:
+                device_id: str = "", update_keys: list[str] | None = None) -> str:
     data: dict[str, Any] = {"hostname": hostname, "ssh_authorized_keys": keys}
     if device_id:
         data["device_id"] = device_id
+    if update_keys:
+        data["update_public_keys"] = update_keys
     if app:
         data["app"] = app
     return "# edgebake per-unit seed, applied once at first boot\n" + yaml.safe_dump(

@@ -131,6 +131,40 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
     assert len(record["id"].split("-")) == 2  # run id and number: unique across restarts
 
 
+def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
+    """edgebake-update on the unit: signature (a key from the seed), golden test and latency
+    with the unit's runtime, then the running service switches to the new model (BlazeFace
+    full range as 2.0, another input size) in the same process."""
+    pid = host.run("systemctl show -p MainPID --value edgebake").stdout.strip()
+    copy = subprocess.run(
+        ["scp", "-P", os.environ["EDGEBAKE_SSH_PORT"], "-i", os.environ["EDGEBAKE_SSH_KEY"],
+         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
+         "LogLevel=ERROR", os.environ["EDGEBAKE_BUNDLE"], "root@127.0.0.1:/data/update.ebundle"],
+        capture_output=True, text=True, check=False)
+    assert copy.returncode == 0, copy.stderr
+    began = time.monotonic()
+    applied = host.run("/opt/edgebake/bin/edgebake-update apply /data/update.ebundle")
+    assert applied.rc == 0, applied.stdout + applied.stderr
+    checked = time.monotonic() - began
+    snap = wait(lambda: (h := health()) and h["model"]["version"] == "2.0" and h, 300,
+                "the new model serving")
+    serving = time.monotonic() - began
+    assert host.run("systemctl show -p MainPID --value edgebake").stdout.strip() == pid
+    assert snap["model"]["trial"]["version"] == "2.0"
+    wait(lambda: '"model":"2.0"' in host.run(
+        f"tail -n 3 $(ls {RESULTS}/results-*.jsonl | tail -n 1)").stdout, 120,
+        "results of the new model")
+    audit = host.file("/data/models/audit.log").content_string
+    for step in ("signature ok", "golden test ok", "latency ok", "trial started", "serving"):
+        assert f'"step": "{step}"' in audit, audit
+    figures = {"update_checked_sec": round(checked, 1), "update_serving_sec": round(serving, 1),
+               "update_switch_sec": snap["model"]["last_switch_sec"]}
+    folder = os.environ.get("EDGEBAKE_TEST_DIR")
+    if folder:
+        with open(os.path.join(folder, "figures-update.json"), "w") as handle:
+            json.dump(figures, handle)
+
+
 def test_results_arrive_over_mqtt() -> None:
     """Through QEMU's user network to a mosquitto on the host's loopback, QoS 1."""
     port = os.environ.get("EDGEBAKE_MQTT_PORT")
@@ -250,3 +284,12 @@ def test_results_survive_a_reboot(host: Any) -> None:
          420, "the unit to come back after the reboot", interval=5.0)
     assert result_count(host) >= before
     wait(lambda: result_count(host) > before, 240, "new results after the reboot")
+
+
+def test_a_model_on_trial_rolls_back_after_a_reboot(host: Any) -> None:
+    """The reboot above came inside the update's health window: the unit went back to the
+    image's model by itself and says why in the audit log."""
+    snap = wait(lambda: (h := health()) and h.get("ready") and h, 240, "the service again")
+    assert snap["model"]["version"] != "2.0" and snap["model"]["trial"] is None
+    audit = host.file("/data/models/audit.log").content_string
+    assert "rebooted inside the health window" in audit, audit[-1500:]
