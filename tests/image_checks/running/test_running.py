@@ -149,6 +149,8 @@ def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
     snap = wait(lambda: (h := health()) and h["model"]["version"] == "2.0" and h, 300,
                 "the new model serving")
     serving = time.monotonic() - began
+    snap = wait(lambda: (h := health()) and h["model"]["last_switch_sec"] is not None and h,
+                60, "the first result of the new model")
     assert host.run("systemctl show -p MainPID --value edgebake").stdout.strip() == pid
     assert snap["model"]["trial"]["version"] == "2.0"
     wait(lambda: '"model":"2.0"' in host.run(
