@@ -243,7 +243,8 @@ def test_auto_runtime_takes_ai_edge_litert_when_tflite_runtime_cannot_load(
     assert "FULLY_CONNECTED" in runtime["reason"] and "version '12'" in runtime["reason"]
     assert manifest["model"]["verified_on_target"] is True
     assert manifest["model"]["target_runtime"]["runtime"] == "ai-edge-litert"
-    assert {w["name"] for w in manifest["python_wheels"]} == {"ai-edge-litert", "paho-mqtt", "av"}
+    wheels = {w["name"] for w in manifest["python_wheels"]}
+    assert "ai-edge-litert" in wheels and "tflite-runtime" not in wheels, wheels
     assert "runtime ai-edge-litert (auto: tflite-runtime 2.14.0" in \
         (out / "build.log").read_text()
 

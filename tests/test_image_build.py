@@ -116,7 +116,8 @@ def test_manifest_fields(built: dict[str, Any]) -> None:
     names = {p["name"] for p in m["packages"]}
     assert {"linux-image-arm64", "raspi-firmware", "python3", "systemd"} <= names
     assert all(p["arch"] in ("arm64", "all") for p in m["packages"])
-    assert {w["name"] for w in m["python_wheels"]} == {"tflite-runtime", "paho-mqtt", "av"}
+    assert {w["name"] for w in m["python_wheels"]} == {
+        "tflite-runtime", "paho-mqtt", "av", "cryptography", "cffi", "pycparser"}
     assert m["model"]["card"]["task"] == "blazeface"
 
 
