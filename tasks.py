@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from invoke import Context, Exit, task
@@ -67,6 +68,59 @@ def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool
         print(f"{name}: {value:.1f} s")
     print(f"test-image: {result.passed} passed, {result.failed} failed ({result.junit})")
     if result.failed or result.passed == 0:
+        raise Exit(code=1)
+
+
+@task(help={"cycles": "how many times to pull the plug",
+            "target": "recipe target whose image to use",
+            "image": "image to use (default: the one in out/<target>)",
+            "seed": "random seed for the moments of the cuts (default: a new one)",
+            "watchdog": "also freeze PID 1 and time the hardware watchdog's reset"})
+def bench_powercut(c: Context, cycles: int = 10, target: str = "pi4", image: str = "",
+                   seed: int = -1, watchdog: bool = True) -> None:
+    """Kill the QEMU unit with SIGKILL at random moments and check what survives each cut."""
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.validate.powercut import run_bench, summary
+    from edgebake_builder.validate.run import find_image
+
+    if cycles < 1:
+        raise Exit("error: --cycles: expected 1 or more", code=2)
+    started = time.monotonic()
+    try:
+        image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
+                                                   Path(image) if image else None)
+        progress = Progress(1, log_path=out_dir / "bench-powercut.log")
+        with progress.step(f"{cycles} power cuts on {image_path.name} under QEMU"):
+            cuts, reset_sec = run_bench(image_path, out_dir, manifest, cycles, progress,
+                                        None if seed < 0 else seed, watchdog)
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+    except KeyboardInterrupt:
+        raise Exit("interrupted; QEMU stopped", code=130) from None
+    if reset_sec is not None:
+        print(f"hardware watchdog: PID 1 frozen, unit reset and back to inference in "
+              f"{reset_sec:.1f} s")
+    print(f"bench time: {time.monotonic() - started:.0f} s")
+    print(summary(cuts))
+    if not all(cut.survived for cut in cuts):
+        raise Exit(code=1)
+
+
+@task(help={"examples": "cases per loader"})
+def bench_fuzz(c: Context, examples: int = 10000) -> None:
+    """Hypothesis on the recipe loader, the seed checker and the app-config validator."""
+    import os
+    import subprocess
+
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "--hypothesis-show-statistics", str(ROOT / "tests" / "test_fuzz.py")],
+                            cwd=ROOT, env={**os.environ, "EDGEBAKE_FUZZ_EXAMPLES": str(examples)},
+                            check=False)
+    print(f"fuzzing: {examples} cases per test, 4 tests, {time.monotonic() - started:.0f} s, "
+          f"{'no' if result.returncode == 0 else 'some'} undeclared exceptions")
+    if result.returncode != 0:
         raise Exit(code=1)
 
 

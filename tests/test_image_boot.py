@@ -64,3 +64,20 @@ def test_bad_image_paths_get_one_line(tmp_path: Path) -> None:
                                 capture_output=True, text=True, check=False)
         assert result.returncode == 1
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_unit_survives_power_cuts_and_a_frozen_pid1(built: dict[str, Any]) -> None:
+    """Three SIGKILLs of the QEMU unit (during its first boot, while running, during a model
+    update), then PID 1 frozen until the hardware watchdog resets it (`invoke bench-powercut`
+    runs 50)."""
+    result = subprocess.run([*INVOKE, "bench-powercut", "--cycles", "3", "--seed", "7"],
+                            cwd=ROOT, capture_output=True, text=True, check=False)
+    print(result.stdout[-6000:], result.stderr[-3000:])
+    assert result.returncode == 0
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("power cuts survived: 3/3,"), summary
+    assert summary.endswith("torn lines: 0"), summary
+    assert "hardware watchdog: PID 1 frozen, unit reset and back to inference in" in result.stdout
+    ps = subprocess.run(["pgrep", "-f", "qemu-system-aarch64"], capture_output=True, text=True,
+                        check=False)
+    assert ps.stdout.strip() == "", "a QEMU process was left running"

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from .sdnotify import Notifier, watchdog_interval_sec
 from .sources import Source, make_source
 from .sources.discover import find_cameras
 from .supervise import Supervised
-from .worker import DecodeStage, InferenceWorker
+from .worker import DecodeStage, InferenceWorker, deliver
 
 log = logging.getLogger("edgebake")
 SWITCH_INTERVAL_SEC = 0.0005
@@ -54,6 +55,27 @@ class ModelSet:
 
 class StartupError(Exception):
     """The service cannot start (bad model or card); the message goes to STATUS= and the log."""
+
+
+def load_checked_card(model: Path, card_path: Path | None) -> Card:
+    """The model's card, once the model is a loadable TFLite file whose sha256 the card names."""
+    from .card import CardError
+    from .interp import ModelError, check_tflite_file, probe_model
+
+    try:
+        check_tflite_file(model)
+        card = load_card(card_path or card_path_for(model))
+    except (ModelError, CardError) as exc:
+        raise StartupError(str(exc)) from None
+    actual = sha256_file(model)
+    if actual != card.sha256:
+        raise StartupError(f"{model}: sha256 {actual[:16]}… does not match its card "
+                           f"({card.sha256[:16]}…); refusing a model that was changed")
+    try:
+        probe_model(model)
+    except ModelError as exc:
+        raise StartupError(str(exc)) from None
+    return card
 
 
 class App:
@@ -145,7 +167,9 @@ class App:
                 if inference["processes"]:
                     process = ProcessWorker(
                         i, model, card, int(inference["num_threads"]),
-                        self.queues, self.signal, self.metrics, decoder, generation)
+                        self.queues, self.signal, self.metrics,
+                        partial(self._deliver, card), inference["score_threshold"],
+                        int(inference["top_k"]), generation)
                     workers.append(process)
                     process.spawn()
                 else:
@@ -163,23 +187,7 @@ class App:
         return ModelSet(card, Preprocessor(card), decoder, workers, generation, model)
 
     def _load_card(self, model: Path, card_path: Path | None) -> Card:
-        from .card import CardError
-        from .interp import ModelError, check_tflite_file, probe_model
-
-        try:
-            check_tflite_file(model)
-            card = load_card(card_path or card_path_for(model))
-        except (ModelError, CardError) as exc:
-            raise StartupError(str(exc)) from None
-        actual = sha256_file(model)
-        if actual != card.sha256:
-            raise StartupError(f"{model}: sha256 {actual[:16]}… does not match its card "
-                               f"({card.sha256[:16]}…); refusing a model that was changed")
-        try:
-            probe_model(model)
-        except ModelError as exc:
-            raise StartupError(str(exc)) from None
-        return card
+        return load_checked_card(model, card_path)
 
     # --- model updates -------------------------------------------------------------------
     def _check_trial_after_reboot(self) -> None:
@@ -270,6 +278,11 @@ class App:
         frame.generation = models.generation
         queue.put(frame)
         self.signal.notify()
+
+    def _deliver(self, card: Card, worker: int, frame: Frame, result: dict[str, Any],
+                 invoke_seconds: float) -> None:
+        """A result decoded by a worker process becomes a record (in that worker's feeder)."""
+        deliver(card, frame, result, invoke_seconds, worker, self._emit, self.metrics)
 
     def _emit(self, record: dict[str, Any]) -> None:
         if not self.journal.append(record):

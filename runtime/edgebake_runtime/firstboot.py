@@ -151,9 +151,29 @@ def apply_seed(seed: Path, etc: Path = ETC) -> str:
             f"{', '.join(sorted(plan['overrides'])) or 'none'}")
 
 
-def main() -> int:
+def check_only(seed: Path, app_yaml: Path) -> int:
+    """`edgebake-firstboot --check SEED`: what first boot would say of a seed, changing nothing."""
+    try:
+        data = read_yaml_mapping(seed)
+        plan = check_seed(data, str(seed), app_yaml)
+    except (ConfigError, SeedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{seed}: ok (hostname={plan['hostname'] or '(unchanged)'}, "
+          f"{len(plan['keys'])} ssh key(s))")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     """Whatever the seed holds, the host keys and the done-marker are written: a bad seed must
     not make every boot retry it, nor leave SSH without host keys."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--check"] and len(args) in (2, 3):
+        return check_only(Path(args[1]), Path(args[2]) if len(args) == 3 else
+                          ETC / "edgebake" / "app.yaml")
+    if args:
+        print("usage: edgebake-firstboot [--check SEED [APP_YAML]]", file=sys.stderr)
+        return 2
     if SEED.is_file():
         try:
             print(apply_seed(SEED), flush=True)

@@ -126,6 +126,10 @@ class Journal:
         self.deleted_records = 0
         self.dropped_undelivered = 0
         self.dropped_unwritten = 0
+        # wall-clock "ts" of the newest record written, and of the newest one fsynced: what a
+        # power cut may lose lies between them
+        self.last_written_ts: float | None = None
+        self.last_synced_ts: float | None = None
 
     @property
     def current(self) -> Path | None:
@@ -178,6 +182,9 @@ class Journal:
                 except OSError:
                     self._make_room(force=True)
                     self._write(line)
+                stamp = record.get("ts")
+                if isinstance(stamp, (int, float)):
+                    self.last_written_ts = float(stamp)
             except OSError as exc:
                 self._failed(exc)
                 self.dropped_unwritten += 1
@@ -216,6 +223,7 @@ class Journal:
         if self._dirty:
             os.fsync(self._fd)
             self._dirty = False
+        self.last_synced_ts = self.last_written_ts
         self._last_sync = time.monotonic()
 
     def sync_if_due(self) -> None:
@@ -283,7 +291,10 @@ class Journal:
                 "min_free_percent": self.min_free_percent,
                 "deleted_files": self.deleted_files, "deleted_records": self.deleted_records,
                 "dropped_undelivered": self.dropped_undelivered,
-                "dropped_unwritten": self.dropped_unwritten}
+                "dropped_unwritten": self.dropped_unwritten,
+                "repaired_bytes": self.repaired_bytes,
+                "fsync_interval_sec": self.fsync_interval,
+                "last_written_ts": self.last_written_ts, "last_synced_ts": self.last_synced_ts}
 
     def close(self) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from .app import App, StartupError
+from .app import App, StartupError, load_checked_card
 from .atomic import write_atomic
 from .config import ConfigError, load_config
 from .sdnotify import Notifier
@@ -33,6 +33,21 @@ def record_startup_error(message: str | None, path: Path = STARTUP_ERROR) -> Non
         pass
 
 
+def check_only(config_path: Path, overrides: Path) -> int:
+    """What the service would refuse at start, in one line, without starting anything."""
+    try:
+        config = load_config(config_path, overrides)
+        card = load_checked_card(config.model_path, config.card_path)
+    except ConfigError as exc:
+        print(f"error: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except StartupError as exc:
+        print(f"error: cannot start: {exc}", file=sys.stderr)
+        return EXIT_BAD_MODEL
+    print(f"{config_path}: ok (model {card.version}, {len(config.sources)} source(s))")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgebake-runtime",
                                      description="edgebake on-device inference service")
@@ -40,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", type=Path, default=DEFAULT_OVERRIDES,
                         help="per-unit overrides written from the seed (used if present)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration, the model and its card, then exit")
     args = parser.parse_args(argv)
+    if args.check:
+        return check_only(args.config, args.overrides)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("edgebake")

@@ -1,10 +1,11 @@
 """An inference worker in its own process, fed from the service through shared memory.
 
 A feeder thread in the service takes the freshest frame (round-robin over sources, as the
-thread worker does), copies its input tensor into a free slot and sends the slot number.
-Two slots per worker keep the process busy: the next frame is already in place when an
-invoke returns. The process replies with the slot; the outputs are copied out and handed to
-the decoder thread, so decoding never takes the worker's core.
+thread worker does), copies its input tensor into a free slot and sends the slot number with
+the frame's placement. Three slots per worker keep the process busy: the next frame is
+already in place when an invoke returns, while the previous one is still being decoded. The
+process decodes the outputs itself, beside the next invoke, and replies with the small result
+dict, which the feeder turns into a record; the service never decodes.
 
 Failures: a process that exits or is killed is replaced (with backoff) and counted; until
 its replacement is ready the worker is not alive, so the unit is not healthy. A process
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,10 @@ from .card import Card
 from .frames import Frame, FrameSignal, LatestFrameQueue, RoundRobin
 from .metrics import Metrics
 from .slots import FrameSlots
-from .worker import DecodeStage
 
 log = logging.getLogger("edgebake.worker")
 
-SLOTS = 2
+SLOTS = 3
 START_TIMEOUT_SEC = 120.0
 BACKOFF_START_SEC = 1.0
 BACKOFF_MAX_SEC = 30.0
@@ -49,7 +50,8 @@ class WorkerStartError(Exception):
 class ProcessWorker:
     def __init__(self, index: int, model: Path, card: Card, num_threads: int,
                  queues: dict[str, LatestFrameQueue], signal_: FrameSignal, metrics: Metrics,
-                 handoff: DecodeStage, generation: int = 0) -> None:
+                 deliver: Callable[[int, Frame, dict[str, Any], float], None],
+                 threshold: float | None, top_k: int, generation: int = 0) -> None:
         self.index = index
         self.model = model
         self.card = card
@@ -57,7 +59,9 @@ class ProcessWorker:
         self.queues = queues
         self.signal = signal_
         self.metrics = metrics
-        self.handoff = handoff
+        self.deliver = deliver
+        self.threshold = threshold
+        self.top_k = top_k
         self.generation = generation
         self.slots = FrameSlots.create(card, SLOTS)
         self.busy_since = 0.0  # monotonic: oldest unanswered request, 0 when idle
@@ -82,7 +86,8 @@ class ProcessWorker:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         args = [sys.executable, "-m", "edgebake_runtime.inferproc", str(self.slots.fd),
                 str(theirs.fileno()), str(self.model), str(self.num_threads), str(SLOTS),
-                str(self.card.path)]
+                str(self.card.path), "" if self.threshold is None else repr(self.threshold),
+                str(self.top_k)]
         try:
             self._proc = subprocess.Popen(args, pass_fds=(self.slots.fd, theirs.fileno()),
                                           env=env, stdin=subprocess.DEVNULL)
@@ -196,7 +201,9 @@ class ProcessWorker:
                     slot = free.pop()
                     self._token += 1
                     self.slots.input(slot)[...] = frame.image
-                    conn.send((slot, self._token))
+                    place = frame.placement
+                    conn.send((slot, self._token, None if place is None else
+                               (place.scale_x, place.scale_y, place.offset_x, place.offset_y)))
                     flight[slot] = (frame, self._token)
                     if not self.busy_since:
                         self.busy_since = time.monotonic()
@@ -220,7 +227,7 @@ class ProcessWorker:
 
     def _take_reply(self, conn: Connection, flight: dict[int, tuple[Frame, int]],
                     free: list[int]) -> None:
-        slot, token, seconds, error = conn.recv()
+        slot, token, seconds, error, result = conn.recv()
         frame, sent = flight.pop(slot)
         free.append(slot)
         now = time.monotonic()
@@ -235,8 +242,7 @@ class ProcessWorker:
         self.last_done = now
         self.processed += 1
         self.metrics.inference.add(seconds)
-        outputs = [out.copy() for out in self.slots.outputs(slot)]
-        self.handoff.submit(self.index, frame, outputs, frame.placement, seconds)
+        self.deliver(self.index, frame, result, seconds)
 
     def stats(self) -> dict[str, Any]:
         return {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,

@@ -138,6 +138,13 @@ def finish(card: Card, decode: Any, frame: Frame, outputs: list[np.ndarray[Any, 
            ) -> dict[str, Any]:
     """Decode the outputs into a result record, hand it to the sinks, and count it."""
     result = decode(card, outputs, placement, threshold, top_k)
+    return deliver(card, frame, result, invoke_seconds, worker, emit, metrics)
+
+
+def deliver(card: Card, frame: Frame, result: dict[str, Any], invoke_seconds: float,
+            worker: int, emit: Callable[[dict[str, Any]], None], metrics: Metrics
+            ) -> dict[str, Any]:
+    """Turn a decoded result into a record with a unique id, hand it to the sinks, count it."""
     done = time.monotonic()
     record = {"id": f"{RUN_ID}-{next(RECORD_NUMBERS)}", "ts": round(frame.wall_time, 3),
               "source": frame.source, "seq": frame.seq,

@@ -87,7 +87,8 @@ def _flatten(source: str, data: dict[str, Any], prefix: str = "") -> dict[str, A
             known = sorted(BY_PATH) + sorted(GROUPS)
             close = difflib.get_close_matches(path, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise BuildError(f"{source}: {path}: unknown setting{hint} "
+            shown = path if path.isprintable() and path.strip() == path and path else repr(path)
+            raise BuildError(f"{source}: {shown}: unknown setting{hint} "
                              f"(see `invoke recipe-schema`)")
     return flat
 

@@ -94,17 +94,20 @@ class Source:
     def _run(self) -> None:
         backoff = BACKOFF_START_SEC
         while not self._stop.is_set():
+            frames_before = self.stats.frames
             try:
                 self.open()
                 self.stats.state = "up"
-                self.stats.last_error = ""
-                backoff = BACKOFF_START_SEC
+                # last_error stays until a frame arrives: a camera that opens and then fails
+                # at once keeps showing why in /health
                 self._pump()
             except SourceFinished:
                 self.stats.state = "finished"
                 self._safe_close()
                 return
             except Exception as exc:  # any failure of a device or stream means "down"
+                if self.stats.frames > frames_before:
+                    backoff = BACKOFF_START_SEC  # it worked for a while: retry soon
                 self.stats.state = "down"
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("source %s down: %s; retrying in %.0fs", self.name,
@@ -132,6 +135,8 @@ class Source:
                 log.debug("source %s: corrupt frame skipped: %s", self.name, exc)
                 continue
             now = time.monotonic()
+            if self.stats.last_error:
+                self.stats.last_error = ""
             self._seq += 1
             self._record(now)
             self.on_frame(Frame(source=self.name, seq=self._seq, captured_at=now,

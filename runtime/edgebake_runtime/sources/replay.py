@@ -7,6 +7,7 @@ what a camera that delivers the model's size costs it."""
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from .stream import StreamSource
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp"}
 DECODED_CACHE_LIMIT = 64
+# A frame's header may claim any size; decoding a small file into gigabytes (a decompression
+# bomb) would take the unit's memory. 8K is 33 Mpx: anything beyond is refused unread.
+MAX_FRAME_PIXELS = 40_000_000
 
 
 def decode_image(data: bytes, name: str,
@@ -27,7 +31,14 @@ def decode_image(data: bytes, name: str,
                  ) -> np.ndarray[Any, Any]:
     """RGB pixels of an image file; with `size_for`, already scaled to the size it gives."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # our own limit below says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as img:
+            if img.size[0] * img.size[1] > MAX_FRAME_PIXELS:
+                raise CorruptFrame(f"{name}: {img.size[0]}x{img.size[1]} pixels is more than a "
+                                   f"camera frame can be ({MAX_FRAME_PIXELS} pixels); refused "
+                                   "undecoded")
             if size_for is None:
                 return np.asarray(img.convert("RGB"))
             size = size_for(*img.size)
@@ -36,7 +47,10 @@ def decode_image(data: bytes, name: str,
             if rgb.size != size:
                 rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
             return np.asarray(rgb)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise CorruptFrame(f"{name}: not a picture ({len(data)} bytes of no known image "
+                           "format)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CorruptFrame(f"{name}: {exc}") from None
 
 

@@ -47,7 +47,11 @@ MJPEG, YUYV = _fourcc("MJPG"), _fourcc("YUYV")
 
 
 def yuyv_to_rgb(data: bytes, width: int, height: int) -> np.ndarray[Any, Any]:
-    """BT.601 limited-range YUYV 4:2:2 to RGB uint8."""
+    """BT.601 limited-range YUYV 4:2:2 to RGB uint8; a short buffer is a corrupt frame."""
+    expected = width * height * 2
+    if len(data) < expected or width % 2:
+        raise CorruptFrame(f"short YUYV frame: {len(data)} bytes, expected {expected} for "
+                           f"{width}x{height}")
     raw = np.frombuffer(data, dtype=np.uint8, count=width * height * 2).reshape(height, width // 2,
                                                                                  4)
     y = raw[:, :, [0, 2]].reshape(height, width).astype(np.float32) - 16.0
@@ -126,8 +130,6 @@ class V4l2Source(Source):
         width, height = self._size
         if self._format == MJPEG:
             return decode_image(data, self.config.device, self.size_for)
-        if used < width * height * 2:
-            raise CorruptFrame(f"short YUYV frame: {used} bytes")
         return yuyv_to_rgb(data, width, height)
 
     def close(self) -> None:
