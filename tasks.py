@@ -124,6 +124,41 @@ def bench_fuzz(c: Context, examples: int = 10000) -> None:
         raise Exit(code=1)
 
 
+@task(help={"broker": "MQTT broker host the units publish to", "port": "broker port",
+            "wait": "seconds to listen (retained topics arrive at once)",
+            "username": "broker user", "password": "broker password",
+            "ca_file": "CA certificate for TLS (TLS when given)"})
+def fleet_status(c: Context, broker: str, port: int = 1883, wait: float = 2.0,
+                 username: str = "", password: str = "", ca_file: str = "") -> None:
+    """The units seen on MQTT: link, health, model version and sha256, last result time."""
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.fleet import collect, table
+
+    try:
+        units = collect(broker, port, wait, username, password, ca_file)
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+    if not units:
+        print(f"no units seen on {broker}:{port} (topics edgebake/+/status and /health)")
+        return
+    print(table(units))
+
+
+@task(help={"host": "the unit's address", "bundle": "the signed .ebundle to install",
+            "port": "SSH port", "user": "SSH user (root: the update writes /data/models)",
+            "identity": "SSH private key file", "allow_rollback": "allow an older version"})
+def push_model(c: Context, host: str, bundle: str, port: int = 22, user: str = "root",
+               identity: str = "", allow_rollback: bool = False) -> None:
+    """Copy a signed bundle to a unit over SSH and apply it there (checked on the unit)."""
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.flashing.push import push_bundle
+
+    try:
+        print(push_bundle(host, Path(bundle), port, user, identity, allow_rollback))
+    except BuildError as exc:
+        raise _fail_cleanly(exc) from None
+
+
 @task(help={"model": "Keras .keras/.h5 file or SavedModel directory",
             "quantize": "none, dynamic, float16 or int8",
             "output": "the .tflite to write (its card goes next to it)",

@@ -112,7 +112,8 @@ class MqttPublisher:
     def publish_health(self, snapshot: dict[str, Any]) -> None:
         """The health snapshot (drops, backlog, sources) as a retained message for the fleet."""
         if self.connected.is_set():
-            self.client.publish(self.health_topic, json.dumps(snapshot, sort_keys=True),
+            stamped = {**snapshot, "published_at": round(time.time(), 3)}
+            self.client.publish(self.health_topic, json.dumps(stamped, sort_keys=True),
                                 qos=0, retain=True)
 
     def _save_cursor(self) -> None:

@@ -11,12 +11,14 @@ watchdog's reset back to inference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..flashing.push import push_bundle
 from ..progress import Progress
 from .qemu import QemuMachine, console_tail
 from .run import update_bundle
@@ -216,15 +219,18 @@ def _check_after(unit: Unit, cut: Cut, cut_wall: float, written: float | None,
         "test -s /var/lib/edgebake/firstboot.done && echo seeded; "
         "python3 -c 'import yaml,sys; [yaml.safe_load(open(f)) for f in sys.argv[1:]]' "
         "/etc/edgebake/app.yaml /etc/edgebake/seed-overrides.yaml && echo config; "
+        "edgebake-update status >/dev/null 2>&1 && echo updates; "
         "systemctl --failed --no-legend --plain | head -5").stdout.split("\n")
     if state[0].strip() != HOSTNAME:
         cut.problems.append(f"hostname is {state[0].strip()!r}, the seed says {HOSTNAME}")
     for word, problem in (("keys", "SSH host keys missing"),
                           ("seeded", "the seed's done-marker is missing"),
-                          ("config", "app.yaml or the seed's overrides do not parse")):
+                          ("config", "app.yaml or the seed's overrides do not parse"),
+                          ("updates", "edgebake-update status fails (model state unreadable)")):
         if word not in state:
             cut.problems.append(problem)
-    failed = [line for line in state[4:] if line.strip() and line.strip() != "config"]
+    failed = [line for line in state[1:] if line.strip() and
+              line.strip() not in ("keys", "seeded", "config", "updates")]
     if failed:
         cut.problems.append("failed units: " + "; ".join(failed))
     cut.survived = not cut.problems
@@ -279,17 +285,8 @@ def _one_cycle(unit: Unit, index: int, phase: str, rng: random.Random, bundle: s
         unit.machine.wait_for_ssh(unit.key, BOOT_TIMEOUT_SEC)
         snap = unit.wait_healthy(HEALTHY_TIMEOUT_SEC)
         unit.fsync_sec = float(snap["journal"].get("fsync_interval_sec", unit.fsync_sec))
-        if phase == "update":
-            copied = subprocess.run(["scp", "-q", "-i", str(unit.key), "-P",
-                                     str(unit.machine.ssh_port), "-o", "BatchMode=yes",
-                                     "-o", "StrictHostKeyChecking=no", "-o",
-                                     "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-                                     bundle, "root@127.0.0.1:/data/cut.ebundle"],
-                                    capture_output=True, text=True, check=False)
-            if copied.returncode != 0:
-                raise BuildError(f"cannot copy the bundle to the unit: {copied.stderr.strip()}")
-            unit.ssh("sync; (nohup edgebake-update apply /data/cut.ebundle --allow-rollback "
-                     ">/data/cut.log 2>&1 &)")
+        if phase == "update":  # `invoke push-model`'s own code, cut wherever it is
+            threading.Thread(target=_push, args=(unit, Path(bundle)), daemon=True).start()
         started = time.monotonic()
         written, synced = _watch_until(unit, rng.uniform(1.0, 25.0 if phase == "update"
                                                          else 8.0))
@@ -305,6 +302,13 @@ def _one_cycle(unit: Unit, index: int, phase: str, rng: random.Random, bundle: s
         progress.log(str(exc))
         # the next cycle starts from a machine that is at least running
     return cut
+
+
+def _push(unit: Unit, bundle: Path) -> None:
+    with contextlib.suppress(BuildError, subprocess.TimeoutExpired):
+        push_bundle("127.0.0.1", bundle, unit.machine.ssh_port, "root", str(unit.key), True,
+                    ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                     "-o", "LogLevel=ERROR"])
 
 
 def _watchdog(unit: Unit, progress: Progress) -> float:

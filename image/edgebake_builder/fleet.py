@@ -1,0 +1,133 @@
+"""`invoke fleet-status`: the units a broker has seen, from their retained MQTT topics.
+
+Every unit keeps `edgebake/<device>/status` (online, or offline through its last will) and
+`edgebake/<device>/health` (its /health snapshot, every 30 s) retained on the broker, so one
+subscription lists the whole fleet at once, including units that are off.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BuildError
+
+
+@dataclass
+class UnitView:
+    device: str
+    online: str = "?"
+    healthy: bool | None = None
+    model: str = ""
+    sha256: str = ""
+    last_result_ts: float | None = None
+    published_age_sec: float | None = None
+    status: str = ""
+
+
+def collect(host: str, port: int, wait_sec: float, username: str = "", password: str = "",
+            ca_file: str = "") -> dict[str, UnitView]:
+    """Subscribe to every unit's retained topics and gather what arrives within wait_sec."""
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError:
+        raise BuildError("fleet-status needs paho-mqtt on this host: pip install "
+                         "'edgebake[mqtt]'") from None
+    units: dict[str, UnitView] = {}
+    lock = threading.Lock()
+    connected = threading.Event()
+    failure: list[str] = []
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            failure.append(f"broker {host}:{port} refused the connection: {reason}")
+            connected.set()
+            return
+        client.subscribe([("edgebake/+/status", 1), ("edgebake/+/health", 1)])
+        connected.set()
+
+    def on_message(client: Any, userdata: Any, message: Any) -> None:
+        parts = message.topic.split("/")
+        if len(parts) != 3:
+            return
+        with lock:
+            view = units.setdefault(parts[1], UnitView(parts[1]))
+            if parts[2] == "status":
+                view.online = message.payload.decode(errors="replace")[:20]
+            else:
+                _read_health(view, message.payload)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+                         client_id=f"edgebake-fleet-{int(time.time())}")
+    if username:
+        client.username_pw_set(username, password or None)
+    if ca_file:
+        client.tls_set(ca_certs=ca_file)
+    client.on_connect = on_connect
+    client.on_message = on_message
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        raise BuildError(f"cannot reach the broker {host}:{port}: {exc}") from None
+    client.loop_start()
+    try:
+        if not connected.wait(10):
+            raise BuildError(f"broker {host}:{port} did not answer in 10 s")
+        if failure:
+            raise BuildError(failure[0])
+        time.sleep(wait_sec)  # retained messages come at once; live ones within the wait
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return units
+
+
+def _read_health(view: UnitView, payload: bytes) -> None:
+    try:
+        snap = json.loads(payload)
+    except ValueError:
+        view.status = "unreadable health message"
+        return
+    if not isinstance(snap, dict):
+        view.status = "unreadable health message"
+        return
+    view.healthy = bool(snap.get("healthy"))
+    model = snap.get("model") or {}
+    view.model = str(model.get("version", ""))
+    view.sha256 = str(model.get("sha256", ""))[:12]
+    journal = snap.get("journal") or {}
+    stamp = journal.get("last_written_ts")
+    view.last_result_ts = float(stamp) if isinstance(stamp, (int, float)) else None
+    published = snap.get("published_at")
+    if isinstance(published, (int, float)):
+        view.published_age_sec = max(0.0, time.time() - float(published))
+    view.status = str(snap.get("status", ""))[:80]
+
+
+def table(units: dict[str, UnitView]) -> str:
+    rows = [("device", "link", "health", "model", "sha256", "last result", "status")]
+    now = time.time()
+    for name in sorted(units):
+        u = units[name]
+        health = "?" if u.healthy is None else ("healthy" if u.healthy else "UNHEALTHY")
+        last = "never" if u.last_result_ts is None else \
+            f"{_age(now - u.last_result_ts)} ago"
+        rows.append((name, u.online, health, u.model or "?", u.sha256 or "?", last, u.status))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  "
+             + r[-1] for r in rows]
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} d"
