@@ -141,3 +141,149 @@ def test_refused_updates_change_nothing(tmp_path: Path, default_model: Path,
         app.stop()
     slots = sorted(p.name for p in (tmp_path / "models" / "slots").iterdir())
     assert slots == ["2.0"], slots  # the refused attempts left nothing behind
+
+
+class BundleServer:
+    """A real HTTP server with one bundle behind an ETag, counting what it served."""
+
+    def __init__(self, bundle: Path, etag: str = '"v2"') -> None:
+        import http.server
+        import threading
+
+        self.bundle, self.etag = bundle, etag
+        self.served = self.not_modified = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.headers.get("If-None-Match") == outer.etag:
+                    outer.not_modified += 1
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                data = outer.bundle.read_bytes()
+                outer.served += 1
+                self.send_response(200)
+                self.send_header("ETag", outer.etag)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/fleet/current.ebundle"
+
+    def __enter__(self) -> BundleServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_http_pull_applies_a_new_bundle_once_and_then_asks_with_its_etag(
+        tmp_path: Path, default_model: Path, bundles: dict[str, Path]) -> None:
+    (tmp_path / "target").write_text("pi4\n")
+    with BundleServer(bundles["v2"]) as server:
+        app = update_app(tmp_path, default_model)
+        raw = dict(app.config.raw)
+        raw["update"] = {**raw["update"], "pull_url": server.url(), "pull_sec": 10.0,
+                         "keys_dir": str(bundles["keys"]),
+                         "target_file": str(tmp_path / "target")}
+        from edgebake_runtime.config import validate
+
+        with RunningApp(App(validate(raw, "test config"))) as running:
+            wait_for(lambda: running.health()["model"]["version"] == "2.0", 60,
+                     "the pulled model to serve")
+            pull = running.health()["update"]["pull"]
+            assert "model 2.0 installed and on trial" in pull["last_result"], pull
+            assert pull["downloads"] == 1 and server.served == 1
+            wait_for(lambda: server.not_modified >= 1, 30, "the next poll with If-None-Match")
+            assert server.served == 1
+            assert running.health()["update"]["pull"]["not_modified"] >= 1
+            assert running.health()["healthy"]
+        assert "received" in audit_steps(tmp_path)
+        assert not list((tmp_path / "models" / "incoming").glob("*")), "download left behind"
+
+
+def test_http_pull_remembers_a_refused_bundle(tmp_path: Path, bundles: dict[str, Path]
+                                              ) -> None:
+    from edgebake_runtime.pull import BundlePuller
+
+    store = ModelStore(tmp_path / "models")
+    store.root.mkdir(parents=True)
+    refusals: list[Path] = []
+
+    def refuse(path: Path) -> str:
+        refusals.append(path)
+        raise BundleError(f"{path}: made for target 'pi4', this is 'pi5'")
+
+    with BundleServer(bundles["v2"], etag='"other-target"') as server:
+        puller = BundlePuller(server.url(), 60.0, store.root, refuse, "edgebake/test")
+        assert puller.poll_once() == "refused"
+        assert "this is 'pi5'" in puller.stats()["last_result"]
+        assert puller.poll_once() == "not-modified"  # not fetched and refused again
+        # a new unit process remembers it too (the ETag is kept on /data)
+        again = BundlePuller(server.url(), 60.0, store.root, refuse, "edgebake/test")
+        assert again.poll_once() == "not-modified"
+    assert len(refusals) == 1 and server.served == 1
+    assert not list((store.root / "incoming").glob("*"))
+
+
+def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model: Path,
+                                                   bundles: dict[str, Path]) -> None:
+    """A URL ordered on the group's topic is fetched and applied; a tampered bundle sent
+    inline to the unit's own topic is refused; each step is reported, retained."""
+    import paho.mqtt.client as mqtt
+    from edgebake_builder.validate.run import LocalBroker
+    from edgebake_runtime.config import validate
+
+    broker = LocalBroker.start_if_available(tmp_path)
+    assert broker is not None, "mosquitto is part of the test host's packages"
+    (tmp_path / "target").write_text("pi4\n")
+    statuses: list[dict[str, Any]] = []
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)  # type: ignore[attr-defined]
+    watcher.on_message = lambda c, u, m: statuses.append(json.loads(m.payload))
+    try:
+        with BundleServer(bundles["v2"]) as server:
+            app = update_app(tmp_path, default_model)
+            raw = dict(app.config.raw, device_id="pole-7")
+            raw["mqtt"] = {**raw["mqtt"], "enabled": True, "host": "127.0.0.1",
+                           "port": broker.port}
+            raw["update"] = {**raw["update"], "mqtt_commands": True, "mqtt_group": "north",
+                             "keys_dir": str(bundles["keys"]),
+                             "target_file": str(tmp_path / "target")}
+            with RunningApp(App(validate(raw, "test config"))) as running:
+                wait_for(lambda: running.app.mqtt is not None and
+                         running.app.mqtt.connected.is_set(), 20, "the MQTT connection")
+                watcher.connect("127.0.0.1", broker.port)
+                watcher.subscribe("edgebake/pole-7/update/status", qos=1)
+                watcher.loop_start()
+                watcher.publish("edgebake/group/north/update",
+                                json.dumps({"url": server.url()}), qos=1)
+                wait_for(lambda: running.health()["model"]["version"] == "2.0", 60,
+                         "the ordered model to serve")
+                wait_for(lambda: any(s["step"] == "applied" for s in statuses), 20,
+                         "the applied report")
+                tampered = Path(__file__).parent / "corpus" / "bundles" / "tampered.ebundle"
+                watcher.publish("edgebake/pole-7/update", tampered.read_bytes(), qos=1)
+                wait_for(lambda: any(s["step"] == "refused" for s in statuses), 30,
+                         "the refusal report")
+                orders = running.health()["update"]["orders"]
+                assert orders["applied"] == 1 and orders["refused"] == 1, orders
+                assert running.health()["model"]["version"] == "2.0"
+                assert running.health()["healthy"]
+        steps = [s["step"] for s in statuses]
+        assert steps[:4] == ["downloading", "checking", "applied", "checking"], steps
+        refused = next(s for s in statuses if s["step"] == "refused")
+        assert "signed by an unknown key" in refused["detail"] or "tampered" in \
+            refused["detail"], refused
+    finally:
+        watcher.loop_stop()
+        broker.stop()

@@ -119,7 +119,7 @@ def test_first_boot_always_writes_keys_and_marker(tmp_path: Path,
     monkeypatch.setattr(firstboot, "SEED", seed)
     monkeypatch.setattr(firstboot, "ETC", make_etc(tmp_path))
     monkeypatch.setattr(firstboot, "DONE", tmp_path / "state" / "firstboot.done")
-    assert firstboot.main() == 0
+    assert firstboot.main([]) == 0
     assert (tmp_path / "state" / "firstboot.done").read_text() == "done\n"
     assert list((tmp_path / "etc" / "ssh").glob("ssh_host_ed25519_key*"))
 

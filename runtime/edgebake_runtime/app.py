@@ -101,6 +101,11 @@ class App:
                                      if s.enabled and s.kind == "v4l2-auto"), None)
         self.scanner: Supervised | None = None
         self.model_watch: Supervised | None = None
+        self.puller: Any = None  # BundlePuller when update.pull_url is set
+        self.pull_thread: Supervised | None = None
+        self.commands: Any = None  # UpdateCommands when update.mqtt_commands is on
+        self._apply_lock = threading.Lock()
+        self.command_thread: Supervised | None = None
         jr = config.section("journal")
         self.journal = Journal(Path(jr["dir"]), float(jr["fsync_interval_sec"]),
                                int(jr["rotate_bytes"]), float(jr["min_free_percent"]))
@@ -190,6 +195,32 @@ class App:
         return load_checked_card(model, card_path)
 
     # --- model updates -------------------------------------------------------------------
+    def _listen_for_orders(self, mqtt: Any, update: dict[str, Any]) -> None:
+        from .commands import UpdateCommands
+
+        self.commands = UpdateCommands(self.store.root, self._apply_bundle,
+                                       f"edgebake/{mqtt.device}")
+        self.commands.publish = mqtt.publish_update_status
+        mqtt.command_topics = [f"edgebake/{mqtt.device}/update"]
+        if update["mqtt_group"]:
+            mqtt.command_topics.append(f"edgebake/group/{update['mqtt_group']}/update")
+        mqtt.on_command = self.commands.order
+        self.command_thread = Supervised("update-orders", partial(self.commands.run, self._stop),
+                                         self._stop)
+        self.command_thread.start()
+
+    def _apply_bundle(self, bundle: Path) -> str:
+        """A pulled bundle through every check of `edgebake-update apply`; the model watch
+        then switches to it like to any other."""
+        from .update import apply, current_version, unit_target
+
+        settings = self.config.section("update")
+        baked_card = self.config.card_path or card_path_for(self.config.model_path)
+        with self._apply_lock:  # a pulled and an ordered bundle never install at once
+            return apply(bundle, self.store, Path(settings["keys_dir"]),
+                         unit_target(settings), current_version(self.store, baked_card),
+                         settings, False)
+
     def _check_trial_after_reboot(self) -> None:
         """A model still on trial from an earlier boot did not survive its window: roll back."""
         trial = self.store.state().get("trial")
@@ -306,6 +337,16 @@ class App:
             source.start(self._on_frame)
         self.model_watch = Supervised("model-watch", self._watch_models, self._stop)
         self.model_watch.start()
+        update = self.config.section("update")
+        if update["pull_url"]:
+            from .pull import BundlePuller
+
+            self.puller = BundlePuller(update["pull_url"], float(update["pull_sec"]),
+                                       self.store.root, self._apply_bundle,
+                                       f"edgebake/{self.config.raw['device_id'] or 'unit'}")
+            self.pull_thread = Supervised("update-pull", partial(self.puller.run, self._stop),
+                                          self._stop)
+            self.pull_thread.start()
         if self.camera_template is not None:
             self.scan_cameras()  # the cameras present at boot start at once
             self.scanner = Supervised("camera-scan", self._scan_loop, self._stop)
@@ -322,6 +363,8 @@ class App:
 
             self.mqtt = MqttPublisher(mqtt, self.journal.folder, self.config.raw["device_id"])
             self.journal.delivered = self.mqtt.cursor.position
+            if update["mqtt_commands"]:
+                self._listen_for_orders(self.mqtt, update)
             self.mqtt.start()
 
     # --- cameras found by themselves --------------------------------------------------
@@ -411,6 +454,10 @@ class App:
             stuck.append("model update watcher has died")
         if self.scanner is not None and not self.scanner.alive():
             stuck.append("camera discovery has died")
+        if self.pull_thread is not None and not self.pull_thread.alive():
+            stuck.append("update pull has died")
+        if self.command_thread is not None and not self.command_thread.alive():
+            stuck.append("the MQTT update order handler has died")
         for worker in self.workers:
             if not worker.alive():
                 why = getattr(worker, "last_error", "")
@@ -492,6 +539,9 @@ class App:
                           "processes": [w.stats() for w in self.workers
                                         if isinstance(w, ProcessWorker)]},
             "journal": self.journal.stats(),
+            "update": {"pull": self.puller.stats() if self.puller is not None else None,
+                       "pull_restarts": self.pull_thread.restarts if self.pull_thread else 0,
+                       "orders": self.commands.stats() if self.commands is not None else None},
         }
         if self.mqtt is not None:
             snap["mqtt"] = self.mqtt.stats()

@@ -14,6 +14,7 @@ from .yamlfile import TextFileError, read_yaml
 DEVICE_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 TOPIC = r"[^$+#\x00-\x1f\x7f][^+#\x00-\x1f\x7f]{0,200}"
 ABSOLUTE_PATH = r"/[^\x00-\x1f\x7f]*"
+PULL_URL = r"(https?://[^\s\x00-\x1f\x7f]+)?"
 # v4l2-auto: every V4L2 capture device present, found at start and while running
 # rpicam: a CSI camera module through the base's rpicam-vid (Raspberry Pi OS bases)
 SOURCE_KINDS = ("v4l2-auto", "v4l2", "rpicam", "rtsp", "http", "replay", "synthetic")
@@ -35,7 +36,13 @@ DEFAULTS: dict[str, Any] = {
     "watchdog": {"stall_sec": 15.0},
     # model updates: slots on /data, a health window after each, a latency budget to pass
     "update": {"dir": "/data/models", "window_sec": 600.0, "max_latency_ms": 500.0,
-               "poll_sec": 2.0, "max_error_rate": 0.05},
+               "poll_sec": 2.0, "max_error_rate": 0.05,
+               # where trusted keys and this unit's target name are (the image puts them there)
+               "keys_dir": "/etc/edgebake/update-keys", "target_file": "/etc/edgebake/target",
+               # HTTP pull: a URL polled with If-None-Match every pull_sec ("" = off)
+               "pull_url": "", "pull_sec": 300.0,
+               # MQTT orders on edgebake/<device>/update (and a group's topic), off by default
+               "mqtt_commands": False, "mqtt_group": ""},
 }
 
 SOURCE_DEFAULTS: dict[str, Any] = {"fps": 5.0, "max_age_sec": 10.0, "width": 640, "height": 480,
@@ -155,6 +162,15 @@ def validate(data: dict[str, Any], source: str) -> AppConfig:
     check.number(up, "max_latency_ms", "update.max_latency_ms", 1.0, 60000.0)
     check.number(up, "poll_sec", "update.poll_sec", 0.2, 60.0)
     check.number(up, "max_error_rate", "update.max_error_rate", 0.0, 1.0)
+    check.pattern(up, "keys_dir", "update.keys_dir", ABSOLUTE_PATH, "an absolute path")
+    check.pattern(up, "target_file", "update.target_file", ABSOLUTE_PATH, "an absolute path")
+    check.pattern(up, "pull_url", "update.pull_url", PULL_URL,
+                  "an http:// or https:// URL without spaces, or empty (no pulling)")
+    check.number(up, "pull_sec", "update.pull_sec", 10.0, 86400.0)
+    check.boolean(up, "mqtt_commands", "update.mqtt_commands")
+    check.string(up, "mqtt_group", "update.mqtt_group")
+    check.pattern(up, "mqtt_group", "update.mqtt_group", DEVICE_ID,
+                  "letters, digits, '.', '_' or '-' (it becomes part of an MQTT topic)")
     jr = merged["journal"]
     check.string(jr, "dir", "journal.dir", allow_empty=False)
     check.number(jr, "fsync_interval_sec", "journal.fsync_interval_sec", 0.0, 60.0)

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,10 @@ class MqttPublisher:
                                 certfile=tls["cert_file"] or None,
                                 keyfile=tls["key_file"] or None)
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        # model update orders (see commands.py): subscribed on every connect
+        self.command_topics: list[str] = []
+        self.on_command: Callable[[str, bytes], None] | None = None
+        self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.reconnect_delay_set(1, 30)
@@ -87,7 +92,18 @@ class MqttPublisher:
             self.last_error = f"connect refused: {reason}"
             return
         client.publish(self.status_topic, "online", qos=1, retain=True)
+        for topic in self.command_topics:
+            client.subscribe(topic, qos=1)
         self.connected.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        if self.on_command is not None and message.topic in self.command_topics:
+            self.on_command(message.topic, bytes(message.payload))
+
+    def publish_update_status(self, step: str, detail: str) -> None:
+        """Each step of an ordered update, retained, for whoever ordered it."""
+        body = json.dumps({"at": round(time.time(), 3), "step": step, "detail": detail})
+        self.client.publish(f"edgebake/{self.device}/update/status", body, qos=1, retain=True)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                        properties: Any = None) -> None:

@@ -27,8 +27,6 @@ from .interp import ModelError, load_interpreter
 from .modelstore import ModelStore
 from .selfcheck import check_model
 
-KEYS_DIR = Path("/etc/edgebake/update-keys")
-TARGET_FILE = Path("/etc/edgebake/target")
 LATENCY_RUNS = 20
 
 
@@ -91,6 +89,12 @@ def apply(bundle_path: Path, store: ModelStore, keys_dir: Path, target: str,
             "restart")
 
 
+def unit_target(settings: dict[str, Any]) -> str:
+    """This unit's target name, as the image wrote it (empty when unknown)."""
+    path = Path(settings["target_file"])
+    return path.read_text().strip() if path.is_file() else ""
+
+
 def current_version(store: ModelStore, baked_card: Path) -> str:
     state = store.state()
     if state.get("current"):
@@ -128,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         config.model_path.stem + ".card.json")
     try:
         if args.command == "apply":
-            target = TARGET_FILE.read_text().strip() if TARGET_FILE.is_file() else ""
-            print(apply(args.bundle, store, KEYS_DIR, target,
+            print(apply(args.bundle, store, Path(settings["keys_dir"]), unit_target(settings),
                         current_version(store, baked_card), settings, args.allow_rollback))
         elif args.command == "rollback":
             now = store.rollback()

@@ -36,7 +36,9 @@ def push_bundle(host: str, bundle: Path, port: int = 22, user: str = "root",
     final = f"{INCOMING}/{bundle.name}"
     partial = f"{final}.part"
     made = subprocess.run(["ssh", "-p", str(port), *options, target,
-                           f"mkdir -p {INCOMING} && chmod 700 {INCOMING}"],
+                           # what an earlier push left when its connection or power was cut
+                           f"mkdir -p {INCOMING} && chmod 700 {INCOMING} && "
+                           f"rm -f {INCOMING}/*.ebundle {INCOMING}/*.part"],
                           capture_output=True, text=True, check=False, timeout=120)
     if made.returncode != 0:
         raise BuildError(f"{host}: cannot reach the unit over SSH or create {INCOMING}: "

@@ -49,10 +49,16 @@ def install_runtime(rootfs: Path) -> None:
     shutil.copytree(RUNTIME_SRC, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     bindir = inside(rootfs, APP_ROOT / "bin")
     bindir.mkdir(parents=True, exist_ok=True)
+    on_path = inside(rootfs, Path("/usr/local/bin"))
+    on_path.mkdir(parents=True, exist_ok=True)
     for name, (module, what) in LAUNCHERS.items():
         script = bindir / name
         script.write_text(LAUNCHER.format(module=module, what=what))
         script.chmod(0o755)
+        # on PATH for a technician's shell and for `invoke push-model`
+        link = on_path / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(APP_ROOT / "bin" / name)
     (inside(rootfs, APP_ROOT) / "README").write_text(
         "edgebake appliance runtime.\n"
         "  bin/     launchers (service, first boot, model self-check)\n"

@@ -143,7 +143,7 @@ def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
         capture_output=True, text=True, check=False)
     assert copy.returncode == 0, copy.stderr
     began = time.monotonic()
-    applied = host.run("/opt/edgebake/bin/edgebake-update apply /data/update.ebundle")
+    applied = host.run("edgebake-update apply /data/update.ebundle")  # on PATH
     assert applied.rc == 0, applied.stdout + applied.stderr
     checked = time.monotonic() - began
     snap = wait(lambda: (h := health()) and h["model"]["version"] == "2.0" and h, 300,

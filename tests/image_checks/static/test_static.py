@@ -114,6 +114,9 @@ def test_model_updates_can_be_checked_on_the_target(host: Any) -> None:
     cmd = host.run(f'PYTHONPATH=/opt/edgebake/lib python3 -c "{script}"')
     assert cmd.rc == 0 and cmd.stdout.strip() == "ok", cmd.stderr
     assert host.file("/opt/edgebake/bin/edgebake-update").mode == 0o755
+    # a technician's shell and `invoke push-model` find it on PATH
+    on_path = host.file("/usr/local/bin/edgebake-update")
+    assert on_path.is_symlink and on_path.linked_to == "/opt/edgebake/bin/edgebake-update"
     assert host.file("/etc/edgebake/target").content_string.strip()
     assert host.file("/etc/edgebake/update-keys/recipe.pub").exists
 

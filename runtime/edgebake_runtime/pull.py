@@ -1,0 +1,164 @@
+"""HTTP pull of model bundles: the unit asks a URL now and then, and applies what is new.
+
+Each poll sends the last ETag as If-None-Match, so an unchanged bundle costs one small 304.
+A new one is streamed to /data/models/incoming (size-capped, temp name, renamed when
+complete) and goes through exactly the checks of `edgebake-update apply`: signature, target,
+version, golden test, latency. A refused bundle is remembered by its ETag (or its sha256 when
+the server sends none), so it is not fetched and refused again every poll. Errors back off
+from 10 s, doubling up to the poll interval or an hour, whichever is longer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_atomic
+from .bundle import MAX_BUNDLE_BYTES, BundleError
+from .interp import ModelError
+
+log = logging.getLogger("edgebake.pull")
+
+TIMEOUT_SEC = 30.0
+CHUNK = 256 * 1024
+FIRST_BACKOFF_SEC = 10.0
+
+# apply(bundle path) -> the one line `edgebake-update apply` prints; raises on refusal
+ApplyBundle = Callable[[Path], str]
+
+
+def save_bundle(reply: Any, final: Path, what: str) -> tuple[Path, str]:
+    """Stream a bundle to a temp name (size-capped, fsynced), then rename; (path, sha256)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part = final.with_name(final.name + ".part")
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with part.open("wb") as out:
+            while True:
+                chunk = reply.read(CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > MAX_BUNDLE_BYTES:
+                    raise ValueError(f"{what}: more than {MAX_BUNDLE_BYTES} bytes; not a "
+                                     "bundle this unit takes")
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        part.replace(final)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return final, digest.hexdigest()
+
+
+def fetch_bundle(url: str, final: Path, user_agent: str) -> tuple[Path, str]:
+    """GET a bundle from a URL into `final` (no ETag: an MQTT command asks for this one)."""
+    request = urllib.request.Request(url, headers={"User-Agent": user_agent})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_SEC) as reply:
+            return save_bundle(reply, final, url)
+    except urllib.error.HTTPError as exc:
+        raise OSError(f"HTTP {exc.code} from {url}") from None
+
+
+class BundlePuller:
+    def __init__(self, url: str, every_sec: float, folder: Path, apply: ApplyBundle,
+                 user_agent: str) -> None:
+        self.url = url
+        self.every_sec = every_sec
+        self.folder = folder
+        self.apply = apply
+        self.user_agent = user_agent
+        self.state_file = folder / "pull.json"
+        self.checks = 0
+        self.not_modified = 0
+        self.downloads = 0
+        self.last_check: float | None = None  # wall clock
+        self.last_result = ""
+        self.last_error = ""
+        self._backoff = FIRST_BACKOFF_SEC
+
+    # --- the loop (run by Supervised) ---------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        wait = 0.0
+        while not stop.wait(wait):
+            try:
+                self.poll_once()
+                self.last_error = ""
+                self._backoff = FIRST_BACKOFF_SEC
+                wait = self.every_sec
+            except (OSError, ValueError, urllib.error.URLError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("update pull from %s failed: %s; next try in %.0fs", self.url,
+                            self.last_error, self._backoff)
+                wait = self._backoff
+                self._backoff = min(self._backoff * 2, max(self.every_sec, 3600.0))
+
+    def poll_once(self) -> str:
+        """One request; returns what happened: not-modified, applied, refused, or seen."""
+        remembered = self._remembered()
+        request = urllib.request.Request(self.url, headers={"User-Agent": self.user_agent})
+        if remembered.get("etag"):
+            request.add_header("If-None-Match", str(remembered["etag"]))
+        self.checks += 1
+        self.last_check = time.time()
+        try:
+            reply = urllib.request.urlopen(request, timeout=TIMEOUT_SEC)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 304:
+                self.not_modified += 1
+                return "not-modified"
+            raise OSError(f"HTTP {exc.code} from {self.url}") from None
+        with reply:
+            etag = reply.headers.get("ETag", "")
+            bundle, digest = self._download(reply)
+        try:
+            if not etag and digest == remembered.get("sha256"):
+                return "seen"  # no ETag from the server: the same bytes as last time
+            try:
+                self.last_result = self.apply(bundle)
+                outcome = "applied"
+            except (BundleError, ModelError) as exc:
+                self.last_result = f"refused: {exc}"[:300]
+                outcome = "refused"
+            log.info("update pull: %s", self.last_result)
+            self._remember({"etag": etag, "sha256": digest, "result": self.last_result,
+                            "at": round(time.time(), 3)})
+            return outcome
+        finally:
+            bundle.unlink(missing_ok=True)
+
+    # --- helpers --------------------------------------------------------------------------
+    def _download(self, reply: Any) -> tuple[Path, str]:
+        found = save_bundle(reply, self.folder / "incoming" / "pulled.ebundle", self.url)
+        self.downloads += 1
+        return found
+
+    def _remembered(self) -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(self.state_file.read_text())
+            if isinstance(data, dict):
+                return data
+        return {}
+
+    def _remember(self, data: dict[str, Any]) -> None:
+        write_atomic(self.state_file, json.dumps(data, sort_keys=True).encode())
+
+    def stats(self) -> dict[str, Any]:
+        return {"url": self.url, "every_sec": self.every_sec, "checks": self.checks,
+                "not_modified": self.not_modified, "downloads": self.downloads,
+                "last_check": self.last_check, "last_result": self.last_result,
+                "last_error": self.last_error}
