@@ -273,7 +273,7 @@ class App:
                     self.store.audit("rollback", version=wanted, reason=str(exc))
                     self.store.rollback()
 
-    def _judge_trial(self, healthy: bool, restart_helps: bool) -> None:
+    def _judge_trial(self, healthy: bool, restart_helps: bool, status: str) -> None:
         """During a trial: unhealthy or erring -> roll back; a clean window -> confirmed."""
         trial = self.store.state().get("trial")
         if not trial or trial.get("version") != self.card.version:
@@ -285,7 +285,7 @@ class App:
         limit = float(self.config.section("update")["max_error_rate"])
         reason = ""
         if restart_helps:
-            reason = f"unhealthy in the health window: {self.status}"
+            reason = f"unhealthy in the health window: {status}"
         elif new_results + new_errors >= 20 and rate > limit:
             reason = f"inference errors {rate:.0%} in the health window (limit {limit:.0%})"
         if reason:
@@ -561,7 +561,7 @@ class App:
             self.healthy, restart_helps, status = self.evaluate(now)
             if self.ready:
                 try:
-                    self._judge_trial(self.healthy, restart_helps)
+                    self._judge_trial(self.healthy, restart_helps, status)
                 except OSError as exc:  # /data trouble shows in the journal check too
                     log.error("model trial state: %s", exc)
             if not self.ready:

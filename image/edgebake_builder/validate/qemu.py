@@ -45,6 +45,7 @@ class QemuMachine:
     disk_bytes: int = 0  # 0: the size of the image
     ssh_port: int = 0
     http_port: int = 0
+    usb_stick: Path | None = None  # a raw image plugged in as a USB mass-storage device
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -88,7 +89,14 @@ class QemuMachine:
                 "-object", "rng-random,filename=/dev/urandom,id=rng0",
                 "-device", "virtio-rng-pci,rng=rng0",
                 "-display", "none", "-monitor", "none", "-nodefaults",
-                "-serial", f"file:{self.console}"]
+                "-serial", f"file:{self.console}", *self._usb()]
+
+    def _usb(self) -> list[str]:
+        if self.usb_stick is None:
+            return []
+        return ["-device", "qemu-xhci,id=xhci",
+                "-drive", f"if=none,id=stick,format=raw,readonly=on,file={self.usb_stick}",
+                "-device", "usb-storage,bus=xhci.0,drive=stick"]
 
     def start(self) -> None:
         self.console.parent.mkdir(parents=True, exist_ok=True)

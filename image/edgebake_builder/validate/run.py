@@ -196,8 +196,12 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         # a "card" larger than the image: the data partition must grow into it at first boot
         disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
         env["EDGEBAKE_DISK_BYTES"] = str(disk_bytes)
+        # a technician's USB stick with a bundle this unit must refuse (signed by another key)
+        stick = usb_stick(tmp / "stick.img", USB_BUNDLE, "model-9.9.ebundle")
+        env["EDGEBAKE_USB_BUNDLE"] = "model-9.9.ebundle"
         machine = QemuMachine(image=image, workdir=tmp / "vm", console=test_dir / "console.log",
-                              extra_cmdline=["modules-load=vivid"], disk_bytes=disk_bytes)
+                              extra_cmdline=["modules-load=vivid"], disk_bytes=disk_bytes,
+                              usb_stick=stick)
         try:
             with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
                 machine.prepare()
@@ -255,6 +259,17 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
 
 
 QEMU_HOST_ADDRESS = "10.0.2.2"
+USB_BUNDLE = CHECKS_DIR.parent / "corpus" / "bundles" / "unknown-key.ebundle"
+
+
+def usb_stick(path: Path, bundle: Path, name: str) -> Path:
+    """A FAT-formatted stick image holding edgebake/<name>, made without mounting."""
+    subprocess.run(["mkfs.vfat", "-C", "-n", "EBSTICK", str(path), "8192"], check=True,
+                   capture_output=True)
+    subprocess.run(["mmd", "-i", str(path), "::/edgebake"], check=True, capture_output=True)
+    subprocess.run(["mcopy", "-i", str(path), str(bundle), f"::/edgebake/{name}"], check=True,
+                   capture_output=True)
+    return path
 
 
 def stream_picture() -> Any:

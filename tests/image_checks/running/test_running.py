@@ -131,6 +131,31 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
     assert len(record["id"].split("-")) == 2  # run id and number: unique across restarts
 
 
+def test_a_usb_stick_bundle_is_checked_and_the_stick_released(host: Any) -> None:
+    """udev saw the stick at boot and started the privileged helper: it mounted the stick
+    read-only in its own namespace, ran the full checks on edgebake/*.ebundle (this one is
+    signed by a key the unit does not trust), wrote the verdict to the audit log, and
+    unmounted. The service's model did not change."""
+    name = os.environ["EDGEBAKE_USB_BUNDLE"]
+
+    def verdict() -> dict[str, Any] | None:
+        text = host.run("cat /data/models/audit.log 2>/dev/null").stdout
+        for line in text.splitlines():
+            entry = json.loads(line)
+            if entry.get("via") == "usb" and entry.get("bundle") == name:
+                return dict(entry)
+        return None
+
+    entry = wait(verdict, 180, "the USB helper's verdict")
+    assert entry["step"] == "refused" and "unknown key" in entry["reason"], entry
+    units = host.run("systemctl list-units --all --plain --no-legend "
+                     "'edgebake-usb-update@*'").stdout
+    assert "edgebake-usb-update@sd" in units, units
+    assert "failed" not in units, units
+    assert "/dev/sd" not in host.run("cat /proc/mounts").stdout  # released
+    assert not host.run("ls /data/models/incoming/").stdout.strip()  # no copy left
+
+
 def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
     """edgebake-update on the unit: signature (a key from the seed), golden test and latency
     with the unit's runtime, then the running service switches to the new model (BlazeFace
