@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,17 @@ def test_a_hung_new_model_is_rolled_back_by_itself(
         wait_for(lambda: running.app.card.version == "2.0", 20, "the switch")
         hung = running.app.workers[0].pid
         os.kill(hung, signal.SIGSTOP)
+        began = time.monotonic()
         try:
             wait_for(lambda: running.app.card.version != "2.0", 30, "the rollback")
         finally:
             os.kill(hung, signal.SIGCONT)
+        rolled_back = time.monotonic() - began
         served = running.app.metrics.results
         wait_for(lambda: running.app.metrics.results > served + 5, 30,
                  "results from the image model again")
+        print(f"hung model: rolled back {rolled_back:.2f}s after it stopped (stall_sec 2.0), "
+              f"results again {time.monotonic() - began:.2f}s after")
     state = ModelStore(tmp_path / "models").state()
     assert state["current"] is None and state["trial"] is None
     assert "rollback" in audit_steps(tmp_path)
