@@ -34,6 +34,7 @@ log = logging.getLogger("edgebake")
 SWITCH_INTERVAL_SEC = 0.0005
 # Health snapshot to MQTT (`edgebake/<device>/health`, retained) this often.
 HEALTH_TOPIC_SEC = 30.0
+OLD_WORKER_STOP_SEC = 1.0
 # New cameras are looked for this often (udev's /dev/v4l links; a replug takes effect within it).
 CAMERA_SCAN_SEC = 2.0
 # READY=1 comes with the first result; without a camera it comes after this grace period so
@@ -245,17 +246,36 @@ class App:
             for worker in new.workers:
                 worker.start()
             for worker in old.workers:
-                worker.stop()
+                # a worker holds no state: after a second it is killed, not waited for (a
+                # hung model being rolled back would otherwise hold the switch for long)
+                worker.stop(timeout=OLD_WORKER_STOP_SEC)
             old.decoder.stop()
             self.model_path = model
             self.running_version = slot.version if slot else None
             self.swaps += 1
             self._trial_errors = (self.metrics.results, self.metrics.inference_errors)
-            while self.metrics.results == newest_before and time.monotonic() - began < 10:
-                time.sleep(0.005)
-            self.last_swap_gap_sec = time.monotonic() - began
-        log.info("model %s now serving (switch took %.3fs)", new.card.version,
-                 self.last_swap_gap_sec)
+        self.last_swap_gap_sec = self._first_result_after(
+            began, newest_before, slot.version if slot else None)
+        log.info("model %s now serving (first result after %s)", new.card.version,
+                 "none yet" if self.last_swap_gap_sec is None
+                 else f"{self.last_swap_gap_sec:.3f}s")
+
+    def _first_result_after(self, began: float, results_before: int, wanted: str | None
+                            ) -> float | None:
+        """Seconds from the switch to the new model's first result (the gap frames saw), or
+        None when none came in 10 s or a rollback was asked for meanwhile (a hung new model
+        must not hold up its own rollback)."""
+        checked = began
+        while self.metrics.results == results_before:
+            now = time.monotonic()
+            if now - began > 10 or self._stop.is_set():
+                return None
+            if now - checked > 0.1:
+                checked = now
+                if self.store.state().get("current") != wanted:
+                    return None
+            time.sleep(0.005)
+        return time.monotonic() - began
 
     def _watch_models(self) -> None:
         poll = float(self.config.section("update")["poll_sec"])
