@@ -124,6 +124,35 @@ def test_first_boot_always_writes_keys_and_marker(tmp_path: Path,
     assert list((tmp_path / "etc" / "ssh").glob("ssh_host_ed25519_key*"))
 
 
+def test_first_boot_rerun_after_a_cut_mid_keygen_makes_the_keys_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a power cut leaves them: an empty private key, a key without its .pub, and one whole
+    key. A rerun of first boot keeps the whole key and regenerates the others."""
+    from edgebake_runtime import firstboot
+
+    monkeypatch.setattr(firstboot, "SEED", tmp_path / "no-seed.yaml")
+    etc = make_etc(tmp_path)
+    monkeypatch.setattr(firstboot, "ETC", etc)
+    monkeypatch.setattr(firstboot, "DONE", tmp_path / "state" / "firstboot.done")
+    ssh = etc / "ssh"
+    ssh.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f",
+                    str(ssh / "ssh_host_ecdsa_key")], check=True)
+    whole = (ssh / "ssh_host_ecdsa_key.pub").read_text()
+    (ssh / "ssh_host_ed25519_key").write_bytes(b"")  # cut while writing
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "1024", "-N", "", "-f",
+                    str(ssh / "ssh_host_rsa_key")], check=True)
+    (ssh / "ssh_host_rsa_key.pub").unlink()  # cut before the .pub
+    assert firstboot.main([]) == 0
+    assert (ssh / "ssh_host_ecdsa_key.pub").read_text() == whole
+    for kind in ("ed25519", "rsa"):
+        key = ssh / f"ssh_host_{kind}_key"
+        assert key.stat().st_size > 0 and key.with_name(key.name + ".pub").is_file()
+        assert subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True,
+                              check=False).returncode == 0
+    assert (tmp_path / "state" / "firstboot.done").read_text() == "done\n"
+
+
 def test_seed_goes_into_a_fat_image_and_only_changed_chunks_differ(tmp_path: Path) -> None:
     fat = tmp_path / "boot.vfat"
     subprocess.run(["truncate", "-s", "64M", str(fat)], check=True)

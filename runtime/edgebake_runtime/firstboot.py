@@ -151,6 +151,23 @@ def apply_seed(seed: Path, etc: Path = ETC) -> str:
             f"{', '.join(sorted(plan['overrides'])) or 'none'}")
 
 
+def drop_broken_host_keys(folder: Path) -> list[str]:
+    """A power cut while ssh-keygen wrote a host key can leave it empty or without its .pub;
+    `ssh-keygen -A` skips a key file that exists, so sshd would never load it. Such keys are
+    removed so the next `-A` makes them whole. Returns the names removed."""
+    removed = []
+    for key in sorted(folder.glob("ssh_host_*_key")):
+        public = key.with_name(key.name + ".pub")
+        whole = key.stat().st_size > 0 and public.is_file() and public.stat().st_size > 0 \
+            and subprocess.run(["/usr/bin/ssh-keygen", "-y", "-f", str(key)],
+                               capture_output=True, check=False).returncode == 0
+        if not whole:
+            key.unlink(missing_ok=True)
+            public.unlink(missing_ok=True)
+            removed.append(key.name)
+    return removed
+
+
 def check_only(seed: Path, app_yaml: Path) -> int:
     """`edgebake-firstboot --check SEED`: what first boot would say of a seed, changing nothing."""
     try:
@@ -192,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no seed at {SEED}; keeping built-in defaults", flush=True)
     if Path("/usr/bin/ssh-keygen").exists():
         (ETC / "ssh").mkdir(parents=True, exist_ok=True)
+        drop_broken_host_keys(ETC / "ssh")
         # -f: the root the keys go under (ETC's parent), so a test can point it elsewhere
         subprocess.run(["/usr/bin/ssh-keygen", "-A", "-f", str(ETC.parent)], check=False)
         os.sync()
