@@ -124,6 +124,16 @@ def bench_fuzz(c: Context, examples: int = 10000) -> None:
         raise Exit(code=1)
 
 
+@task(help={"seconds": "measuring time per set of mount options",
+            "rate": "records per second (2 cameras at 30 fps: 60)"})
+def bench_fsopts(c: Context, seconds: float = 60.0, rate: float = 60.0) -> None:
+    """The data partition's mount options: device writes and sync latency, side by side."""
+    from edgebake_builder.bench.fsopts import report, run_bench
+
+    for line in report(run_bench(seconds, rate)):
+        print(line)
+
+
 @task(help={"broker": "MQTT broker host the units publish to", "port": "broker port",
             "wait": "seconds to listen (retained topics arrive at once)",
             "username": "broker user", "password": "broker password",

@@ -70,6 +70,7 @@ def test_boot_partition_keeps_the_vendor_kernel_and_fixes_cmdline(
     assert "root=LABEL=EB_ROOT" in cmdline
     assert not [a for a in cmdline if a.startswith("init=")], "vendor resize left in cmdline"
     assert "console=serial0,115200" in cmdline and "rootwait" in cmdline
+    assert "ro" in cmdline and "rw" not in cmdline
     config = fat_text(vendor_built, "config.txt")
     assert "auto_initramfs=1" in config and "camera_auto_detect=1" in config
     assert config.rstrip().endswith("# edgebake recipe settings\ndtparam=watchdog=on")

@@ -156,12 +156,13 @@ def build_image(options: BuildOptions) -> dict[str, Any]:
                        "model_path": str(model_path), "card_path": str(card_path),
                        "app_config": app_config_for(recipe, model_path, card_path),
                        "partition_labels": {k.lower(): v for k, v in
-                                            assemble.PARTITION_LABELS.items()}}
+                                            assemble.PARTITION_LABELS.items()},
+                       "state_binds": overlays.state_binds(rootfs)}
             overlays.apply_overlays(recipe["overlays"], rootfs, context)
             units.check_units(rootfs, ["edgebake"], recipe["systemd.version"])
             if overlay_only:  # users and ownership come when it is applied to a rootfs
                 overlays.configure_services(recipe, rootfs, progress)
-                overlays.make_data_tree(rootfs, 0, 0)
+                overlays.make_data_tree(rootfs, 0, 0, state=False)
             else:
                 uid, gid = overlays.create_users(rootfs, progress)
                 overlays.lock_passwords(rootfs)

@@ -3,6 +3,13 @@
 A seed is applied whole or not at all: it is validated first, every file is written to a
 temp path and renamed, and an invalid seed leaves the unit on its built-in defaults with
 one clear log line.
+
+The root is read-only on a unit. First boot is the one time it is written: the unit's
+identity (machine-id, hostname, SSH host keys) and its seed go there in one read-write
+window, because PID 1 and sshd read them before /data is mounted, and a unit whose data
+partition died must still be reachable. A cut anywhere in that window is safe: the
+done-marker on /data is written last, so the next boot runs first boot again, and every
+step is atomic and idempotent.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,56 @@ KEY = re.compile(r"(ssh-(ed25519|rsa)|ecdsa-sha2-nistp(256|384|521)|sk-\S+) [A-Z
 
 class SeedError(Exception):
     pass
+
+
+class RootError(Exception):
+    """The root could not be made writable for first boot; the next boot tries again."""
+
+
+def imager_customisation_pending(cmdline: Path = Path("/proc/cmdline"),
+                                 boot: Path = SEED.parent) -> bool:
+    """Raspberry Pi Imager's first-boot scripts (`firstrun.sh` named on the kernel command
+    line, or cloud-init's user-data) write the root later in this boot."""
+    try:
+        pending = "systemd.run=" in cmdline.read_text()
+    except OSError:
+        pending = False
+    return pending or (boot / "user-data").is_file()
+
+
+@contextmanager
+def writable_root(root: Path, keep_writable: bool = False) -> Iterator[None]:
+    """Remount a read-only `root` read-write for the block, then read-only again (synced),
+    unless `keep_writable`: then it stays writable until the next boot mounts it read-only.
+    A root that is already writable (a test's folder, a base booted `rw`) is left as it is."""
+    if not os.statvfs(root).f_flag & os.ST_RDONLY:
+        yield
+        return
+    made = subprocess.run(["mount", "-o", "remount,rw", str(root)], capture_output=True,
+                          text=True, check=False)
+    if made.returncode != 0:
+        raise RootError(f"cannot remount {root} read-write: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        os.sync()
+        if keep_writable:
+            print(f"{root} stays writable in this boot for Raspberry Pi Imager's "
+                  "customisation; read-only from the next boot", flush=True)
+        else:
+            back = subprocess.run(["mount", "-o", "remount,ro", str(root)],
+                                  capture_output=True, text=True, check=False)
+            if back.returncode != 0:
+                print(f"{root} stays writable until the next boot: {back.stderr.strip()}",
+                      flush=True)
+
+
+def commit_machine_id(etc: Path) -> None:
+    """PID 1 found no machine-id on the read-only root and mounted a fresh one over it;
+    write that one to the root so it stays the same from boot to boot (journald keeps a
+    folder per machine-id, and DHCP identifies the unit by it)."""
+    if os.path.ismount(etc / "machine-id"):
+        subprocess.run(["systemd-machine-id-setup", "--commit"], check=False)
 
 
 def check_seed(data: dict[str, Any], source: str, app_yaml: Path) -> dict[str, Any]:
@@ -108,8 +167,10 @@ def _write(path: Path, text: str, mode: int) -> Path:
     return stage_file(path, text.encode(), mode)
 
 
-def apply_seed(seed: Path, etc: Path = ETC) -> str:
-    """Validate and apply; returns a one-line summary. Raises SeedError and changes nothing."""
+def apply_seed(seed: Path, etc: Path | None = None) -> str:
+    """Validate and apply; returns a one-line summary. Raises SeedError and changes nothing.
+    `etc` is looked up at call time, so a caller that moved ETC is never sent to /etc."""
+    etc = ETC if etc is None else etc
     try:
         data = read_yaml_mapping(seed)
     except ConfigError as exc:
@@ -191,13 +252,26 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print("usage: edgebake-firstboot [--check SEED [APP_YAML]]", file=sys.stderr)
         return 2
+    live = str(ETC) == "/etc"  # not a test's folder: the running system is changed too
+    try:
+        with writable_root(ETC.parent, live and imager_customisation_pending()):
+            write_identity(live)
+    except RootError as exc:
+        print(f"edgebake first boot not done, tried again at the next boot: {exc}", flush=True)
+        return 1
+    write_atomic(DONE, b"done\n")
+    return 0
+
+
+def write_identity(live: bool) -> None:
+    """The seed, then the host keys and the machine-id, each step atomic and safe to repeat."""
     if SEED.is_file():
         try:
             print(apply_seed(SEED), flush=True)
-            if HOSTNAME.fullmatch(ETC.joinpath("hostname").read_text().strip()):
-                subprocess.run(["hostname", ETC.joinpath("hostname").read_text().strip()],
-                               check=False)
-            if ETC.joinpath(WIFI_UNIT_LINK).is_symlink():
+            hostname = ETC.joinpath("hostname").read_text().strip()
+            if live and HOSTNAME.fullmatch(hostname):
+                subprocess.run(["hostname", hostname], check=False)
+            if live and ETC.joinpath(WIFI_UNIT_LINK).is_symlink():
                 subprocess.run(["systemctl", "--no-block", "start",
                                 "wpa_supplicant@wlan0.service"], check=False)
         except SeedError as exc:
@@ -212,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         drop_broken_host_keys(ETC / "ssh")
         # -f: the root the keys go under (ETC's parent), so a test can point it elsewhere
         subprocess.run(["/usr/bin/ssh-keygen", "-A", "-f", str(ETC.parent)], check=False)
-        os.sync()
-    write_atomic(DONE, b"done\n")
-    return 0
+    if live:
+        commit_machine_id(ETC)
+    os.sync()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,19 @@ from .rootfs import inside
 SERVICE_USER = "edgebake"
 
 OVERLAYS_DIR = Path(__file__).resolve().parents[3] / "overlays"
+
+# The root is read-only on a unit; these trees change while it runs, so they live on /data
+# under state/ and are bind-mounted over their places (fstab.j2): (name under state/, path).
+STATE_BINDS = (("log", "/var/log"), ("systemd", "/var/lib/systemd"),
+               ("edgebake", "/var/lib/edgebake"))
+# and these where the base has them (Raspberry Pi OS: NetworkManager, cloud-init on trixie)
+OPTIONAL_STATE_BINDS = (("NetworkManager", "/var/lib/NetworkManager"),
+                        ("cloud", "/var/lib/cloud"))
+
+
+def state_binds(rootfs: Path) -> list[tuple[str, str]]:
+    return [*STATE_BINDS, *((name, target) for name, target in OPTIONAL_STATE_BINDS
+                            if inside(rootfs, target).is_dir())]
 
 
 def _to_yaml(value: Any) -> str:
@@ -136,6 +150,13 @@ def prepare_first_boot(recipe: Recipe, rootfs: Path) -> None:
             root_keys = keys_dir / "root"
             root_keys.write_text("\n".join(recipe["ssh.authorized_keys"]) + "\n")
             root_keys.chmod(0o600)
+    # the build host's resolv.conf must not reach a unit; DNS comes from DHCP via resolved
+    if inside(rootfs, "/usr/lib/systemd/systemd-resolved").exists() or \
+            inside(rootfs, "/lib/systemd/systemd-resolved").exists():
+        resolv = inside(rootfs, "/etc/resolv.conf")
+        if resolv.exists() or resolv.is_symlink():
+            resolv.unlink()
+        resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
     for junk in ("/var/cache/apt/pkgcache.bin", "/var/cache/apt/srcpkgcache.bin",
                  "/var/cache/debconf/templates.dat-old", "/var/cache/debconf/config.dat-old"):
         path = inside(rootfs, junk)
@@ -143,8 +164,10 @@ def prepare_first_boot(recipe: Recipe, rootfs: Path) -> None:
             path.unlink()
 
 
-def make_data_tree(rootfs: Path, uid: int, gid: int) -> Path:
-    """The data partition's first contents, owned by the service account."""
+def make_data_tree(rootfs: Path, uid: int, gid: int, state: bool = True) -> Path:
+    """The data partition's first contents, owned by the service account, and (for a disk
+    image) the system state trees that are bound over the read-only root, seeded with what
+    the build put there so the journal and systemd find their directories as installed."""
     data = inside(rootfs, "/data")
     data.mkdir(exist_ok=True)
     data.chmod(0o755)
@@ -153,6 +176,18 @@ def make_data_tree(rootfs: Path, uid: int, gid: int) -> Path:
         sub.mkdir(exist_ok=True)
         sub.chmod(0o750)
         os.chown(sub, uid, gid)
+    if state:
+        state_dir = data / "state"
+        state_dir.mkdir(mode=0o755, exist_ok=True)
+        for name, target in state_binds(rootfs):
+            source = inside(rootfs, target)
+            source.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if not (state_dir / name).exists():  # cp -a keeps owners, modes and links
+                copied = subprocess.run(["cp", "-a", str(source), str(state_dir / name)],
+                                        capture_output=True, text=True, check=False)
+                if copied.returncode != 0:
+                    raise BuildError(f"copying {target} to /data/state/{name} failed: "
+                                     f"{copied.stderr.strip()}")
     return data
 
 
@@ -163,7 +198,7 @@ def write_boot_config(recipe: Recipe, rootfs: Path) -> None:
         raise BuildError("the base rootfs has no /boot/firmware/config.txt; the recipe must "
                          "install raspi-firmware (components: non-free-firmware)")
     console = recipe["kernel.console"]
-    cmdline = ["console=tty0", f"console={console}", f"root={recipe['kernel.root']}", "rw",
+    cmdline = ["console=tty0", f"console={console}", f"root={recipe['kernel.root']}",
                *recipe["kernel.cmdline"]]
     (firmware / "cmdline.txt").write_text(" ".join(cmdline) + "\n")
     config = (firmware / "config.txt").read_text()

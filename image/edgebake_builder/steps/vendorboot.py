@@ -23,7 +23,7 @@ from .rootfs import inside
 
 DROPPED_PREFIXES = ("root=", "rootfstype=")
 DROPPED_ARGS = ("init=/usr/lib/raspberrypi-sys-mods/firstboot",
-                "init=/usr/lib/raspi-config/init_resize.sh", "resize")
+                "init=/usr/lib/raspi-config/init_resize.sh", "resize", "rw")
 CONSOLE_UNITS = ("userconfig.service",)
 MARKER = "# edgebake recipe settings\n"
 

@@ -220,17 +220,19 @@ def _check_after(unit: Unit, cut: Cut, cut_wall: float, written: float | None,
         "python3 -c 'import yaml,sys; [yaml.safe_load(open(f)) for f in sys.argv[1:]]' "
         "/etc/edgebake/app.yaml /etc/edgebake/seed-overrides.yaml && echo config; "
         "edgebake-update status >/dev/null 2>&1 && echo updates; "
+        "findmnt -no OPTIONS / | grep -q '^ro' && echo rootro; "
         "systemctl --failed --no-legend --plain | head -5").stdout.split("\n")
     if state[0].strip() != HOSTNAME:
         cut.problems.append(f"hostname is {state[0].strip()!r}, the seed says {HOSTNAME}")
     for word, problem in (("keys", "SSH host keys missing"),
                           ("seeded", "the seed's done-marker is missing"),
                           ("config", "app.yaml or the seed's overrides do not parse"),
-                          ("updates", "edgebake-update status fails (model state unreadable)")):
+                          ("updates", "edgebake-update status fails (model state unreadable)"),
+                          ("rootro", "the root is not mounted read-only")):
         if word not in state:
             cut.problems.append(problem)
     failed = [line for line in state[1:] if line.strip() and
-              line.strip() not in ("keys", "seeded", "config", "updates")]
+              line.strip() not in ("keys", "seeded", "config", "updates", "rootro")]
     if failed:
         cut.problems.append("failed units: " + "; ".join(failed))
     cut.survived = not cut.problems

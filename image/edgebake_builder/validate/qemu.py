@@ -1,7 +1,8 @@
 """Boots the image under qemu-system-aarch64 (-M virt) through a throwaway qcow2 overlay.
 
 Only what a real unit gets at flash time differs: its seed (written into the overlay) and
-the kernel command line QEMU passes. QEMU and the overlay are always cleaned up.
+the console on the kernel command line: the rest of the line is the image's own cmdline.txt,
+so the root is mounted as a unit mounts it. QEMU and the overlay are always cleaned up.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class QemuMachine:
         self.overlay = self.workdir / "overlay.qcow2"
         self.kernel = self.workdir / "vmlinuz"
         self.initrd = self.workdir / "initrd.img"
+        self.cmdline_txt = self.workdir / "cmdline.txt"
         self.boot = diskimage.boot_partition(self.image)
         self.ssh_port = self.ssh_port or free_port()
         self.http_port = self.http_port or free_port()
@@ -67,6 +69,7 @@ class QemuMachine:
         kernel, initrd = diskimage.kernel_and_initrd_names(self.image, self.boot)
         diskimage.copy_fat_file(self.image, self.boot, kernel, self.kernel)
         diskimage.copy_fat_file(self.image, self.boot, initrd, self.initrd)
+        diskimage.copy_fat_file(self.image, self.boot, "cmdline.txt", self.cmdline_txt)
         # the overlay may be larger than the image, like a card larger than the image
         size = [str(self.disk_bytes)] if self.disk_bytes else []
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
@@ -74,8 +77,9 @@ class QemuMachine:
                        check=True)
 
     def command(self) -> list[str]:
-        cmdline = ["root=LABEL=EB_ROOT", "rw", "rootwait", "fsck.repair=yes", "net.ifnames=0",
-                   "console=ttyAMA0", *self.extra_cmdline]
+        own = [arg for arg in self.cmdline_txt.read_text().split()
+               if not arg.startswith("console=")]
+        cmdline = [*own, "net.ifnames=0", "console=ttyAMA0", *self.extra_cmdline]
         forwards = (f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22,"
                     f"hostfwd=tcp:127.0.0.1:{self.http_port}-:8080")
         return ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72",

@@ -307,10 +307,31 @@ def test_sigstop_trips_the_watchdog(host: Any) -> None:
     assert took <= watchdog_sec + 60
 
 
+def test_root_is_read_only_and_what_changes_lives_on_data(host: Any) -> None:
+    """A power cut cannot damage the root: it is mounted read-only once first boot is done,
+    and the journal, systemd's state and edgebake's state are bound from /data."""
+    options = host.run("findmnt -no OPTIONS /").stdout.strip().split(",")
+    assert "ro" in options, options
+    assert host.run("touch /etc/edgebake/write-probe").rc != 0
+    for target, name in (("/var/log", "log"), ("/var/lib/systemd", "systemd"),
+                         ("/var/lib/edgebake", "edgebake")):
+        source = host.run(f"findmnt -no SOURCE {target}").stdout.strip()
+        assert source.endswith(f"[/state/{name}]"), (target, source)
+    for target in ("/tmp", "/var/tmp"):
+        assert host.run(f"findmnt -no FSTYPE {target}").stdout.strip() == "tmpfs", target
+    assert host.run("findmnt -no SOURCE /etc/machine-id").stdout.strip() == "", \
+        "the machine-id is still the transient one: first boot did not commit it"
+    journal = host.run("journalctl --header --no-pager | grep -m1 'File path'").stdout
+    assert "/var/log/journal/" in journal, journal
+    assert "nameserver 127.0.0.53" in host.file("/etc/resolv.conf").content_string
+    assert "10.0.2.3" in host.run("resolvectl dns").stdout  # QEMU's DNS, learned by DHCP
+
+
 def test_results_survive_a_reboot(host: Any) -> None:
     wait(lambda: result_count(host) > 0, 120, "results before the reboot")
     host.run("sync")
     before = result_count(host)
+    machine_id = host.file("/etc/machine-id").content_string.strip()
     boot_id = host.file("/proc/sys/kernel/random/boot_id").content_string.strip()
     subprocess.run(["true"], check=True)
     host.run("systemctl reboot")
@@ -318,6 +339,9 @@ def test_results_survive_a_reboot(host: Any) -> None:
     wait(lambda: host.file("/proc/sys/kernel/random/boot_id").content_string.strip() != boot_id,
          420, "the unit to come back after the reboot", interval=5.0)
     assert result_count(host) >= before
+    assert host.file("/etc/machine-id").content_string.strip() == machine_id
+    boots = host.run("journalctl --list-boots --no-pager").stdout.strip().splitlines()
+    assert len(boots) >= 2, boots  # the journal persisted on /data across the reboot
     wait(lambda: result_count(host) > before, 240, "new results after the reboot")
 
 

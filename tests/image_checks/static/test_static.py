@@ -155,3 +155,19 @@ def test_field_units_enabled(host: Any, unit: str) -> None:
 def test_config_and_model_errors_do_not_restart_loop(host: Any) -> None:
     unit = host.file(SERVICE).content_string
     assert "RestartPreventExitStatus=2 3" in unit
+
+
+def test_root_is_mounted_read_only_with_state_bound_from_data(host: Any) -> None:
+    fields = [line.split() for line in host.file("/etc/fstab").content_string.splitlines()
+              if line.strip() and not line.startswith("#")]
+    by_target = {f[1]: f for f in fields}
+    assert by_target["/"][3].split(",")[0] == "ro", by_target["/"]
+    for target, name in (("/var/log", "log"), ("/var/lib/systemd", "systemd"),
+                         ("/var/lib/edgebake", "edgebake")):
+        assert by_target[target][0] == f"/data/state/{name}", by_target.get(target)
+        assert "bind" in by_target[target][3].split(",")
+    assert by_target["/tmp"][2] == by_target["/var/tmp"][2] == "tmpfs"
+    for timer in ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer"):
+        assert not host.file(f"/etc/systemd/system/timers.target.wants/{timer}").exists, timer
+    link = host.run("readlink /etc/resolv.conf").stdout.strip()
+    assert link == "../run/systemd/resolve/stub-resolv.conf", link  # not the build host's
