@@ -4,40 +4,24 @@ one, never empty or mixed, and the next write after a cut succeeds."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
+from cutpoint import call_count, run_cut
 from edgebake_runtime.atomic import write_atomic
 
-# Replaces `target` with the new bytes; with N it kills itself before its N-th system call
-# among open/write/fsync/replace/close, and prints how many it made otherwise.
-DRIVER = """
-import os, signal, sys
+# Replaces `target` (argv[2]) with `size` (argv[3]) bytes.
+BODY = """
 from pathlib import Path
 from edgebake_runtime import atomic
-
-target, cut_at, size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-calls = [0]
-
-def step(real):
-    def wrapped(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == cut_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    return wrapped
-
-for name in ("open", "write", "fsync", "replace", "close", "fchmod"):
-    setattr(os, name, step(getattr(os, name)))
-atomic.write_atomic(target, b"N" * size)
+atomic.write_atomic(Path(sys.argv[2]), b"N" * int(sys.argv[3]))
 print("calls", calls[0])
 """
+STEPS = ["os.open", "os.write", "os.fsync", "os.replace", "os.close", "os.fchmod"]
 
 
 def replace(target: Path, cut_at: int, size: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", DRIVER, str(target), str(cut_at), str(size)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    return run_cut(BODY, STEPS, cut_at, target, size)
 
 
 def test_a_cut_at_any_step_leaves_the_old_file_or_the_new_one(tmp_path: Path) -> None:
@@ -46,7 +30,7 @@ def test_a_cut_at_any_step_leaves_the_old_file_or_the_new_one(tmp_path: Path) ->
     target.write_bytes(b"O" * 1000)
     whole = replace(target, 0, size)
     assert whole.returncode == 0, whole.stderr
-    calls = int(whole.stdout.split()[-1])
+    calls = call_count(whole)
     assert calls >= 5
     for cut_at in range(1, calls + 1):
         target.write_bytes(b"O" * 1000)

@@ -6,52 +6,32 @@ always either as it was or as first boot makes it, and the rerun ends where an u
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
+from cutpoint import call_count, run_cut
 from edgebake_builder.validate.seed import render_seed
+from test_seed import make_etc
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6oB9bHt0pLq7d3m0Yl1f3S0oQm7bTqkQJ0Zk0m3nXv tech@laptop"
 
-# Runs first boot on a folder; with a number N it kills itself before its N-th step, and
-# prints how many steps it took otherwise.
-DRIVER = """
-import os, signal, subprocess, sys
+# First boot on the unit folder argv[2].
+BODY = """
 from pathlib import Path
 from edgebake_runtime import firstboot
 
-base = Path(sys.argv[1])
-cut_at = int(sys.argv[2])
+base = Path(sys.argv[2])
 firstboot.SEED = base / "boot" / "edgebake-seed.yaml"
 firstboot.ETC = base / "etc"
 firstboot.DONE = base / "state" / "firstboot.done"
-steps = [0]
-
-def step(name, real):
-    def wrapped(*args, **kwargs):
-        steps[0] += 1
-        if steps[0] == cut_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    return wrapped
-
-os.replace = step("replace", os.replace)
-os.open = step("open", os.open)
-os.symlink = step("symlink", os.symlink)
-subprocess.run = step("run", subprocess.run)
 code = firstboot.main([])
-print("steps", steps[0])
+print("calls", calls[0])
 sys.exit(code)
 """
+STEPS = ["os.replace", "os.open", "os.symlink", "subprocess.run"]
 
 
 def make_unit(base: Path) -> None:
-    etc = base / "etc"
-    (etc / "edgebake").mkdir(parents=True)
-    (etc / "edgebake" / "app.yaml").write_text(
-        "model:\n  path: /opt/edgebake/model/m.tflite\n"
-        "sources:\n  - {name: pattern, kind: synthetic}\n")
-    (etc / "hostname").write_text("edgebake\n")
+    etc = make_etc(base)
     (etc / "hosts").write_text("127.0.0.1\tlocalhost\n")
     (base / "boot").mkdir()
     (base / "boot" / "edgebake-seed.yaml").write_text(render_seed(
@@ -60,8 +40,7 @@ def make_unit(base: Path) -> None:
 
 
 def run_first_boot(base: Path, cut_at: int = 0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", DRIVER, str(base), str(cut_at)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return run_cut(BODY, STEPS, cut_at, base)
 
 
 def files(base: Path) -> dict[str, bytes | str]:
@@ -82,7 +61,7 @@ def test_first_boot_cut_at_every_step_resumes_to_the_same_end(tmp_path: Path) ->
     before = files(reference)
     done = run_first_boot(reference)
     assert done.returncode == 0, done.stderr
-    total = int(done.stdout.split("steps")[-1])
+    total = call_count(done)
     after = files(reference)
     assert total >= 10 and after["etc/hostname"] == b"pole-17\n", done.stdout
     for cut_at in range(1, total + 1):
