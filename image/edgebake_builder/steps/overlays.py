@@ -141,6 +141,8 @@ def prepare_first_boot(recipe: Recipe, rootfs: Path) -> None:
     dbus_id = inside(rootfs, "/var/lib/dbus/machine-id")
     if dbus_id.exists() or dbus_id.is_symlink():
         dbus_id.unlink()
+    if dbus_id.parent.is_dir():  # what dbus's tmpfiles line would make on the read-only root
+        dbus_id.symlink_to("/etc/machine-id")
     for key in inside(rootfs, "/etc/ssh").glob("ssh_host_*"):
         key.unlink()
     keys_dir = inside(rootfs, "/etc/ssh/authorized_keys.d")
