@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -166,3 +167,22 @@ def test_seed_goes_into_a_fat_image_and_only_changed_chunks_differ(tmp_path: Pat
     assert "hostname: unit-1" in listing
     chunks = changed_chunks(original, fat)
     assert chunks and sum(length for _, length in chunks) < 1024 * 1024
+
+
+def test_machine_id_mounted_over_the_read_only_root_is_committed(tmp_path: Path) -> None:
+    """As PID 1 leaves it on a read-only root: a generated id mounted over the image's
+    'uninitialized'. First boot writes that id under the mount and drops the mount."""
+    from edgebake_runtime.firstboot import commit_machine_id
+
+    etc = tmp_path / "root" / "etc"
+    etc.mkdir(parents=True)
+    (etc / "machine-id").write_text("uninitialized\n")
+    generated = tmp_path / "run-machine-id"
+    generated.write_text("0123456789abcdef0123456789abcdef\n")
+    subprocess.run(["mount", "--bind", str(generated), str(etc / "machine-id")], check=True)
+    try:
+        commit_machine_id(etc)
+        assert not os.path.ismount(etc / "machine-id")
+        assert (etc / "machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+    finally:
+        subprocess.run(["umount", str(etc / "machine-id")], capture_output=True, check=False)

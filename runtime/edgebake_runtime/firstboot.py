@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,9 +92,28 @@ def writable_root(root: Path, keep_writable: bool = False) -> Iterator[None]:
 def commit_machine_id(etc: Path) -> None:
     """PID 1 found no machine-id on the read-only root and mounted a fresh one over it;
     write that one to the root so it stays the same from boot to boot (journald keeps a
-    folder per machine-id, and DHCP identifies the unit by it)."""
-    if os.path.ismount(etc / "machine-id"):
-        subprocess.run(["systemd-machine-id-setup", "--commit"], check=False)
+    folder per machine-id, and DHCP identifies the unit by it). The file under the mount is
+    reached through a plain bind mount of the root, and the mount over it is dropped only
+    then, so /etc/machine-id never shows anything but the id."""
+    target = etc / "machine-id"
+    if not os.path.ismount(target):
+        return
+    machine_id = target.read_text().strip()
+    if not re.fullmatch(r"[0-9a-f]{32}", machine_id):
+        print(f"{target}: unexpected content {machine_id[:40]!r}; not committed", flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="edgebake-root-", dir="/run") as view:
+        bound = subprocess.run(["mount", "--bind", str(etc.parent), view],
+                               capture_output=True, text=True, check=False)
+        if bound.returncode != 0:
+            print(f"machine-id not committed: {bound.stderr.strip()}", flush=True)
+            return
+        try:
+            write_atomic(Path(view) / target.relative_to(etc.parent), (machine_id + "\n").encode(),
+                         0o444)
+        finally:
+            subprocess.run(["umount", view], check=False)
+    subprocess.run(["umount", "--lazy", str(target)], check=False)
 
 
 def check_seed(data: dict[str, Any], source: str, app_yaml: Path) -> dict[str, Any]:
