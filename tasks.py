@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,9 +48,11 @@ def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = 
 
 @task(help={"target": "recipe target whose image to test",
             "image": "image to test (default: the one in out/<target>)",
-            "fail_fast": "stop after the static checks if any of them fails"})
-def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool = False
-               ) -> None:
+            "fail_fast": "stop after the static checks if any of them fails",
+            "update_trials": "also apply the bundles a unit must refuse or roll back "
+                             "(tampered, failing golden test, undecodable; ~3 min)"})
+def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool = False,
+               update_trials: bool = True) -> None:
     """Validate the exact image: static testinfra checks, then QEMU boot + checks over SSH."""
     from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
@@ -59,7 +63,7 @@ def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool
         image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
                                                    Path(image) if image else None)
         progress = Progress(3, log_path=out_dir / "test-image.log")
-        result = run_tests(image_path, out_dir, manifest, progress, fail_fast)
+        result = run_tests(image_path, out_dir, manifest, progress, fail_fast, update_trials)
     except BuildError as exc:
         raise _fail_cleanly(exc) from None
     except KeyboardInterrupt:
@@ -110,9 +114,6 @@ def bench_powercut(c: Context, cycles: int = 10, target: str = "pi4", image: str
 @task(help={"examples": "cases per loader"})
 def bench_fuzz(c: Context, examples: int = 10000) -> None:
     """Hypothesis on the recipe loader, the seed checker and the app-config validator."""
-    import os
-    import subprocess
-
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "--hypothesis-show-statistics", str(ROOT / "tests" / "test_fuzz.py")],
@@ -236,15 +237,17 @@ def bench_convert(c: Context) -> None:
         raise _fail_cleanly(exc) from None
 
 
-@task(help={"target": "recipe target", "cold": "rebuild the base rootfs (no cache) first"})
-def bench_build(c: Context, target: str = "pi4", cold: bool = True) -> None:
+@task(help={"target": "recipe target", "cold": "rebuild the base rootfs (no cache) first",
+            "vendor": "also customise a 2.8 GB Raspberry Pi OS look-alike (--base) and compare"})
+def bench_build(c: Context, target: str = "pi4", cold: bool = True, vendor: bool = False
+                ) -> None:
     """Cold build time, warm rebuild time after an app change, and output sizes."""
     from edgebake_builder.bench.build import bench_build as run_bench
     from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
 
     try:
-        run_bench(target, cold, Progress(1))
+        run_bench(target, cold, Progress(1), vendor)
     except BuildError as exc:
         raise _fail_cleanly(exc) from None
 
@@ -320,12 +323,20 @@ def test(c: Context, unit: bool = False, keep_going: bool = True, long: bool = F
         skip.append("long")
     # TensorFlow's own TFLite build clashes with tflite-runtime in one process: two runs.
     runs = [["tensorflow", *skip], ["not tensorflow", *skip]]
+    # The first run builds the trixie base; the second needs the bookworm one. On a cold
+    # cache both are minutes of mmdebstrap, mostly waiting on downloads and emulated
+    # maintainer scripts: the bookworm base is made beside the first run.
+    warming = None if unit else _warm_base_cache("pi4")
     failed = 0
-    for wanted, *excluded in runs:
+    for number, (wanted, *excluded) in enumerate(runs):
         expression = " and ".join([f"({wanted})", *(f"not {m}" for m in excluded)])
-        args = [sys.executable, "-m", "pytest", "-ra", "-m", expression]
+        args = [sys.executable, "-m", "pytest", "-ra", "--durations=12", "-m", expression]
         if not keep_going:
             args.append("-x")
+        if number == 1 and warming is not None:
+            print(f"waiting for the pi4 base rootfs being built beside the tests "
+                  f"(log: {warming.args[-1]})", flush=True)
+            warming.wait()  # a failed warm-up is retried, and reported, by the build itself
         result = c.run(shlex.join(args), warn=True, pty=False)
         code = result.exited if result is not None else 1
         if code == 5:
@@ -335,6 +346,25 @@ def test(c: Context, unit: bool = False, keep_going: bool = True, long: bool = F
             break
     if failed:
         raise Exit(code=failed)
+
+
+def _warm_base_cache(target: str) -> subprocess.Popen[bytes] | None:
+    """Build a target's base rootfs into the cache in the background, if it is not there."""
+    from edgebake_builder.recipe import load_recipe
+    from edgebake_builder.steps.bootstrap import base_tarball
+
+    if base_tarball(load_recipe(target)).is_file():
+        return None
+    log = ROOT / "out" / f"warm-base-{target}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    code = ("import sys; from edgebake_builder.progress import Progress; "
+            "from edgebake_builder.recipe import load_recipe; "
+            "from edgebake_builder.steps.bootstrap import bootstrap_base; "
+            f"bootstrap_base(load_recipe({target!r}), Progress(1))")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'image'}:{ROOT / 'runtime'}")
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-c", code, str(log)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
 @task(help={"minutes": "how long to run", "rate": "records per second fed to the journal"})
@@ -429,8 +459,6 @@ def _bundle_error(exc: Exception) -> Exit:
 @task(help={"out": "private key file to write (the public key goes to <out>.pub)"})
 def make_key(c: Context, out: str = "signing.key") -> None:
     """Write an ed25519 keypair for signing model bundles (the private key mode 0600)."""
-    import os
-
     from edgebake_runtime.bundle import BundleError, make_keypair
 
     path = Path(out)

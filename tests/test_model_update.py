@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,8 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
     statuses: list[dict[str, Any]] = []
     watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)  # type: ignore[attr-defined]
     watcher.on_message = lambda c, u, m: statuses.append(json.loads(m.payload))
+    subscribed = threading.Event()
+    watcher.on_subscribe = lambda *args: subscribed.set()
     try:
         with BundleServer(bundles["v2"]) as server:
             app = update_app(tmp_path, default_model)
@@ -270,6 +273,8 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
                 watcher.connect("127.0.0.1", broker.port)
                 watcher.subscribe("edgebake/pole-7/update/status", qos=1)
                 watcher.loop_start()
+                # no step report may go out before the watcher listens
+                assert subscribed.wait(20), "the watcher's subscription was not acknowledged"
                 watcher.publish("edgebake/group/north/update",
                                 json.dumps({"url": server.url()}), qos=1)
                 wait_for(lambda: running.health()["model"]["version"] == "2.0", 60,
@@ -283,7 +288,7 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
                 orders = running.health()["update"]["orders"]
                 assert orders["applied"] == 1 and orders["refused"] == 1, orders
                 assert running.health()["model"]["version"] == "2.0"
-                assert running.health()["healthy"]
+                wait_for(lambda: running.health()["healthy"], 30, "a healthy unit")
         steps = [s["step"] for s in statuses]
         assert steps[:4] == ["downloading", "checking", "applied", "checking"], steps
         refused = next(s for s in statuses if s["step"] == "refused")
@@ -292,3 +297,64 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
     finally:
         watcher.loop_stop()
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundles `test-image` applies to the booted unit, with the key that signed them."""
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.validate.trialbundles import make_trial_bundles
+
+    folder = tmp_path_factory.mktemp("trial")
+    made = make_trial_bundles(folder / "bundles", "pi4", Progress(1))
+    keys = folder / "keys"
+    keys.mkdir()
+    (keys / "trial.pub").write_text(made.public_key + "\n")
+    return {**made.paths, "keys": keys}
+
+
+@pytest.mark.parametrize(("name", "refusal"), [
+    ("tampered", "model.tflite does not match its signed sha256 (tampered)"),
+    ("golden", "golden test failed with"),
+])
+def test_a_bad_bundle_is_refused_and_changes_nothing(tmp_path: Path, default_model: Path,
+                                                     trial: dict[str, Path], name: str,
+                                                     refusal: str) -> None:
+    app = update_app(tmp_path, default_model)
+    try:
+        before = app.store.state()
+        with pytest.raises(BundleError) as refused:
+            install(app, trial[name], trial["keys"])
+        assert refusal in str(refused.value), refused.value
+        assert app.store.state() == before
+        slots = tmp_path / "models" / "slots"
+        assert not slots.exists() or not any(slots.iterdir())
+        assert "trial started" not in audit_steps(tmp_path)
+    finally:
+        app.stop()
+
+
+def test_a_model_whose_every_decode_fails_is_rolled_back_by_itself(
+        tmp_path: Path, default_model: Path, trial: dict[str, Path]) -> None:
+    """Signature, golden test and latency pass (they check the model, not the decoding); in
+    service every frame fails to decode, and the health window takes the model back."""
+    app = App(make_config(tmp_path, default_model, [
+        {"name": "cam", "kind": "replay", "path": str(replay_folder(tmp_path)), "fps": 20}],
+        update={"dir": str(tmp_path / "models"), "window_sec": 600.0, "poll_sec": 0.2}))
+    with RunningApp(app) as running:
+        wait_for(lambda: running.app.metrics.results >= 5, 30, "first results")
+        line = install(running.app, trial["undecodable"], trial["keys"])
+        assert "1.7 installed and on trial" in line, line
+        wait_for(lambda: running.app.card.version == "1.7", 20, "the switch to 1.7")
+        began = time.monotonic()
+        wait_for(lambda: running.app.card.version != "1.7", 60, "the rollback")
+        print(f"undecodable model: rolled back {time.monotonic() - began:.2f}s after it "
+              "started serving")
+        served = running.app.metrics.results
+        wait_for(lambda: running.app.metrics.results > served + 5, 30,
+                 "results from the image model again")
+        assert running.health()["model"]["trial"] is None
+    lines = [json.loads(x) for x in (tmp_path / "models" / "audit.log").read_text().splitlines()]
+    rollback = next(x for x in lines if x["step"] == "rollback")
+    assert "inference errors" in rollback["reason"] or "unhealthy" in rollback["reason"], rollback
+    assert ModelStore(tmp_path / "models").state()["current"] is None

@@ -169,20 +169,31 @@ def test_seed_goes_into_a_fat_image_and_only_changed_chunks_differ(tmp_path: Pat
     assert chunks and sum(length for _, length in chunks) < 1024 * 1024
 
 
-def test_machine_id_mounted_over_the_read_only_root_is_committed(tmp_path: Path) -> None:
-    """As PID 1 leaves it on a read-only root: a generated id mounted over the image's
-    'uninitialized'. First boot writes that id under the mount and drops the mount."""
-    from edgebake_runtime.firstboot import commit_machine_id
+def test_machine_id_mounted_over_the_read_only_root_is_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As PID 1 leaves it on a read-only root: a generated id on a tmpfs, mounted over the
+    image's 'uninitialized'. First boot writes that id under the mount and drops the mount.
+    (The id must live on another filesystem, as /run does on a unit: a mount from the same
+    filesystem is not a mount point to os.path.ismount, and the commit would never run.)"""
+    from edgebake_runtime import firstboot
 
     etc = tmp_path / "root" / "etc"
     etc.mkdir(parents=True)
     (etc / "machine-id").write_text("uninitialized\n")
-    generated = tmp_path / "run-machine-id"
-    generated.write_text("0123456789abcdef0123456789abcdef\n")
-    subprocess.run(["mount", "--bind", str(generated), str(etc / "machine-id")], check=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run)], check=True)
     try:
-        commit_machine_id(etc)
+        generated = run / "machine-id"
+        generated.write_text("0123456789abcdef0123456789abcdef\n")
+        subprocess.run(["mount", "--bind", str(generated), str(etc / "machine-id")],
+                       check=True)
+        assert os.path.ismount(etc / "machine-id")
+        monkeypatch.setattr(firstboot, "RUN_DIR", str(run))
+        firstboot.commit_machine_id(etc)
         assert not os.path.ismount(etc / "machine-id")
         assert (etc / "machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+        assert (etc / "machine-id").stat().st_mode & 0o777 == 0o444
     finally:
         subprocess.run(["umount", str(etc / "machine-id")], capture_output=True, check=False)
+        subprocess.run(["umount", "--lazy", str(run)], capture_output=True, check=False)

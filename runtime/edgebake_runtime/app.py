@@ -28,7 +28,7 @@ from .sdnotify import Notifier, watchdog_interval_sec
 from .sources import Source, make_source
 from .sources.discover import find_cameras
 from .supervise import Supervised
-from .worker import DecodeStage, InferenceWorker, deliver
+from .worker import DecodeStage, InferenceWorker, deliver_encoded
 
 log = logging.getLogger("edgebake")
 SWITCH_INTERVAL_SEC = 0.0005
@@ -85,6 +85,7 @@ class App:
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.signal = FrameSignal()
+        self._offer_turn = 0
         self.started = time.monotonic()
         self.status = "starting"
         self.healthy = False
@@ -328,15 +329,33 @@ class App:
         frame.image, frame.placement = models.preprocessor(frame.image)
         frame.generation = models.generation
         queue.put(frame)
+        workers = models.workers
+        if workers and isinstance(workers[0], ProcessWorker):
+            # a worker process with a free slot takes the frame in this thread; if none has
+            # one, the frame waits for the reply that frees the next slot
+            self._offer_turn = (self._offer_turn + 1) % len(workers)
+            for step in range(len(workers)):
+                if not len(queue):
+                    break
+                worker = workers[(self._offer_turn + step) % len(workers)]
+                assert isinstance(worker, ProcessWorker)
+                worker.offer()
+            return
         self.signal.notify()
 
-    def _deliver(self, card: Card, worker: int, frame: Frame, result: dict[str, Any],
+    def _deliver(self, card: Card, worker: int, frame: Frame, result_json: str,
                  invoke_seconds: float) -> None:
-        """A result decoded by a worker process becomes a record (in that worker's feeder)."""
-        deliver(card, frame, result, invoke_seconds, worker, self._emit, self.metrics)
+        """A result a worker process decoded and encoded becomes a journal line (in that
+        worker's feeder thread)."""
+        deliver_encoded(card, frame, result_json, invoke_seconds, worker, self._write_line,
+                        self.metrics)
 
     def _emit(self, record: dict[str, Any]) -> None:
         if not self.journal.append(record):
+            self.metrics.journal_errors += 1
+
+    def _write_line(self, line: bytes, stamp: float) -> None:
+        if not self.journal.append_line(line, stamp):
             self.metrics.journal_errors += 1
 
     # --- lifecycle ---------------------------------------------------------------------

@@ -33,6 +33,8 @@ from .merge import deep_merge
 SEED = Path("/boot/firmware/edgebake-seed.yaml")
 ETC = Path("/etc")
 DONE = Path("/var/lib/edgebake/firstboot.done")
+# where the view of the root is bound while the machine-id is committed (a tmpfs)
+RUN_DIR = "/run"
 SEED_KEYS = {"hostname", "device_id", "ssh_authorized_keys", "app", "wifi",
              "update_public_keys"}
 UPDATE_KEY = re.compile(r"ed25519 [0-9a-f]{64}")
@@ -92,9 +94,15 @@ def writable_root(root: Path, keep_writable: bool = False) -> Iterator[None]:
 def commit_machine_id(etc: Path) -> None:
     """PID 1 found no machine-id on the read-only root and mounted a fresh one over it;
     write that one to the root so it stays the same from boot to boot (journald keeps a
-    folder per machine-id, and DHCP identifies the unit by it). The file under the mount is
-    reached through a plain bind mount of the root, and the mount over it is dropped only
-    then, so /etc/machine-id never shows anything but the id."""
+    folder per machine-id, and DHCP identifies the unit by it).
+
+    The file under the mount is reached through a plain bind mount of the root and written
+    in place: a file that is a mount point anywhere in this namespace cannot be renamed
+    onto (EBUSY), even through another view of it. In place is safe here: the id is one
+    small block, fsynced before the mount over it is dropped, so /etc/machine-id never
+    shows anything but the id; a cut before the fsync leaves an empty or invalid file, for
+    which PID 1 makes a transient id again, and this first boot runs again (its
+    done-marker comes last) and commits that one."""
     target = etc / "machine-id"
     if not os.path.ismount(target):
         return
@@ -102,15 +110,21 @@ def commit_machine_id(etc: Path) -> None:
     if not re.fullmatch(r"[0-9a-f]{32}", machine_id):
         print(f"{target}: unexpected content {machine_id[:40]!r}; not committed", flush=True)
         return
-    with tempfile.TemporaryDirectory(prefix="edgebake-root-", dir="/run") as view:
+    with tempfile.TemporaryDirectory(prefix="edgebake-root-", dir=RUN_DIR) as view:
         bound = subprocess.run(["mount", "--bind", str(etc.parent), view],
                                capture_output=True, text=True, check=False)
         if bound.returncode != 0:
             print(f"machine-id not committed: {bound.stderr.strip()}", flush=True)
             return
         try:
-            write_atomic(Path(view) / target.relative_to(etc.parent), (machine_id + "\n").encode(),
-                         0o444)
+            underneath = Path(view) / target.relative_to(etc.parent)
+            fd = os.open(underneath, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                os.write(fd, (machine_id + "\n").encode())
+                os.fchmod(fd, 0o444)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         finally:
             subprocess.run(["umount", view], check=False)
     subprocess.run(["umount", "--lazy", str(target)], check=False)

@@ -32,14 +32,34 @@ class LatestFrameQueue:
         self.depth = depth
         self._items: list[Frame] = []
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
+        # A plain lock used as a one-shot signal: held while nobody has made room, released
+        # by take() when a source waits for room. A Condition would do the same in Python
+        # code, at every frame a replay feeds (a tenth of the service's CPU at 1000 fps).
+        self._room = threading.Lock()
+        self._room.acquire()
+        self._waiting = False
         self.dropped = 0
         self.put_count = 0
 
     def wait_for_room(self, timeout: float) -> bool:
         """For sources that can wait (replays): block until a put would not drop a frame."""
-        with self._room:
-            return self._room.wait_for(lambda: len(self._items) < self.depth, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if len(self._items) < self.depth:
+                    return True
+                self._waiting = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._room.acquire(timeout=remaining)  # a stale release only means one more look
+
+    def _made_room(self) -> None:
+        """Under the lock: wake a source waiting for room, if one is."""
+        if self._waiting:
+            self._waiting = False
+            with contextlib.suppress(RuntimeError):  # already released, not yet taken
+                self._room.release()
 
     def put(self, frame: Frame) -> None:
         with self._lock:
@@ -54,7 +74,7 @@ class LatestFrameQueue:
             if not self._items:
                 return None
             frame = self._items.pop(0)
-            self._room.notify_all()
+            self._made_room()
             return frame
 
     def __len__(self) -> int:
@@ -64,7 +84,7 @@ class LatestFrameQueue:
     def drain(self) -> list[Frame]:
         with self._lock:
             items, self._items = self._items, []
-            self._room.notify_all()
+            self._made_room()
             return items
 
 

@@ -1,97 +1,110 @@
 """The inference worker process: it owns one interpreter, runs the model and decodes its outputs.
 
-Frames never pass through a pipe: the parent gives this process a memfd with input slots
-(`FrameSlots`), and the pipe carries only (slot, token, placement) requests and (slot, token,
-seconds, error, result) replies, where the result is the small decoded dict. Running in its
-own process, the interpreter never waits for the service's GIL, so N workers use N cores.
+Frames never pass through a socket: the parent gives this process a memfd with input slots
+(`FrameSlots`), and a SOCK_SEQPACKET pair carries only fixed-size requests (slot, token,
+placement) and replies (slot, token, seconds, then the decoded result as JSON text; see
+`wire`). Running in its own process, the interpreter never waits for the service's GIL, so
+N workers use N cores.
 
-Decoding runs in a second thread here: `invoke()` releases the GIL, so the outputs of one
-frame are decoded while the next frame is inferred, and the service does no per-frame numpy
-work beyond preprocessing.
+Decoding runs in a second thread here, beside the next invoke: `invoke()` releases the GIL.
+The finished outputs are handed to the decoder only once the next frame is in the input
+tensor (or at once when no request waits), so the decoder's Python never holds the GIL
+while this thread needs it between two invokes.
 
-Usage (started by `ProcessWorker`): python3 -m edgebake_runtime.inferproc FD CONN_FD MODEL
+Usage (started by `ProcessWorker`): python3 -m edgebake_runtime.inferproc FD SOCK_FD MODEL
 THREADS SLOTS CARD THRESHOLD TOP_K
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import select
+import socket
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import wire
 from .card import Card, load_card
 from .interp import load_interpreter
+from .placement import Placement
 from .postprocess import decoder_for
-from .preprocess import Placement
 from .slots import FrameSlots
 
 # (slot, token, seconds, outputs, placement, error) for the decoder, None to end. Only the
-# decoder thread writes to the pipe, so replies never interleave.
+# decoder thread writes to the socket, so replies never interleave.
 Pending = tuple[int, int, float, list[np.ndarray[Any, Any]], Placement, str] | None
 EXIT_DECODER_FAILED = 70
+# This thread hands over the GIL this often when the decoder wants it (not every 5 ms).
+SWITCH_INTERVAL_SEC = 0.0005
 
 
-def _decode_loop(conn: Connection, card: Card, pending: queue.Queue[Pending],
+def _decode_loop(sock: socket.socket, card: Card, pending: queue.SimpleQueue[Pending],
                  threshold: float | None, top_k: int) -> None:
     """Decode finished frames and reply; a reply frees the slot for the next frame."""
     decode = decoder_for(card)
+    encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
     while True:
         item = pending.get()
         if item is None:
             return
         slot, token, seconds, outputs, placement, error = item
-        result: dict[str, Any] | None = None
+        text = ""
         if not error:
             try:
-                result = decode(card, outputs, placement, threshold, top_k)
+                text = encode(decode(card, outputs, placement, threshold, top_k))
             except Exception as exc:  # a decoding bug costs this frame, not the worker
                 error = f"decoding: {type(exc).__name__}: {exc}"[:300]
         try:
-            conn.send((slot, token, seconds, error, result))
-        except (OSError, ValueError):
+            sock.send(wire.reply(slot, token, seconds, error, text))
+        except OSError:
             return  # the service is gone
 
 
-def _run_decoder(conn: Connection, card: Card, pending: queue.Queue[Pending],
+def _run_decoder(sock: socket.socket, card: Card, pending: queue.SimpleQueue[Pending],
                  threshold: float | None, top_k: int) -> None:
     try:
-        _decode_loop(conn, card, pending, threshold, top_k)
+        _decode_loop(sock, card, pending, threshold, top_k)
     except BaseException:  # a decoder that is gone makes the whole process go: replaced
         os._exit(EXIT_DECODER_FAILED)
 
 
-def serve(conn: Connection, slots: FrameSlots, model: Path, card: Card, threads: int,
+def serve(sock: socket.socket, slots: FrameSlots, model: Path, card: Card, threads: int,
           threshold: float | None, top_k: int) -> None:
     try:
         interpreter = load_interpreter(model, num_threads=threads)
         details = interpreter.get_input_details()[0]
         slots.check_matches(details, interpreter.get_output_details())
     except Exception as exc:  # reported to the parent, which refuses to start
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        sock.send(wire.FAILED + f"{type(exc).__name__}: {exc}".encode()[:4000])
         return
     input_view = interpreter.tensor(details["index"])
     outputs = [d["index"] for d in interpreter.get_output_details()]
-    pending: queue.Queue[Pending] = queue.Queue(maxsize=slots.count)
+    # unbounded in type, bounded in fact: at most one item per slot is ever in it
+    pending: queue.SimpleQueue[Pending] = queue.SimpleQueue()
     decoder = threading.Thread(target=_run_decoder, name="decode", daemon=True,
-                               args=(conn, card, pending, threshold, top_k))
+                               args=(sock, card, pending, threshold, top_k))
     decoder.start()
-    conn.send(("ready", os.getpid()))
+    sock.send(wire.READY + str(os.getpid()).encode())
+    done: Pending = None  # inferred, not yet handed to the decoder
     try:
         while True:
+            if done is not None and not select.select([sock], [], [], 0)[0]:
+                pending.put(done)  # nothing waits: decode it now rather than after a frame
+                done = None
             try:
-                request = conn.recv()
-            except (EOFError, OSError):
+                request = sock.recv(wire.REQUEST.size + 16)
+            except OSError:
                 return  # the service is gone
-            if request is None:
-                return
-            slot, token, place = request
+            if len(request) != wire.REQUEST.size:
+                return  # STOP, or the service closed its end
+            slot, token, has_place, *place = wire.REQUEST.unpack(request)
             began = time.monotonic()
             results: list[np.ndarray[Any, Any]] = []
             error = ""
@@ -99,6 +112,9 @@ def serve(conn: Connection, slots: FrameSlots, model: Path, card: Card, threads:
                 view = input_view()
                 np.copyto(view, slots.input(slot))
                 del view  # invoke() refuses to run while a view of its buffers is alive
+                if done is not None:
+                    pending.put(done)  # decoded while this frame is inferred
+                    done = None
                 began = time.monotonic()
                 interpreter.invoke()
                 seconds = time.monotonic() - began
@@ -106,24 +122,29 @@ def serve(conn: Connection, slots: FrameSlots, model: Path, card: Card, threads:
             except Exception as exc:  # one bad frame is an error, not the end of the worker
                 seconds = time.monotonic() - began
                 error = f"{type(exc).__name__}: {exc}"[:300]
-            placement = Placement(*place) if place else Placement()
-            pending.put((slot, token, seconds, results, placement, error))
+            placement = Placement(*place) if has_place else Placement()
+            if done is not None:  # the copy failed before it was handed over
+                pending.put(done)
+            done = (slot, token, seconds, results, placement, error)
     finally:
+        if done is not None:
+            pending.put(done)
         pending.put(None)
         decoder.join(5.0)
 
 
 def main(argv: list[str]) -> int:
-    mem_fd, conn_fd, model, threads, count, card_path, threshold, top_k = argv
-    conn = Connection(int(conn_fd))
+    mem_fd, sock_fd, model, threads, count, card_path, threshold, top_k = argv
+    sys.setswitchinterval(SWITCH_INTERVAL_SEC)
+    sock = socket.socket(fileno=int(sock_fd))
     card = load_card(Path(card_path))
     slots = FrameSlots.attach(int(mem_fd), card, int(count))
     try:
-        serve(conn, slots, Path(model), card, int(threads),
+        serve(sock, slots, Path(model), card, int(threads),
               float(threshold) if threshold else None, int(top_k))
     finally:
         slots.close()
-        conn.close()
+        sock.close()
     return 0
 
 

@@ -172,6 +172,11 @@ class Journal:
     def append(self, record: dict[str, Any]) -> bool:
         """Write one record; False (and counted) when it could not be written."""
         line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        stamp = record.get("ts")
+        return self.append_line(line, float(stamp) if isinstance(stamp, (int, float)) else None)
+
+    def append_line(self, line: bytes, stamp: float | None) -> bool:
+        """Write one record already encoded as a JSON line (`stamp`: its "ts")."""
         with self._lock:
             if self.failed and time.monotonic() < self._retry_at:
                 self.dropped_unwritten += 1
@@ -182,9 +187,8 @@ class Journal:
                 except OSError:
                     self._make_room(force=True)
                     self._write(line)
-                stamp = record.get("ts")
-                if isinstance(stamp, (int, float)):
-                    self.last_written_ts = float(stamp)
+                if stamp is not None:
+                    self.last_written_ts = stamp
             except OSError as exc:
                 self._failed(exc)
                 self.dropped_unwritten += 1

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from .card import Card, TensorSpec
-from .preprocess import Placement
+from .placement import Placement
 
 Result = dict[str, Any]
 Array = np.ndarray[Any, Any]
@@ -104,54 +105,103 @@ def _logit(probability: float) -> float:
 
 def blazeface(card: Card, outputs: list[Array], placement: Placement, threshold: float | None,
               top_k: int) -> Result:
-    opts = card.postprocessing["blazeface"]
-    specs = card.outputs
-    regs_i = 0 if outputs[0].shape[-1] == 16 else 1
-    regs = dequantize(outputs[regs_i], specs[regs_i])[0]
-    raw_scores = dequantize(outputs[1 - regs_i], specs[1 - regs_i]).reshape(-1)
-    size = float(opts["input_size"])
-    anchors = blazeface_anchors(int(opts["input_size"]), tuple(opts["strides"]),
-                                float(opts["anchor_offset"]),
-                                float(opts["interpolated_scale_aspect_ratio"]))
-    if anchors.shape[0] != raw_scores.size:
-        raise ValueError(f"card anchors ({anchors.shape[0]}) do not match the model's "
-                         f"{raw_scores.size} outputs")
-    limit = threshold if threshold is not None else float(opts["score_threshold"])
+    prepared = _blazeface_setup(card)
+    regs_out, scores_out = outputs[prepared.regs_index], outputs[1 - prepared.regs_index]
+    raw_scores = (dequantize(scores_out, prepared.scores_spec) if prepared.scores_quantised
+                  else scores_out).reshape(-1)
+    if raw_scores.size != prepared.anchors.shape[0]:
+        raise ValueError(f"card anchors ({prepared.anchors.shape[0]}) do not match the "
+                         f"model's {raw_scores.size} outputs")
+    limit = prepared.logit_limit if threshold is None else _logit(threshold)
     # The sigmoid is monotonic: compare the logits with the threshold's logit and take the
-    # sigmoid of the few anchors kept, not of all of them.
-    keep = np.nonzero(raw_scores >= _logit(limit))[0]
+    # sigmoid of the few anchors kept, not of all of them. Most frames keep none.
+    keep = np.flatnonzero(raw_scores >= limit)
     if keep.size == 0:
         return {"task": "blazeface", "detections": []}
-    kept_scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores[keep].astype(np.float64),
-                                                -100.0, 100.0)))
-    r = regs[keep]
-    a = anchors[keep]
-    centre = r[:, :2] / size + a
-    half = r[:, 2:4] / (2 * size)
+    regs = regs_out[0, keep]
+    if prepared.regs_quantised:
+        regs = dequantize(regs, prepared.regs_spec)
+    scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores[keep].astype(np.float64), -100.0, 100.0)))
+    order = np.argsort(-scores)
+    scores, keep, regs = scores[order], keep[order], regs[order]
+    size, n_kp = prepared.input_size, prepared.keypoints
+    # every value as (x, y) pairs in input units: centre offset, size, then the keypoints
+    points = regs[:, :2 * (2 + n_kp)].astype(np.float64).reshape(len(keep), 2 + n_kp, 2) / size
+    anchors = prepared.anchors[keep]
+    centre = points[:, 0] + anchors
+    half = points[:, 1] / 2
     boxes = np.concatenate([centre - half, centre + half], axis=1)
-    n_kp = int(opts.get("num_keypoints", 6))
-    kps = r[:, 4:4 + 2 * n_kp].reshape(-1, n_kp, 2) / size + a[:, None, :]
-    order = np.argsort(-kept_scores)
-    boxes, kps, s = boxes[order], kps[order], kept_scores[order]
+    kps = points[:, 2:] + anchors[:, None, :]
+    scale = np.array([placement.scale_x, placement.scale_y])
+    offset = np.array([placement.offset_x, placement.offset_y])
     detections: list[dict[str, Any]] = []
-    iou_limit = float(opts.get("iou_threshold", 0.3))
-    remaining = np.arange(len(s))
+    remaining = np.arange(len(scores))
     while remaining.size and len(detections) < max(top_k, 1) * 10:
         first = remaining[0]
-        overlap = _iou(boxes[first], boxes[remaining]) > iou_limit
-        group = remaining[overlap]
-        weights = s[group]
-        total = float(weights.sum())
-        box = (weights @ boxes[group]) / total
-        kp = np.tensordot(weights, kps[group], axes=1) / total
+        if remaining.size == 1:
+            group = remaining
+            overlap = np.ones(1, dtype=bool)
+            box, kp = boxes[first], kps[first]
+        else:
+            overlap = _iou(boxes[first], boxes[remaining]) > prepared.iou_limit
+            overlap[0] = True  # a box is in its own group, even one of zero area
+            group = remaining[overlap]
+            weights = scores[group]
+            total = weights.sum()
+            box = weights @ boxes[group] / total
+            kp = (weights @ kps[group].reshape(len(group), -1) / total).reshape(-1, 2)
+        corners = np.clip((box.reshape(2, 2) - offset) / scale, 0.0, 1.0).reshape(-1).tolist()
         detections.append({
-            "label": "face", "score": round(float(s[first]), 5),
-            "box": _box_to_frame((float(box[0]), float(box[1]), float(box[2]), float(box[3])),
-                                 placement),
-            "keypoints": [[round(c, 4) for c in placement.to_frame(float(x), float(y))]
-                          for x, y in kp.tolist()]})
+            "label": "face", "score": round(float(scores[first]), 5),
+            "box": [round(v, 5) for v in corners],
+            "keypoints": [[round(x, 4), round(y, 4)]
+                          for x, y in ((kp - offset) / scale).tolist()]})
         remaining = remaining[~overlap]
     return {"task": "blazeface", "detections": detections}
+
+
+@dataclass(frozen=True)
+class _BlazeFaceSetup:
+    """What a card's BlazeFace options give, worked out once per card, not per frame."""
+
+    anchors: Array
+    input_size: float
+    keypoints: int
+    iou_limit: float
+    logit_limit: float
+    regs_index: int
+    regs_spec: TensorSpec
+    scores_spec: TensorSpec
+    regs_quantised: bool
+    scores_quantised: bool
+
+
+_SETUPS: dict[int, tuple[Card, _BlazeFaceSetup]] = {}
+
+
+def _blazeface_setup(card: Card) -> _BlazeFaceSetup:
+    cached = _SETUPS.get(id(card))
+    if cached is not None and cached[0] is card:
+        return cached[1]
+    opts = card.postprocessing["blazeface"]
+    specs = card.outputs
+    regs_index = 0 if int(specs[0].shape[-1]) == 16 else 1
+    regs_spec, scores_spec = specs[regs_index], specs[1 - regs_index]
+    setup = _BlazeFaceSetup(
+        anchors=blazeface_anchors(int(opts["input_size"]), tuple(opts["strides"]),
+                                  float(opts["anchor_offset"]),
+                                  float(opts["interpolated_scale_aspect_ratio"])
+                                  ).astype(np.float64),
+        input_size=float(opts["input_size"]), keypoints=int(opts.get("num_keypoints", 6)),
+        iou_limit=float(opts.get("iou_threshold", 0.3)),
+        logit_limit=_logit(float(opts["score_threshold"])), regs_index=regs_index,
+        regs_spec=regs_spec, scores_spec=scores_spec,
+        regs_quantised=np.dtype(regs_spec.dtype).kind in "iu" and regs_spec.scale > 0,
+        scores_quantised=np.dtype(scores_spec.dtype).kind in "iu" and scores_spec.scale > 0)
+    if len(_SETUPS) > 16:
+        _SETUPS.clear()
+    _SETUPS[id(card)] = (card, setup)
+    return setup
 
 
 def raw(card: Card, outputs: list[Array], placement: Placement, threshold: float | None,

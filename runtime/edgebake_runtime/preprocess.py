@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from .card import Card
+from .placement import Placement
+
+__all__ = ["REDUCING_GAP", "Placement", "Preprocessor"]
 
 # Shrink by the largest whole factor first (a box filter in native code), then resample what
 # is left bilinearly: three times faster than a bilinear resize of the whole frame and still
 # anti-aliased (`bench-runtime` depends on it: preprocessing runs in the service process).
 REDUCING_GAP = 1.0
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where the frame landed inside the model input (for mapping boxes back)."""
-
-    scale_x: float = 1.0  # fraction of the input width the frame covers
-    scale_y: float = 1.0
-    offset_x: float = 0.0  # normalised padding on the left/top
-    offset_y: float = 0.0
-
-    def to_frame(self, x: float, y: float) -> tuple[float, float]:
-        return (x - self.offset_x) / self.scale_x, (y - self.offset_y) / self.scale_y
 
 
 def _as_image(frame: np.ndarray[Any, Any]) -> Image.Image:

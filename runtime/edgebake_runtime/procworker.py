@@ -25,10 +25,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from . import wire
 from .card import Card
 from .frames import Frame, FrameSignal, LatestFrameQueue, RoundRobin
 from .metrics import Metrics
@@ -50,7 +50,7 @@ class WorkerStartError(Exception):
 class ProcessWorker:
     def __init__(self, index: int, model: Path, card: Card, num_threads: int,
                  queues: dict[str, LatestFrameQueue], signal_: FrameSignal, metrics: Metrics,
-                 deliver: Callable[[int, Frame, dict[str, Any], float], None],
+                 deliver: Callable[[int, Frame, str, float], None],
                  threshold: float | None, top_k: int, generation: int = 0) -> None:
         self.index = index
         self.model = model
@@ -72,17 +72,22 @@ class ProcessWorker:
         self.pid = 0
         self.last_error = ""
         self._proc: subprocess.Popen[bytes] | None = None
-        self._conn: Connection | None = None
+        self._sock: socket.socket | None = None
         self._ready = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._frames = RoundRobin(queues)
         self._token = 0
+        # slots and requests, shared by the feeder and the source threads that `offer`
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._flight: dict[int, tuple[Frame, int]] = {}
+        self._feeding: socket.socket | None = None  # set while a process takes frames
 
     # --- the process ----------------------------------------------------------------
     def spawn(self) -> None:
         """Start the process and wait until it has loaded the model (or says why not)."""
-        ours, theirs = socket.socketpair()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         args = [sys.executable, "-m", "edgebake_runtime.inferproc", str(self.slots.fd),
                 str(theirs.fileno()), str(self.model), str(self.num_threads), str(SLOTS),
@@ -93,27 +98,29 @@ class ProcessWorker:
                                           env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
-        self._conn = Connection(ours.detach())
-        if not self._conn.poll(START_TIMEOUT_SEC):
+        self._sock = ours
+        if not select.select([ours], [], [], START_TIMEOUT_SEC)[0]:
             self._kill()
             raise WorkerStartError(f"worker process gave no sign in {START_TIMEOUT_SEC:.0f}s")
         try:
-            kind, detail = self._conn.recv()
-        except (EOFError, OSError):
+            message = ours.recv(wire.MAX_MESSAGE)
+        except OSError:
+            message = b""
+        if not message:
             code = self._proc.wait()
             self._kill()
-            raise WorkerStartError(f"worker process exited with {code} while loading") from None
-        if kind != "ready":
+            raise WorkerStartError(f"worker process exited with {code} while loading")
+        if not message.startswith(wire.READY):
             self._kill()
-            raise WorkerStartError(str(detail))
-        self.pid = int(detail)
+            raise WorkerStartError(message[len(wire.FAILED):].decode(errors="replace"))
+        self.pid = int(message[len(wire.READY):])
         self._ready = True
 
     def _kill(self) -> None:
         self._ready = False
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         if self._proc is not None:
             if self._proc.poll() is None:
                 self._proc.kill()
@@ -138,9 +145,9 @@ class ProcessWorker:
         self.signal.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._conn is not None:
+        if self._sock is not None:
             with contextlib.suppress(OSError):
-                self._conn.send(None)
+                self._sock.send(wire.STOP)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout)
@@ -164,7 +171,7 @@ class ProcessWorker:
             started = time.monotonic()
             try:
                 self._feed()
-            except (EOFError, OSError, BrokenPipeError) as exc:
+            except (EOFError, OSError, ValueError) as exc:
                 code = self._proc.poll() if self._proc is not None else None
                 self.restarts += 1
                 self.last_error = (f"process {self.pid} exited ({code})" if code is not None
@@ -178,62 +185,91 @@ class ProcessWorker:
                     backoff = min(backoff * 2, BACKOFF_MAX_SEC)
         self.busy_since = 0.0
 
-    def _feed(self) -> None:
-        """Keep both slots busy until stopped; raises when the process is gone.
+    def offer(self) -> None:
+        """A source thread just queued a frame: fill a free slot with it now, in that thread.
 
-        One select() waits for whichever comes first, a reply or a new frame, so a free
-        slot is refilled the moment a frame arrives and the process never waits on a poll.
+        Handing the frame over where it was made saves waking the feeder thread for it (on
+        a 2-core unit that wake-up costs as much CPU as the rest of the hand-over). With
+        every slot busy the frame waits in its latest-frame-wins queue for the next reply.
         """
-        conn = self._conn
-        assert conn is not None
-        free = list(range(SLOTS))
-        flight: dict[int, tuple[Frame, int]] = {}
+        with self._lock:
+            if self._feeding is None:
+                return  # between processes: the next one's feeder starts by filling
+            with contextlib.suppress(OSError):  # the feeder sees the same broken socket
+                self._fill(self._feeding)
+
+    def _fill(self, sock: socket.socket) -> None:
+        """Under the lock: put the freshest frames into free slots and send the requests."""
+        while self._free:
+            frame = self._frames.take()
+            if frame is None:
+                return
+            if frame.generation != self.generation:
+                self.metrics.switch_drops += 1  # prepared for the other model
+                continue
+            slot = self._free.pop()
+            self._token += 1
+            self.slots.input(slot)[...] = frame.image
+            place = frame.placement
+            sock.send(wire.request(slot, self._token, None if place is None else
+                                   (place.scale_x, place.scale_y, place.offset_x,
+                                    place.offset_y)))
+            self._flight[slot] = (frame, self._token)
+            if not self.busy_since:
+                self.busy_since = time.monotonic()
+
+    def _feed(self) -> None:
+        """Keep the slots busy until stopped; raises when the process is gone.
+
+        Source threads fill free slots themselves (`offer`); this thread takes the replies,
+        refills the slot a reply frees, and wakes on the frame signal for frames that came
+        while every slot was busy, so the process never waits on a poll.
+        """
+        sock = self._sock
+        assert sock is not None
+        with self._lock:
+            self._free = list(range(SLOTS))
+            self._flight = {}
+            self._feeding = sock
         wake = self.signal.subscribe()
         try:
             while not self._stop.is_set():
-                while free:
-                    frame = self._frames.take()
-                    if frame is None:
-                        break
-                    if frame.generation != self.generation:
-                        self.metrics.switch_drops += 1  # prepared for the other model
-                        continue
-                    slot = free.pop()
-                    self._token += 1
-                    self.slots.input(slot)[...] = frame.image
-                    place = frame.placement
-                    conn.send((slot, self._token, None if place is None else
-                               (place.scale_x, place.scale_y, place.offset_x, place.offset_y)))
-                    flight[slot] = (frame, self._token)
-                    if not self.busy_since:
-                        self.busy_since = time.monotonic()
-                readable, _, _ = select.select([conn.fileno(), wake], [], [], WAIT_SEC)
+                with self._lock:
+                    self._fill(sock)
+                readable, _, _ = select.select([sock.fileno(), wake], [], [], WAIT_SEC)
                 if wake in readable:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(wake)
-                if conn.fileno() not in readable:
+                if sock.fileno() not in readable:
                     if not readable and self._proc is not None and \
                             self._proc.poll() is not None:
                         raise EOFError("worker process exited")
                     continue
-                if not flight:
-                    raise OSError("the worker process spoke without a request")
-                self._take_reply(conn, flight, free)
+                self._take_reply(sock)
         finally:
+            with self._lock:
+                self._feeding = None
+                in_flight = len(self._flight)
             self.signal.unsubscribe(wake)
             if not self._stop.is_set():
-                self.lost_frames += len(flight)
+                self.lost_frames += in_flight
             self.busy_since = 0.0
 
-    def _take_reply(self, conn: Connection, flight: dict[int, tuple[Frame, int]],
-                    free: list[int]) -> None:
-        slot, token, seconds, error, result = conn.recv()
-        frame, sent = flight.pop(slot)
-        free.append(slot)
-        now = time.monotonic()
-        self.busy_since = now if flight else 0.0
-        if token != sent:
-            raise OSError(f"reply for token {token}, expected {sent}")
+    def _take_reply(self, sock: socket.socket) -> None:
+        message = sock.recv(wire.MAX_MESSAGE)
+        if not message:
+            raise EOFError("worker process closed its socket")
+        slot, token, seconds, error, result = wire.parse_reply(message)
+        with self._lock:
+            if slot not in self._flight:
+                raise OSError(f"reply for slot {slot}, which has no frame in flight")
+            frame, sent = self._flight.pop(slot)
+            self._free.append(slot)
+            now = time.monotonic()
+            self.busy_since = now if self._flight else 0.0
+            if token != sent:
+                raise OSError(f"reply for token {token}, expected {sent}")
+            self._fill(sock)  # the freed slot takes a waiting frame before the result is written
         if error:
             self.metrics.inference_errors += 1
             log.warning("worker %d: inference failed on %s#%d: %s", self.index,

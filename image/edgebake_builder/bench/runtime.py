@@ -78,13 +78,20 @@ def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
                  f"2 cores allow at most {2000 / per_frame:.0f} fps, a scaling of "
                  f"{2000 / per_frame / one['fps']:.2f}")
     model_mb = results["model_mb"]
-    for label, run, workers in (("1 worker", one, 1), ("2 workers", two, 2)):
-        total = run["peak_rss_mb"] + workers * run["worker_rss_mb"]
-        progress.say(f"peak RSS, {label}: service process {run['peak_rss_mb']:.1f} MB, each "
-                     f"worker process {run['worker_rss_mb']:.1f} MB (budget 50 MB + model "
-                     f"{model_mb:.1f} MB = {50 + model_mb:.1f} MB), whole service "
-                     f"{total:.1f} MB")
-    progress.say(f"bare loop process: {raw['peak_rss_mb']:.1f} MB")
+    for label, run in (("1 worker", one), ("2 workers", two)):
+        memory = run["memory"]
+        service, workers = memory["service"], memory["workers"]
+        worst = max(workers, key=lambda w: w["private"])
+        # pages shared by several of our processes (libraries, the frame memory) count once
+        whole = service["pss"] + sum(w["pss"] for w in workers)
+        progress.say(f"memory, {label}: service process RSS {service['rss']:.1f} MB "
+                     f"(private {service['private']:.1f}), each worker process RSS "
+                     f"{worst['rss']:.1f} MB (private {worst['private']:.1f}, the rest shared "
+                     f"libraries), peak RSS {run['worker_rss_mb']:.1f} MB; whole service (PSS) "
+                     f"{whole:.1f} MB; budget 50 MB + model {model_mb:.1f} MB = "
+                     f"{50 + model_mb:.1f} MB per worker process: "
+                     f"{'within' if worst['rss'] <= 50 + model_mb else 'OVER'}")
+    progress.say(f"bare loop process: peak RSS {raw['peak_rss_mb']:.1f} MB")
     rt = results["rtsp"]
     progress.say(f"RTSP (H.264 640x480 at {rt['stream_fps']} fps from 127.0.0.1, PyAV): "
                  f"{rt['fps']:.1f} results/s, decode+scale {rt['decode_ms']:.2f} ms per frame, "

@@ -84,6 +84,7 @@ def run_app(model: Path, seconds: float, threads: int, workers: int,
     cpu_service = _cpu_seconds([0]) - cpu_service
     cpu_workers = _cpu_seconds(pids) - cpu_workers
     elapsed = time.monotonic() - started
+    memory = {"service": _memory(0), "workers": [_memory(pid) for pid in pids]}
     snap = app.snapshot()
     app.request_stop()
     runner.join(5)
@@ -95,7 +96,20 @@ def run_app(model: Path, seconds: float, threads: int, workers: int,
             "drops": sum(s["drops"] for s in snap["sources"].values()),
             "service_cpu_ms": cpu_service / max(count, 1) * 1000,
             "worker_cpu_ms": cpu_workers / max(count, 1) * 1000,
-            "per_source_fps": {n: s["fps"] for n, s in snap["sources"].items()}}
+            "per_source_fps": {n: s["fps"] for n, s in snap["sources"].items()},
+            "memory": memory}
+
+
+def _memory(pid: int) -> dict[str, float]:
+    """A running process's memory in MB: RSS, what only it uses (private), and its
+    proportional share (PSS) of pages it shares with others (libraries, the frame memfd)."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid or os.getpid()}/smaps_rollup").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if rest.strip().endswith("kB"):
+            values[name] = int(rest.split()[0]) / 1024
+    private = values.get("Private_Clean", 0.0) + values.get("Private_Dirty", 0.0)
+    return {"rss": values.get("Rss", 0.0), "private": private, "pss": values.get("Pss", 0.0)}
 
 
 def _cpu_seconds(pids: list[int]) -> float:

@@ -11,6 +11,7 @@ what `invoke bench-runtime` measures; this measures what happens to results afte
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import shutil
@@ -159,14 +160,18 @@ def run_soak(minutes: float, progress: Progress, rate: float = 4000.0,
             chaos = threading.Thread(target=_chaos, args=(broker, stop), daemon=True)
             chaos.start()
             deadline = started + minutes * 60
+            pad = json.dumps(RECORD_PAD)
             number = 0
             next_report = time.monotonic() + 30
             while time.monotonic() < deadline:
                 tick = time.monotonic()
                 for _ in range(int(rate / 10)):
                     number += 1
-                    journal.append({"id": f"soak-{number}", "ts": number / CAMERA_FPS,
-                                    "source": "synthetic", "pad": RECORD_PAD})
+                    # encoded as the service encodes a worker process's result: one format
+                    stamp = number / CAMERA_FPS
+                    journal.append_line(f'{{"id":"soak-{number}","pad":{pad},'
+                                        f'"source":"synthetic","ts":{stamp!r}}}\n'.encode(),
+                                        stamp)
                 journal.sync_if_due()
                 if time.monotonic() >= next_report:
                     next_report += 30

@@ -81,7 +81,7 @@ while end is None or time.monotonic() < end:
 
 def make_raspios_lookalike(base_tar: Path, out: Path, progress: Progress,
                            firstrun: bool = False, cloud_init: bool = False,
-                           pi5: bool = True) -> Path:
+                           pi5: bool = True, root_mib: int = 1600) -> Path:
     """Write `out` (.img, or .img.xz as published) from a Debian arm64 base tarball that has
     raspi-firmware."""
     with tempfile.TemporaryDirectory(prefix="edgebake-lookalike-", dir=out.parent) as tmp:
@@ -139,7 +139,7 @@ def make_raspios_lookalike(base_tar: Path, out: Path, progress: Progress,
 image rootfs.ext4 {{
     ext4 {{ label = "rootfs" use-mke2fs = true }}
     srcpath = "{root}"
-    size = 1600M
+    size = {root_mib}M
 }}
 image {raw_name} {{
     hdimage {{ partition-table-type = "mbr" disk-signature = 0x{DISK_SIGNATURE:08x} }}

@@ -30,8 +30,8 @@ from ..errors import BuildError
 from ..flashing.push import push_bundle
 from ..progress import Progress
 from .qemu import QemuMachine, console_tail
-from .run import update_bundle
 from .seed import render_seed, seed_overlay
+from .trialbundles import make_trial_bundles
 
 HOSTNAME = "edgebake-powercut"
 BOOT_TIMEOUT_SEC = 480.0
@@ -251,7 +251,9 @@ def run_bench(image: Path, out_dir: Path, manifest: dict[str, Any], cycles: int,
         key = tmp / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgebake-bench",
                         "-f", str(key)], check=True)
-        update_key, bundle = update_bundle(tmp, manifest, progress)
+        trials = make_trial_bundles(tmp / "bundles", str(manifest.get("target", "pi4")),
+                                    progress)
+        update_key, bundle = trials.public_key, str(trials.paths["good"])
         app = {"sources": [{"name": "pattern", "kind": "synthetic", "fps": 5}],
                "update": {"max_latency_ms": 20000, "window_sec": 3600}}
         seed_text = render_seed(HOSTNAME, [(tmp / "id_ed25519.pub").read_text().strip()],

@@ -22,6 +22,7 @@ from . import diskimage
 from .qemu import QemuMachine, console_tail, free_port
 from .rtsp import RtspServer, make_h264
 from .seed import render_seed, seed_overlay
+from .trialbundles import make_trial_bundles
 
 CHECKS_DIR = Path(__file__).resolve().parents[3] / "tests" / "image_checks"
 SSH_TIMEOUT_SEC = 420.0
@@ -35,26 +36,6 @@ class ImageTestResult:
     failed: int
     junit: Path
     figures: dict[str, float]
-
-
-def update_bundle(tmp: Path, manifest: dict[str, Any], progress: Progress
-                  ) -> tuple[str, str]:
-    """A model bundle for the running checks to apply: BlazeFace full range as version 2.0,
-    signed by a key made here; returns (the public key line for the seed, the bundle path)."""
-    from edgebake_runtime.bundle import build_bundle, make_keypair
-
-    from ..steps.model import fetch_locked_model, prepare_model, read_models_lock
-
-    private, public = make_keypair()
-    model = fetch_locked_model(read_models_lock()["face_detection_full_range"], progress)
-    prepared = prepare_model(str(model), tmp / "update-model", progress)
-    data = build_bundle({"model.tflite": prepared.model.read_bytes(),
-                         "model.card.json": prepared.card_path.read_bytes(),
-                         "model.golden.npz": prepared.golden_path.read_bytes()},
-                        private, "2.0", str(manifest.get("target", "pi4")))
-    bundle = tmp / "update-2.0.ebundle"
-    bundle.write_bytes(data)
-    return public.strip(), str(bundle)
 
 
 def run_checks(phase: str, junit: Path, hosts: str, env: dict[str, str], progress: Progress,
@@ -143,7 +124,8 @@ def find_image(default_out: Path, target: str, image: Path | None
 
 
 def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
-               progress: Progress, fail_fast: bool = False) -> ImageTestResult:
+               progress: Progress, fail_fast: bool = False, update_trials: bool = True
+               ) -> ImageTestResult:
     started = time.monotonic()
     test_dir = out_dir / "test"
     shutil.rmtree(test_dir, ignore_errors=True)
@@ -169,7 +151,12 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         key = tmp / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgebake-test",
                         "-f", str(key)], check=True)
-        update_key, env["EDGEBAKE_BUNDLE"] = update_bundle(tmp, manifest, progress)
+        trials = make_trial_bundles(tmp / "bundles", str(manifest.get("target", "pi4")),
+                                    progress)
+        update_key, env["EDGEBAKE_BUNDLE"] = trials.public_key, str(trials.paths["good"])
+        if update_trials:  # the bundles a unit must refuse or take back by itself
+            env["EDGEBAKE_TRIAL_BUNDLES"] = json.dumps({name: str(path) for name, path in
+                                                        trials.paths.items()})
         broker = LocalBroker.start_if_available(tmp)
         # an RTSP camera on the host, seen by the guest through QEMU's user network
         # (small and slow: QEMU emulates the unit's CPU, and H.264 is decoded in full)
@@ -248,12 +235,12 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
             progress.say(f"      {phase} checks exited {codes[phase]} "
                          f"({'no report' if not part.exists() else 'see the log'})")
         part.unlink(missing_ok=True)
-    update_figures = test_dir / "figures-update.json"
-    if update_figures.is_file():
-        for name, value in json.loads(update_figures.read_text()).items():
-            if isinstance(value, (int, float)):
-                figures[name.replace("_", "-")] = float(value)
-        update_figures.unlink()
+    for update_figures in (test_dir / "figures-update.json", test_dir / "figures-rollback.json"):
+        if update_figures.is_file():
+            for name, value in json.loads(update_figures.read_text()).items():
+                if isinstance(value, (int, float)):
+                    figures[name.replace("_", "-")] = float(value)
+            update_figures.unlink()
     figures["test-image-seconds"] = round(time.monotonic() - started, 1)
     return ImageTestResult(passed, failed, test_dir / "junit.xml", figures)
 

@@ -156,17 +156,77 @@ def test_a_usb_stick_bundle_is_checked_and_the_stick_released(host: Any) -> None
     assert not host.run("ls /data/models/incoming/").stdout.strip()  # no copy left
 
 
+def copy_to_unit(local: str, remote: str) -> None:
+    copy = subprocess.run(
+        ["scp", "-P", os.environ["EDGEBAKE_SSH_PORT"], "-i", os.environ["EDGEBAKE_SSH_KEY"],
+         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
+         "LogLevel=ERROR", local, f"root@127.0.0.1:{remote}"],
+        capture_output=True, text=True, check=False)
+    assert copy.returncode == 0, copy.stderr
+
+
+update_trials = pytest.mark.skipif(not os.environ.get("EDGEBAKE_TRIAL_BUNDLES"),
+                                   reason="update trials not asked for (--no-update-trials)")
+
+
+@update_trials
+@pytest.mark.parametrize(("name", "refusal"), [
+    ("tampered", "does not match its signed sha256 (tampered)"),
+    ("golden", "golden test failed with"),
+])
+def test_a_bad_bundle_is_refused_on_the_unit(host: Any, name: str, refusal: str) -> None:
+    """Signed with the unit's key, but changed after signing, or with golden outputs the
+    model does not give on the unit's runtime: refused with one line, and nothing changes."""
+    bundle = json.loads(os.environ["EDGEBAKE_TRIAL_BUNDLES"])[name]
+    pid = main_pid(host)
+    state = host.run("cat /data/models/state.json 2>/dev/null").stdout
+    slots = host.run("ls /data/models/slots 2>/dev/null").stdout
+    copy_to_unit(bundle, f"/data/{name}.ebundle")
+    applied = host.run(f"edgebake-update apply /data/{name}.ebundle")
+    lines = applied.stderr.strip().splitlines()
+    assert applied.rc == 1 and len(lines) == 1 and refusal in lines[0], applied.stderr
+    assert "Traceback" not in applied.stdout + applied.stderr
+    assert host.run("cat /data/models/state.json 2>/dev/null").stdout == state
+    assert host.run("ls /data/models/slots 2>/dev/null").stdout == slots
+    assert main_pid(host) == pid
+    host.run(f"rm -f /data/{name}.ebundle")
+
+
+@update_trials
+def test_a_model_whose_every_decode_fails_is_rolled_back_on_the_unit(host: Any) -> None:
+    """It passes signature, golden test and latency (they check the model), goes live in
+    the running service, fails to decode every frame, and the health window takes it back
+    without anyone there: same process, the image's model again, the reason in the audit."""
+    bundle = json.loads(os.environ["EDGEBAKE_TRIAL_BUNDLES"])["undecodable"]
+    pid = main_pid(host)
+    copy_to_unit(bundle, "/data/undecodable.ebundle")
+    applied = host.run("edgebake-update apply /data/undecodable.ebundle")
+    assert applied.rc == 0, applied.stdout + applied.stderr
+    wait(lambda: health()["model"]["version"] == "1.7", 300, "model 1.7 serving")
+    began = time.monotonic()
+    snap = wait(lambda: (h := health()) and h["model"]["version"] != "1.7"
+                and h["model"]["trial"] is None and h, 300, "the rollback")
+    rolled_back = time.monotonic() - began
+    assert main_pid(host) == pid
+    audit = [json.loads(x) for x in
+             host.file("/data/models/audit.log").content_string.splitlines()]
+    rollback = [x for x in audit if x["step"] == "rollback" and x.get("version") == "1.7"]
+    assert rollback and ("inference errors" in rollback[-1]["reason"]
+                         or "unhealthy" in rollback[-1]["reason"]), audit[-5:]
+    host.run("rm -f /data/undecodable.ebundle")
+    folder = os.environ.get("EDGEBAKE_TEST_DIR")
+    if folder:
+        with open(os.path.join(folder, "figures-rollback.json"), "w") as handle:
+            json.dump({"update_rollback_sec": round(rolled_back, 1)}, handle)
+    assert snap["model"]["version"] != "1.7"
+
+
 def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
     """edgebake-update on the unit: signature (a key from the seed), golden test and latency
     with the unit's runtime, then the running service switches to the new model (BlazeFace
     full range as 2.0, another input size) in the same process."""
-    pid = host.run("systemctl show -p MainPID --value edgebake").stdout.strip()
-    copy = subprocess.run(
-        ["scp", "-P", os.environ["EDGEBAKE_SSH_PORT"], "-i", os.environ["EDGEBAKE_SSH_KEY"],
-         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
-         "LogLevel=ERROR", os.environ["EDGEBAKE_BUNDLE"], "root@127.0.0.1:/data/update.ebundle"],
-        capture_output=True, text=True, check=False)
-    assert copy.returncode == 0, copy.stderr
+    pid = main_pid(host)
+    copy_to_unit(os.environ["EDGEBAKE_BUNDLE"], "/data/update.ebundle")
     began = time.monotonic()
     applied = host.run("edgebake-update apply /data/update.ebundle")  # on PATH
     assert applied.rc == 0, applied.stdout + applied.stderr
@@ -176,7 +236,7 @@ def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
     serving = time.monotonic() - began
     snap = wait(lambda: (h := health()) and h["model"]["last_switch_sec"] is not None and h,
                 60, "the first result of the new model")
-    assert host.run("systemctl show -p MainPID --value edgebake").stdout.strip() == pid
+    assert main_pid(host) == pid
     assert snap["model"]["trial"]["version"] == "2.0"
     wait(lambda: '"model":"2.0"' in host.run(
         f"tail -n 3 $(ls {RESULTS}/results-*.jsonl | tail -n 1)").stdout, 120,
