@@ -35,6 +35,9 @@ def console_tail(console: Path, lines: int = 50) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+IMAGER_ONE_SHOT = ("systemd.run=", "systemd.run_success_action=",
+                   "systemd.run_failure_action=", "systemd.unit=kernel-command-line.target")
+
 @dataclass
 class QemuMachine:
     image: Path
@@ -76,9 +79,19 @@ class QemuMachine:
                         str(self.image.resolve()), "-F", "raw", str(self.overlay), *size],
                        check=True)
 
+    def imager_one_shot_args(self) -> list[str]:
+        """Raspberry Pi Imager's first-boot arguments in the image's cmdline.txt. On a Pi,
+        firstrun.sh deletes them from cmdline.txt before it reboots, and the firmware reads
+        the file again at the next boot; QEMU passes the same -append at every boot of the
+        guest, so they would run a script that is gone and power the unit off. They are
+        left out here (`test-image` says so): Imager's own script is not run under QEMU."""
+        return [arg for arg in self.cmdline_txt.read_text().split()
+                if arg.startswith(IMAGER_ONE_SHOT)]
+
     def command(self) -> list[str]:
+        dropped = self.imager_one_shot_args()
         own = [arg for arg in self.cmdline_txt.read_text().split()
-               if not arg.startswith("console=")]
+               if not arg.startswith("console=") and arg not in dropped]
         cmdline = [*own, "net.ifnames=0", "console=ttyAMA0", *self.extra_cmdline]
         forwards = (f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22,"
                     f"hostfwd=tcp:127.0.0.1:{self.http_port}-:8080")

@@ -199,6 +199,11 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                                "works when the base carries a generic arm64 kernel, as the "
                                "look-alike does with Debian's)")
                 progress.say(f"      kernel: {kernel} from the boot partition, {origin}")
+                dropped = machine.imager_one_shot_args()
+                if dropped:
+                    progress.say("      left out of QEMU's kernel command line (Imager's "
+                                 "first-boot run, which needs the Pi firmware to re-read "
+                                 f"cmdline.txt after it): {' '.join(dropped)}")
                 written = seed_overlay(image, machine.overlay, machine.boot, seed)
                 progress.say(f"      seed written into the overlay ({written} bytes changed)")
                 machine.start()
