@@ -201,8 +201,9 @@ def convert_model(c: Context, model: str, output: str, quantize: str = "none",
               f"delta {acc.delta:+.4f} on {acc.samples} samples")
 
 
-@task(help={"seconds": "measuring time per case", "threads": "interpreter num_threads"})
-def bench_runtime(c: Context, seconds: float = 8.0, threads: int = 1) -> None:
+@task(help={"seconds": "measuring time per case", "threads": "interpreter num_threads",
+            "rounds": "every case this many times, interleaved; medians are reported"})
+def bench_runtime(c: Context, seconds: float = 5.0, threads: int = 1, rounds: int = 3) -> None:
     """Pipeline vs bare invoke loop on the default model with the replay source."""
     import shutil
     import tempfile
@@ -221,7 +222,8 @@ def bench_runtime(c: Context, seconds: float = 8.0, threads: int = 1) -> None:
 
         shutil.copy(Path(skimage.data.__file__).parent / "astronaut.png", replay / "a.png")
         heavier = fetch_locked_model(read_models_lock()["face_detection_full_range"], progress)
-        report(run_bench(model, replay, seconds, threads, heavier), threads, progress)
+        report(run_bench(model, replay, seconds, threads, heavier, rounds, progress), threads,
+               progress)
 
 
 @task

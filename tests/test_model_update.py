@@ -4,6 +4,7 @@ window, or a reboot inside the window, goes back to the previous model by itself
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,7 +77,13 @@ def test_a_new_model_serves_without_a_restart_and_is_confirmed(
         assert health["model"]["swaps"] == 1 and health["model"]["trial"]["version"] == "2.0"
         gap = health["model"]["last_switch_sec"]
         print(f"switch to 2.0: first result of the new model after {gap:.3f}s")
-        assert {w.pid for w in running.app.workers}.isdisjoint(workers_before)
+        if running.app.per_camera:  # the camera processes switched in place, no restart
+            assert {w.pid for w in running.app.workers} == workers_before
+            wait_for(lambda: all(p["model"] == "2.0" for p in
+                                 running.health()["inference"]["processes"]), 5,
+                     "every camera process to report 2.0")
+        else:  # the pool's workers are new processes loaded with 2.0
+            assert {w.pid for w in running.app.workers}.isdisjoint(workers_before)
         wait_for(lambda: ModelStore(tmp_path / "models").state()["trial"] is None,
                  WINDOW_SEC + 10, "the trial to be confirmed")
         assert running.health()["healthy"]
@@ -101,7 +108,8 @@ def test_a_hung_new_model_is_rolled_back_by_itself(
         try:
             wait_for(lambda: running.app.card.version != "2.0", 30, "the rollback")
         finally:
-            os.kill(hung, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # a camera process is replaced
+                os.kill(hung, signal.SIGCONT)
         rolled_back = time.monotonic() - began
         served = running.app.metrics.results
         wait_for(lambda: running.app.metrics.results > served + 5, 30,

@@ -48,11 +48,10 @@ def test_rpicam_frames_arrive_at_the_model_size_and_give_results(
     install(tool_dir, RPICAM_VID)
     with RunningApp(rpicam_app(tmp_path, default_model)) as running:
         wait_for(lambda: running.app.metrics.results >= 10, 60, "10 results from rpicam-vid")
-        source = running.app.sources["csi"]
         # the letterboxed BlazeFace input is 128x128: the camera delivers 128x96, no resize
-        assert source._size == (128, 96)
-        csi = running.health()["sources"]["csi"]
-        assert csi["state"] == "up" and csi["frames"] >= 10, csi
+        csi = wait_for(lambda: (c := running.health()["sources"]["csi"])["frames"] >= 10
+                       and c, 5, "the camera's state from its process")
+        assert csi["state"] == "up" and csi["frame_size"] == [128, 96], csi
 
 
 def test_missing_tool_is_a_plain_degraded_source(tmp_path: Path, default_model: Path,

@@ -1,4 +1,5 @@
-"""Inference workers as processes fed through shared memory: results, kill -9, a hang."""
+"""Inference in processes: a process per camera (the default) and a pool of worker processes
+fed through shared memory. Results, kill -9, a hang, a model switch, memory per process."""
 
 from __future__ import annotations
 
@@ -14,43 +15,64 @@ from edgebake_runtime.app import App
 from edgebake_runtime.journal import read_lines
 from runtime_helpers import ASTRONAUT_BOX, RunningApp, make_config, replay_folder, wait_for
 
+DESIGNS = ["per-camera", "pool"]
 
-def replay_app(tmp_path: Path, model: Path, workers: int = 1, stall_sec: float = 15.0) -> App:
+
+def replay_app(tmp_path: Path, model: Path, design: str, cameras: int = 1, workers: int = 1,
+               stall_sec: float = 15.0) -> App:
     folder = replay_folder(tmp_path)
     return App(make_config(tmp_path, model,
-                           [{"name": "cam", "kind": "replay", "path": str(folder), "fps": 20}],
-                           inference={"workers": workers, "processes": True},
+                           [{"name": f"cam{i}", "kind": "replay", "path": str(folder),
+                             "fps": 20} for i in range(cameras)],
+                           inference={"workers": workers, "processes": True,
+                                      "per_camera": design == "per-camera"},
                            watchdog={"stall_sec": stall_sec}))
 
 
-def test_a_frame_goes_in_and_a_result_comes_out(tmp_path: Path, default_model: Path) -> None:
-    app = replay_app(tmp_path, default_model, workers=2)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_a_frame_goes_in_and_a_result_comes_out(tmp_path: Path, default_model: Path,
+                                                design: str) -> None:
+    app = replay_app(tmp_path, default_model, design, cameras=2 if design == "per-camera"
+                     else 1, workers=2)
     with RunningApp(app) as running:
         wait_for(lambda: running.app.metrics.results >= 20, 30, "20 results")
         health = running.health()
         procs = health["inference"]["processes"]
         assert len(procs) == 2 and all(p["alive"] for p in procs)
         assert {p["pid"] for p in procs}.isdisjoint({0, os.getpid()})
-        assert all(p["processed"] > 0 for p in procs), procs
-    faces = [r for r in read_lines(tmp_path / "results") if r["detections"]]
+        assert len({p["pid"] for p in procs}) == 2
+        wait_for(lambda: all(p["processed"] > 0 for p in
+                             running.health()["inference"]["processes"]), 10,
+                 "every process to have inferred frames")
+        if design == "per-camera":  # each camera's state comes from its own process
+            sources = running.health()["sources"]
+            assert all(s["state"] == "up" and s["frames"] > 0 for s in sources.values()), \
+                sources
+            assert all(s["last_frame_age_sec"] < 5 for s in sources.values()), sources
+    records = list(read_lines(tmp_path / "results"))
+    faces = [r for r in records if r["detections"]]
     assert faces, "the astronaut's face was not found by the worker processes"
     box = faces[0]["detections"][0]["box"]
     assert all(abs(a - b) < 0.05 for a, b in zip(box, ASTRONAUT_BOX, strict=True)), box
+    assert len({r["id"] for r in records}) == len(records), "record ids repeat"
+    if design == "per-camera":
+        assert {r["source"] for r in records} == {"cam0", "cam1"}
 
 
-def test_a_killed_worker_is_replaced_and_counted(tmp_path: Path, default_model: Path) -> None:
-    app = replay_app(tmp_path, default_model)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_a_killed_worker_is_replaced_and_counted(tmp_path: Path, default_model: Path,
+                                                 design: str) -> None:
+    app = replay_app(tmp_path, default_model, design)
     with RunningApp(app) as running:
         wait_for(lambda: running.app.metrics.results >= 5, 30, "first results")
-        worker = running.app.workers[0]
-        old_pid = worker.stats()["pid"]
+        old_pid = running.health()["inference"]["processes"][0]["pid"]
         os.kill(old_pid, signal.SIGKILL)
         # the gone process never passes as healthy
         wait_for(lambda: not running.app.evaluate(time.monotonic())[0], 10,
                  "the unit to be unhealthy while the worker is gone")
-        wait_for(lambda: worker.stats()["restarts"] == 1 and worker.alive(), 60,
-                 "a new worker process")
-        assert worker.stats()["pid"] not in (0, old_pid)
+        wait_for(lambda: (p := running.health()["inference"]["processes"][0])["restarts"] == 1
+                 and p["alive"], 60, "a new worker process")
+        assert running.health()["inference"]["processes"][0]["pid"] not in (0, old_pid)
         count = running.app.metrics.results
         wait_for(lambda: running.app.metrics.results > count + 5, 30, "results again")
         wait_for(lambda: running.health()["healthy"], 30, "healthy again")
@@ -58,11 +80,13 @@ def test_a_killed_worker_is_replaced_and_counted(tmp_path: Path, default_model: 
         assert "edgebake_worker_restarts_total 1" in metrics, metrics[-800:]
 
 
-def test_a_hung_worker_stops_the_watchdog_pings(tmp_path: Path, default_model: Path) -> None:
-    app = replay_app(tmp_path, default_model, stall_sec=2.0)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_a_hung_worker_stops_the_watchdog_pings(tmp_path: Path, default_model: Path,
+                                                design: str) -> None:
+    app = replay_app(tmp_path, default_model, design, stall_sec=2.0)
     with RunningApp(app) as running:
         wait_for(lambda: running.app.metrics.results >= 5, 30, "first results")
-        pid = running.app.workers[0].stats()["pid"]
+        pid = running.health()["inference"]["processes"][0]["pid"]
         os.kill(pid, signal.SIGSTOP)
         try:
             healthy, restart_helps, status = wait_for(
@@ -123,7 +147,8 @@ def test_wire_refuses_what_does_not_fit_or_parse() -> None:
         wire.parse_reply(b"\x00" * 3)
 
 
-def test_a_zero_area_detection_ends_the_grouping(default_model: Path) -> None:
+@pytest.mark.parametrize("kept", [3, 60])  # the plain-Python path and the array path
+def test_a_zero_area_detection_ends_the_grouping(default_model: Path, kept: int) -> None:
     """A box of no area overlaps nothing, not even itself; it must still form its own group
     (before, such a box was never removed and the loop emitted NaN detections)."""
     import numpy as np
@@ -134,8 +159,100 @@ def test_a_zero_area_detection_ends_the_grouping(default_model: Path) -> None:
     card = load_card(default_model.with_name("face_detection_short_range.card.json"))
     regs = np.zeros((1, 896, 16), np.float32)  # every box has zero width and height
     scores = np.full((1, 896, 1), -10.0, np.float32)
-    scores[0, [3, 4, 5]] = 5.0
-    result = blazeface(card, [regs, scores], Placement(), None, 5)
+    scores[0, 3:3 + kept] = 5.0
+    result = blazeface(card, [regs, scores], Placement(), None, 100)
     boxes = [d["box"] for d in result["detections"]]
-    assert len(boxes) == 3, boxes
+    assert len(boxes) == kept, boxes
     assert all(v == v for box in boxes for v in box), "NaN in a box"
+
+
+def test_two_cameras_on_two_cores_decode_inline_one_decodes_beside(
+        tmp_path: Path, default_model: Path) -> None:
+    """Decoding gets a thread of its own only while a core is free for it."""
+    cores = len(os.sched_getaffinity(0))
+    for cameras in (1, cores):
+        folder = tmp_path / f"c{cameras}"
+        folder.mkdir()
+        app = replay_app(folder, default_model, "per-camera", cameras=cameras)
+        with RunningApp(app) as running:
+            wait_for(lambda: running.app.metrics.results >= 10, 30, "results")
+            modes = {p["decoding"] for p in running.health()["inference"]["processes"]}
+        assert modes == {"beside inference" if cameras < cores else "inline"}, (cameras, modes)
+
+
+def test_lines_from_a_camera_process_parse_back_and_bad_ones_are_refused() -> None:
+    from edgebake_runtime import wire
+
+    meta = [(1.0, 1000.5, 0.002), (2.0, 1001.5, 0.003)]
+    lines = [b'{"a":1}\n', b'{"b":2}\n']
+    assert wire.parse_lines(wire.lines(meta, lines, 7)) == (meta, b"".join(lines), 7)
+    assert wire.parse_lines(wire.lines([], [], 3)) == ([], b"", 3)
+    message = wire.lines(meta, lines, 0)
+    with pytest.raises(ValueError, match="announces 2 lines"):
+        wire.parse_lines(message[:-1])  # the last newline cut off
+    with pytest.raises(ValueError, match="shorter than its header"):
+        wire.parse_lines(wire.LINES + b"\x01")
+
+
+def test_a_recording_is_read_ahead_and_its_reader_woken_once_per_few_frames() -> None:
+    import threading
+
+    from edgebake_runtime.frames import Frame, LatestFrameQueue
+
+    queue = LatestFrameQueue(8, refill_at=4)
+    woken = []
+
+    def reader() -> None:
+        for seq in range(40):
+            if not queue.wait_for_room(timeout=5):
+                return
+            if len(queue) == 4:
+                woken.append(seq)
+            queue.put(Frame("rec", seq, time.monotonic(), time.time(), None))  # type: ignore
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    got = []
+    while len(got) < 40:
+        frame = queue.wait_take(timeout=5)
+        assert frame is not None, "the reader stopped feeding"
+        got.append(frame.seq)
+        time.sleep(0.002)
+    thread.join(5)
+    assert got == list(range(40)), "a recording never drops a frame"
+    assert queue.dropped == 0
+    assert 0 < len(woken) <= 40 // 4, woken  # woken at the low mark, not per frame
+
+
+def test_the_few_anchor_decoder_matches_the_array_decoder(default_model: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Frames with a few faces take a plain-Python path; it must give what numpy gives."""
+    import numpy as np
+    from edgebake_runtime import postprocess
+    from edgebake_runtime.card import load_card
+    from edgebake_runtime.interp import load_interpreter
+    from edgebake_runtime.preprocess import Preprocessor
+    from PIL import Image
+    from runtime_helpers import astronaut_path, china_image
+
+    card = load_card(default_model.with_name("face_detection_short_range.card.json"))
+    interpreter = load_interpreter(default_model)
+    preprocess = Preprocessor(card)
+    face = np.asarray(Image.open(astronaut_path()).convert("RGB"))
+    pictures = [face, china_image(), np.concatenate([face, face[:, ::-1]], axis=1),
+                np.random.default_rng(3).integers(0, 255, (480, 640, 3), dtype=np.uint8)]
+    compared = 0
+    for picture in pictures:
+        tensor, placement = preprocess(picture)
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], tensor)
+        interpreter.invoke()
+        outputs = [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+        for threshold in (None, 0.3, 0.1):
+            few = postprocess.blazeface(card, outputs, placement, threshold, 3)
+            monkeypatch.setattr(postprocess, "FEW_ANCHORS", -1)
+            array = postprocess.blazeface(card, outputs, placement, threshold, 3)
+            monkeypatch.setattr(postprocess, "FEW_ANCHORS", 48)
+            assert few == array, (threshold, few, array)
+            compared += bool(few["detections"])
+    assert compared >= 4, "too few pictures with faces to compare anything"

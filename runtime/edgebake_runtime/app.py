@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -13,8 +14,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .camworker import CameraProcess
 from .card import Card, card_path_for, load_card
-from .config import AppConfig
+from .config import AppConfig, SourceConfig
 from .digest import sha256_file
 from .frames import Frame, FrameSignal, LatestFrameQueue
 from .http import HealthServer
@@ -48,8 +50,8 @@ class ModelSet:
 
     card: Card
     preprocessor: Preprocessor
-    decoder: DecodeStage
-    workers: list[InferenceWorker | ProcessWorker]
+    decoder: DecodeStage | None  # None when each camera decodes in its own process
+    workers: list[InferenceWorker | ProcessWorker | CameraProcess]
     generation: int  # frames carry it; workers skip frames prepared for another model
     model: Path
 
@@ -95,9 +97,15 @@ class App:
         self.store = ModelStore(Path(update["dir"]))
         self.runtime = runtime_name_and_version()
         depth = int(config.section("queue")["depth"])
-        self.sources: dict[str, Source] = {s.name: make_source(s) for s in config.sources
-                                           if s.enabled and s.kind != "v4l2-auto"}
-        self.queues = {name: LatestFrameQueue(depth) for name in self.sources}
+        inference = config.section("inference")
+        # each camera in its own process: the service holds only their mirrors
+        self.per_camera = bool(inference["processes"] and inference["per_camera"])
+        self._camera_configs = [s for s in config.sources
+                                if s.enabled and s.kind != "v4l2-auto"]
+        self.sources: dict[str, Source | CameraProcess] = {} if self.per_camera else {
+            s.name: make_source(s) for s in self._camera_configs}
+        self.queues: dict[str, LatestFrameQueue | Any] = {
+            name: LatestFrameQueue(depth) for name in self.sources}
         self._depth = depth
         self.camera_template = next((s for s in config.sources
                                      if s.enabled and s.kind == "v4l2-auto"), None)
@@ -131,7 +139,8 @@ class App:
             self.models = self._load_models(self.model_path, card_path, slot)
         self.running_version = slot.version if slot else None  # None: the image's model
         for source in self.sources.values():  # FFmpeg or PIL scale to the model's geometry
-            source.size_for = self.preprocessor.native_size
+            if not isinstance(source, CameraProcess):
+                source.size_for = self.preprocessor.native_size
         self.swaps = 0
         self.last_swap_gap_sec: float | None = None
         self.mqtt: Any = None
@@ -151,11 +160,11 @@ class App:
         return self.models.preprocessor
 
     @property
-    def decoder(self) -> DecodeStage:
+    def decoder(self) -> DecodeStage | None:
         return self.models.decoder
 
     @property
-    def workers(self) -> list[InferenceWorker | ProcessWorker]:
+    def workers(self) -> list[InferenceWorker | ProcessWorker | CameraProcess]:
         return self.models.workers
 
     def _load_models(self, model: Path, card_path: Path | None, slot: Slot | None
@@ -166,9 +175,11 @@ class App:
             card.data["version"] = slot.version  # the bundle's version names the model
         inference = self.config.section("inference")
         generation = self.generation + 1
+        if self.per_camera:
+            return self._load_cameras(model, card, generation)
         decoder = DecodeStage(card, self._emit, self.metrics, inference["score_threshold"],
                               int(inference["top_k"]))
-        workers: list[InferenceWorker | ProcessWorker] = []
+        workers: list[InferenceWorker | ProcessWorker | CameraProcess] = []
         try:
             for i in range(int(inference["workers"])):
                 if inference["processes"]:
@@ -195,6 +206,62 @@ class App:
 
     def _load_card(self, model: Path, card_path: Path | None) -> Card:
         return load_checked_card(model, card_path)
+
+    # --- each camera in its own process ----------------------------------------------
+    def _new_camera(self, index: int, config: SourceConfig, model: Path, card: Card,
+                    cameras: int, wait: bool = True) -> CameraProcess:
+        """A camera process, started (and with `wait`, loaded); `cameras`: how many there
+        will be with this one."""
+        inference = self.config.section("inference")
+        camera = CameraProcess(index, config, model, card, int(inference["num_threads"]),
+                               self._depth, inference["score_threshold"],
+                               int(inference["top_k"]), self._write_lines, self.metrics)
+        camera.decode_beside = self._core_free(cameras)
+        camera.launch()
+        if wait:
+            camera.await_ready()
+        return camera
+
+    @staticmethod
+    def _core_free(cameras: int) -> bool:
+        """Whether with this many camera processes a core is left for decoding beside the
+        invoke (the two cores of a 2-camera unit are both inferring)."""
+        return cameras < len(os.sched_getaffinity(0))
+
+    def _load_cameras(self, model: Path, card: Card, generation: int) -> ModelSet:
+        """At start: a process per camera, each loaded with the model. At a switch: the
+        running processes load the new model beside the old one and switch to it; if one
+        cannot, those that did go back and the switch is refused."""
+        if not hasattr(self, "models"):
+            cameras: list[CameraProcess] = []
+            try:  # every camera loads its model at the same time, one per core
+                for index, config in enumerate(self._camera_configs):
+                    cameras.append(self._new_camera(index, config, model, card,
+                                                    len(self._camera_configs), wait=False))
+                for camera in cameras:
+                    camera.await_ready()
+            except Exception as exc:
+                for started in cameras:
+                    started.stop()
+                raise StartupError(f"model {model}: {exc}") from None
+            for camera in cameras:
+                self.sources[camera.name] = camera
+                self.queues[camera.name] = camera.queue
+        else:
+            cameras = [w for w in self.models.workers if isinstance(w, CameraProcess)]
+            old_model, old_card = self.models.model, self.models.card
+            switched: list[CameraProcess] = []
+            try:
+                for camera in cameras:
+                    camera.switch(model, card)
+                    switched.append(camera)
+            except Exception as exc:
+                for camera in switched:
+                    with contextlib.suppress(Exception):
+                        camera.switch(old_model, old_card)
+                raise StartupError(f"model {model}: {exc}") from None
+        self.generation = generation
+        return ModelSet(card, Preprocessor(card), None, list(cameras), generation, model)
 
     # --- model updates -------------------------------------------------------------------
     def _listen_for_orders(self, mqtt: Any, update: dict[str, Any]) -> None:
@@ -237,20 +304,13 @@ class App:
             (self.config.model_path, self.config.card_path)
         with self._swap_lock:
             old = self.models
-            new = self._load_models(model, card_path, slot)  # the old one keeps running
-            new.decoder.start()
+            # the old model keeps running; camera processes have switched when this returns
+            new = self._load_models(model, card_path, slot)
             newest_before = self.metrics.results
             began = time.monotonic()
             self.models = new  # frames preprocessed from now on are for the new model
-            for source in list(self.sources.values()):
-                source.size_for = new.preprocessor.native_size
-            for worker in new.workers:
-                worker.start()
-            for worker in old.workers:
-                # a worker holds no state: after a second it is killed, not waited for (a
-                # hung model being rolled back would otherwise hold the switch for long)
-                worker.stop(timeout=OLD_WORKER_STOP_SEC)
-            old.decoder.stop()
+            if not self.per_camera:
+                self._switch_pool(old, new)
             self.model_path = model
             self.running_version = slot.version if slot else None
             self.swaps += 1
@@ -260,6 +320,20 @@ class App:
         log.info("model %s now serving (first result after %s)", new.card.version,
                  "none yet" if self.last_swap_gap_sec is None
                  else f"{self.last_swap_gap_sec:.3f}s")
+
+    def _switch_pool(self, old: ModelSet, new: ModelSet) -> None:
+        """Sources scale for the new model, its workers start and the old ones go."""
+        assert new.decoder is not None and old.decoder is not None
+        new.decoder.start()
+        for source in list(self.sources.values()):
+            source.size_for = new.preprocessor.native_size
+        for worker in new.workers:
+            worker.start()
+        for worker in old.workers:
+            # a worker holds no state: after a second it is killed, not waited for (a
+            # hung model being rolled back would otherwise hold the switch for long)
+            worker.stop(timeout=OLD_WORKER_STOP_SEC)
+        old.decoder.stop()
 
     def _first_result_after(self, began: float, results_before: int, wanted: str | None
                             ) -> float | None:
@@ -358,6 +432,10 @@ class App:
         if not self.journal.append_line(line, stamp):
             self.metrics.journal_errors += 1
 
+    def _write_lines(self, block: bytes, count: int, stamp: float) -> None:
+        if not self.journal.append_lines(block, count, stamp):
+            self.metrics.journal_errors += count
+
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         # Workers (threads in invoke(), or feeders waiting on their process) must get the
@@ -369,11 +447,13 @@ class App:
             self.journal.failed = f"{exc.strerror or exc} ({self.journal.folder})"
             log.error("journal unavailable: %s; inference and health keep running",
                       self.journal.failed)
-        self.decoder.start()
+        if self.decoder is not None:
+            self.decoder.start()
         for worker in self.workers:
             worker.start()
         for source in self.sources.values():
-            source.start(self._on_frame)
+            if not isinstance(source, CameraProcess):
+                source.start(self._on_frame)
         self.model_watch = Supervised("model-watch", self._watch_models, self._stop)
         self.model_watch.start()
         update = self.config.section("update")
@@ -422,6 +502,13 @@ class App:
                 continue
             config = dataclasses.replace(template, name=camera.name, kind="v4l2",
                                          device=camera.device)
+            if self.per_camera:
+                self._add_camera_process(config)
+                in_use.add(camera.node)
+                added.append(camera.name)
+                log.info("camera found: %s (%s -> %s), in its own process", camera.name,
+                         camera.device, camera.node)
+                continue
             source = make_source(config)
             source.size_for = self.preprocessor.native_size
             self.queues[camera.name] = LatestFrameQueue(self._depth)
@@ -432,6 +519,21 @@ class App:
             log.info("camera found: %s (%s -> %s)", camera.name, camera.device, camera.node)
         return added
 
+    def _add_camera_process(self, config: SourceConfig) -> None:
+        """A camera found while running gets its process, loaded with the serving model."""
+        with self._swap_lock:  # not while the cameras switch models
+            index = max((w.index for w in self.models.workers), default=-1) + 1
+            camera = self._new_camera(index, config, self.models.model, self.models.card,
+                                      len(self.models.workers) + 1)
+            self.models.workers.append(camera)
+            beside = self._core_free(len(self.models.workers))
+            for running in self.models.workers:
+                if isinstance(running, CameraProcess):
+                    running.set_decode_beside(beside)
+            self.queues[camera.name] = camera.queue
+            self.sources[camera.name] = camera
+            camera.start()
+
     def _scan_loop(self) -> None:
         while not self._stop.wait(CAMERA_SCAN_SEC):
             self.scan_cameras()
@@ -441,13 +543,16 @@ class App:
         self.notifier.stopping("stopping: draining queues and flushing results")
         self._stop.set()  # no camera is added from here on
         for source in list(self.sources.values()):
-            source.stop()
+            if not isinstance(source, CameraProcess):
+                source.stop()
         deadline = time.monotonic() + 5.0
-        while any(len(q) for q in self.queues.values()) and time.monotonic() < deadline:
+        waiting = [q for q in self.queues.values() if isinstance(q, LatestFrameQueue)]
+        while any(len(q) for q in waiting) and time.monotonic() < deadline:
             time.sleep(0.05)
         for worker in self.workers:
             worker.stop()
-        self.decoder.stop()
+        if self.decoder is not None:
+            self.decoder.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
         self.journal.close()
@@ -504,9 +609,10 @@ class App:
             elif worker.busy_since and now - worker.busy_since > stall:
                 stuck.append(f"worker {worker.index} stuck in inference for "
                              f"{now - worker.busy_since:.0f}s")
-        if not self.decoder.alive():
+        if self.decoder is not None and not self.decoder.alive():
             stuck.append("result decoding has died")
-        elif self.decoder.busy_since and now - self.decoder.busy_since > stall:
+        elif self.decoder is not None and self.decoder.busy_since and \
+                now - self.decoder.busy_since > stall:
             stuck.append(f"result decoding stuck for {now - self.decoder.busy_since:.0f}s")
         pending = any(len(q) for q in self.queues.values())
         newest_done = max((w.last_done for w in self.workers), default=now)
@@ -548,6 +654,7 @@ class App:
                              "queue_depth": len(self.queues[name]),
                              "drops": self.queues[name].dropped,
                              "corrupt_frames": st.corrupt_frames, "reconnects": st.reconnects,
+                             "frame_size": list(st.frame_size) if st.frame_size else None,
                              "last_error": st.last_error}
         p50, p99 = self.metrics.inference.percentile(50), self.metrics.inference.percentile(99)
         e50 = self.metrics.end_to_end.percentile(50)
@@ -575,8 +682,9 @@ class App:
                           "end_to_end_p50_ms": ms(e50), "end_to_end_p99_ms": ms(e99),
                           "worker_restarts": sum(getattr(w, "restarts", 0)
                                                  for w in self.workers),
-                          "processes": [w.stats() for w in self.workers
-                                        if isinstance(w, ProcessWorker)]},
+                          "processes": [w.stats() if isinstance(w, ProcessWorker)
+                                        else w.process_stats() for w in self.workers
+                                        if isinstance(w, (ProcessWorker, CameraProcess))]},
             "journal": self.journal.stats(),
             "update": {"pull": self.puller.stats() if self.puller is not None else None,
                        "pull_restarts": self.pull_thread.restarts if self.pull_thread else 0,

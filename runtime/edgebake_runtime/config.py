@@ -22,7 +22,9 @@ SOURCE_KINDS = ("v4l2-auto", "v4l2", "rpicam", "rtsp", "http", "replay", "synthe
 DEFAULTS: dict[str, Any] = {
     "device_id": "",
     "model": {"path": "/opt/edgebake/model/model.tflite", "card": ""},
-    "inference": {"workers": 1, "num_threads": 2, "processes": True,
+    # processes + per_camera: each camera in its own process with its own interpreter (scales
+    # with cores); per_camera off: a pool of `workers` processes fed by the service
+    "inference": {"workers": 1, "num_threads": 2, "processes": True, "per_camera": True,
                   "score_threshold": None, "top_k": 3},
     "queue": {"depth": 1},
     "sources": [],
@@ -153,6 +155,7 @@ def validate(data: dict[str, Any], source: str) -> AppConfig:
     check.number(inf, "workers", "inference.workers", 1, 16, integer=True)
     check.number(inf, "num_threads", "inference.num_threads", 1, 16, integer=True)
     check.boolean(inf, "processes", "inference.processes")
+    check.boolean(inf, "per_camera", "inference.per_camera")
     check.number(inf, "score_threshold", "inference.score_threshold", 0.0, 1.0, optional=True)
     check.number(inf, "top_k", "inference.top_k", 1, 100, integer=True)
     check.number(merged["queue"], "depth", "queue.depth", 1, 64, integer=True)

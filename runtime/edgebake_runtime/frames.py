@@ -28,8 +28,12 @@ class Frame:
 class LatestFrameQueue:
     """A bounded queue where a new frame pushes out the oldest one; drops are counted."""
 
-    def __init__(self, depth: int = 1) -> None:
+    def __init__(self, depth: int = 1, refill_at: int | None = None) -> None:
         self.depth = depth
+        # A source waiting for room is woken once the queue is down to this many frames: a
+        # recording read ahead by a few frames costs one wake-up per few frames, not one per
+        # frame (waking a thread on an idle core is what a hand-over costs most).
+        self.refill_at = depth - 1 if refill_at is None else min(refill_at, depth - 1)
         self._items: list[Frame] = []
         self._lock = threading.Lock()
         # A plain lock used as a one-shot signal: held while nobody has made room, released
@@ -38,6 +42,10 @@ class LatestFrameQueue:
         self._room = threading.Lock()
         self._room.acquire()
         self._waiting = False
+        # the same kind of signal the other way: a consumer waiting for a frame (wait_take)
+        self._arrived = threading.Lock()
+        self._arrived.acquire()
+        self._wanted = False
         self.dropped = 0
         self.put_count = 0
 
@@ -55,8 +63,8 @@ class LatestFrameQueue:
             self._room.acquire(timeout=remaining)  # a stale release only means one more look
 
     def _made_room(self) -> None:
-        """Under the lock: wake a source waiting for room, if one is."""
-        if self._waiting:
+        """Under the lock: wake a source waiting for room, if one is and it is time."""
+        if self._waiting and len(self._items) <= self.refill_at:
             self._waiting = False
             with contextlib.suppress(RuntimeError):  # already released, not yet taken
                 self._room.release()
@@ -68,6 +76,25 @@ class LatestFrameQueue:
                 self._items.pop(0)
                 self.dropped += 1
             self._items.append(frame)
+            if self._wanted:
+                self._wanted = False
+                with contextlib.suppress(RuntimeError):
+                    self._arrived.release()
+
+    def wait_take(self, timeout: float) -> Frame | None:
+        """The oldest frame, waiting up to `timeout` seconds for one (one consumer only)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._items:
+                    frame = self._items.pop(0)
+                    self._made_room()
+                    return frame
+                self._wanted = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._arrived.acquire(timeout=remaining)
 
     def take(self) -> Frame | None:
         with self._lock:

@@ -11,7 +11,7 @@ The finished outputs are handed to the decoder only once the next frame is in th
 tensor (or at once when no request waits), so the decoder's Python never holds the GIL
 while this thread needs it between two invokes.
 
-Usage (started by `ProcessWorker`): python3 -m edgebake_runtime.inferproc FD SOCK_FD MODEL
+Usage (started by `ProcessWorker`): python3 -m edgebake_runtime.inferproc SOCK_FD FD MODEL
 THREADS SLOTS CARD THRESHOLD TOP_K
 """
 
@@ -134,7 +134,7 @@ def serve(sock: socket.socket, slots: FrameSlots, model: Path, card: Card, threa
 
 
 def main(argv: list[str]) -> int:
-    mem_fd, sock_fd, model, threads, count, card_path, threshold, top_k = argv
+    sock_fd, mem_fd, model, threads, count, card_path, threshold, top_k = argv
     sys.setswitchinterval(SWITCH_INTERVAL_SEC)
     sock = socket.socket(fileno=int(sock_fd))
     card = load_card(Path(card_path))

@@ -177,28 +177,33 @@ class Journal:
 
     def append_line(self, line: bytes, stamp: float | None) -> bool:
         """Write one record already encoded as a JSON line (`stamp`: its "ts")."""
+        return self.append_lines(line, 1, stamp)
+
+    def append_lines(self, block: bytes, count: int, stamp: float | None) -> bool:
+        """Write `count` whole JSON lines in one write (`stamp`: the last one's "ts"); a
+        block goes into one file, or, when it does not fit, nowhere (counted)."""
         with self._lock:
             if self.failed and time.monotonic() < self._retry_at:
-                self.dropped_unwritten += 1
+                self.dropped_unwritten += count
                 return False
             try:
                 try:
-                    self._write(line)
+                    self._write(block, count)
                 except OSError:
                     self._make_room(force=True)
-                    self._write(line)
+                    self._write(block, count)
                 if stamp is not None:
                     self.last_written_ts = stamp
             except OSError as exc:
                 self._failed(exc)
-                self.dropped_unwritten += 1
+                self.dropped_unwritten += count
                 return False
             if self.failed:
                 log.warning("journal recovered: writing to %s again", self._path)
                 self.failed = ""
         return True
 
-    def _write(self, line: bytes) -> None:
+    def _write(self, line: bytes, count: int = 1) -> None:
         if self._fd < 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._open_file(self._new_name())
@@ -209,7 +214,7 @@ class Journal:
             os.ftruncate(self._fd, self._size)
             raise OSError(errno.ENOSPC, "No space left on device (short write)")
         self._size += written
-        self.written += 1
+        self.written += count
         self.bytes_written += written
         self._dirty = True
         if time.monotonic() - self._last_sync >= self.fsync_interval:

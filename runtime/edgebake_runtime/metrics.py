@@ -44,3 +44,7 @@ class Metrics:
     def count_result(self) -> None:
         with self._lock:
             self.results += 1
+
+    def count_results(self, count: int) -> None:
+        with self._lock:
+            self.results += count

@@ -21,7 +21,6 @@ import os
 import select
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from typing import Any
 
 from . import wire
 from .card import Card
+from .child import ChildLink
 from .frames import Frame, FrameSignal, LatestFrameQueue, RoundRobin
 from .metrics import Metrics
 from .slots import FrameSlots
@@ -37,21 +37,18 @@ from .slots import FrameSlots
 log = logging.getLogger("edgebake.worker")
 
 SLOTS = 3
-START_TIMEOUT_SEC = 120.0
-BACKOFF_START_SEC = 1.0
-BACKOFF_MAX_SEC = 30.0
 WAIT_SEC = 0.5  # with nothing happening, check this often that the process still lives
 
 
-class WorkerStartError(Exception):
-    """The worker process could not load the model; the message says why."""
+class ProcessWorker(ChildLink):
+    what = "worker process"
 
-
-class ProcessWorker:
     def __init__(self, index: int, model: Path, card: Card, num_threads: int,
                  queues: dict[str, LatestFrameQueue], signal_: FrameSignal, metrics: Metrics,
                  deliver: Callable[[int, Frame, str, float], None],
                  threshold: float | None, top_k: int, generation: int = 0) -> None:
+        super().__init__()
+        self.label = f"worker {index}"
         self.index = index
         self.model = model
         self.card = card
@@ -67,15 +64,7 @@ class ProcessWorker:
         self.busy_since = 0.0  # monotonic: oldest unanswered request, 0 when idle
         self.last_done = time.monotonic()
         self.processed = 0
-        self.restarts = 0
         self.lost_frames = 0  # frames in flight when a process died
-        self.pid = 0
-        self.last_error = ""
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._sock: socket.socket | None = None
-        self._ready = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._frames = RoundRobin(queues)
         self._token = 0
         # slots and requests, shared by the feeder and the source threads that `offer`
@@ -87,50 +76,11 @@ class ProcessWorker:
     # --- the process ----------------------------------------------------------------
     def spawn(self) -> None:
         """Start the process and wait until it has loaded the model (or says why not)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        args = [sys.executable, "-m", "edgebake_runtime.inferproc", str(self.slots.fd),
-                str(theirs.fileno()), str(self.model), str(self.num_threads), str(SLOTS),
-                str(self.card.path), "" if self.threshold is None else repr(self.threshold),
-                str(self.top_k)]
-        try:
-            self._proc = subprocess.Popen(args, pass_fds=(self.slots.fd, theirs.fileno()),
-                                          env=env, stdin=subprocess.DEVNULL)
-        finally:
-            theirs.close()
-        self._sock = ours
-        if not select.select([ours], [], [], START_TIMEOUT_SEC)[0]:
-            self._kill()
-            raise WorkerStartError(f"worker process gave no sign in {START_TIMEOUT_SEC:.0f}s")
-        try:
-            message = ours.recv(wire.MAX_MESSAGE)
-        except OSError:
-            message = b""
-        if not message:
-            code = self._proc.wait()
-            self._kill()
-            raise WorkerStartError(f"worker process exited with {code} while loading")
-        if not message.startswith(wire.READY):
-            self._kill()
-            raise WorkerStartError(message[len(wire.FAILED):].decode(errors="replace"))
-        self.pid = int(message[len(wire.READY):])
-        self._ready = True
-
-    def _kill(self) -> None:
-        self._ready = False
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait()
-            self._proc = None
-
-    def alive(self) -> bool:
-        proc = self._proc
-        return (self._thread is not None and self._thread.is_alive() and self._ready
-                and proc is not None and proc.poll() is None)
+        self._launch("edgebake_runtime.inferproc", [
+            str(self.slots.fd), str(self.model), str(self.num_threads), str(SLOTS),
+            str(self.card.path), "" if self.threshold is None else repr(self.threshold),
+            str(self.top_k)], extra_fds=(self.slots.fd,))
+        self._await_ready()
 
     # --- the feeder thread -------------------------------------------------------------
     def start(self) -> None:
@@ -155,34 +105,7 @@ class ProcessWorker:
         self.slots.close()
 
     def _run(self) -> None:
-        backoff = BACKOFF_START_SEC
-        while not self._stop.is_set():
-            if not self._ready:
-                try:
-                    self.spawn()
-                    log.info("worker %d: process %d ready (restart %d)", self.index, self.pid,
-                             self.restarts)
-                except (WorkerStartError, OSError) as exc:
-                    self.last_error = str(exc)
-                    log.error("worker %d: %s; retrying in %.0fs", self.index, exc, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_SEC)
-                    continue
-            started = time.monotonic()
-            try:
-                self._feed()
-            except (EOFError, OSError, ValueError) as exc:
-                code = self._proc.poll() if self._proc is not None else None
-                self.restarts += 1
-                self.last_error = (f"process {self.pid} exited ({code})" if code is not None
-                                   else f"pipe to process {self.pid} failed: {exc}")
-                log.error("worker %d: %s; starting a new one", self.index, self.last_error)
-                self._kill()
-                if time.monotonic() - started > 2 * BACKOFF_MAX_SEC:
-                    backoff = BACKOFF_START_SEC
-                elif self.restarts > 1:
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_SEC)
+        self._keep_running(self._feed)
         self.busy_since = 0.0
 
     def offer(self) -> None:

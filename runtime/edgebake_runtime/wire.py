@@ -44,3 +44,39 @@ def parse_reply(message: bytes) -> tuple[int, int, float, str, str]:
     text = message[REPLY.size:].decode()
     return (slot, token, seconds, text, "") if kind == ERROR else (slot, token, seconds, "",
                                                                     text)
+
+
+# --- a camera process (camproc) and the service ----------------------------------------
+# Finished journal lines, many per message: LINES, a header (how many lines, the process's
+# inference errors so far), then per line (captured_at, wall_time, invoke seconds), then the
+# lines themselves, each ending in a newline.
+LINES = b"L"
+LINES_HEADER = struct.Struct("<IQ")
+LINE_META = struct.Struct("<ddd")
+STATUS = b"S"  # followed by the source's and the model's state as JSON
+MODEL = b"M"  # service -> camera: load this model (JSON: model, card), switch, then answer
+DECODE_BESIDE = b"D"  # service -> camera: b"D1" decode in a thread of its own, b"D0" inline
+MODEL_DONE = b"m"  # camera -> service: JSON {"error": "" or why the model was refused}
+
+
+def lines(meta: list[tuple[float, float, float]], text: list[bytes], errors: int) -> bytes:
+    return b"".join([LINES, LINES_HEADER.pack(len(meta), errors),
+                     *(LINE_META.pack(*m) for m in meta), *text])
+
+
+def parse_lines(message: bytes) -> tuple[list[tuple[float, float, float]], bytes, int]:
+    """(per-line meta, the lines as one block, errors so far); ValueError when malformed."""
+    head = len(LINES)
+    if len(message) < head + LINES_HEADER.size:
+        raise ValueError(f"lines message of {len(message)} bytes is shorter than its header")
+    count, errors = LINES_HEADER.unpack_from(message, head)
+    start = head + LINES_HEADER.size
+    end = start + count * LINE_META.size
+    if len(message) < end:
+        raise ValueError(f"lines message announces {count} lines but is {len(message)} bytes")
+    meta = [LINE_META.unpack_from(message, start + i * LINE_META.size) for i in range(count)]
+    block = message[end:]
+    found = block.count(b"\n")
+    if found != count or (count and not block.endswith(b"\n")):
+        raise ValueError(f"lines message announces {count} lines, its text has {found}")
+    return meta, block, errors

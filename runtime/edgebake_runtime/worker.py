@@ -166,16 +166,23 @@ def deliver_encoded(card: Card, frame: Frame, result_json: str, invoke_seconds: 
     its text goes into the journal line as it is, so the service never decodes nor encodes
     a result (on a 2-core unit that CPU is what a second camera needs)."""
     done = time.monotonic()
-    fields = result_json[1:-1]
-    line = (f'{{"id":"{RUN_ID}-{next(RECORD_NUMBERS)}",'
-            f'"inference_ms":{round(invoke_seconds * 1000, 2)!r},'
-            f'"latency_ms":{round((done - frame.captured_at) * 1000, 2)!r},'
-            f'"model":{_json_text(card.version)},"seq":{frame.seq},'
-            f'"source":{_json_text(frame.source)},"ts":{round(frame.wall_time, 3)!r},'
-            f'"worker":{worker}{"," if fields else ""}{fields}}}\n')
-    write_line(line.encode(), frame.wall_time)
+    write_line(journal_line(card.version, frame, result_json, invoke_seconds,
+                            done - frame.captured_at, worker), frame.wall_time)
     metrics.end_to_end.add(done - frame.captured_at)
     metrics.count_result()
+
+
+def journal_line(version: str, frame: Frame, result_json: str, invoke_seconds: float,
+                 latency_seconds: float, worker: int) -> bytes:
+    """The record `deliver` writes, built as text around a result already encoded as JSON
+    (keys in the same sorted order, so both paths write identical lines)."""
+    fields = result_json[1:-1]
+    return (f'{{"id":"{RUN_ID}-{next(RECORD_NUMBERS)}",'
+            f'"inference_ms":{round(invoke_seconds * 1000, 2)!r},'
+            f'"latency_ms":{round(latency_seconds * 1000, 2)!r},'
+            f'"model":{_json_text(version)},"seq":{frame.seq},'
+            f'"source":{_json_text(frame.source)},"ts":{round(frame.wall_time, 3)!r},'
+            f'"worker":{worker}{"," if fields else ""}{fields}}}\n').encode()
 
 
 @lru_cache(maxsize=256)

@@ -41,6 +41,7 @@ class SourceStats:
     last_error: str = ""
     last_frame_monotonic: float = 0.0
     fps: float = 0.0
+    frame_size: tuple[int, int] | None = None  # width, height of the frames delivered
     _window: list[float] = field(default_factory=list)
 
     def frame_age(self, now: float) -> float | None:
@@ -139,6 +140,7 @@ class Source:
                 self.stats.last_error = ""
             self._seq += 1
             self._record(now)
+            self.stats.frame_size = (image.shape[1], image.shape[0])
             self.on_frame(Frame(source=self.name, seq=self._seq, captured_at=now,
                                 wall_time=time.time(), image=image))
             if not self.paced:

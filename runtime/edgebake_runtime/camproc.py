@@ -1,0 +1,356 @@
+"""A camera in its own process: capture, preprocessing, inference and decoding of one source.
+
+Why: N cameras on N cores should approach N times one camera. With the camera in the service
+and only the interpreter in a worker process, every frame still cost the service's one GIL
+(capture, preprocessing, the hand-over, the reply), and two cameras on two cores reached 1.3
+times one. Here a frame's whole path stays in its camera's process; the service only
+appends the finished journal lines, many per message (`wire.LINES`).
+
+Threads, each with one job:
+- the source thread (the same `Source` classes the service uses, reconnecting with backoff)
+  scales and normalises each frame into the model's input layout and puts it into a
+  latest-frame-wins queue, counting drops;
+- the main thread copies the newest frame into the input tensor and invokes the model;
+- the decoder thread decodes the outputs beside the next invoke (`invoke()` releases the
+  GIL), builds the journal lines and sends them at most every FLUSH_SEC;
+- the control thread takes orders (stop, switch model) and sends a status every STATUS_SEC,
+  which is how the service sees the source's state and a model stuck in invoke.
+A thread that dies ends the process, and the service starts a new one.
+
+Usage (started by `CameraProcess`): python3 -m edgebake_runtime.camproc SOCK_FD SPEC_JSON
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import wire
+from .card import Card, load_card
+from .config import SourceConfig
+from .frames import Frame, LatestFrameQueue
+from .interp import load_interpreter
+from .postprocess import decoder_for
+from .preprocess import Preprocessor
+from .sources import make_source
+from .worker import journal_line
+
+# While frames keep coming, inferred frames are decoded this many at a time: handing over
+# to the decoder thread wakes it (on an idle core the costliest step of a hand-over), and
+# right after an invoke decoding code is out of the CPU's caches; a batch pays both once. A
+# frame that finds no other waiting is decoded at once, so a camera's pace sees no delay.
+DECODE_BATCH = 4
+# a recording waits instead of dropping: it is read this many frames ahead
+READ_AHEAD = 8
+STATUS_SEC = 0.25
+FLUSH_SEC = 0.01  # lines wait at most this long; at a low frame rate each goes at once
+FLUSH_BYTES = 48 * 1024  # a message stays well inside wire.MAX_MESSAGE
+WAIT_SEC = 0.5
+EXIT_THREAD_DIED = 70
+
+
+@dataclass
+class LoadedModel:
+    """One model ready to run: its interpreter, the card's pre- and postprocessing."""
+
+    card: Card
+    interpreter: Any
+    input_index: int
+    outputs: list[int]
+    preprocessor: Preprocessor
+    decode: Callable[..., dict[str, Any]]
+    generation: int
+
+    @classmethod
+    def load(cls, model: Path, card_path: Path, version: str, threads: int, generation: int
+             ) -> LoadedModel:
+        card = load_card(card_path)
+        card.data["version"] = version  # a bundle's version names its model
+        interpreter = load_interpreter(model, num_threads=threads)
+        details = interpreter.get_input_details()[0]
+        expected = [int(x) for x in details["shape"]]
+        if expected != list(card.inputs[0].shape):
+            raise ValueError(f"model input shape {expected} does not match the card's "
+                             f"{list(card.inputs[0].shape)}")
+        return cls(card, interpreter, int(details["index"]),
+                   [int(d["index"]) for d in interpreter.get_output_details()],
+                   Preprocessor(card), decoder_for(card), generation)
+
+
+class LineBatch:
+    """Journal lines waiting to be sent; the decoder thread and the main thread both add."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._meta: list[tuple[float, float, float]] = []
+        self._text: list[bytes] = []
+        self._size = 0
+        self.errors = 0
+        self._sent_errors = 0
+        self._last_send = 0.0
+
+    def add(self, meta: tuple[float, float, float], line: bytes) -> str:
+        """Queue one line; returns why not ("" when queued)."""
+        if len(line) + wire.LINE_META.size > FLUSH_BYTES:
+            return f"decoded result is {len(line)} bytes, more than {FLUSH_BYTES}"
+        with self._lock:
+            self._meta.append(meta)
+            self._text.append(line)
+            self._size += len(line) + wire.LINE_META.size
+        return ""
+
+    def count_error(self) -> None:
+        with self._lock:
+            self.errors += 1
+
+    def wait_sec(self) -> float | None:
+        """How long the decoder may wait for work before what waits is due."""
+        if not self._text:
+            return None if self.errors == self._sent_errors else 0.0
+        return max(0.0, self._last_send + FLUSH_SEC - time.monotonic())
+
+    def send_if_due(self, send: Callable[[bytes], None], now: bool = False) -> None:
+        """Send what waits when FLUSH_SEC has passed since the last send (at a low frame
+        rate: at once), when it is large, or when `now`."""
+        with self._lock:
+            if not self._text and self.errors == self._sent_errors:
+                return
+            clock = time.monotonic()
+            if not (now or clock - self._last_send >= FLUSH_SEC or self._size >= FLUSH_BYTES):
+                return
+            send(wire.lines(self._meta, self._text, self.errors))  # in order, under the lock
+            self._meta, self._text, self._size = [], [], 0
+            self._sent_errors, self._last_send = self.errors, clock
+
+
+# (frame, model, outputs, invoke seconds, error) for the decoder; None ends it
+Done = tuple[Frame, LoadedModel, list[np.ndarray[Any, Any]], float, str]
+
+
+class Camera:
+    def __init__(self, sock: socket.socket, spec: dict[str, Any]) -> None:
+        self.sock = sock
+        self.index = int(spec["index"])
+        self.threads = int(spec["threads"])
+        self.threshold: float | None = spec["threshold"]
+        self.top_k = int(spec["top_k"])
+        self.model = LoadedModel.load(Path(spec["model"]), Path(spec["card"]), spec["version"],
+                                      self.threads, 1)
+        self.source = make_source(SourceConfig(**spec["source"]))
+        self.source.size_for = self.model.preprocessor.native_size
+        depth = int(spec["depth"])
+        self.queue = LatestFrameQueue(max(depth, READ_AHEAD), READ_AHEAD // 2) \
+            if self.source.can_wait else LatestFrameQueue(depth)
+        # bounded in fact: the main thread hands over a batch at most per DECODE_BATCH frames
+        self.pending: queue.SimpleQueue[list[Done] | None] = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.busy_since = 0.0
+        self.last_done = 0.0
+        self.processed = 0
+        self.last_error = ""
+        self.switch_drops = 0
+        self._send_lock = threading.Lock()
+        self._encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+        self.batch = LineBatch()
+        # Decode beside the next invoke only when a core is free for it: with every core
+        # inferring, a decoder thread gains nothing and its wake-ups cost CPU.
+        self.decode_beside = bool(spec["decode_beside"])
+
+    def send(self, message: bytes) -> None:
+        with self._send_lock:  # a status and a batch of lines never interleave mid-call
+            try:
+                self.sock.send(message)
+            except OSError:
+                os._exit(0)  # the service is gone: nobody to report to
+
+    # --- the source thread ------------------------------------------------------------
+    def on_frame(self, frame: Frame) -> None:
+        if self.source.can_wait:
+            self.queue.wait_for_room(timeout=1.0)
+        model = self.model
+        frame.image, frame.placement = model.preprocessor(frame.image)
+        frame.generation = model.generation
+        self.queue.put(frame)
+
+    # --- the main thread --------------------------------------------------------------
+    def infer_loop(self) -> None:
+        """Invoke the model on the newest frames; hand what is inferred to decoding."""
+        inferred: list[Done] = []  # not yet decoded nor handed over
+        while not self.stop.is_set():
+            if inferred and not len(self.queue):
+                self._hand_over(inferred, idle=True)  # nothing waits: decode now
+                inferred = []
+            frame = self.queue.wait_take(WAIT_SEC)
+            if frame is None:
+                continue
+            model = self.model
+            if frame.generation != model.generation:
+                self.switch_drops += 1  # prepared for the model switched away
+                continue
+            outputs: list[np.ndarray[Any, Any]] = []
+            error = ""
+            began = time.monotonic()
+            self.busy_since = began
+            try:
+                model.interpreter.set_tensor(model.input_index, frame.image)
+                if len(inferred) >= DECODE_BATCH:
+                    # handed over once this frame is in place, decoded while it is inferred
+                    self._hand_over(inferred, idle=False)
+                    inferred = []
+                began = time.monotonic()
+                model.interpreter.invoke()
+                seconds = time.monotonic() - began
+                outputs = [model.interpreter.get_tensor(i) for i in model.outputs]
+            except Exception as exc:  # one bad frame is an error, not the end of the camera
+                seconds = time.monotonic() - began
+                error = f"{type(exc).__name__}: {exc}"[:300]
+            self.busy_since = 0.0
+            self.last_done = time.monotonic()
+            self.processed += 1
+            inferred.append((frame, model, outputs, seconds, error))
+        if inferred:
+            self.pending.put(inferred)  # the decoder writes them before it ends
+
+    def _hand_over(self, inferred: list[Done], idle: bool) -> None:
+        """To the decoder thread when a core is free for it, else decoded here and now."""
+        if self.decode_beside:
+            self.pending.put(inferred)
+            return
+        for item in inferred:
+            self.decode(item)
+        self.batch.send_if_due(self.send, now=idle)
+
+    # --- decoding: in the decoder thread, or inline when no core is free for it ------
+    def decode(self, item: Done) -> None:
+        """Decode one inferred frame into a journal line, or count why it could not be."""
+        frame, model, outputs, seconds, error = item
+        if not error:
+            try:
+                result = self._encode(model.decode(model.card, outputs, frame.placement,
+                                                   self.threshold, self.top_k))
+                line = journal_line(model.card.version, frame, result, seconds,
+                                    time.monotonic() - frame.captured_at, self.index)
+                error = self.batch.add((frame.captured_at, frame.wall_time, seconds), line)
+            except Exception as exc:  # a decoding bug costs this frame only
+                error = f"decoding: {type(exc).__name__}: {exc}"[:300]
+        if error:
+            self.batch.count_error()
+            self.last_error = f"{frame.source}#{frame.seq}: {error}"
+
+    def decode_loop(self) -> None:
+        """Decode what the main thread hands over; lines go out at most every FLUSH_SEC."""
+        while True:
+            try:
+                # inline, the main thread sends what it adds: waking for it would cost
+                items = self.pending.get(timeout=self.batch.wait_sec() if self.decode_beside
+                                         else None)
+            except queue.Empty:
+                items = []  # only time to send what waits
+            if items is None:
+                break
+            for item in items:
+                self.decode(item)
+            self.batch.send_if_due(self.send)
+        self.batch.send_if_due(self.send, now=True)
+
+    # --- the control thread -----------------------------------------------------------
+    def control_loop(self) -> None:
+        last_status = 0.0
+        while not self.stop.is_set():
+            readable = select.select([self.sock], [], [], STATUS_SEC)[0]
+            if readable:
+                message = self.sock.recv(wire.MAX_MESSAGE)
+                if not message:
+                    os._exit(0)  # the service is gone: nobody to report to
+                if message == wire.STOP:
+                    self.stop.set()
+                    return
+                if message.startswith(wire.MODEL):
+                    self.switch_model(json.loads(message[len(wire.MODEL):]))
+                elif message.startswith(wire.DECODE_BESIDE):
+                    self.decode_beside = message[len(wire.DECODE_BESIDE):] == b"1"
+            now = time.monotonic()
+            if now - last_status >= STATUS_SEC:
+                last_status = now
+                self.send(wire.STATUS + json.dumps(self.status()).encode())
+
+    def switch_model(self, order: dict[str, Any]) -> None:
+        """Load the new model beside the running one, then switch frames over to it."""
+        try:
+            new = LoadedModel.load(Path(order["model"]), Path(order["card"]), order["version"],
+                                   self.threads, self.model.generation + 1)
+        except Exception as exc:  # the old model keeps running; the service decides
+            self.send(wire.MODEL_DONE + json.dumps(
+                {"error": f"{type(exc).__name__}: {exc}"[:2000]}).encode())
+            return
+        self.source.size_for = new.preprocessor.native_size
+        self.model = new  # frames prepared from now on are for the new model
+        self.send(wire.MODEL_DONE + json.dumps({"error": ""}).encode())
+
+    def status(self) -> dict[str, Any]:
+        st = self.source.stats
+        return {"state": st.state, "frames": st.frames, "fps": st.fps,
+                "last_frame": st.last_frame_monotonic, "corrupt": st.corrupt_frames,
+                "reconnects": st.reconnects, "source_error": st.last_error,
+                "size": st.frame_size,
+                "depth": len(self.queue), "drops": self.queue.dropped,
+                "busy_since": self.busy_since, "last_done": self.last_done,
+                "processed": self.processed, "errors": self.batch.errors,
+                "last_error": self.last_error, "switch_drops": self.switch_drops,
+                "version": self.model.card.version}
+
+
+def _guarded(body: Callable[[], None]) -> Callable[[], None]:
+    """A thread whose end (other than a stop) ends the process, so the service replaces it."""
+    def run() -> None:
+        try:
+            body()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            os._exit(EXIT_THREAD_DIED)
+    return run
+
+
+def main(argv: list[str]) -> int:
+    sock_fd, spec_text = argv
+    sock = socket.socket(fileno=int(sock_fd))
+    try:
+        camera = Camera(sock, json.loads(spec_text))
+    except Exception as exc:  # reported to the service, which refuses to start this camera
+        sock.send(wire.FAILED + f"{type(exc).__name__}: {exc}".encode()[:4000])
+        return 1
+    decoder = threading.Thread(target=_guarded(camera.decode_loop), name="decode", daemon=True)
+    control = threading.Thread(target=_guarded(camera.control_loop), name="control",
+                               daemon=True)
+    decoder.start()
+    camera.source.start(camera.on_frame)
+    sock.send(wire.READY + str(os.getpid()).encode())
+    control.start()
+    try:
+        camera.infer_loop()
+    finally:
+        camera.source.stop()
+        camera.pending.put(None)
+        decoder.join(5.0)
+        with contextlib.suppress(OSError):
+            sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,289 @@
+"""The service's side of a camera process (`camproc`): one source and its own interpreter.
+
+To the service it is both a source and a worker: `stats` mirrors the source's state as the
+process reports it, `queue` its latest-frame queue, and `alive()`/`busy_since` say what a
+worker's say. Lines the process sends go straight into the journal, one write per message.
+
+Failures: a process that exits or is killed is replaced (with backoff) and counted; until its
+replacement is ready it is not alive, so the unit is not healthy, and its source shows as
+down with the reason. A process that hangs in invoke reports `busy_since`; a process that
+stops reporting at all (SIGSTOP, a hang that holds the GIL) counts as busy from its last
+status on. Either way the watchdog check turns it into "stuck" and the pings stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from . import wire
+from .card import Card
+from .child import ChildLink, WorkerStartError
+from .config import SourceConfig
+from .metrics import Metrics
+from .sources.base import SourceStats
+
+log = logging.getLogger("edgebake.camera")
+
+# The process reports every 0.25 s; silent for this long, it counts as busy since it last spoke.
+SILENT_SEC = 2.0
+# Loading a model takes seconds; a process that has not switched after this long is hung.
+MODEL_TIMEOUT_SEC = 30.0
+
+
+class QueueMirror:
+    """What /health shows of a camera process's queue: its depth and drops, as reported."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dropped = 0
+        self._dropped_before = 0  # drops of processes that are gone
+
+    def __len__(self) -> int:
+        return self.depth
+
+
+class CameraProcess(ChildLink):
+    what = "camera process"
+
+    def __init__(self, index: int, config: SourceConfig, model: Path, card: Card,
+                 num_threads: int, depth: int, threshold: float | None, top_k: int,
+                 write_lines: Callable[[bytes, int, float], None], metrics: Metrics) -> None:
+        super().__init__()
+        self.label = f"camera {config.name}"
+        self.index = index
+        self.config = config
+        self.name = config.name
+        self.model = model
+        self.card = card
+        self.num_threads = num_threads
+        self.depth = depth
+        self.threshold = threshold
+        self.top_k = top_k
+        self.write_lines = write_lines
+        self.metrics = metrics
+        self.decode_beside = False  # the service sets it: True while a core is free for it
+        self.stats = SourceStats()
+        self.queue = QueueMirror()
+        self.can_wait = False
+        self.size_for: Any = None  # the process scales frames itself
+        self.last_done = time.monotonic()
+        self.processed = 0
+        self.lost_frames = 0
+        self.serving = ""  # the model version the process reports it runs
+        self._busy_reported = 0.0
+        self._heard = 0.0
+        self._seen = {"errors": 0, "processed": 0, "switch_drops": 0, "frames": 0,
+                      "corrupt": 0, "reconnects": 0}
+        self._totals = {"processed": 0, "frames": 0, "corrupt": 0, "reconnects": 0}
+        self._answer: dict[str, Any] | None = None
+        self._answered = threading.Event()
+        self._order_lock = threading.Lock()
+
+    # --- the process ----------------------------------------------------------------
+    def spawn(self) -> None:
+        """Start the process and wait until it has loaded the model (or says why not)."""
+        self.launch()
+        self.await_ready()
+
+    def launch(self) -> None:
+        """Start the process; `await_ready` then waits for it (several load side by side)."""
+        spec = {"index": self.index, "source": dataclasses.asdict(self.config),
+                "model": str(self.model), "card": str(self.card.path),
+                "version": self.card.version, "threads": self.num_threads,
+                "threshold": self.threshold, "top_k": self.top_k, "depth": self.depth,
+                "decode_beside": self.decode_beside}
+        self._launch("edgebake_runtime.camproc", [json.dumps(spec)])
+
+    def await_ready(self) -> None:
+        self._await_ready()
+        self._seen = dict.fromkeys(self._seen, 0)
+        self._heard = time.monotonic()
+
+    @property
+    def busy_since(self) -> float:
+        """When the process began the invoke it is still in, or since when it is silent."""
+        if self._ready and time.monotonic() - self._heard > SILENT_SEC:
+            return self._heard
+        return self._busy_reported
+
+    # --- the reader thread -------------------------------------------------------------
+    def start(self, on_frame: Any = None) -> None:
+        if self._thread is not None:
+            return
+        if not self._ready:
+            self.spawn()
+        self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the process to stop (its last lines still arrive), then make sure it has."""
+        self._stop.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(wire.STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._kill()
+        self.stats.state = "stopped"
+
+    def _run(self) -> None:
+        self._keep_running(self._serve)
+
+    def _start_failed(self, error: str) -> None:
+        self.stats.last_error = f"camera process: {error}"[:300]
+
+    def _lost(self) -> None:
+        self.lost_frames += self.queue.depth + (1 if self._busy_reported else 0)
+        self.stats.state = "down"
+        self.stats.last_error = f"camera process: {self.last_error}; restarting"
+        self._busy_reported = 0.0
+        self.queue._dropped_before = self.queue.dropped
+        self.queue.depth = 0
+
+    def _serve(self) -> None:
+        """Take the process's messages until it ends; raises when it is gone unasked."""
+        sock = self._sock
+        assert sock is not None
+        while True:
+            if not select.select([sock], [], [], SILENT_SEC)[0]:
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise EOFError("camera process exited")
+                continue
+            message = sock.recv(wire.MAX_MESSAGE)
+            if not message:
+                if self._stop.is_set():
+                    return
+                raise EOFError("camera process closed its socket")
+            self._heard = time.monotonic()
+            kind = message[:1]
+            if kind == wire.LINES:
+                self._take_lines(message)
+            elif kind == wire.STATUS:
+                self._take_status(json.loads(message[1:]))
+            elif kind == wire.MODEL_DONE:
+                self._answer = json.loads(message[1:])
+                self._answered.set()
+            else:
+                raise ValueError(f"unknown message {message[:8]!r} from the camera process")
+
+    def _take_lines(self, message: bytes) -> None:
+        meta, block, errors = wire.parse_lines(message)
+        self._count("errors", errors, self._add_errors)
+        if not meta:
+            return
+        self.write_lines(block, len(meta), meta[-1][1])
+        now = time.monotonic()
+        for captured_at, _, seconds in meta:
+            self.metrics.inference.add(seconds)
+            self.metrics.end_to_end.add(now - captured_at)
+        self.metrics.count_results(len(meta))
+        self.last_done = now
+
+    def _add_errors(self, delta: int) -> None:
+        self.metrics.inference_errors += delta
+
+    def _count(self, key: str, value: int, apply: Callable[[int], None]) -> None:
+        """Apply how much a counter of the current process grew since it was last seen."""
+        delta = value - self._seen[key]
+        if delta > 0:
+            apply(delta)
+        self._seen[key] = value
+
+    def _take_status(self, status: dict[str, Any]) -> None:
+        st = self.stats
+        st.state = str(status["state"])
+        st.fps = float(status["fps"])
+        if status["last_frame"]:
+            st.last_frame_monotonic = float(status["last_frame"])
+        st.last_error = str(status["source_error"])
+        for key in ("frames", "corrupt", "reconnects", "processed"):
+            self._count(key, int(status[key]), partial(self._grow, key))
+        st.frames = self._totals["frames"]
+        st.corrupt_frames = self._totals["corrupt"]
+        st.reconnects = self._totals["reconnects"] + self.restarts
+        self.processed = self._totals["processed"]
+        self.queue.depth = int(status["depth"])
+        self.queue.dropped = self.queue._dropped_before + int(status["drops"])
+        self._busy_reported = float(status["busy_since"])
+        self.serving = str(status["version"])
+        size = status.get("size")
+        st.frame_size = (int(size[0]), int(size[1])) if size else None
+        self._count("switch_drops", int(status["switch_drops"]), self._add_switch_drops)
+        self._count("errors", int(status["errors"]), self._add_errors)
+        if status["last_error"]:
+            self.last_error = str(status["last_error"])
+
+    def _grow(self, key: str, delta: int) -> None:
+        self._totals[key] += delta
+
+    def _add_switch_drops(self, delta: int) -> None:
+        self.metrics.switch_drops += delta
+
+    # --- model switch ------------------------------------------------------------------
+    def switch(self, model: Path, card: Card, timeout: float = MODEL_TIMEOUT_SEC) -> None:
+        """Have the process load `model` beside the running one and switch to it; raises
+        WorkerStartError (the old model still running) when the model does not load.
+
+        A process that is hung (silent, or stuck in an invoke) cannot switch, and a model
+        rolled back is often the reason it hangs: it is replaced by a process that starts
+        with the new model."""
+        with self._order_lock:
+            sock = self._sock
+            if sock is None or not self._ready or not self._responsive():
+                self._replace(model, card, "hung or gone at a model switch")
+                return
+            self._answered.clear()
+            order = {"model": str(model), "card": str(card.path), "version": card.version}
+            try:
+                sock.send(wire.MODEL + json.dumps(order).encode())
+            except OSError:
+                self._replace(model, card, "gone at a model switch")
+                return
+            if not self._answered.wait(timeout):
+                self._replace(model, card, f"no answer to a model switch in {timeout:.0f}s")
+                return
+            answer = self._answer or {}
+            if answer.get("error"):
+                raise WorkerStartError(f"camera {self.name}: {answer['error']}")
+            self.model, self.card = model, card
+
+    def _responsive(self) -> bool:
+        now = time.monotonic()
+        busy = self._busy_reported
+        return now - self._heard < SILENT_SEC and not (busy and now - busy > SILENT_SEC)
+
+    def _replace(self, model: Path, card: Card, why: str) -> None:
+        """End the process; the reader thread starts the next one, with `model`."""
+        self.model, self.card = model, card
+        log.warning("camera %s: process %d %s; replacing it", self.name, self.pid, why)
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    def set_decode_beside(self, beside: bool) -> None:
+        """Decode in a thread of its own (a core is free for it) or inline; kept for the
+        process that replaces this one."""
+        if beside == self.decode_beside:
+            return
+        self.decode_beside = beside
+        sock = self._sock
+        if sock is not None and self._ready:
+            with contextlib.suppress(OSError):  # a broken pipe is the reader's to handle
+                sock.send(wire.DECODE_BESIDE + (b"1" if beside else b"0"))
+
+    def process_stats(self) -> dict[str, Any]:
+        return {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,
+                "processed": self.processed, "lost_frames": self.lost_frames,
+                "last_error": self.last_error, "source": self.name, "model": self.serving,
+                "decoding": "beside inference" if self.decode_beside else "inline"}
