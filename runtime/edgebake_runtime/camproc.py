@@ -54,7 +54,7 @@ from .worker import journal_line
 # frame that finds no other waiting is decoded at once, so a camera's pace sees no delay.
 DECODE_BATCH = 4
 # a recording waits instead of dropping: it is read this many frames ahead
-READ_AHEAD = 8
+READ_AHEAD = 4
 STATUS_SEC = 0.25
 FLUSH_SEC = 0.01  # lines wait at most this long; at a low frame rate each goes at once
 FLUSH_BYTES = 48 * 1024  # a message stays well inside wire.MAX_MESSAGE

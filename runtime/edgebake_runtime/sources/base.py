@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ class SourceStats:
     last_frame_monotonic: float = 0.0
     fps: float = 0.0
     frame_size: tuple[int, int] | None = None  # width, height of the frames delivered
-    _window: list[float] = field(default_factory=list)
+    _window: deque[float] = field(default_factory=deque)  # the last 5 s of frame times
 
     def frame_age(self, now: float) -> float | None:
         return now - self.last_frame_monotonic if self.last_frame_monotonic else None
@@ -157,6 +158,6 @@ class Source:
         stats._window.append(now)
         cutoff = now - 5.0
         while stats._window and stats._window[0] < cutoff:
-            stats._window.pop(0)
+            stats._window.popleft()
         span = now - stats._window[0] if len(stats._window) > 1 else 0.0
         stats.fps = (len(stats._window) - 1) / span if span > 0 else 0.0
