@@ -311,6 +311,10 @@ class App:
             self.models = new  # frames preprocessed from now on are for the new model
             if not self.per_camera:
                 self._switch_pool(old, new)
+            else:  # stalls are judged again from the switch on, not from before the load
+                self._last_result_at = max(self._last_result_at, began)
+                for worker in new.workers:
+                    worker.last_done = max(worker.last_done, began)
             self.model_path = model
             self.running_version = slot.version if slot else None
             self.swaps += 1
@@ -575,6 +579,11 @@ class App:
         stuck: list[str] = []
         degraded: list[str] = []
         stall = float(self.config.section("watchdog")["stall_sec"])
+        # Camera processes load a new model inside themselves, which can hold their GIL (and
+        # so their results and statuses) for the load; each switch is bounded (a process
+        # that does not answer in MODEL_TIMEOUT_SEC is replaced), so stalls are not judged
+        # meanwhile.
+        switching = self.per_camera and self._swap_lock.locked()
         fresh_sources = 0
         for name, source in list(self.sources.items()):
             age = source.stats.frame_age(now)
@@ -606,7 +615,7 @@ class App:
             if not worker.alive():
                 why = getattr(worker, "last_error", "")
                 stuck.append(f"worker {worker.index} has died" + (f" ({why})" if why else ""))
-            elif worker.busy_since and now - worker.busy_since > stall:
+            elif worker.busy_since and now - worker.busy_since > stall and not switching:
                 stuck.append(f"worker {worker.index} stuck in inference for "
                              f"{now - worker.busy_since:.0f}s")
         if self.decoder is not None and not self.decoder.alive():
@@ -616,9 +625,9 @@ class App:
             stuck.append(f"result decoding stuck for {now - self.decoder.busy_since:.0f}s")
         pending = any(len(q) for q in self.queues.values())
         newest_done = max((w.last_done for w in self.workers), default=now)
-        if pending and now - newest_done > stall:
+        if pending and now - newest_done > stall and not switching:
             stuck.append(f"no inference for {now - newest_done:.0f}s with frames waiting")
-        if fresh_sources and now - self._last_result_at > stall:
+        if fresh_sources and now - self._last_result_at > stall and not switching:
             stuck.append(f"frames arrive but no result for {now - self._last_result_at:.0f}s")
         if self.journal.failed:
             stuck.append(f"journal cannot write: {self.journal.failed}")

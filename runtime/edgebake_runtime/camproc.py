@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,10 @@ class LoadedModel:
         if expected != list(card.inputs[0].shape):
             raise ValueError(f"model input shape {expected} does not match the card's "
                              f"{list(card.inputs[0].shape)}")
+        # one invoke now, so that whatever the runtime does at the first one (XNNPACK packs
+        # the weights) happens here, beside the running model, not on the first frame
+        interpreter.set_tensor(details["index"], np.zeros(details["shape"], details["dtype"]))
+        interpreter.invoke()
         return cls(card, interpreter, int(details["index"]),
                    [int(d["index"]) for d in interpreter.get_output_details()],
                    Preprocessor(card), decoder_for(card), generation)
@@ -279,7 +284,11 @@ class Camera:
                     self.stop.set()
                     return
                 if message.startswith(wire.MODEL):
-                    self.switch_model(json.loads(message[len(wire.MODEL):]))
+                    # loaded in a thread of its own: the statuses keep coming meanwhile, so
+                    # a slow load is not taken for a hung process
+                    order = json.loads(message[len(wire.MODEL):])
+                    threading.Thread(target=_guarded(partial(self.switch_model, order)),
+                                     name="model-load", daemon=True).start()
                 elif message.startswith(wire.DECODE_BESIDE):
                     self.decode_beside = message[len(wire.DECODE_BESIDE):] == b"1"
             now = time.monotonic()
