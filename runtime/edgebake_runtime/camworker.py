@@ -51,6 +51,16 @@ class QueueMirror:
     def __len__(self) -> int:
         return self.depth
 
+    def report(self, depth: int, drops: int) -> None:
+        """What the running process says of its queue (its drops count from its start)."""
+        self.depth = depth
+        self.dropped = self._dropped_before + drops
+
+    def process_gone(self) -> None:
+        """Its frames went with it; the drops it had counted stay counted."""
+        self._dropped_before = self.dropped
+        self.depth = 0
+
 
 class CameraProcess(ChildLink):
     what = "camera process"
@@ -148,8 +158,7 @@ class CameraProcess(ChildLink):
         self.stats.state = "down"
         self.stats.last_error = f"camera process: {self.last_error}; restarting"
         self._busy_reported = 0.0
-        self.queue._dropped_before = self.queue.dropped
-        self.queue.depth = 0
+        self.queue.process_gone()
 
     def _serve(self) -> None:
         """Take the process's messages until it ends; raises when it is gone unasked."""
@@ -213,8 +222,7 @@ class CameraProcess(ChildLink):
         st.corrupt_frames = self._totals["corrupt"]
         st.reconnects = self._totals["reconnects"] + self.restarts
         self.processed = self._totals["processed"]
-        self.queue.depth = int(status["depth"])
-        self.queue.dropped = self.queue._dropped_before + int(status["drops"])
+        self.queue.report(int(status["depth"]), int(status["drops"]))
         self._busy_reported = float(status["busy_since"])
         self.serving = str(status["version"])
         size = status.get("size")
