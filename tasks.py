@@ -325,10 +325,11 @@ def test(c: Context, unit: bool = False, keep_going: bool = True, long: bool = F
         skip.append("long")
     # TensorFlow's own TFLite build clashes with tflite-runtime in one process: two runs.
     runs = [["tensorflow", *skip], ["not tensorflow", *skip]]
-    # The first run builds the trixie base; the second needs the bookworm one. On a cold
-    # cache both are minutes of mmdebstrap, mostly waiting on downloads and emulated
-    # maintainer scripts: the bookworm base is made beside the first run.
-    warming = None if unit else _warm_base_cache("pi4")
+    # The first run builds the bookworm base (its first image test) and then the trixie
+    # one. On a cold cache each is minutes of mmdebstrap, mostly one emulated dpkg at a
+    # time: the trixie base is made beside the first run's bookworm one, and the bookworm
+    # one is checked for the second run (a build of a base that is being made waits for it).
+    warming = None if unit else _warm_base_cache(["pi4-trixie", "pi4"])
     failed = 0
     for number, (wanted, *excluded) in enumerate(runs):
         expression = " and ".join([f"({wanted})", *(f"not {m}" for m in excluded)])
@@ -336,7 +337,7 @@ def test(c: Context, unit: bool = False, keep_going: bool = True, long: bool = F
         if not keep_going:
             args.append("-x")
         if number == 1 and warming is not None:
-            print(f"waiting for the pi4 base rootfs being built beside the tests "
+            print(f"waiting for the base rootfs being built beside the tests "
                   f"(log: {warming.args[-1]})", flush=True)
             warming.wait()  # a failed warm-up is retried, and reported, by the build itself
         result = c.run(shlex.join(args), warn=True, pty=False)
@@ -350,19 +351,21 @@ def test(c: Context, unit: bool = False, keep_going: bool = True, long: bool = F
         raise Exit(code=failed)
 
 
-def _warm_base_cache(target: str) -> subprocess.Popen[bytes] | None:
-    """Build a target's base rootfs into the cache in the background, if it is not there."""
+def _warm_base_cache(targets: list[str]) -> subprocess.Popen[bytes] | None:
+    """Build the targets' base rootfs into the cache in the background, in this order,
+    where they are not there yet."""
     from edgebake_builder.recipe import load_recipe
     from edgebake_builder.steps.bootstrap import base_tarball
 
-    if base_tarball(load_recipe(target)).is_file():
+    missing = [t for t in targets if not base_tarball(load_recipe(t)).is_file()]
+    if not missing:
         return None
-    log = ROOT / "out" / f"warm-base-{target}.log"
+    log = ROOT / "out" / "warm-base.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    code = ("import sys; from edgebake_builder.progress import Progress; "
+    code = ("from edgebake_builder.progress import Progress; "
             "from edgebake_builder.recipe import load_recipe; "
             "from edgebake_builder.steps.bootstrap import bootstrap_base; "
-            f"bootstrap_base(load_recipe({target!r}), Progress(1))")
+            f"[bootstrap_base(load_recipe(t), Progress(1)) for t in {missing!r}]")
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'image'}:{ROOT / 'runtime'}")
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-c", code, str(log)], stdout=out,

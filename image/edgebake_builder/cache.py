@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgebake_runtime.digest import sha256_file
 
-__all__ = ["atomic_path", "cache_root", "sha256_file"]
+__all__ = ["atomic_path", "cache_root", "entry_lock", "sha256_file"]
 
 
 def cache_root() -> Path:
@@ -38,3 +40,32 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def entry_lock(final: Path, on_wait: Callable[[float], None] | None = None,
+               every_sec: float = 30.0) -> Iterator[float]:
+    """Hold an exclusive lock for building the cache entry `final`; yields seconds waited.
+
+    Why: two builds of the same entry at once (a test and the background warm-up of
+    `invoke test`, or two users' builds) each take minutes of emulated work for one result.
+    The second waits, saying so every `every_sec`, then finds the entry made. The lock goes
+    with the process, so one that is killed never leaves it held."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a+b") as handle:
+        began = time.monotonic()
+        told = -every_sec
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - began
+                if on_wait is not None and waited - told >= every_sec:
+                    on_wait(waited)
+                    told = waited
+                time.sleep(0.5)
+        try:
+            yield 0.0 if told < 0 else time.monotonic() - began
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

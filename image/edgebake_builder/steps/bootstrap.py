@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cache import atomic_path, cache_root
+from ..cache import atomic_path, cache_root, entry_lock
 from ..hostcmd import run
 from ..progress import Progress
 from ..recipe import Recipe
@@ -82,16 +82,24 @@ def prune_bases(keep: Path, count: int = KEEP_BASES) -> list[Path]:
 def bootstrap_base(recipe: Recipe, progress: Progress, no_cache: bool = False) -> Path:
     """Return the cached base tarball for this recipe, building it if needed."""
     tarball = base_tarball(recipe)
-    if tarball.is_file() and not no_cache:
-        tarball.touch()  # most recently used: kept by prune_bases
-        progress.say(f"      cached base rootfs {tarball.name} "
-                     f"({tarball.stat().st_size / 2**20:.0f} MiB)")
-        return tarball
-    progress.say(f"      building base rootfs with mmdebstrap ({len(recipe['packages'])} packages,"
-                 " maintainer scripts under qemu-user; several minutes)")
-    with atomic_path(tarball) as tmp:
-        tmp.unlink()  # mmdebstrap writes the file itself
-        run(mmdebstrap_command(recipe, tmp), progress, what="mmdebstrap")
+    def waiting(seconds: float) -> None:
+        progress.say(f"      … {seconds:6.0f}s  another build is making this base rootfs; "
+                     "waiting for it")
+
+    with entry_lock(tarball, on_wait=waiting) as waited:
+        # after a wait the entry is fresh, made by the other build, even with no_cache
+        if tarball.is_file() and (not no_cache or waited > 0):
+            tarball.touch()  # most recently used: kept by prune_bases
+            made = f", made by the other build while this one waited {waited:.0f}s" \
+                if waited > 0 else ""
+            progress.say(f"      cached base rootfs {tarball.name} "
+                         f"({tarball.stat().st_size / 2**20:.0f} MiB){made}")
+            return tarball
+        progress.say(f"      building base rootfs with mmdebstrap ({len(recipe['packages'])} "
+                     "packages, maintainer scripts under qemu-user; several minutes)")
+        with atomic_path(tarball) as tmp:
+            tmp.unlink()  # mmdebstrap writes the file itself
+            run(mmdebstrap_command(recipe, tmp), progress, what="mmdebstrap")
     for old in prune_bases(tarball):
         progress.say(f"      removed an old cached base: {old.name}")
     return tarball

@@ -1,0 +1,69 @@
+"""The build cache's entry lock: a second build of an entry waits for the first instead of
+doing the same minutes of work beside it, and a killed builder never leaves the lock held."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edgebake_builder.cache import entry_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Holds the lock on argv[1], says so, then makes the entry once argv[2] appears.
+HOLDER = """
+import sys, time
+from pathlib import Path
+from edgebake_builder.cache import entry_lock
+entry, go = Path(sys.argv[1]), Path(sys.argv[2])
+with entry_lock(entry):
+    print("held", flush=True)
+    while not go.exists():
+        time.sleep(0.05)
+    entry.write_text("made by the holder")
+"""
+
+
+def hold(entry: Path, go: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'image'}:{ROOT / 'runtime'}")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(entry), str(go)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_build_waits_for_the_first_and_finds_its_entry(tmp_path: Path) -> None:
+    entry, go = tmp_path / "base.tar", tmp_path / "go"
+    holder = hold(entry, go)
+    told: list[float] = []
+
+    def on_wait(seconds: float) -> None:
+        told.append(seconds)
+        if len(told) == 2:
+            go.touch()  # the first build finishes while the second waits
+
+    with entry_lock(entry, on_wait=on_wait, every_sec=0.2) as waited:
+        assert entry.read_text() == "made by the holder"
+    assert holder.wait(10) == 0
+    assert len(told) >= 2 and told[0] < told[1] <= waited, (told, waited)
+    with entry_lock(entry, on_wait=on_wait) as again:  # nobody holds it now
+        assert again == 0.0
+
+
+def test_a_killed_builder_leaves_no_lock_behind(tmp_path: Path) -> None:
+    entry, go = tmp_path / "base.tar", tmp_path / "go"
+    holder = hold(entry, go)
+    began = time.monotonic()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    def stuck(seconds: float) -> None:
+        if seconds > 5:
+            raise AssertionError("the lock is still held after its builder was killed")
+
+    with entry_lock(entry, on_wait=stuck, every_sec=0.1) as waited:
+        assert not entry.exists()  # the killed build made nothing; this one builds it
+    assert waited < 5 and time.monotonic() - began < 5
