@@ -50,9 +50,11 @@ def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = 
             "image": "image to test (default: the one in out/<target>)",
             "fail_fast": "stop after the static checks if any of them fails",
             "update_trials": "also apply the bundles a unit must refuse or roll back "
-                             "(tampered, failing golden test, undecodable; ~3 min)"})
+                             "(tampered, failing golden test, undecodable; ~3 min)",
+            "supervision_trials": "also kill -9 and SIGSTOP the service and unplug the camera "
+                                  "(the same units and runtime on every base; ~3 min)"})
 def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool = False,
-               update_trials: bool = True) -> None:
+               update_trials: bool = True, supervision_trials: bool = True) -> None:
     """Validate the exact image: static testinfra checks, then QEMU boot + checks over SSH."""
     from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
@@ -63,7 +65,8 @@ def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool
         image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
                                                    Path(image) if image else None)
         progress = Progress(3, log_path=out_dir / "test-image.log")
-        result = run_tests(image_path, out_dir, manifest, progress, fail_fast, update_trials)
+        result = run_tests(image_path, out_dir, manifest, progress, fail_fast, update_trials,
+                           supervision_trials)
     except BuildError as exc:
         raise _fail_cleanly(exc) from None
     except KeyboardInterrupt:

@@ -166,18 +166,25 @@ def test_a_zero_area_detection_ends_the_grouping(default_model: Path, kept: int)
     assert all(v == v for box in boxes for v in box), "NaN in a box"
 
 
-def test_two_cameras_on_two_cores_decode_inline_one_decodes_beside(
+def test_decoding_and_interpreter_threads_follow_the_cores_per_camera(
         tmp_path: Path, default_model: Path) -> None:
-    """Decoding gets a thread of its own only while a core is free for it."""
+    """Decoding gets a thread of its own only while a core is free for it, and the cameras'
+    interpreter threads together never outnumber the cores."""
     cores = len(os.sched_getaffinity(0))
     for cameras in (1, cores):
         folder = tmp_path / f"c{cameras}"
         folder.mkdir()
         app = replay_app(folder, default_model, "per-camera", cameras=cameras)
+        configured = int(app.config.section("inference")["num_threads"])
         with RunningApp(app) as running:
             wait_for(lambda: running.app.metrics.results >= 10, 30, "results")
-            modes = {p["decoding"] for p in running.health()["inference"]["processes"]}
+            processes = running.health()["inference"]["processes"]
+        modes = {p["decoding"] for p in processes}
         assert modes == {"beside inference" if cameras < cores else "inline"}, (cameras, modes)
+        threads = [p["threads"] for p in processes]
+        assert sum(threads) <= max(cores, cameras) and min(threads) >= 1, (cameras, threads)
+        if cameras == 1:
+            assert threads == [min(configured, cores)], threads
 
 
 def test_lines_from_a_camera_process_parse_back_and_bad_ones_are_refused() -> None:

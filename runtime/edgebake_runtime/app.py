@@ -213,7 +213,8 @@ class App:
         """A camera process, started (and with `wait`, loaded); `cameras`: how many there
         will be with this one."""
         inference = self.config.section("inference")
-        camera = CameraProcess(index, config, model, card, int(inference["num_threads"]),
+        threads = self._threads_per_camera(int(inference["num_threads"]), cameras)
+        camera = CameraProcess(index, config, model, card, threads,
                                self._depth, inference["score_threshold"],
                                int(inference["top_k"]), self._write_lines, self.metrics)
         camera.decode_beside = self._core_free(cameras)
@@ -221,6 +222,14 @@ class App:
         if wait:
             camera.await_ready()
         return camera
+
+    @staticmethod
+    def _threads_per_camera(configured: int, cameras: int) -> int:
+        """Interpreter threads for one camera process: `inference.num_threads` at most, and
+        no more than its share of the cores. Why: XNNPACK's workers spin while they wait, so
+        more threads than cores in all (3 cameras x 2 threads on 4 cores) make every camera
+        wait on threads that are not running."""
+        return max(1, min(configured, len(os.sched_getaffinity(0)) // max(1, cameras)))
 
     @staticmethod
     def _core_free(cameras: int) -> bool:

@@ -294,4 +294,5 @@ class CameraProcess(ChildLink):
         return {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,
                 "processed": self.processed, "lost_frames": self.lost_frames,
                 "last_error": self.last_error, "source": self.name, "model": self.serving,
-                "decoding": "beside inference" if self.decode_beside else "inline"}
+                "decoding": "beside inference" if self.decode_beside else "inline",
+                "threads": self.num_threads}

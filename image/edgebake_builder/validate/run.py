@@ -124,8 +124,8 @@ def find_image(default_out: Path, target: str, image: Path | None
 
 
 def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
-               progress: Progress, fail_fast: bool = False, update_trials: bool = True
-               ) -> ImageTestResult:
+               progress: Progress, fail_fast: bool = False, update_trials: bool = True,
+               supervision_trials: bool = True) -> ImageTestResult:
     started = time.monotonic()
     test_dir = out_dir / "test"
     shutil.rmtree(test_dir, ignore_errors=True)
@@ -157,6 +157,8 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         if update_trials:  # the bundles a unit must refuse or take back by itself
             env["EDGEBAKE_TRIAL_BUNDLES"] = json.dumps({name: str(path) for name, path in
                                                         trials.paths.items()})
+        if supervision_trials:  # kill -9, SIGSTOP and a camera unplug on the running unit
+            env["EDGEBAKE_SUPERVISION_TRIALS"] = "1"
         broker = LocalBroker.start_if_available(tmp)
         # an RTSP camera on the host, seen by the guest through QEMU's user network
         # (small and slow: QEMU emulates the unit's CPU, and H.264 is decoded in full)

@@ -167,6 +167,9 @@ def copy_to_unit(local: str, remote: str) -> None:
 
 update_trials = pytest.mark.skipif(not os.environ.get("EDGEBAKE_TRIAL_BUNDLES"),
                                    reason="update trials not asked for (--no-update-trials)")
+supervision_trials = pytest.mark.skipif(
+    not os.environ.get("EDGEBAKE_SUPERVISION_TRIALS"),
+    reason="supervision trials not asked for (--no-supervision-trials)")
 
 
 @update_trials
@@ -321,6 +324,7 @@ def test_data_partition_fills_the_card(host: Any) -> None:
     assert "data partition grown" in log or "already fills" in log, log[-800:]
 
 
+@supervision_trials
 def test_camera_unplugged_and_replugged_without_a_restart(host: Any) -> None:
     """vivid's device is unbound (as if the USB camera were pulled), then bound again: the
     source goes down and comes back; the service is never restarted."""
@@ -341,6 +345,7 @@ def test_camera_unplugged_and_replugged_without_a_restart(host: Any) -> None:
     assert main_pid(host) == pid
 
 
+@supervision_trials
 def test_kill_9_is_restarted_and_results_resume(host: Any) -> None:
     before_pid = main_pid(host)
     assert before_pid > 0
@@ -351,6 +356,7 @@ def test_kill_9_is_restarted_and_results_resume(host: Any) -> None:
     wait(lambda: result_count(host) > count + 3, 120, "results after the restart")
 
 
+@supervision_trials
 def test_sigstop_trips_the_watchdog(host: Any) -> None:
     wait(lambda: host.run("systemctl show -p ActiveState --value edgebake").stdout.strip()
          == "active" and health().get("healthy"), 120, "a healthy service before SIGSTOP")
