@@ -55,17 +55,18 @@ def entry_lock(final: Path, on_wait: Callable[[float], None] | None = None,
     with open(final.parent / f".{final.name}.lock", "a+b") as handle:
         began = time.monotonic()
         told = -every_sec
+        waited = 0.0
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                waited = time.monotonic() - began
+                waited = time.monotonic() - began or 1e-9  # a wait, however short
                 if on_wait is not None and waited - told >= every_sec:
                     on_wait(waited)
                     told = waited
                 time.sleep(0.5)
         try:
-            yield 0.0 if told < 0 else time.monotonic() - began
+            yield waited and time.monotonic() - began
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

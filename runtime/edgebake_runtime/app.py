@@ -81,6 +81,11 @@ def load_checked_card(model: Path, card_path: Path | None) -> Card:
     return card
 
 
+
+def _cores() -> int:
+    """The cores this service may run on (its CPU affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
 class App:
     def __init__(self, config: AppConfig, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -229,13 +234,13 @@ class App:
         no more than its share of the cores. Why: XNNPACK's workers spin while they wait, so
         more threads than cores in all (3 cameras x 2 threads on 4 cores) make every camera
         wait on threads that are not running."""
-        return max(1, min(configured, len(os.sched_getaffinity(0)) // max(1, cameras)))
+        return max(1, min(configured, _cores() // max(1, cameras)))
 
     @staticmethod
     def _core_free(cameras: int) -> bool:
         """Whether with this many camera processes a core is left for decoding beside the
         invoke (the two cores of a 2-camera unit are both inferring)."""
-        return cameras < len(os.sched_getaffinity(0))
+        return cameras < _cores()
 
     def _load_cameras(self, model: Path, card: Card, generation: int) -> ModelSet:
         """At start: a process per camera, each loaded with the model. At a switch: the

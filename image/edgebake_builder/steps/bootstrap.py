@@ -6,6 +6,7 @@ import hashlib
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from ..cache import atomic_path, cache_root, entry_lock
@@ -83,8 +84,8 @@ def bootstrap_base(recipe: Recipe, progress: Progress, no_cache: bool = False) -
     """Return the cached base tarball for this recipe, building it if needed."""
     tarball = base_tarball(recipe)
     def waiting(seconds: float) -> None:
-        progress.say(f"      … {seconds:6.0f}s  another build is making this base rootfs; "
-                     "waiting for it")
+        progress.heartbeat("another build is making this base rootfs; waiting for it",
+                           time.monotonic() - seconds)
 
     with entry_lock(tarball, on_wait=waiting) as waited:
         # after a wait the entry is fresh, made by the other build, even with no_cache
