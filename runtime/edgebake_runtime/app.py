@@ -81,10 +81,10 @@ def load_checked_card(model: Path, card_path: Path | None) -> Card:
     return card
 
 
-
 def _cores() -> int:
     """The cores this service may run on (its CPU affinity, not the machine's count)."""
     return len(os.sched_getaffinity(0))
+
 
 class App:
     def __init__(self, config: AppConfig, notifier: Notifier | None = None) -> None:
