@@ -90,6 +90,23 @@ def test_journal_is_unhealthy_while_full_and_recovers_when_space_returns(tmp_pat
         assert ids[-1] == "t-999" and len(ids) + journal.dropped_unwritten == 51
 
 
+def test_journal_reports_what_is_synced_and_its_slowest_fsync(tmp_path: Path) -> None:
+    """The power-cut bench bounds lost results by the interval plus the slowest fsync seen."""
+    journal = Journal(tmp_path / "results", fsync_interval_sec=3600.0)
+    journal.open()
+    for n in range(20):
+        assert journal.append_lines(json.dumps(record(n)).encode() + b"\n", 1, 1000.0 + n)
+    stats = journal.stats()
+    assert stats["last_written_ts"] == 1019.0 and stats["last_synced_ts"] is None
+    assert stats["slowest_fsync_sec"] == 0.0  # nothing synced yet: an hour's interval
+    journal.fsync_interval = 0.0
+    journal.sync_if_due()
+    stats = journal.stats()
+    assert stats["last_synced_ts"] == 1019.0 and journal.slowest_fsync_sec > 0.0
+    assert stats["slowest_fsync_sec"] == round(journal.slowest_fsync_sec, 3)
+    journal.close()
+
+
 def test_supervised_thread_comes_back_after_errors() -> None:
     from edgebake_runtime.supervise import Supervised
 

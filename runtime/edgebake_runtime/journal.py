@@ -130,6 +130,8 @@ class Journal:
         # power cut may lose lies between them
         self.last_written_ts: float | None = None
         self.last_synced_ts: float | None = None
+        # the slowest fsync so far: a record waits up to the interval plus this to be safe
+        self.slowest_fsync_sec = 0.0
 
     @property
     def current(self) -> Path | None:
@@ -230,7 +232,9 @@ class Journal:
 
     def _sync(self) -> None:
         if self._dirty:
+            began = time.monotonic()
             os.fsync(self._fd)
+            self.slowest_fsync_sec = max(self.slowest_fsync_sec, time.monotonic() - began)
             self._dirty = False
         self.last_synced_ts = self.last_written_ts
         self._last_sync = time.monotonic()
@@ -303,6 +307,7 @@ class Journal:
                 "dropped_unwritten": self.dropped_unwritten,
                 "repaired_bytes": self.repaired_bytes,
                 "fsync_interval_sec": self.fsync_interval,
+                "slowest_fsync_sec": round(self.slowest_fsync_sec, 3),
                 "last_written_ts": self.last_written_ts, "last_synced_ts": self.last_synced_ts}
 
     def close(self) -> None:
