@@ -150,6 +150,10 @@ def test_soak_loses_nothing_while_the_broker_comes_and_goes() -> None:
     ({"mqtt": {"tls": {"ca_file": "ca.pem"}}}, "mqtt.tls.ca_file: expected an absolute path"),
     ({"http": {"allow": ["10.0.0.0/33"]}}, "http.allow[0]: expected a network"),
     ({"journal": {"keep_files": 3}}, "journal.keep_files: unknown setting"),
+    ({"sources": [{"name": "cam", "kind": "v4l2", "device": "/dev/video0", "fps": 5000}]},
+     "sources[0].fps: expected a number between 0.1 and 1000.0, found 5000"),
+    ({"sources": [{"name": "rec", "kind": "replay", "path": "/data/rec", "fps": 200000}]},
+     "sources[0].fps: expected a number between 0.1 and 100000.0, found 200000"),
 ])
 def test_values_that_reach_topics_files_and_sockets_are_checked(change: dict[str, object],
                                                                 message: str) -> None:

@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
                "mqtt_commands": False, "mqtt_group": ""},
 }
 
+MAX_CAMERA_FPS = 1000.0
+MAX_REPLAY_FPS = 100000.0
 SOURCE_DEFAULTS: dict[str, Any] = {"fps": 5.0, "max_age_sec": 10.0, "width": 640, "height": 480,
                                    "device": "", "url": "", "path": "", "loop": True,
                                    "enabled": True}
@@ -236,7 +238,10 @@ def _validate_sources(check: _Checker, raw: Any) -> tuple[SourceConfig, ...]:
         if entry.get("kind") not in SOURCE_KINDS:
             raise check.fail(f"{field}.kind", "one of " + ", ".join(SOURCE_KINDS),
                              entry.get("kind"))
-        check.number(entry, "fps", f"{field}.fps", 0.1, 1000.0)
+        # a recording may be read faster than any camera delivers: as fast as inference
+        # takes its frames (a replay waits for room instead of dropping)
+        check.number(entry, "fps", f"{field}.fps", 0.1,
+                     MAX_REPLAY_FPS if entry["kind"] == "replay" else MAX_CAMERA_FPS)
         check.number(entry, "max_age_sec", f"{field}.max_age_sec", 0.5, 3600.0)
         check.number(entry, "width", f"{field}.width", 16, 8192, integer=True)
         check.number(entry, "height", f"{field}.height", 16, 8192, integer=True)

@@ -125,8 +125,12 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 def pipeline(model: Path, seconds: float, threads: int, sources: int, workers: int,
              replay: Path, results: Path) -> dict[str, Any]:
+    from edgebake_runtime.config import MAX_REPLAY_FPS
+
+    # as fast as inference takes the frames: a pace of its own would cap the pipeline
     return run_app(model, seconds, threads, workers,
-                   [{"name": f"replay{i}", "kind": "replay", "path": str(replay), "fps": 1000}
+                   [{"name": f"replay{i}", "kind": "replay", "path": str(replay),
+                     "fps": MAX_REPLAY_FPS}
                     for i in range(sources)], results)
 
 
