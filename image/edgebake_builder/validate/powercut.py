@@ -94,7 +94,6 @@ class Unit:
         self.key = key
         self.boots = 0
         self.fsync_sec = 1.0  # the journal's, read from /health once the unit runs
-        self.slowest_fsync_sec = 0.0  # the journal's, from the last /health before a cut
         self.machine = QemuMachine(image=image, workdir=workdir / "vm",
                                    console=logs / "console-0.log")
 
@@ -164,19 +163,21 @@ def plan(cycles: int) -> list[str]:
     return phases
 
 
-def _watch_until(unit: Unit, seconds: float) -> tuple[float | None, float | None]:
-    """Poll /health until the moment comes; the journal's newest written and synced ts."""
+def _watch_until(unit: Unit, seconds: float) -> tuple[float | None, float | None, float]:
+    """Poll /health until the moment comes; the journal's newest written and synced ts, and
+    its slowest fsync so far."""
     written = synced = None
+    slowest = 0.0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         snap = unit.health()
         if snap is not None:
             journal = snap.get("journal", {})
             written = journal.get("last_written_ts") or written
-            unit.slowest_fsync_sec = float(journal.get("slowest_fsync_sec", 0.0))
+            slowest = float(journal.get("slowest_fsync_sec", slowest))
             synced = journal.get("last_synced_ts") or synced
         time.sleep(POLL_SEC)
-    return written, synced
+    return written, synced, slowest
 
 
 def _check_after(unit: Unit, cut: Cut, cut_wall: float, written: float | None,
@@ -206,12 +207,11 @@ def _check_after(unit: Unit, cut: Cut, cut_wall: float, written: float | None,
                                     f"kept {float(newest):.3f})")
         # a record is safe within the interval plus the slowest fsync the journal has seen;
         # the poll sees the journal a little late: allow two poll intervals beyond that
-        cut.slowest_fsync_sec = unit.slowest_fsync_sec
-        allowed = unit.fsync_sec + unit.slowest_fsync_sec + 2 * POLL_SEC
+        allowed = unit.fsync_sec + cut.slowest_fsync_sec + 2 * POLL_SEC
         if cut.lost_sec > allowed:
             cut.problems.append(f"lost {cut.lost_sec:.2f}s of results (fsync every "
                                 f"{unit.fsync_sec:.1f}s, slowest fsync "
-                                f"{unit.slowest_fsync_sec:.2f}s)")
+                                f"{cut.slowest_fsync_sec:.2f}s)")
     boot_log = unit.ssh("journalctl -b -k -o cat; journalctl -b -o cat -u 'systemd-fsck*'",
                         timeout=120).stdout
     damage = [line for line in boot_log.splitlines() if any(d in line for d in DAMAGE)]
@@ -285,6 +285,7 @@ def run_bench(image: Path, out_dir: Path, manifest: dict[str, Any], cycles: int,
 def _one_cycle(unit: Unit, index: int, phase: str, rng: random.Random, bundle: str,
                progress: Progress) -> Cut:
     written = synced = None
+    slowest = 0.0
     if phase == "first-boot" or not unit.machine.alive():
         if phase == "first-boot":
             unit.new_card()
@@ -300,12 +301,12 @@ def _one_cycle(unit: Unit, index: int, phase: str, rng: random.Random, bundle: s
         if phase == "update":  # `invoke push-model`'s own code, cut wherever it is
             threading.Thread(target=_push, args=(unit, Path(bundle)), daemon=True).start()
         started = time.monotonic()
-        written, synced = _watch_until(unit, rng.uniform(1.0, 25.0 if phase == "update"
-                                                         else 8.0))
+        watch_sec = rng.uniform(1.0, 25.0 if phase == "update" else 8.0)
+        written, synced, slowest = _watch_until(unit, watch_sec)
         at = time.monotonic() - started
     cut_wall = time.time()
     unit.pull_plug()
-    cut = Cut(index, phase, at)
+    cut = Cut(index, phase, at, slowest_fsync_sec=slowest)
     unit.power_on()
     try:
         _check_after(unit, cut, cut_wall, written, synced)
