@@ -13,6 +13,8 @@ Threads, each with one job:
 - the main thread copies the newest frame into the input tensor and invokes the model;
 - the decoder thread decodes the outputs beside the next invoke (`invoke()` releases the
   GIL), builds the journal lines and sends them at most every FLUSH_SEC;
+  while frames flow, the main thread wakes neither helper: they sleep on timers and work
+  inside its invokes (`invokeclock` says why);
 - the control thread takes orders (stop, switch model) and sends a status every STATUS_SEC,
   which is how the service sees the source's state and a model stuck in invoke.
 A thread that dies ends the process, and the service starts a new one.
@@ -22,17 +24,17 @@ Usage (started by `CameraProcess`): python3 -m edgebake_runtime.camproc SOCK_FD 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import json
 import os
-import queue
 import select
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from .card import Card, load_card
 from .config import SourceConfig
 from .frames import Frame, LatestFrameQueue
 from .interp import load_interpreter
+from .invokeclock import SMOOTHING, InvokeClock
 from .postprocess import decoder_for
 from .preprocess import Preprocessor
 from .sources import make_source
@@ -54,16 +57,21 @@ from .worker import journal_line
 # right after an invoke decoding code is out of the CPU's caches; a batch pays both once. A
 # frame that finds no other waiting is decoded at once, so a camera's pace sees no delay.
 DECODE_BATCH = 4
-# a recording waits instead of dropping: it is read this many frames ahead
-READ_AHEAD = 4
+# Inferred batches waiting for the decoder thread beyond this many (it fell behind) are
+# decoded by the main thread: what waits stays bounded, in memory and in latency.
+MAX_PENDING_BATCHES = 8
+# A recording waits instead of dropping: it is read this many frames ahead, and refilled
+# once half of them are taken (one wake-up of the source thread per READ_AHEAD // 2 frames).
+READ_AHEAD = 8
 STATUS_SEC = 0.25
 FLUSH_SEC = 0.01  # lines wait at most this long; at a low frame rate each goes at once
 FLUSH_BYTES = 48 * 1024  # a message stays well inside wire.MAX_MESSAGE
 WAIT_SEC = 0.5
 EXIT_THREAD_DIED = 70
+NO_PIXELS = np.zeros((0, 0, 3), np.uint8)
 
 
-@dataclass
+@dataclasses.dataclass
 class LoadedModel:
     """One model ready to run: its interpreter, the card's pre- and postprocessing."""
 
@@ -74,6 +82,22 @@ class LoadedModel:
     preprocessor: Preprocessor
     decode: Callable[..., dict[str, Any]]
     generation: int
+    # Input tensors to prepare frames into, given back once copied into the interpreter:
+    # a fresh 200 KB array per frame costs page faults and, freed, the other core's TLB.
+    spare_inputs: collections.deque[np.ndarray[Any, Any]] = dataclasses.field(
+        default_factory=collections.deque)
+
+    def prepare(self, frame: Frame) -> None:
+        """Turn the frame's image into this model's input tensor, in a spare one if any."""
+        spares = self.spare_inputs
+        frame.image, frame.placement = self.preprocessor(frame.image,
+                                                         spares.pop() if spares else None)
+        frame.generation = self.generation
+
+    def give_back(self, tensor: np.ndarray[Any, Any]) -> None:
+        """A prepared input is copied into the interpreter: it may hold the next frame."""
+        if len(self.spare_inputs) < READ_AHEAD + 2:
+            self.spare_inputs.append(tensor)
 
     @classmethod
     def load(cls, model: Path, card_path: Path, version: str, threads: int, generation: int
@@ -160,7 +184,13 @@ class Camera:
         self.queue = LatestFrameQueue(max(depth, READ_AHEAD), READ_AHEAD // 2) \
             if self.source.can_wait else LatestFrameQueue(depth)
         # bounded in fact: the main thread hands over a batch at most per DECODE_BATCH frames
-        self.pending: queue.SimpleQueue[list[Done] | None] = queue.SimpleQueue()
+        self.pending: collections.deque[list[Done]] = collections.deque()
+        self.decoder_wanted = threading.Event()  # set only when the main thread is idle
+        self.decoding_ends = threading.Event()
+        self.decoder_dozing = False  # asleep until woken: the next batch wakes it
+        self.clock = InvokeClock()
+        self.prepare_sec = 0.0  # how long a frame's preprocessing takes, smoothed
+        self.decode_sec = 0.0  # how long a frame's decoding takes, smoothed
         self.stop = threading.Event()
         self.busy_since = 0.0
         self.last_done = 0.0
@@ -184,11 +214,25 @@ class Camera:
     # --- the source thread ------------------------------------------------------------
     def on_frame(self, frame: Frame) -> None:
         if self.source.can_wait:
-            self.queue.wait_for_room(timeout=1.0)
-        model = self.model
-        frame.image, frame.placement = model.preprocessor(frame.image)
-        frame.generation = model.generation
+            self._await_room()
+        self.clock.await_window(self.prepare_sec)
+        began = time.monotonic()
+        self.model.prepare(frame)
         self.queue.put(frame)
+        self.prepare_sec += (time.monotonic() - began - self.prepare_sec) * SMOOTHING
+
+    def _await_room(self) -> None:
+        """A recording waits until a frame can be queued without a drop: asleep for about
+        as long as the main thread needs to take the frames ahead, not woken by it. After
+        WAIT_SEC * 2 (a model switch, an invoke that hangs) the frame goes in and one drops."""
+        waiting = self.queue
+        deadline = time.monotonic() + 2 * WAIT_SEC
+        while (ahead := len(waiting)) >= waiting.depth and not self.stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            period = self.clock.typical + self.clock.between
+            time.sleep(min(max(ahead - waiting.refill_at, 1) * period, deadline - now))
 
     # --- the main thread --------------------------------------------------------------
     def infer_loop(self) -> None:
@@ -211,28 +255,39 @@ class Camera:
             self.busy_since = began
             try:
                 model.interpreter.set_tensor(model.input_index, frame.image)
+                model.give_back(frame.image)
+                frame.image = NO_PIXELS  # its tensor may now hold another frame
                 if len(inferred) >= DECODE_BATCH:
                     # handed over once this frame is in place, decoded while it is inferred
                     self._hand_over(inferred, idle=False)
                     inferred = []
                 began = time.monotonic()
+                self.clock.enter(began)
                 model.interpreter.invoke()
-                seconds = time.monotonic() - began
+                ended = time.monotonic()
+                self.clock.leave(ended)
+                seconds = ended - began
                 outputs = [model.interpreter.get_tensor(i) for i in model.outputs]
             except Exception as exc:  # one bad frame is an error, not the end of the camera
-                seconds = time.monotonic() - began
+                ended = time.monotonic()
+                self.clock.leave(ended)
+                seconds = ended - began
                 error = f"{type(exc).__name__}: {exc}"[:300]
             self.busy_since = 0.0
-            self.last_done = time.monotonic()
+            self.last_done = ended
             self.processed += 1
             inferred.append((frame, model, outputs, seconds, error))
         if inferred:
-            self.pending.put(inferred)  # the decoder writes them before it ends
+            self.pending.append(inferred)  # the decoder writes them before it ends
 
     def _hand_over(self, inferred: list[Done], idle: bool) -> None:
-        """To the decoder thread when a core is free for it, else decoded here and now."""
-        if self.decode_beside:
-            self.pending.put(inferred)
+        """To the decoder thread when a core is free for it, else decoded here and now.
+        Only an idle main thread wakes the decoder; while frames flow it finds the batch
+        at its next look."""
+        if self.decode_beside and len(self.pending) < MAX_PENDING_BATCHES:
+            self.pending.append(inferred)
+            if idle or self.decoder_dozing:
+                self.decoder_wanted.set()
             return
         for item in inferred:
             self.decode(item)
@@ -258,18 +313,35 @@ class Camera:
     def decode_loop(self) -> None:
         """Decode what the main thread hands over; lines go out at most every FLUSH_SEC."""
         while True:
-            try:
-                # inline, the main thread sends what it adds: waking for it would cost
-                items = self.pending.get(timeout=self.batch.wait_sec() if self.decode_beside
-                                         else None)
-            except queue.Empty:
-                items = []  # only time to send what waits
-            if items is None:
+            ending = self.decoding_ends.is_set()
+            while self.pending:
+                for item in self.pending.popleft():
+                    if self.decode_beside:
+                        self.clock.await_window(self.decode_sec)
+                    began = time.monotonic()
+                    self.decode(item)
+                    self.decode_sec += (time.monotonic() - began - self.decode_sec) * SMOOTHING
+                self.batch.send_if_due(self.send)
+            if ending:
                 break
-            for item in items:
-                self.decode(item)
             self.batch.send_if_due(self.send)
+            look = self._next_look()
+            self.decoder_dozing = look >= WAIT_SEC
+            self.decoder_wanted.wait(look)
+            self.decoder_wanted.clear()
+            self.decoder_dozing = False
         self.batch.send_if_due(self.send, now=True)
+
+    def _next_look(self) -> float:
+        """How long the decoder sleeps: inline (the main thread decodes and sends) until
+        asked; beside a busy main thread, about one batch's time, so that it finds each
+        batch soon after it is handed over; at most until waiting lines are due."""
+        if not self.decode_beside:
+            return WAIT_SEC
+        clock = self.clock
+        look = DECODE_BATCH * (clock.typical + clock.between) if clock.busy() else WAIT_SEC
+        due = self.batch.wait_sec()
+        return look if due is None else min(look, due)
 
     # --- the control thread -----------------------------------------------------------
     def control_loop(self) -> None:
@@ -354,7 +426,8 @@ def main(argv: list[str]) -> int:
         camera.infer_loop()
     finally:
         camera.source.stop()
-        camera.pending.put(None)
+        camera.decoding_ends.set()
+        camera.decoder_wanted.set()
         decoder.join(5.0)
         with contextlib.suppress(OSError):
             sock.close()
