@@ -168,9 +168,12 @@ def test_a_zero_area_detection_ends_the_grouping(default_model: Path, kept: int)
 
 def test_decoding_and_interpreter_threads_follow_the_cores_per_camera(
         tmp_path: Path, default_model: Path) -> None:
-    """Decoding gets a thread of its own only while a core is free for it, and the cameras'
-    interpreter threads together never outnumber the cores."""
+    """Preparing and decoding get threads of their own only while a core is free for them,
+    and the cameras' interpreter threads together never outnumber the cores. Either way a
+    frame gives the same result (prepared by the source thread into a tensor of its own, or
+    by the main thread straight into the interpreter's input)."""
     cores = len(os.sched_getaffinity(0))
+    found: dict[int, set[str]] = {}
     for cameras in (1, cores):
         folder = tmp_path / f"c{cameras}"
         folder.mkdir()
@@ -185,6 +188,11 @@ def test_decoding_and_interpreter_threads_follow_the_cores_per_camera(
         assert sum(threads) <= max(cores, cameras) and min(threads) >= 1, (cameras, threads)
         if cameras == 1:
             assert threads == [min(configured, cores)], threads
+        records = [json.loads(line) for path in sorted((folder / "results").glob("*.jsonl"))
+                   for line in path.read_text().splitlines()]
+        found[cameras] = {json.dumps(r["detections"], sort_keys=True) for r in records}
+    assert len(found[1]) == 2, found[1]  # the astronaut's face, and no face in china.jpg
+    assert found[1] == found[cores], found
 
 
 def test_lines_from_a_camera_process_parse_back_and_bad_ones_are_refused() -> None:
@@ -263,3 +271,49 @@ def test_the_few_anchor_decoder_matches_the_array_decoder(default_model: Path,
             assert few == array, (threshold, few, array)
             compared += bool(few["detections"])
     assert compared >= 4, "too few pictures with faces to compare anything"
+
+
+def test_a_decoder_thread_that_falls_behind_leaves_the_decoding_to_the_main_thread(
+        tmp_path: Path, default_model: Path) -> None:
+    """Inferred frames waiting for the decoder thread are bounded: beyond the bound the main
+    thread decodes them itself, so a stalled decoder costs speed, not memory."""
+    import contextlib
+    import dataclasses
+    import socket
+
+    import numpy as np
+    from edgebake_runtime import camproc, wire
+    from edgebake_runtime.frames import Frame
+    from PIL import Image
+    from runtime_helpers import astronaut_path
+
+    config = replay_app(tmp_path, default_model, "per-camera").config
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    camera = camproc.Camera(theirs, {
+        "index": 0, "source": dataclasses.asdict(config.sources[0]),
+        "model": str(default_model),
+        "card": str(default_model.with_name("face_detection_short_range.card.json")),
+        "version": "v1", "threads": 1, "threshold": None, "top_k": 3, "depth": 2,
+        "decode_beside": True})
+    model = camera.model
+    for seq in range(camproc.MAX_PENDING_BATCHES + 3):  # the decoder thread never runs
+        frame = Frame("cam0", seq, time.monotonic(), time.time(),
+                      np.asarray(Image.open(astronaut_path()).convert("RGB")))
+        model.fill_input(frame)
+        model.interpreter.invoke()
+        outputs = [model.interpreter.get_tensor(i) for i in model.outputs]
+        camera._hand_over([(frame, model, outputs, 0.001, "")], idle=False)
+    assert len(camera.pending) == camproc.MAX_PENDING_BATCHES
+    camera.batch.send_if_due(camera.send, now=True)
+    ours.setblocking(False)
+    records, errors = [], 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            _, block, counted = wire.parse_lines(ours.recv(wire.MAX_MESSAGE))
+            records += [json.loads(line) for line in block.splitlines()]
+            errors += counted
+    bound = camproc.MAX_PENDING_BATCHES
+    assert errors == 0 and [r["seq"] for r in records] == [bound, bound + 1, bound + 2]
+    assert all(r["detections"] for r in records), "the astronaut's face"
+    ours.close()
+    theirs.close()

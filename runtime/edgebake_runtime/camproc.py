@@ -8,15 +8,22 @@ appends the finished journal lines, many per message (`wire.LINES`).
 
 Threads, each with one job:
 - the source thread (the same `Source` classes the service uses, reconnecting with backoff)
-  scales and normalises each frame into the model's input layout and puts it into a
-  latest-frame-wins queue, counting drops;
-- the main thread copies the newest frame into the input tensor and invokes the model;
-- the decoder thread decodes the outputs beside the next invoke (`invoke()` releases the
-  GIL), builds the journal lines and sends them at most every FLUSH_SEC;
-  while frames flow, the main thread wakes neither helper: they sleep on timers and work
-  inside its invokes (`invokeclock` says why);
+  puts each frame into a latest-frame-wins queue, counting drops;
+- the main thread puts the newest frame into the input tensor and invokes the model;
+- the decoder thread decodes the outputs, builds the journal lines and sends them at most
+  every FLUSH_SEC;
 - the control thread takes orders (stop, switch model) and sends a status every STATUS_SEC,
   which is how the service sees the source's state and a model stuck in invoke.
+
+Where a frame is prepared (scaled and normalised into the model's input layout) and decoded
+follows the cores. While a core is free for this camera's helpers ("beside", fewer cameras
+than cores), the source thread prepares and the decoder thread decodes beside the running
+invoke (`invoke()` releases the GIL); they sleep on timers rather than being woken by the
+main thread and start work only inside an invoke (`invokeclock` says why). With every core
+inferring, a helper running beside an invoke only preempts another camera's invoke (a
+context switch inside XNNPACK's kernels costs both) and its hand-overs cost wake-ups: the
+main thread then prepares each frame straight into the interpreter's input buffer and
+decodes between invokes, one thread doing one frame's work after the other.
 A thread that dies ends the process, and the service starts a new one.
 
 Usage (started by `CameraProcess`): python3 -m edgebake_runtime.camproc SOCK_FD SPEC_JSON
@@ -78,6 +85,7 @@ class LoadedModel:
     card: Card
     interpreter: Any
     input_index: int
+    input_buffer: Callable[[], np.ndarray[Any, Any]]  # a view of the interpreter's own input
     outputs: list[int]
     preprocessor: Preprocessor
     decode: Callable[..., dict[str, Any]]
@@ -94,10 +102,18 @@ class LoadedModel:
                                                          spares.pop() if spares else None)
         frame.generation = self.generation
 
-    def give_back(self, tensor: np.ndarray[Any, Any]) -> None:
-        """A prepared input is copied into the interpreter: it may hold the next frame."""
-        if len(self.spare_inputs) < READ_AHEAD + 2:
-            self.spare_inputs.append(tensor)
+    def fill_input(self, frame: Frame) -> None:
+        """Put the frame into the interpreter's input: copied in when the source thread has
+        prepared it (the tensor is then a spare again), else prepared straight into it."""
+        if frame.placement is not None:
+            self.interpreter.set_tensor(self.input_index, frame.image)
+            if len(self.spare_inputs) < READ_AHEAD + 2:
+                self.spare_inputs.append(frame.image)
+        else:
+            view = self.input_buffer()
+            filled, frame.placement = self.preprocessor(frame.image, view)
+            del filled, view  # invoke() refuses to run while a view of its buffers is alive
+        frame.image = NO_PIXELS  # its tensor may now hold another frame
 
     @classmethod
     def load(cls, model: Path, card_path: Path, version: str, threads: int, generation: int
@@ -115,6 +131,7 @@ class LoadedModel:
         interpreter.set_tensor(details["index"], np.zeros(details["shape"], details["dtype"]))
         interpreter.invoke()
         return cls(card, interpreter, int(details["index"]),
+                   interpreter.tensor(int(details["index"])),
                    [int(d["index"]) for d in interpreter.get_output_details()],
                    Preprocessor(card), decoder_for(card), generation)
 
@@ -165,7 +182,7 @@ class LineBatch:
             self._sent_errors, self._last_send = self.errors, clock
 
 
-# (frame, model, outputs, invoke seconds, error) for the decoder; None ends it
+# (frame, model, outputs, invoke seconds, error): an inferred frame for decoding
 Done = tuple[Frame, LoadedModel, list[np.ndarray[Any, Any]], float, str]
 
 
@@ -200,9 +217,8 @@ class Camera:
         self._send_lock = threading.Lock()
         self._encode = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
         self.batch = LineBatch()
-        # Decode beside the next invoke only when a core is free for it: with every core
-        # inferring, a decoder thread gains nothing and its wake-ups cost CPU.
-        self.decode_beside = bool(spec["decode_beside"])
+        # Prepare and decode beside the running invoke only while a core is free for it
+        self.beside = bool(spec["decode_beside"])
 
     def send(self, message: bytes) -> None:
         with self._send_lock:  # a status and a batch of lines never interleave mid-call
@@ -215,6 +231,9 @@ class Camera:
     def on_frame(self, frame: Frame) -> None:
         if self.source.can_wait:
             self._await_room()
+        if not self.beside:  # the main thread prepares it
+            self.queue.put(frame)
+            return
         self.clock.await_window(self.prepare_sec)
         began = time.monotonic()
         self.model.prepare(frame)
@@ -246,7 +265,7 @@ class Camera:
             if frame is None:
                 continue
             model = self.model
-            if frame.generation != model.generation:
+            if frame.placement is not None and frame.generation != model.generation:
                 self.switch_drops += 1  # prepared for the model switched away
                 continue
             outputs: list[np.ndarray[Any, Any]] = []
@@ -254,9 +273,7 @@ class Camera:
             began = time.monotonic()
             self.busy_since = began
             try:
-                model.interpreter.set_tensor(model.input_index, frame.image)
-                model.give_back(frame.image)
-                frame.image = NO_PIXELS  # its tensor may now hold another frame
+                model.fill_input(frame)
                 if len(inferred) >= DECODE_BATCH:
                     # handed over once this frame is in place, decoded while it is inferred
                     self._hand_over(inferred, idle=False)
@@ -284,7 +301,7 @@ class Camera:
         """To the decoder thread when a core is free for it, else decoded here and now.
         Only an idle main thread wakes the decoder; while frames flow it finds the batch
         at its next look."""
-        if self.decode_beside and len(self.pending) < MAX_PENDING_BATCHES:
+        if self.beside and len(self.pending) < MAX_PENDING_BATCHES:
             self.pending.append(inferred)
             if idle or self.decoder_dozing:
                 self.decoder_wanted.set()
@@ -316,7 +333,7 @@ class Camera:
             ending = self.decoding_ends.is_set()
             while self.pending:
                 for item in self.pending.popleft():
-                    if self.decode_beside:
+                    if self.beside:
                         self.clock.await_window(self.decode_sec)
                     began = time.monotonic()
                     self.decode(item)
@@ -336,7 +353,7 @@ class Camera:
         """How long the decoder sleeps: inline (the main thread decodes and sends) until
         asked; beside a busy main thread, about one batch's time, so that it finds each
         batch soon after it is handed over; at most until waiting lines are due."""
-        if not self.decode_beside:
+        if not self.beside:
             return WAIT_SEC
         clock = self.clock
         look = DECODE_BATCH * (clock.typical + clock.between) if clock.busy() else WAIT_SEC
@@ -362,7 +379,7 @@ class Camera:
                     threading.Thread(target=_guarded(partial(self.switch_model, order)),
                                      name="model-load", daemon=True).start()
                 elif message.startswith(wire.DECODE_BESIDE):
-                    self.decode_beside = message[len(wire.DECODE_BESIDE):] == b"1"
+                    self.beside = message[len(wire.DECODE_BESIDE):] == b"1"
             now = time.monotonic()
             if now - last_status >= STATUS_SEC:
                 last_status = now

@@ -62,11 +62,10 @@ class InvokeClock:
     def await_window(self, cost: float) -> None:
         """Return when `cost` seconds of work will end before the running invoke does, or
         when the main thread is idle; sleeps (never blocks on the main thread) until then."""
-        waited = 0.0
-        while waited < MAX_WAIT_SEC:
-            left = self.time_left(time.monotonic())
-            if left is None or left >= cost:
+        deadline = time.monotonic() + MAX_WAIT_SEC
+        while True:
+            now = time.monotonic()
+            left = self.time_left(now)
+            if left is None or left >= cost or now >= deadline:
                 return
-            pause = max(left, 0.0) + self.between + ENTRY_MARGIN_SEC
-            time.sleep(pause)
-            waited += pause
+            time.sleep(min(max(left, 0.0) + self.between + ENTRY_MARGIN_SEC, deadline - now))
