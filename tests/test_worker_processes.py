@@ -317,3 +317,66 @@ def test_a_decoder_thread_that_falls_behind_leaves_the_decoding_to_the_main_thre
     assert all(r["detections"] for r in records), "the astronaut's face"
     ours.close()
     theirs.close()
+
+
+def test_a_slow_models_results_are_not_held_back_to_fill_a_decoding_batch(
+        tmp_path: Path, default_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames are decoded in batches while they keep coming, but no frame waits while an
+    invoke would take it past FLUSH_SEC: with a model that takes 30 ms a frame, each result
+    goes out before the next frame's invoke, not after DECODE_BATCH frames (in QEMU, a model
+    of 3 s a frame held back for 8 frames looked stuck to the watchdog)."""
+    import contextlib
+    import dataclasses
+    import socket
+    import threading
+
+    import numpy as np
+    from edgebake_runtime import camproc, wire
+    from edgebake_runtime.frames import Frame
+    from PIL import Image
+    from runtime_helpers import astronaut_path
+
+    class SlowInterpreter:
+        """The real interpreter, 30 ms slower per invoke (a larger model on a small board)."""
+
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def invoke(self) -> None:
+            time.sleep(0.03)
+            self.real.invoke()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    real_load = camproc.load_interpreter
+    monkeypatch.setattr(camproc, "load_interpreter",
+                        lambda *args, **kwargs: SlowInterpreter(real_load(*args, **kwargs)))
+    config = replay_app(tmp_path, default_model, "per-camera").config
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    camera = camproc.Camera(theirs, {
+        "index": 0, "source": dataclasses.asdict(config.sources[0]),
+        "model": str(default_model),
+        "card": str(default_model.with_name("face_detection_short_range.card.json")),
+        "version": "v1", "threads": 1, "threshold": None, "top_k": 3, "depth": 2,
+        "decode_beside": False})
+    picture = np.asarray(Image.open(astronaut_path()).convert("RGB"))
+    count = camproc.DECODE_BATCH
+    for seq in range(count):
+        camera.queue.put(Frame("cam0", seq, time.monotonic(), time.time(), picture))
+    runner = threading.Thread(target=camera.infer_loop, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: camera.processed == count, 10, "every frame inferred")
+        messages = []
+        ours.settimeout(2)
+        with contextlib.suppress(TimeoutError):
+            while sum(len(m) for m in messages) < count:
+                messages.append(wire.parse_lines(ours.recv(wire.MAX_MESSAGE))[0])
+    finally:
+        camera.stop.set()
+        runner.join(5)
+        ours.close()
+        theirs.close()
+    assert sum(len(m) for m in messages) == count, messages
+    assert len(messages[0]) == 1, [len(m) for m in messages]

@@ -62,8 +62,10 @@ from .worker import journal_line
 # While frames keep coming, inferred frames are decoded this many at a time: right after an
 # invoke the decoding code is out of the CPU's caches (a frame's decoding in place takes
 # twice what it takes in a loop), and a batch pays that about once; 8 decoded 1.5 % more
-# frames per second than 4 with every core inferring. A frame that finds no other waiting
-# is decoded at once, so a camera's pace sees no delay.
+# frames per second than 4 with every core inferring. No frame waits in a batch while an
+# invoke would take it past FLUSH_SEC (a slow model's frames go one by one: in QEMU a model
+# of 3 s a frame held back for 8 frames looked stuck to the watchdog), and a frame that
+# finds no other waiting is decoded at once, so a camera's pace sees no delay.
 DECODE_BATCH = 8
 # Inferred batches waiting for the decoder thread beyond this many (it fell behind) are
 # decoded by the main thread: what waits stays bounded, in memory and in latency.
@@ -91,6 +93,7 @@ class LoadedModel:
     preprocessor: Preprocessor
     decode: Callable[..., dict[str, Any]]
     generation: int
+    first_invoke_sec: float  # at load: what an invoke takes, give or take the weights' packing
     # Input tensors to prepare frames into, given back once copied into the interpreter:
     # a fresh 200 KB array per frame costs page faults and, freed, the other core's TLB.
     spare_inputs: collections.deque[np.ndarray[Any, Any]] = dataclasses.field(
@@ -130,11 +133,13 @@ class LoadedModel:
         # one invoke now, so that whatever the runtime does at the first one (XNNPACK packs
         # the weights) happens here, beside the running model, not on the first frame
         interpreter.set_tensor(details["index"], np.zeros(details["shape"], details["dtype"]))
+        began = time.monotonic()
         interpreter.invoke()
+        first_invoke = time.monotonic() - began
         return cls(card, interpreter, int(details["index"]),
                    interpreter.tensor(int(details["index"])),
                    [int(d["index"]) for d in interpreter.get_output_details()],
-                   Preprocessor(card), decoder_for(card), generation)
+                   Preprocessor(card), decoder_for(card), generation, first_invoke)
 
 
 class LineBatch:
@@ -206,7 +211,7 @@ class Camera:
         self.decoder_wanted = threading.Event()  # set only when the main thread is idle
         self.decoding_ends = threading.Event()
         self.decoder_dozing = False  # asleep until woken: the next batch wakes it
-        self.clock = InvokeClock()
+        self.clock = InvokeClock(self.model.first_invoke_sec)
         self.prepare_sec = 0.0  # how long a frame's preprocessing takes, smoothed
         self.decode_sec = 0.0  # how long a frame's decoding takes, smoothed
         self.stop = threading.Event()
@@ -258,6 +263,7 @@ class Camera:
     def infer_loop(self) -> None:
         """Invoke the model on the newest frames; hand what is inferred to decoding."""
         inferred: list[Done] = []  # not yet decoded nor handed over
+        first_inferred = 0.0  # when the oldest of them was
         while not self.stop.is_set():
             if inferred and not len(self.queue):
                 self._hand_over(inferred, idle=True)  # nothing waits: decode now
@@ -275,7 +281,8 @@ class Camera:
             self.busy_since = began
             try:
                 model.fill_input(frame)
-                if len(inferred) >= DECODE_BATCH:
+                if len(inferred) >= DECODE_BATCH or (
+                        inferred and began + self.clock.typical - first_inferred >= FLUSH_SEC):
                     # handed over once this frame is in place, decoded while it is inferred
                     self._hand_over(inferred, idle=False)
                     inferred = []
@@ -294,6 +301,8 @@ class Camera:
             self.busy_since = 0.0
             self.last_done = ended
             self.processed += 1
+            if not inferred:
+                first_inferred = ended
             inferred.append((frame, model, outputs, seconds, error))
         if inferred:
             self.pending.append(inferred)  # the decoder writes them before it ends
@@ -352,12 +361,14 @@ class Camera:
 
     def _next_look(self) -> float:
         """How long the decoder sleeps: inline (the main thread decodes and sends) until
-        asked; beside a busy main thread, about one batch's time, so that it finds each
-        batch soon after it is handed over; at most until waiting lines are due."""
+        asked; beside a busy main thread, about one batch's time (FLUSH_SEC at most), so
+        that it finds each batch soon after it is handed over; at most until waiting lines
+        are due."""
         if not self.beside:
             return WAIT_SEC
         clock = self.clock
-        look = DECODE_BATCH * (clock.typical + clock.between) if clock.busy() else WAIT_SEC
+        look = min(DECODE_BATCH * (clock.typical + clock.between), FLUSH_SEC) if clock.busy() \
+            else WAIT_SEC
         due = self.batch.wait_sec()
         return look if due is None else min(look, due)
 
@@ -396,6 +407,7 @@ class Camera:
                 {"error": f"{type(exc).__name__}: {exc}"[:2000]}).encode())
             return
         self.source.size_for = new.preprocessor.native_size
+        self.clock.typical = new.first_invoke_sec  # it learns the new model's from there
         self.model = new  # frames prepared from now on are for the new model
         self.send(wire.MODEL_DONE + json.dumps({"error": ""}).encode())
 
