@@ -278,8 +278,6 @@ def test_a_decoder_thread_that_falls_behind_leaves_the_decoding_to_the_main_thre
     """Inferred frames waiting for the decoder thread are bounded: beyond the bound the main
     thread decodes them itself, so a stalled decoder costs speed, not memory."""
     import contextlib
-    import dataclasses
-    import socket
 
     import numpy as np
     from edgebake_runtime import camproc, wire
@@ -287,14 +285,7 @@ def test_a_decoder_thread_that_falls_behind_leaves_the_decoding_to_the_main_thre
     from PIL import Image
     from runtime_helpers import astronaut_path
 
-    config = replay_app(tmp_path, default_model, "per-camera").config
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    camera = camproc.Camera(theirs, {
-        "index": 0, "source": dataclasses.asdict(config.sources[0]),
-        "model": str(default_model),
-        "card": str(default_model.with_name("face_detection_short_range.card.json")),
-        "version": "v1", "threads": 1, "threshold": None, "top_k": 3, "depth": 2,
-        "decode_beside": True})
+    camera, ours, theirs = _camera_here(tmp_path, default_model, beside=True)
     model = camera.model
     for seq in range(camproc.MAX_PENDING_BATCHES + 3):  # the decoder thread never runs
         frame = Frame("cam0", seq, time.monotonic(), time.time(),
@@ -326,8 +317,6 @@ def test_a_slow_models_results_are_not_held_back_to_fill_a_decoding_batch(
     goes out before the next frame's invoke, not after DECODE_BATCH frames (in QEMU, a model
     of 3 s a frame held back for 8 frames looked stuck to the watchdog)."""
     import contextlib
-    import dataclasses
-    import socket
     import threading
 
     import numpy as np
@@ -352,14 +341,7 @@ def test_a_slow_models_results_are_not_held_back_to_fill_a_decoding_batch(
     real_load = camproc.load_interpreter
     monkeypatch.setattr(camproc, "load_interpreter",
                         lambda *args, **kwargs: SlowInterpreter(real_load(*args, **kwargs)))
-    config = replay_app(tmp_path, default_model, "per-camera").config
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    camera = camproc.Camera(theirs, {
-        "index": 0, "source": dataclasses.asdict(config.sources[0]),
-        "model": str(default_model),
-        "card": str(default_model.with_name("face_detection_short_range.card.json")),
-        "version": "v1", "threads": 1, "threshold": None, "top_k": 3, "depth": 2,
-        "decode_beside": False})
+    camera, ours, theirs = _camera_here(tmp_path, default_model, beside=False)
     picture = np.asarray(Image.open(astronaut_path()).convert("RGB"))
     count = camproc.DECODE_BATCH
     for seq in range(count):
@@ -380,3 +362,21 @@ def test_a_slow_models_results_are_not_held_back_to_fill_a_decoding_batch(
         theirs.close()
     assert sum(len(m) for m in messages) == count, messages
     assert len(messages[0]) == 1, [len(m) for m in messages]
+
+
+def _camera_here(tmp_path: Path, model: Path, beside: bool) -> tuple[Any, Any, Any]:
+    """A camera process's `Camera`, in this process: its frames, threads and socket at hand.
+    Returns it with the service's end of its socket and its own."""
+    import dataclasses
+    import socket
+
+    from edgebake_runtime import camproc
+
+    config = replay_app(tmp_path, model, "per-camera").config
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    camera = camproc.Camera(theirs, {
+        "index": 0, "source": dataclasses.asdict(config.sources[0]), "model": str(model),
+        "card": str(model.with_name("face_detection_short_range.card.json")),
+        "version": "v1", "threads": 1, "threshold": None, "top_k": 3, "depth": 2,
+        "decode_beside": beside})
+    return camera, ours, theirs
