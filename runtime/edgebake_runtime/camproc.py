@@ -256,8 +256,7 @@ class Camera:
             now = time.monotonic()
             if now >= deadline:
                 return
-            period = self.clock.typical + self.clock.between
-            time.sleep(min(max(ahead - waiting.refill_at, 1) * period, deadline - now))
+            time.sleep(min(max(ahead - waiting.refill_at, 1) * self.clock.period, deadline - now))
 
     # --- the main thread --------------------------------------------------------------
     def infer_loop(self) -> None:
@@ -366,8 +365,7 @@ class Camera:
         are due."""
         if not self.beside:
             return WAIT_SEC
-        clock = self.clock
-        look = min(DECODE_BATCH * (clock.typical + clock.between), FLUSH_SEC) if clock.busy() \
+        look = min(DECODE_BATCH * self.clock.period, FLUSH_SEC) if self.clock.busy() \
             else WAIT_SEC
         due = self.batch.wait_sec()
         return look if due is None else min(look, due)

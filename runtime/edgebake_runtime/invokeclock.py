@@ -47,6 +47,11 @@ class InvokeClock:
         self._ended = now
 
     # --- the helpers --------------------------------------------------------------------
+    @property
+    def period(self) -> float:
+        """How long one frame takes the main thread while frames flow: invoke and gap."""
+        return self.typical + self.between
+
     def busy(self) -> bool:
         """Whether frames are flowing: in an invoke now, or one ended moments ago."""
         return bool(self.began) or time.monotonic() - self._ended < 2 * self.typical
