@@ -1,4 +1,4 @@
-"""Helpers for runtime tests: configs, a replay folder, and a threaded App runner."""
+"""Helpers for runtime tests: configs, a replay folder, and a threaded Service runner."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgebake_runtime.app import App
 from edgebake_runtime.config import AppConfig, validate
+from edgebake_runtime.service import Service
 from PIL import Image
 
 ASTRONAUT_BOX = [0.346, 0.157, 0.531, 0.342]  # the face in scikit-image's astronaut.png
@@ -48,7 +48,7 @@ def make_config(tmp: Path, model: Path, sources: list[dict[str, Any]],
         "sources": sources,
         "journal": {"dir": str(tmp / "results"), "fsync_interval_sec": 0.2},
         "http": {"enabled": True, "bind": "127.0.0.1", "port": 0},
-        "inference": {"workers": 1, "num_threads": 1},
+        "inference": {"num_threads": 1},
         "update": {"dir": str(tmp / "models")},
     }
     for name, values in sections.items():
@@ -65,9 +65,9 @@ def write_config(tmp: Path, config: AppConfig) -> Path:
 
 
 class RunningApp:
-    """Runs App.run() in a thread; stops it cleanly on exit."""
+    """Runs Service.run() in a thread; stops it cleanly on exit."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: Service) -> None:
         self.app = app
         self.thread = threading.Thread(target=app.run, daemon=True)
 

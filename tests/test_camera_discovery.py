@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from edgebake_runtime.app import App
+from edgebake_runtime.service import Service
 from edgebake_runtime.sources.discover import can_capture, find_cameras
 from runtime_helpers import RunningApp, make_config, wait_for
 
@@ -55,10 +55,10 @@ def test_no_camera_is_reported_and_waited_for(tmp_path: Path, default_model: Pat
     if any(Path("/dev").glob("video*")):
         pytest.skip("this host has video devices")
     config = make_config(tmp_path, default_model, [{"name": "cameras", "kind": "v4l2-auto"}])
-    with RunningApp(App(config)) as running:
+    with RunningApp(Service(config)) as running:
         health = wait_for(lambda: (h := running.health()) and "no camera" in h["status"] and h,
                           10, "the status to say there is no camera")
         assert not health["healthy"] and health["sources"] == {}
         _, restart_helps, _ = running.app.evaluate(time.monotonic())
         assert not restart_helps, "waiting for a camera is not a reason to restart"
-        assert running.app.scanner is not None and running.app.scanner.alive()
+        assert running.app.cameras.scanner is not None and running.app.cameras.scanner.alive()

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import INVOKE, ROOT
-from edgebake_runtime.app import App
+from edgebake_runtime.service import Service
 from edgebake_runtime.sources.base import CorruptFrame
 from edgebake_runtime.sources.replay import decode_image
 from edgebake_runtime.sources.v4l2 import yuyv_to_rgb
@@ -104,7 +104,7 @@ def test_bad_frames_never_stop_a_running_service(default_model: Path, tmp_path: 
         (folder / f"b_{Path(name).name}").write_bytes((CORPUS / name).read_bytes())
     config = make_config(tmp_path, default_model, [
         {"name": "replay", "kind": "replay", "path": str(folder), "fps": 20}])
-    with RunningApp(App(config)) as running:
+    with RunningApp(Service(config)) as running:
         def two_rounds() -> dict[str, Any] | None:
             snap = running.health()
             source = snap["sources"]["replay"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import invoke
 from edgebake_builder.validate.run import LocalBroker
-from edgebake_runtime.app import App
+from edgebake_runtime.service import Service
 from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
 
 
@@ -27,7 +27,7 @@ def test_fleet_status_lists_units_with_model_health_and_last_result(
             raw = dict(config.raw, device_id=name)
             from edgebake_runtime.config import validate
 
-            units.append(RunningApp(App(validate(raw, "test config"))))
+            units.append(RunningApp(Service(validate(raw, "test config"))))
         with units[0] as first:
             with units[1] as second:
                 for running in (first, second):

@@ -5,6 +5,7 @@ window, or a reboot inside the window, goes back to the previous model by itself
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -15,10 +16,10 @@ from typing import Any
 
 import pytest
 from conftest import invoke
-from edgebake_runtime.app import App
 from edgebake_runtime.bundle import BundleError
 from edgebake_runtime.journal import read_lines
 from edgebake_runtime.modelstore import ModelStore
+from edgebake_runtime.service import Service
 from edgebake_runtime.update import apply, current_version
 from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
 
@@ -43,19 +44,19 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"v2": folder / "v2.ebundle", "keys": keys}
 
 
-def update_app(tmp: Path, model: Path, **sections: dict[str, Any]) -> App:
-    return App(make_config(tmp, model, [{"name": "cam", "kind": "replay",
+def update_app(tmp: Path, model: Path, **sections: dict[str, Any]) -> Service:
+    return Service(make_config(tmp, model, [{"name": "cam", "kind": "replay",
                                          "path": str(replay_folder(tmp)), "fps": 20}],
                            update={"dir": str(tmp / "models"), "window_sec": WINDOW_SEC,
                                    "poll_sec": 0.2},
                            **sections))
 
 
-def install(app: App, bundle: Path, keys: Path, **settings: Any) -> str:
+def install(app: Service, bundle: Path, keys: Path, **settings: Any) -> str:
     baked = app.config.card_path or app.config.model_path.with_name(
         app.config.model_path.stem + ".card.json")
     return apply(bundle, app.store, keys, "pi4", current_version(app.store, baked),
-                 {**app.config.section("update"), **settings}, allow_rollback=False)
+                 dataclasses.replace(app.config.update, **settings), allow_rollback=False)
 
 
 def audit_steps(tmp: Path) -> list[str]:
@@ -77,13 +78,11 @@ def test_a_new_model_serves_without_a_restart_and_is_confirmed(
         assert health["model"]["swaps"] == 1 and health["model"]["trial"]["version"] == "2.0"
         gap = health["model"]["last_switch_sec"]
         print(f"switch to 2.0: first result of the new model after {gap:.3f}s")
-        if running.app.per_camera:  # the camera processes switched in place, no restart
-            assert {w.pid for w in running.app.workers} == workers_before
-            wait_for(lambda: all(p["model"] == "2.0" for p in
-                                 running.health()["inference"]["processes"]), 5,
-                     "every camera process to report 2.0")
-        else:  # the pool's workers are new processes loaded with 2.0
-            assert {w.pid for w in running.app.workers}.isdisjoint(workers_before)
+        # the camera processes switched in place, no restart
+        assert {w.pid for w in running.app.workers} == workers_before
+        wait_for(lambda: all(p["model"] == "2.0" for p in
+                             running.health()["inference"]["processes"]), 5,
+                 "every camera process to report 2.0")
         wait_for(lambda: ModelStore(tmp_path / "models").state()["trial"] is None,
                  WINDOW_SEC + 10, "the trial to be confirmed")
         assert running.health()["healthy"]
@@ -212,7 +211,7 @@ def test_http_pull_applies_a_new_bundle_once_and_then_asks_with_its_etag(
                          "target_file": str(tmp_path / "target")}
         from edgebake_runtime.config import validate
 
-        with RunningApp(App(validate(raw, "test config"))) as running:
+        with RunningApp(Service(validate(raw, "test config"))) as running:
             wait_for(lambda: running.health()["model"]["version"] == "2.0", 60,
                      "the pulled model to serve")
             pull = running.health()["update"]["pull"]
@@ -275,7 +274,7 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
             raw["update"] = {**raw["update"], "mqtt_commands": True, "mqtt_group": "north",
                              "keys_dir": str(bundles["keys"]),
                              "target_file": str(tmp_path / "target")}
-            with RunningApp(App(validate(raw, "test config"))) as running:
+            with RunningApp(Service(validate(raw, "test config"))) as running:
                 wait_for(lambda: running.app.mqtt is not None and
                          running.app.mqtt.connected.is_set(), 20, "the MQTT connection")
                 watcher.connect("127.0.0.1", broker.port)
@@ -346,7 +345,7 @@ def test_a_model_whose_every_decode_fails_is_rolled_back_by_itself(
         tmp_path: Path, default_model: Path, trial: dict[str, Path]) -> None:
     """Signature, golden test and latency pass (they check the model, not the decoding); in
     service every frame fails to decode, and the health window takes the model back."""
-    app = App(make_config(tmp_path, default_model, [
+    app = Service(make_config(tmp_path, default_model, [
         {"name": "cam", "kind": "replay", "path": str(replay_folder(tmp_path)), "fps": 20}],
         update={"dir": str(tmp_path / "models"), "window_sec": 600.0, "poll_sec": 0.2}))
     with RunningApp(app) as running:

@@ -107,7 +107,7 @@ def test_mappings_deep_merge(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "field", "expected"), [
-    ("layout:\n  boot_mib: 8\n", "layout.boot_mib", "an integer >= 64"),
+    ("layout:\n  boot_mib: 8\n", "layout.boot_mib", "an integer between 64 and 2048"),
     ("layout:\n  boot_mib: big\n", "layout.boot_mib", "an integer"),
     ("arch: amd64\n", "arch", "one of arm64"),
     ("packages: curl\n", "packages", "a list of"),
@@ -122,7 +122,7 @@ def test_mappings_deep_merge(tmp_path: Path) -> None:
     ("python:\n  version: '3.12'\n", "python.version", "one of 3.10, 3.11, 3.13"),
     ("update:\n  public_keys: [ssh-ed25519 AAAA]\n", "update.public_keys", "ed25519 <64 hex"),
     ("output: iso\n", "output", "one of disk-image, overlay"),
-    ("systemd:\n  version: 99\n", "systemd.version", "an integer >= 240"),
+    ("systemd:\n  version: 99\n", "systemd.version", "an integer between 240 and 400"),
 ])
 def test_bad_values_name_file_field_and_expectation(tmp_path: Path, text: str, field: str,
                                                     expected: str) -> None:
@@ -156,8 +156,9 @@ def test_invalid_yaml_and_missing_files(tmp_path: Path) -> None:
 def test_app_settings_are_checked_before_building(tmp_path: Path) -> None:
     from edgebake_builder.build import check_app_config
 
-    recipe = load_recipe("pi4", write(tmp_path, "app:\n  inference:\n    workers: 0\n"))
-    with pytest.raises(BuildError, match=r"recipe: app: inference.workers: expected an integer"):
+    recipe = load_recipe("pi4", write(tmp_path, "app:\n  inference:\n    num_threads: 0\n"))
+    with pytest.raises(BuildError,
+                       match=r"recipe: app: inference.num_threads: expected an integer"):
         check_app_config(recipe)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from edgebake_builder.validate.lookalike import RPICAM_VID
-from edgebake_runtime.app import App
+from edgebake_runtime.service import Service
 from edgebake_runtime.sources.rpicam import yuv420_to_rgb
 from runtime_helpers import RunningApp, make_config, wait_for
 
@@ -28,8 +28,8 @@ def install(folder: Path, text: str) -> None:
     tool.chmod(0o755)
 
 
-def rpicam_app(tmp_path: Path, model: Path) -> App:
-    return App(make_config(tmp_path, model, [{"name": "csi", "kind": "rpicam", "fps": 20,
+def rpicam_app(tmp_path: Path, model: Path) -> Service:
+    return Service(make_config(tmp_path, model, [{"name": "csi", "kind": "rpicam", "fps": 20,
                                               "width": 640, "height": 480,
                                               "max_age_sec": 3.0}]))
 
@@ -70,7 +70,7 @@ def test_a_failing_camera_names_its_error_and_is_retried(tmp_path: Path, default
                                                          tool_dir: Path) -> None:
     install(tool_dir, "#!/bin/sh\necho 'ERROR: *** no cameras available ***' >&2\nexit 3\n")
     with RunningApp(rpicam_app(tmp_path, default_model)) as running:
-        wait_for(lambda: running.app.sources["csi"].stats.reconnects >= 1, 30,
+        wait_for(lambda: running.app.cameras.by_name["csi"].stats.reconnects >= 1, 30,
                  "a retry after the tool exits")
         error = running.health()["sources"]["csi"]["last_error"]
         assert "code 3" in error and "no cameras available" in error, error

@@ -1,4 +1,5 @@
-"""Real inference with tflite-runtime: BlazeFace boxes on real pictures, preprocessing maths."""
+"""Real inference with tflite-runtime, as a camera process runs it: BlazeFace boxes on real
+pictures, preprocessing maths."""
 
 from __future__ import annotations
 
@@ -8,27 +9,28 @@ from typing import Any
 
 import numpy as np
 import pytest
-from edgebake_runtime.card import load_card
-from edgebake_runtime.frames import Frame, FrameSignal
-from edgebake_runtime.metrics import Metrics
+from edgebake_runtime.camera.model import LoadedModel
+from edgebake_runtime.card import card_path_for
+from edgebake_runtime.frames import Frame
 from edgebake_runtime.postprocess import blazeface_anchors
 from edgebake_runtime.preprocess import Preprocessor
-from edgebake_runtime.worker import InferenceWorker
 from PIL import Image
 from runtime_helpers import ASTRONAUT_BOX, astronaut_path, china_image
 
 
-def make_worker(model: Path) -> tuple[InferenceWorker, list[dict[str, Any]]]:
-    card = load_card(model.with_name(model.stem + ".card.json"))
-    results: list[dict[str, Any]] = []
-    worker = InferenceWorker(0, model, card, 1, {}, FrameSignal(), results.append, Metrics(),
-                             None, 3)
-    return worker, results
+def make_worker(model: Path) -> LoadedModel:
+    """The model as a camera process loads it (one interpreter thread)."""
+    return LoadedModel.load(model, card_path_for(model), "test", 1, 1)
 
 
-def detect(worker: InferenceWorker, image: np.ndarray[Any, Any]) -> list[dict[str, Any]]:
-    record = worker.infer(Frame("test", 1, time.monotonic(), time.time(), image))
-    return list(record["detections"])
+def detect(loaded: LoadedModel, image: np.ndarray[Any, Any]) -> list[dict[str, Any]]:
+    """One frame through the camera process's steps: into the input, invoke, decode."""
+    frame = Frame("test", 1, time.monotonic(), time.time(), image)
+    loaded.fill_input(frame)
+    loaded.interpreter.invoke()
+    outputs = [loaded.interpreter.get_tensor(i) for i in loaded.outputs]
+    result = loaded.decode(loaded.card, outputs, frame.placement, None, 3)
+    return list(result["detections"])
 
 
 def astronaut() -> np.ndarray[Any, Any]:
@@ -36,7 +38,7 @@ def astronaut() -> np.ndarray[Any, Any]:
 
 
 def test_blazeface_finds_the_astronauts_face(default_model: Path) -> None:
-    worker, _ = make_worker(default_model)
+    worker = make_worker(default_model)
     faces = detect(worker, astronaut())
     assert len(faces) == 1
     assert faces[0]["score"] > 0.8
@@ -45,13 +47,13 @@ def test_blazeface_finds_the_astronauts_face(default_model: Path) -> None:
 
 
 def test_blazeface_finds_no_face_in_china_jpg(default_model: Path) -> None:
-    worker, _ = make_worker(default_model)
+    worker = make_worker(default_model)
     assert detect(worker, china_image()) == []
 
 
 def test_boxes_map_back_through_letterboxing(default_model: Path) -> None:
     """The same face padded into a wide frame must come back at the same place in it."""
-    worker, _ = make_worker(default_model)
+    worker = make_worker(default_model)
     face = astronaut()
     wide = np.zeros((512, 640, 3), dtype=np.uint8)
     wide[:, 128:] = face
@@ -72,7 +74,7 @@ def test_full_range_variant_uses_the_cards_anchors(tmp_path: Path) -> None:
     model.write_bytes(cached.read_bytes())
     card = write_card(model, tmp_path / "full.card.json")
     assert card["postprocessing"]["blazeface"]["variant"] == "full_range"
-    worker, _ = make_worker(model)
+    worker = make_worker(model)
     faces = detect(worker, astronaut())
     assert len(faces) == 1
     assert faces[0]["box"] == pytest.approx(ASTRONAUT_BOX, abs=0.04)

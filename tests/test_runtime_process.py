@@ -235,7 +235,7 @@ def mosquitto(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_mqtt_qos1_with_an_offline_period(tmp_path: Path, default_model: Path,
                                           mosquitto) -> None:  # type: ignore[no-untyped-def]
     import paho.mqtt.client as mqtt
-    from edgebake_runtime.app import App
+    from edgebake_runtime.service import Service
     from runtime_helpers import RunningApp
 
     received: dict[tuple[str, int], bytes] = {}
@@ -269,7 +269,7 @@ def test_mqtt_qos1_with_an_offline_period(tmp_path: Path, default_model: Path,
 
     config = validate(raw, "test")
     try:
-        with RunningApp(App(config)) as running:
+        with RunningApp(Service(config)) as running:
             wait_for(lambda: len(received) >= 5, 20, "results over MQTT")
             assert "online" in statuses
             mosquitto.stop()

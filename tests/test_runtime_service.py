@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from edgebake_runtime.app import App, StartupError
 from edgebake_runtime.config import ConfigError, load_config, validate
 from edgebake_runtime.journal import read_lines
+from edgebake_runtime.modelload import StartupError
+from edgebake_runtime.service import Service
 from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
 
 
@@ -16,7 +17,7 @@ def test_replay_to_journal_and_health(tmp_path: Path, default_model: Path) -> No
     folder = replay_folder(tmp_path, corrupt=1)
     config = make_config(tmp_path, default_model,
                          [{"name": "cam", "kind": "replay", "path": str(folder), "fps": 20}])
-    with RunningApp(App(config)) as running:
+    with RunningApp(Service(config)) as running:
         wait_for(lambda: running.app.ready, 20, "READY after the first inference")
         wait_for(lambda: running.app.metrics.results >= 10, 20, "10 results")
         code, body = running.get("/health")
@@ -57,7 +58,7 @@ def test_down_source_is_shown_and_is_not_a_crash(tmp_path: Path, default_model: 
         {"name": "good", "kind": "replay", "path": str(folder), "fps": 10},
         {"name": "gone", "kind": "v4l2", "device": str(tmp_path / "video9"),
          "max_age_sec": 1.0}])
-    with RunningApp(App(config)) as running:
+    with RunningApp(Service(config)) as running:
         wait_for(lambda: running.app.ready, 20, "READY")
         health = wait_for(lambda: (h := running.health()) and not h["healthy"] and h, 10,
                           "the missing camera to make the unit unhealthy")
@@ -67,12 +68,12 @@ def test_down_source_is_shown_and_is_not_a_crash(tmp_path: Path, default_model: 
         assert "gone has delivered no frame" in health["status"]
 
 
-def test_two_sources_share_one_worker_fairly(tmp_path: Path, default_model: Path) -> None:
+def test_two_sources_each_get_their_results(tmp_path: Path, default_model: Path) -> None:
     folder = replay_folder(tmp_path)
     config = make_config(tmp_path, default_model, [
         {"name": "a", "kind": "replay", "path": str(folder), "fps": 15},
         {"name": "b", "kind": "synthetic", "fps": 15}])
-    with RunningApp(App(config)) as running:
+    with RunningApp(Service(config)) as running:
         wait_for(lambda: running.app.metrics.results >= 20, 20, "20 results")
     sources = [r["source"] for r in read_lines(tmp_path / "results")]
     assert sources.count("a") >= 5 and sources.count("b") >= 5
@@ -100,7 +101,7 @@ def test_bad_model_is_refused_with_a_reason(tmp_path: Path, default_model: Path,
     card.write_text(json.dumps(card_data))
     config = make_config(tmp_path, model, [{"name": "s", "kind": "synthetic"}])
     with pytest.raises(StartupError) as caught:
-        App(config)
+        Service(config)
     message = str(caught.value)
     assert str(model) in message
     expected = {"garbage": "corrupt", "truncated": "corrupt", "png": "not a TFLite model",
@@ -116,7 +117,7 @@ def test_model_changed_after_its_card_was_written(tmp_path: Path, default_model:
     (tmp_path / "m.card.json").write_text(card.read_text())
     config = make_config(tmp_path, model, [{"name": "s", "kind": "synthetic"}])
     with pytest.raises(StartupError, match=r"does not match its card"):
-        App(config)
+        Service(config)
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -156,7 +157,7 @@ def test_unwritable_journal_file_is_replaced_and_counted(tmp_path: Path,
     (results / "results-000000001-20260101T000000.jsonl").symlink_to("/dev/full")
     config = make_config(tmp_path, default_model, [{"name": "s", "kind": "synthetic",
                                                     "fps": 20}])
-    with RunningApp(App(config)) as running:
+    with RunningApp(Service(config)) as running:
         wait_for(lambda: running.app.metrics.results >= 5, 20, "results despite a bad file")
         health = wait_for(lambda: (h := running.health()) and h["journal"]["written"] >= 5
                           and h, 10, "the journal writing again")

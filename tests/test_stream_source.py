@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from edgebake_builder.validate.qemu import free_port
 from edgebake_builder.validate.rtsp import RtspServer, make_h264
-from edgebake_runtime.app import App
 from edgebake_runtime.journal import read_lines
+from edgebake_runtime.service import Service
 from PIL import Image
 from runtime_helpers import RunningApp, astronaut_path, make_config, wait_for
 
@@ -26,8 +26,8 @@ def stream_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      picture=picture)
 
 
-def rtsp_app(tmp_path: Path, model: Path, url: str, **source: Any) -> App:
-    return App(make_config(tmp_path, model, [{"name": "cam", "kind": "rtsp", "url": url,
+def rtsp_app(tmp_path: Path, model: Path, url: str, **source: Any) -> Service:
+    return Service(make_config(tmp_path, model, [{"name": "cam", "kind": "rtsp", "url": url,
                                               "fps": 10, "max_age_sec": 3.0, **source}]))
 
 
@@ -84,7 +84,7 @@ def test_video_file_replay_through_pyav(tmp_path: Path, default_model: Path,
                                         stream_file: Path) -> None:
     config = make_config(tmp_path, default_model, [{"name": "clip", "kind": "replay",
                                                     "path": str(stream_file), "fps": 30}])
-    with RunningApp(App(config)) as running:
+    with RunningApp(Service(config)) as running:
         # 3 s of video at 15 fps is 45 frames: more results than that means it looped
         wait_for(lambda: running.app.metrics.results > 60, 60, "the clip to loop")
 
@@ -121,7 +121,7 @@ def test_http_mjpeg_camera_gives_results(tmp_path: Path, default_model: Path) ->
     config = make_config(tmp_path, default_model, [{"name": "ipcam", "kind": "http",
                                                     "url": url, "fps": 10}])
     try:
-        with RunningApp(App(config)) as running:
+        with RunningApp(Service(config)) as running:
             wait_for(lambda: running.app.metrics.results >= 10, 60, "results from MJPEG")
             assert running.health()["sources"]["ipcam"]["state"] == "up"
     finally:

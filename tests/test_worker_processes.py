@@ -1,5 +1,5 @@
-"""Inference in processes: a process per camera (the default) and a pool of worker processes
-fed through shared memory. Results, kill -9, a hang, a model switch, memory per process."""
+"""Every camera in its own process: results, kill -9, a hang, a model switch, the threads
+that follow the cores, and the camera process's own decoding and batching."""
 
 from __future__ import annotations
 
@@ -11,29 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edgebake_runtime.app import App
 from edgebake_runtime.journal import read_lines
+from edgebake_runtime.service import Service
 from runtime_helpers import ASTRONAUT_BOX, RunningApp, make_config, replay_folder, wait_for
 
-DESIGNS = ["per-camera", "pool"]
 
-
-def replay_app(tmp_path: Path, model: Path, design: str, cameras: int = 1, workers: int = 1,
-               stall_sec: float = 15.0) -> App:
+def replay_app(tmp_path: Path, model: Path, cameras: int = 1, stall_sec: float = 15.0
+               ) -> Service:
     folder = replay_folder(tmp_path)
-    return App(make_config(tmp_path, model,
-                           [{"name": f"cam{i}", "kind": "replay", "path": str(folder),
-                             "fps": 20} for i in range(cameras)],
-                           inference={"workers": workers, "processes": True,
-                                      "per_camera": design == "per-camera"},
-                           watchdog={"stall_sec": stall_sec}))
+    return Service(make_config(tmp_path, model,
+                               [{"name": f"cam{i}", "kind": "replay", "path": str(folder),
+                                 "fps": 20} for i in range(cameras)],
+                               watchdog={"stall_sec": stall_sec}))
 
 
-@pytest.mark.parametrize("design", DESIGNS)
-def test_a_frame_goes_in_and_a_result_comes_out(tmp_path: Path, default_model: Path,
-                                                design: str) -> None:
-    app = replay_app(tmp_path, default_model, design, cameras=2 if design == "per-camera"
-                     else 1, workers=2)
+def test_a_frame_goes_in_and_a_result_comes_out(tmp_path: Path, default_model: Path) -> None:
+    app = replay_app(tmp_path, default_model, cameras=2)
     with RunningApp(app) as running:
         wait_for(lambda: running.app.metrics.results >= 20, 30, "20 results")
         health = running.health()
@@ -44,25 +37,21 @@ def test_a_frame_goes_in_and_a_result_comes_out(tmp_path: Path, default_model: P
         wait_for(lambda: all(p["processed"] > 0 for p in
                              running.health()["inference"]["processes"]), 10,
                  "every process to have inferred frames")
-        if design == "per-camera":  # each camera's state comes from its own process
-            sources = running.health()["sources"]
-            assert all(s["state"] == "up" and s["frames"] > 0 for s in sources.values()), \
-                sources
-            assert all(s["last_frame_age_sec"] < 5 for s in sources.values()), sources
+        sources = running.health()["sources"]  # each camera's state from its own process
+        assert all(s["state"] == "up" and s["frames"] > 0 for s in sources.values()), sources
+        assert all(s["last_frame_age_sec"] < 5 for s in sources.values()), sources
     records = list(read_lines(tmp_path / "results"))
     faces = [r for r in records if r["detections"]]
     assert faces, "the astronaut's face was not found by the worker processes"
     box = faces[0]["detections"][0]["box"]
     assert all(abs(a - b) < 0.05 for a, b in zip(box, ASTRONAUT_BOX, strict=True)), box
     assert len({r["id"] for r in records}) == len(records), "record ids repeat"
-    if design == "per-camera":
-        assert {r["source"] for r in records} == {"cam0", "cam1"}
+    assert {r["source"] for r in records} == {"cam0", "cam1"}
 
 
-@pytest.mark.parametrize("design", DESIGNS)
-def test_a_killed_worker_is_replaced_and_counted(tmp_path: Path, default_model: Path,
-                                                 design: str) -> None:
-    app = replay_app(tmp_path, default_model, design)
+def test_a_killed_camera_process_is_replaced_and_counted(tmp_path: Path, default_model: Path
+                                                         ) -> None:
+    app = replay_app(tmp_path, default_model)
     with RunningApp(app) as running:
         wait_for(lambda: running.app.metrics.results >= 5, 30, "first results")
         old_pid = running.health()["inference"]["processes"][0]["pid"]
@@ -80,10 +69,9 @@ def test_a_killed_worker_is_replaced_and_counted(tmp_path: Path, default_model: 
         assert "edgebake_worker_restarts_total 1" in metrics, metrics[-800:]
 
 
-@pytest.mark.parametrize("design", DESIGNS)
-def test_a_hung_worker_stops_the_watchdog_pings(tmp_path: Path, default_model: Path,
-                                                design: str) -> None:
-    app = replay_app(tmp_path, default_model, design, stall_sec=2.0)
+def test_a_hung_camera_process_stops_the_watchdog_pings(tmp_path: Path, default_model: Path
+                                                        ) -> None:
+    app = replay_app(tmp_path, default_model, stall_sec=2.0)
     with RunningApp(app) as running:
         wait_for(lambda: running.app.metrics.results >= 5, 30, "first results")
         pid = running.health()["inference"]["processes"][0]["pid"]
@@ -100,51 +88,60 @@ def test_a_hung_worker_stops_the_watchdog_pings(tmp_path: Path, default_model: P
                  "the worker to recover after SIGCONT")
 
 
-def test_records_from_worker_processes_match_the_thread_path(tmp_path: Path,
-                                                              default_model: Path) -> None:
-    """A worker process's result goes into the journal line as it came (JSON text); the line
-    must hold exactly the fields and values a record built in the service holds."""
-    from edgebake_runtime.card import load_card
+def test_a_journal_line_is_the_record_as_json_with_an_id_of_its_own() -> None:
+    """A camera process builds each line as text around its encoded result; it must parse
+    back to exactly the record's fields, escape what JSON needs, and never repeat an id."""
     from edgebake_runtime.frames import Frame
-    from edgebake_runtime.metrics import Metrics
-    from edgebake_runtime.worker import deliver, deliver_encoded
+    from edgebake_runtime.records import journal_line
 
-    card = load_card(default_model.with_name("face_detection_short_range.card.json"))
-    card.data["version"] = 'v"2\\n'  # a version that needs escaping in JSON
     frame = Frame(source="cam-ä", seq=7, captured_at=time.monotonic(), wall_time=1234.56789,
                   image=None)  # type: ignore[arg-type]
     result = {"task": "blazeface", "detections": [{"label": "face", "score": 0.9,
                                                     "box": [0.1, 0.2, 0.3, 0.4]}]}
-    records: list[dict[str, Any]] = []
-    lines: list[tuple[bytes, float]] = []
-    deliver(card, frame, result, 0.00123, 1, records.append, Metrics())
-    deliver_encoded(card, frame, json.dumps(result), 0.00123, 1,
-                    lambda line, ts: lines.append((line, ts)), Metrics())
-    line, stamp = lines[0]
+    line = journal_line('v"2\\n', frame, json.dumps(result), 0.00123, 0.0456, 1)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    encoded = json.loads(line)
-    expected = records[0]
-    assert set(encoded) == set(expected)
-    for key in ("ts", "source", "seq", "model", "worker", "inference_ms", "task", "detections"):
-        assert encoded[key] == expected[key], key
-    assert encoded["id"] != expected["id"], "every record gets its own id"
-    assert stamp == frame.wall_time
-    empty: list[bytes] = []
-    deliver_encoded(card, frame, "{}", 0.001, 0, lambda line, ts: empty.append(line), Metrics())
-    assert json.loads(empty[0])["seq"] == 7
+    record = json.loads(line)
+    assert record == {**result, "id": record["id"], "ts": 1234.568, "source": "cam-ä",
+                      "seq": 7, "model": 'v"2\\n', "worker": 1, "inference_ms": 1.23,
+                      "latency_ms": 45.6}
+    again = json.loads(journal_line("1", frame, "{}", 0.001, 0.001, 0))
+    assert again["seq"] == 7 and again["id"] != record["id"]
 
 
-def test_wire_refuses_what_does_not_fit_or_parse() -> None:
-    from edgebake_runtime import wire
+def test_a_model_switch_reaches_every_camera_or_none(tmp_path: Path, default_model: Path
+                                                    ) -> None:
+    """Every camera process loads the new model beside the running one; one that cannot
+    load it makes the switch fail, and the cameras go on with the model they had."""
+    import shutil
 
-    big = wire.reply(1, 2, 0.5, "", "x" * wire.MAX_MESSAGE)
-    slot, token, seconds, error, result = wire.parse_reply(big)
-    assert (slot, token, seconds, result) == (1, 2, 0.5, "") and "more than" in error
-    assert len(big) <= wire.MAX_MESSAGE
-    ok = wire.parse_reply(wire.reply(0, 9, 0.25, "", '{"task":"raw"}'))
-    assert ok == (0, 9, 0.25, "", '{"task":"raw"}')
-    with pytest.raises(ValueError, match="shorter than its header"):
-        wire.parse_reply(b"\x00" * 3)
+    from edgebake_runtime.card import load_card
+    from edgebake_runtime.modelload import StartupError
+
+    card_path = default_model.with_name("face_detection_short_range.card.json")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(default_model, bad / "m.tflite")
+    data = json.loads(card_path.read_text())
+    data["inputs"][0]["shape"] = [1, 96, 96, 3]  # the interpreter refuses the card's shape
+    (bad / "m.card.json").write_text(json.dumps(data))
+    app = replay_app(tmp_path, default_model, cameras=2)
+    with RunningApp(app) as running:
+        wait_for(lambda: running.app.metrics.results >= 10, 30, "first results")
+        pids = {c.pid for c in running.app.cameras.processes}
+        before = running.app.card.version
+        with pytest.raises(StartupError, match="does not match the card"):
+            running.app.cameras.switch(bad / "m.tflite", load_card(bad / "m.card.json"))
+        assert running.app.card.version == before
+        newer = load_card(card_path)
+        newer.data["version"] = "9.9"
+        running.app.cameras.switch(default_model, newer)
+        wait_for(lambda: {p["model"] for p in running.health()["inference"]["processes"]}
+                 == {"9.9"}, 10, "every camera process to report 9.9")
+        assert {c.pid for c in running.app.cameras.processes} == pids, "switched in place"
+        served = running.app.metrics.results
+        wait_for(lambda: running.app.metrics.results > served + 10, 30, "results from 9.9")
+    versions = {r["model"] for r in read_lines(tmp_path / "results")}
+    assert versions == {before, "9.9"}, versions
 
 
 @pytest.mark.parametrize("kept", [3, 60])  # the plain-Python path and the array path
@@ -177,8 +174,8 @@ def test_decoding_and_interpreter_threads_follow_the_cores_per_camera(
     for cameras in (1, cores):
         folder = tmp_path / f"c{cameras}"
         folder.mkdir()
-        app = replay_app(folder, default_model, "per-camera", cameras=cameras)
-        configured = int(app.config.section("inference")["num_threads"])
+        app = replay_app(folder, default_model, cameras=cameras)
+        configured = app.config.inference.num_threads
         with RunningApp(app) as running:
             wait_for(lambda: running.app.metrics.results >= 10, 30, "results")
             processes = running.health()["inference"]["processes"]
@@ -196,7 +193,7 @@ def test_decoding_and_interpreter_threads_follow_the_cores_per_camera(
 
 
 def test_lines_from_a_camera_process_parse_back_and_bad_ones_are_refused() -> None:
-    from edgebake_runtime import wire
+    from edgebake_runtime.camera import wire
 
     meta = [(1.0, 1000.5, 0.002), (2.0, 1001.5, 0.003)]
     lines = [b'{"a":1}\n', b'{"b":2}\n']
@@ -280,21 +277,21 @@ def test_a_decoder_thread_that_falls_behind_leaves_the_decoding_to_the_main_thre
     import contextlib
 
     import numpy as np
-    from edgebake_runtime import camproc, wire
+    from edgebake_runtime.camera import child, wire
     from edgebake_runtime.frames import Frame
     from PIL import Image
     from runtime_helpers import astronaut_path
 
     camera, ours, theirs = _camera_here(tmp_path, default_model, beside=True)
     model = camera.model
-    for seq in range(camproc.MAX_PENDING_BATCHES + 3):  # the decoder thread never runs
+    for seq in range(child.MAX_PENDING_BATCHES + 3):  # the decoder thread never runs
         frame = Frame("cam0", seq, time.monotonic(), time.time(),
                       np.asarray(Image.open(astronaut_path()).convert("RGB")))
         model.fill_input(frame)
         model.interpreter.invoke()
         outputs = [model.interpreter.get_tensor(i) for i in model.outputs]
         camera._hand_over([(frame, model, outputs, 0.001, "")], idle=False)
-    assert len(camera.pending) == camproc.MAX_PENDING_BATCHES
+    assert len(camera.pending) == child.MAX_PENDING_BATCHES
     camera.batch.send_if_due(camera.send, now=True)
     ours.setblocking(False)
     records, errors = [], 0
@@ -303,7 +300,7 @@ def test_a_decoder_thread_that_falls_behind_leaves_the_decoding_to_the_main_thre
             _, block, counted = wire.parse_lines(ours.recv(wire.MAX_MESSAGE))
             records += [json.loads(line) for line in block.splitlines()]
             errors += counted
-    bound = camproc.MAX_PENDING_BATCHES
+    bound = child.MAX_PENDING_BATCHES
     assert errors == 0 and [r["seq"] for r in records] == [bound, bound + 1, bound + 2]
     assert all(r["detections"] for r in records), "the astronaut's face"
     ours.close()
@@ -320,7 +317,7 @@ def test_a_slow_models_results_are_not_held_back_to_fill_a_decoding_batch(
     import threading
 
     import numpy as np
-    from edgebake_runtime import camproc, wire
+    from edgebake_runtime.camera import child, model, wire
     from edgebake_runtime.frames import Frame
     from PIL import Image
     from runtime_helpers import astronaut_path
@@ -338,12 +335,12 @@ def test_a_slow_models_results_are_not_held_back_to_fill_a_decoding_batch(
         def __getattr__(self, name: str) -> Any:
             return getattr(self.real, name)
 
-    real_load = camproc.load_interpreter
-    monkeypatch.setattr(camproc, "load_interpreter",
+    real_load = model.load_interpreter
+    monkeypatch.setattr(model, "load_interpreter",
                         lambda *args, **kwargs: SlowInterpreter(real_load(*args, **kwargs)))
     camera, ours, theirs = _camera_here(tmp_path, default_model, beside=False)
     picture = np.asarray(Image.open(astronaut_path()).convert("RGB"))
-    count = camproc.DECODE_BATCH
+    count = child.DECODE_BATCH
     for seq in range(count):
         camera.queue.put(Frame("cam0", seq, time.monotonic(), time.time(), picture))
     runner = threading.Thread(target=camera.infer_loop, daemon=True)
@@ -370,11 +367,11 @@ def _camera_here(tmp_path: Path, model: Path, beside: bool) -> tuple[Any, Any, A
     import dataclasses
     import socket
 
-    from edgebake_runtime import camproc
+    from edgebake_runtime.camera import child
 
-    config = replay_app(tmp_path, model, "per-camera").config
+    config = replay_app(tmp_path, model).config
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    camera = camproc.Camera(theirs, {
+    camera = child.Camera(theirs, {
         "index": 0, "source": dataclasses.asdict(config.sources[0]), "model": str(model),
         "card": str(model.with_name("face_detection_short_range.card.json")),
         "version": "v1", "threads": 1, "threshold": None, "top_k": 3, "depth": 2,

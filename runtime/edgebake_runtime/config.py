@@ -1,263 +1,322 @@
-"""The runtime's configuration: defaults, seed overrides, and validation with clear errors."""
+"""The unit's settings, declared once: each field's type, default, validator and help.
+
+`/etc/edgebake/app.yaml`, with the seed's overrides merged over it, is checked against these
+declarations and read as typed objects. The same check runs on the host (`invoke flash`,
+`edgebake-firstboot --check`) and on the unit, so a seed that passes on the host starts.
+"""
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .merge import deep_merge
+from .validators import (
+    Address,
+    Bool,
+    Enum,
+    Float,
+    Int,
+    Invalid,
+    Networks,
+    Optional,
+    Str,
+    Url,
+    Validator,
+    WritablePath,
+)
 from .yamlfile import TextFileError, read_yaml
 
-DEVICE_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-TOPIC = r"[^$+#\x00-\x1f\x7f][^+#\x00-\x1f\x7f]{0,200}"
-ABSOLUTE_PATH = r"/[^\x00-\x1f\x7f]*"
-PULL_URL = r"(https?://[^\s\x00-\x1f\x7f]+)?"
+DEVICE_ID = Str(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})?",
+                "of letters, digits, '.', '_' or '-' (at most 64; it becomes part of MQTT topics "
+                "and file names)")
+TOPIC = Str(r"([^$+#\x00-\x1f\x7f][^+#\x00-\x1f\x7f]{0,200})?",
+            "that is an MQTT topic without '+', '#', control characters or a leading '$'")
+ABSOLUTE_PATH = Str(r"/[^\x00-\x1f\x7f]*", "that is an absolute path")
+OPTIONAL_PATH = Str(r"(/[^\x00-\x1f\x7f]*)?", "that is an absolute path, or empty")
+HOST = Str(r"[A-Za-z0-9.:_-]{1,253}", "that is a host name or address")
 # v4l2-auto: every V4L2 capture device present, found at start and while running
 # rpicam: a CSI camera module through the base's rpicam-vid (Raspberry Pi OS bases)
 SOURCE_KINDS = ("v4l2-auto", "v4l2", "rpicam", "rtsp", "http", "replay", "synthetic")
-
-DEFAULTS: dict[str, Any] = {
-    "device_id": "",
-    "model": {"path": "/opt/edgebake/model/model.tflite", "card": ""},
-    # processes + per_camera: each camera in its own process with its own interpreter (scales
-    # with cores); per_camera off: a pool of `workers` processes fed by the service
-    "inference": {"workers": 1, "num_threads": 2, "processes": True, "per_camera": True,
-                  "score_threshold": None, "top_k": 3},
-    "queue": {"depth": 1},
-    "sources": [],
-    "journal": {"dir": "/data/results", "fsync_interval_sec": 1.0,
-                "rotate_bytes": 16 * 1024 * 1024, "min_free_percent": 10.0},
-    "mqtt": {"enabled": False, "host": "127.0.0.1", "port": 1883, "topic": "",
-             "qos": 1, "keepalive_sec": 30, "client_id": "", "username": "", "password": "",
-             "tls": {"enabled": False, "ca_file": "", "cert_file": "", "key_file": ""}},
-    "http": {"enabled": True, "bind": "0.0.0.0", "port": 8080, "allow": [],
-             "max_connections": 8, "timeout_sec": 5.0},
-    "watchdog": {"stall_sec": 15.0},
-    # model updates: slots on /data, a health window after each, a latency budget to pass
-    "update": {"dir": "/data/models", "window_sec": 600.0, "max_latency_ms": 500.0,
-               "poll_sec": 2.0, "max_error_rate": 0.05,
-               # where trusted keys and this unit's target name are (the image puts them there)
-               "keys_dir": "/etc/edgebake/update-keys", "target_file": "/etc/edgebake/target",
-               # HTTP pull: a URL polled with If-None-Match every pull_sec ("" = off)
-               "pull_url": "", "pull_sec": 300.0,
-               # MQTT orders on edgebake/<device>/update (and a group's topic), off by default
-               "mqtt_commands": False, "mqtt_group": ""},
-}
-
+# which URL schemes each kind of stream source can open (PyAV/FFmpeg)
+URL_SCHEMES = {"rtsp": Url(("rtsp", "rtsps")), "http": Url(("http", "https"))}
 MAX_CAMERA_FPS = 1000.0
 MAX_REPLAY_FPS = 100000.0
-SOURCE_DEFAULTS: dict[str, Any] = {"fps": 5.0, "max_age_sec": 10.0, "width": 640, "height": 480,
-                                   "device": "", "url": "", "path": "", "loop": True,
-                                   "enabled": True}
+# Settings that no longer exist, with what to use instead.
+GONE = {
+    "inference.workers": "every camera runs in its own process; use inference.num_threads "
+                         "for each camera's interpreter threads",
+    "inference.processes": "every camera runs in its own process; remove it",
+    "inference.per_camera": "every camera runs in its own process; remove it",
+}
 
 
 class ConfigError(Exception):
     """A bad configuration value: the message names the file, the field and what was expected."""
 
 
+def setting(default: Any, validator: Validator, help: str) -> Any:
+    """A field declared with its default, its validator and its help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default.copy(),
+                     metadata={"validator": validator, "help": help})
+    return field(default=default, metadata={"validator": validator, "help": help})
+
+
+def section(kind: type[Any], help: str) -> Any:
+    """A nested group of settings."""
+    return field(default_factory=kind, metadata={"section": kind, "help": help})
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: str = setting("/opt/edgebake/model/model.tflite", ABSOLUTE_PATH,
+                        "The model the image ships (a model update on /data wins over it).")
+    card: str = setting("", OPTIONAL_PATH, "Its card; empty: next to the model.")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    num_threads: int = setting(2, Int(1, 16), "Interpreter threads of each camera process "
+                               "(at most its share of the cores).")
+    score_threshold: float | None = setting(None, Optional(Float(0.0, 1.0)),
+                                            "Detections below it are dropped; null: the card's.")
+    top_k: int = setting(3, Int(1, 100), "Classes reported per frame by classifiers.")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    depth: int = setting(1, Int(1, 64), "Frames a camera keeps waiting; newer ones push out "
+                         "older ones, and the drops are counted.")
+
+
+@dataclass(frozen=True)
+class JournalSettings:
+    dir: str = setting("/data/results", WritablePath(), "Where results are journaled.")
+    fsync_interval_sec: float = setting(1.0, Float(0.0, 60.0),
+                                        "At most this much is lost at a power cut.")
+    rotate_bytes: int = setting(16 * 1024 * 1024, Int(4096), "Size of one journal file.")
+    min_free_percent: float = setting(10.0, Float(1.0, 90.0),
+                                      "Oldest files go when free space falls below this.")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    enabled: bool = setting(False, Bool(), "TLS to the broker.")
+    ca_file: str = setting("", OPTIONAL_PATH, "CA certificate; empty: the system's.")
+    cert_file: str = setting("", OPTIONAL_PATH, "Client certificate (with key_file).")
+    key_file: str = setting("", OPTIONAL_PATH, "Client key (with cert_file).")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    enabled: bool = setting(False, Bool(), "Publish results and health over MQTT.")
+    host: str = setting("127.0.0.1", HOST, "Broker host.")
+    port: int = setting(1883, Int(1, 65535), "Broker port.")
+    topic: str = setting("", TOPIC, "Results topic; empty: edgebake/<device_id>/results.")
+    qos: int = setting(1, Int(0, 2), "QoS of results (1: at least once, from the journal).")
+    keepalive_sec: int = setting(30, Int(5, 3600), "MQTT keepalive.")
+    client_id: str = setting("", DEVICE_ID, "Client id; empty: edgebake-<device_id>.")
+    username: str = setting("", Str(), "Broker user.")
+    password: str = setting("", Str(), "Broker password.")
+    tls: TlsSettings = section(TlsSettings, "TLS to the broker.")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = setting(True, Bool(), "Serve /health and /metrics.")
+    bind: str = setting("0.0.0.0", Address(), "Address to listen on.")
+    port: int = setting(8080, Int(0, 65535), "Port to listen on (0: any free one).")
+    allow: tuple[str, ...] = setting([], Networks(), "Client networks let in; empty: all.")
+    max_connections: int = setting(8, Int(1, 256), "Connections served at once.")
+    timeout_sec: float = setting(5.0, Float(0.5, 120.0), "Per-connection timeout.")
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    stall_sec: float = setting(15.0, Float(1.0, 3600.0),
+                               "No inference for this long with frames waiting is stuck.")
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    dir: str = setting("/data/models", WritablePath(), "Model slots and update state.")
+    window_sec: float = setting(600.0, Float(0.0, 86400.0),
+                                "Health window of a new model before it is confirmed.")
+    max_latency_ms: float = setting(500.0, Float(1.0, 60000.0),
+                                    "A new model slower than this on the unit is refused.")
+    poll_sec: float = setting(2.0, Float(0.2, 60.0), "How often the slots are looked at.")
+    max_error_rate: float = setting(0.05, Float(0.0, 1.0),
+                                    "Inference errors in the window that roll a model back.")
+    keys_dir: str = setting("/etc/edgebake/update-keys", ABSOLUTE_PATH,
+                            "Trusted bundle keys (the image puts them there).")
+    target_file: str = setting("/etc/edgebake/target", ABSOLUTE_PATH,
+                               "This unit's target name (the image puts it there).")
+    pull_url: str = setting("", Url(("http", "https"), optional=True),
+                            "A bundle URL polled with If-None-Match; empty: no pulling.")
+    pull_sec: float = setting(300.0, Float(10.0, 86400.0), "How often pull_url is asked.")
+    mqtt_commands: bool = setting(False, Bool(), "Take update orders over MQTT.")
+    mqtt_group: str = setting("", DEVICE_ID, "Also take the orders of this group.")
+
+
 @dataclass(frozen=True)
 class SourceConfig:
-    name: str
-    kind: str
-    fps: float
-    max_age_sec: float
-    width: int
-    height: int
-    device: str
-    url: str
-    path: str
-    loop: bool
-    enabled: bool
+    name: str = setting("", Str(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+                                "of letters, digits, '.', '_' or '-'"), "Unique name.")
+    kind: str = setting("", Enum(SOURCE_KINDS), "What kind of camera or stream.")
+    fps: float = setting(5.0, Float(0.1, MAX_REPLAY_FPS), "Frames per second wanted.")
+    max_age_sec: float = setting(10.0, Float(0.5, 3600.0), "Older than this, it is stale.")
+    width: int = setting(640, Int(16, 8192), "Capture width.")
+    height: int = setting(480, Int(16, 8192), "Capture height.")
+    device: str = setting("", OPTIONAL_PATH, "v4l2: the device.")
+    url: str = setting("", Str(), "rtsp, http: the stream's URL.")
+    path: str = setting("", OPTIONAL_PATH, "replay: a folder of images or a video file.")
+    loop: bool = setting(True, Bool(), "replay: start over at the end.")
+    enabled: bool = setting(True, Bool(), "false: kept in the file, not run.")
 
 
 @dataclass(frozen=True)
 class AppConfig:
-    raw: dict[str, Any]
-    sources: tuple[SourceConfig, ...]
-
-    def section(self, name: str) -> dict[str, Any]:
-        value = self.raw[name]
-        assert isinstance(value, dict)
-        return value
+    device_id: str = setting("", DEVICE_ID, "This unit's name (from the seed).")
+    model: ModelSettings = section(ModelSettings, "The model the image ships.")
+    inference: InferenceSettings = section(InferenceSettings, "Inference in each camera.")
+    queue: QueueSettings = section(QueueSettings, "Each camera's frame queue.")
+    sources: tuple[SourceConfig, ...] = setting([], Str(), "Cameras and streams (a list).")
+    journal: JournalSettings = section(JournalSettings, "The results journal on /data.")
+    mqtt: MqttSettings = section(MqttSettings, "The fleet's broker.")
+    http: HttpSettings = section(HttpSettings, "/health and /metrics.")
+    watchdog: WatchdogSettings = section(WatchdogSettings, "What counts as stuck.")
+    update: UpdateSettings = section(UpdateSettings, "Signed model updates.")
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model_path(self) -> Path:
-        return Path(self.raw["model"]["path"])
+        return Path(self.model.path)
 
     @property
     def card_path(self) -> Path | None:
-        card = self.raw["model"]["card"]
-        return Path(card) if card else None
+        return Path(self.model.card) if self.model.card else None
 
 
-class _Checker:
-    def __init__(self, source: str) -> None:
-        self.source = source
+def _declared(kind: type[Any]) -> list[dataclasses.Field[Any]]:
+    return [f for f in dataclasses.fields(kind) if f.name != "raw"]
 
-    def fail(self, field: str, expected: str, found: Any) -> ConfigError:
-        return ConfigError(f"{self.source}: {field}: expected {expected}, found {found!r}")
 
-    def number(self, data: dict[str, Any], key: str, field: str, minimum: float,
-               maximum: float | None = None, integer: bool = False,
-               optional: bool = False) -> None:
-        value = data.get(key)
-        if value is None and optional:
-            return
-        kinds: tuple[type, ...] = (int,) if integer else (int, float)
-        kind = "an integer" if integer else "a number"
-        bound = f" between {minimum} and {maximum}" if maximum is not None else f" >= {minimum}"
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise self.fail(field, kind + bound, value)
-        assert isinstance(value, (int, float))
-        if value < minimum or (maximum is not None and value > maximum):
-            raise self.fail(field, kind + bound, value)
+def _defaults_of(kind: type[Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for f in _declared(kind):
+        if "section" in f.metadata:
+            result[f.name] = _defaults_of(f.metadata["section"])
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            result[f.name] = list(default) if isinstance(default, tuple) else default
+    return result
 
-    def string(self, data: dict[str, Any], key: str, field: str, allow_empty: bool = True) -> None:
-        value = data.get(key)
-        if not isinstance(value, str) or (not allow_empty and not value):
-            raise self.fail(field, "a non-empty string" if not allow_empty else "a string", value)
 
-    def pattern(self, data: dict[str, Any], key: str, field: str, regex: str,
-                expected: str) -> None:
-        value = data.get(key)
-        if not isinstance(value, str) or (value and not re.fullmatch(regex, value)):
-            raise self.fail(field, expected, value)
+DEFAULTS: dict[str, Any] = _defaults_of(AppConfig)
 
-    def boolean(self, data: dict[str, Any], key: str, field: str) -> None:
-        if not isinstance(data.get(key), bool):
-            raise self.fail(field, "true or false", data.get(key))
 
-    def mapping(self, data: Any, field: str, known: set[str]) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise self.fail(field, "a mapping", data)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{self.source}: {field}.{unknown[0]}: unknown setting; "
-                              f"known: {', '.join(sorted(known))}")
-        return data
+def _read(kind: type[Any], data: Any, where: str, source: str) -> Any:
+    """`data` checked field by field against `kind`'s declarations, as a `kind`."""
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or '(top level)'}: expected a mapping, found "
+                          f"{data!r}")
+    fields = {f.name: f for f in _declared(kind)}
+    for key in data:
+        if f"{prefix}{key}" in GONE:
+            raise ConfigError(f"{source}: {prefix}{key}: no longer a setting: "
+                              f"{GONE[f'{prefix}{key}']}")
+        if key not in fields or (kind is AppConfig and key == "raw"):
+            raise ConfigError(f"{source}: {prefix}{key}: unknown setting; known: "
+                              f"{', '.join(sorted(fields))}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if "section" in f.metadata:
+            values[name] = _read(f.metadata["section"], data.get(name, {}), prefix + name,
+                                 source)
+        elif name == "sources" and kind is AppConfig:
+            values[name] = _read_sources(data.get(name, []), source)
+        else:
+            value = data.get(name, _defaults_of(kind)[name])
+            try:
+                values[name] = f.metadata["validator"].validate(value)
+            except Invalid as exc:
+                raise ConfigError(f"{source}: {prefix}{name}: expected {exc}, found "
+                                  f"{value!r}") from None
+    return kind(**values)
+
+
+def _read_sources(raw: Any, source: str) -> tuple[SourceConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{source}: sources: expected a list of sources, found {raw!r}")
+    result: list[SourceConfig] = []
+    for i, item in enumerate(raw):
+        where = f"sources[{i}]"
+        if isinstance(item, dict) and "name" not in item:
+            raise ConfigError(f"{source}: {where}.name: expected a non-empty string, found None")
+        entry = _read(SourceConfig, item, where, source)
+        _check_source(entry, where, source, {s.name for s in result})
+        result.append(entry)
+    auto = [s.name for s in result if s.kind == "v4l2-auto"]
+    if len(auto) > 1:
+        raise ConfigError(f"{source}: sources: expected at most one v4l2-auto entry (it finds "
+                          f"every camera), found {auto!r}")
+    return tuple(result)
+
+
+def _check_source(entry: SourceConfig, where: str, source: str, names: set[str]) -> None:
+    """What one field cannot say alone: a unique name, the value each kind needs, a URL its
+    kind can open, and a camera's frame rate."""
+    def fail(key: str, expected: str, found: Any) -> ConfigError:
+        return ConfigError(f"{source}: {where}.{key}: expected {expected}, found {found!r}")
+
+    if entry.name in names:
+        raise fail("name", "a name no other source uses", entry.name)
+    needs = {"v4l2": "device", "rtsp": "url", "http": "url", "replay": "path"}
+    key = needs.get(entry.kind, "")
+    if key and not getattr(entry, key):
+        raise fail(key, f"a value for a {entry.kind} source", "")
+    if entry.kind in URL_SCHEMES:
+        try:
+            URL_SCHEMES[entry.kind].validate(entry.url)
+        except Invalid as exc:
+            raise fail("url", f"{exc} (a {entry.kind} source)", entry.url) from None
+    # a recording may be read faster than any camera delivers: as fast as inference takes
+    if entry.kind != "replay" and entry.fps > MAX_CAMERA_FPS:
+        raise fail("fps", f"a number between 0.1 and {MAX_CAMERA_FPS!r}", entry.fps)
 
 
 def validate(data: dict[str, Any], source: str) -> AppConfig:
     """Merge `data` over the defaults, check every field, and return the typed config."""
-    check = _Checker(source)
-    check.mapping(data, "(top level)", set(DEFAULTS))
-    merged = deep_merge(DEFAULTS, data)
-    check.string(merged, "device_id", "device_id")
-    check.pattern(merged, "device_id", "device_id", DEVICE_ID, "letters, digits, '.', '_' or "
-                  "'-' (at most 64; it becomes part of MQTT topics and file names)")
-    for name in ("model", "inference", "queue", "journal", "mqtt", "http", "watchdog",
-                 "update"):
-        check.mapping(merged[name], name, set(DEFAULTS[name]))
-    check.string(merged["model"], "path", "model.path", allow_empty=False)
-    check.string(merged["model"], "card", "model.card")
-    inf = merged["inference"]
-    check.number(inf, "workers", "inference.workers", 1, 16, integer=True)
-    check.number(inf, "num_threads", "inference.num_threads", 1, 16, integer=True)
-    check.boolean(inf, "processes", "inference.processes")
-    check.boolean(inf, "per_camera", "inference.per_camera")
-    check.number(inf, "score_threshold", "inference.score_threshold", 0.0, 1.0, optional=True)
-    check.number(inf, "top_k", "inference.top_k", 1, 100, integer=True)
-    check.number(merged["queue"], "depth", "queue.depth", 1, 64, integer=True)
-    up = merged["update"]
-    check.pattern(up, "dir", "update.dir", ABSOLUTE_PATH, "an absolute path")
-    check.number(up, "window_sec", "update.window_sec", 0.0, 86400.0)
-    check.number(up, "max_latency_ms", "update.max_latency_ms", 1.0, 60000.0)
-    check.number(up, "poll_sec", "update.poll_sec", 0.2, 60.0)
-    check.number(up, "max_error_rate", "update.max_error_rate", 0.0, 1.0)
-    check.pattern(up, "keys_dir", "update.keys_dir", ABSOLUTE_PATH, "an absolute path")
-    check.pattern(up, "target_file", "update.target_file", ABSOLUTE_PATH, "an absolute path")
-    check.pattern(up, "pull_url", "update.pull_url", PULL_URL,
-                  "an http:// or https:// URL without spaces, or empty (no pulling)")
-    check.number(up, "pull_sec", "update.pull_sec", 10.0, 86400.0)
-    check.boolean(up, "mqtt_commands", "update.mqtt_commands")
-    check.string(up, "mqtt_group", "update.mqtt_group")
-    check.pattern(up, "mqtt_group", "update.mqtt_group", DEVICE_ID,
-                  "letters, digits, '.', '_' or '-' (it becomes part of an MQTT topic)")
-    jr = merged["journal"]
-    check.string(jr, "dir", "journal.dir", allow_empty=False)
-    check.number(jr, "fsync_interval_sec", "journal.fsync_interval_sec", 0.0, 60.0)
-    check.number(jr, "rotate_bytes", "journal.rotate_bytes", 4096, integer=True)
-    check.number(jr, "min_free_percent", "journal.min_free_percent", 1.0, 90.0)
-    mq = merged["mqtt"]
-    check.boolean(mq, "enabled", "mqtt.enabled")
-    check.string(mq, "host", "mqtt.host", allow_empty=False)
-    check.number(mq, "port", "mqtt.port", 1, 65535, integer=True)
-    check.string(mq, "topic", "mqtt.topic")
-    check.pattern(mq, "topic", "mqtt.topic", TOPIC, "an MQTT topic without '+', '#', control "
-                  "characters or a leading '$'")
-    check.number(mq, "qos", "mqtt.qos", 0, 2, integer=True)
-    check.number(mq, "keepalive_sec", "mqtt.keepalive_sec", 5, 3600, integer=True)
-    check.string(mq, "client_id", "mqtt.client_id")
-    check.pattern(mq, "client_id", "mqtt.client_id", DEVICE_ID, "letters, digits, '.', '_' "
-                  "or '-'")
-    check.string(mq, "username", "mqtt.username")
-    check.string(mq, "password", "mqtt.password")
-    tls = check.mapping(mq["tls"], "mqtt.tls", set(DEFAULTS["mqtt"]["tls"]))
-    check.boolean(tls, "enabled", "mqtt.tls.enabled")
-    for key in ("ca_file", "cert_file", "key_file"):
-        check.pattern(tls, key, f"mqtt.tls.{key}", ABSOLUTE_PATH, "an absolute path or ''")
-    if bool(tls["cert_file"]) != bool(tls["key_file"]):
-        raise check.fail("mqtt.tls.key_file", "cert_file and key_file given together",
-                         tls["key_file"])
-    ht = merged["http"]
-    check.boolean(ht, "enabled", "http.enabled")
-    check.string(ht, "bind", "http.bind", allow_empty=False)
-    check.number(ht, "port", "http.port", 0, 65535, integer=True)
-    check.number(ht, "max_connections", "http.max_connections", 1, 256, integer=True)
-    check.number(ht, "timeout_sec", "http.timeout_sec", 0.5, 120.0)
-    if not isinstance(ht["allow"], list) or not all(isinstance(a, str) for a in ht["allow"]):
-        raise check.fail("http.allow", "a list of client networks like 10.0.0.0/8",
-                         ht["allow"])
-    for i, network in enumerate(ht["allow"]):
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise check.fail(f"http.allow[{i}]", "a network like 10.0.0.0/8 or an address",
-                             network) from None
-    check.number(merged["watchdog"], "stall_sec", "watchdog.stall_sec", 1.0, 3600.0)
-    sources = _validate_sources(check, merged["sources"])
-    return AppConfig(raw=merged, sources=sources)
+    config: AppConfig = _read(AppConfig, data, "", source)
+    tls = config.mqtt.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError(f"{source}: mqtt.tls.key_file: expected cert_file and key_file "
+                          f"given together, found {tls.key_file!r}")
+    return dataclasses.replace(config, raw=deep_merge(DEFAULTS, data))
 
 
-def _validate_sources(check: _Checker, raw: Any) -> tuple[SourceConfig, ...]:
-    if not isinstance(raw, list):
-        raise check.fail("sources", "a list of sources", raw)
-    result = []
-    seen: set[str] = set()
-    for i, item in enumerate(raw):
-        field = f"sources[{i}]"
-        check.mapping(item, field, {"name", "kind", *SOURCE_DEFAULTS})
-        entry = {**SOURCE_DEFAULTS, **item}
-        check.string(entry, "name", f"{field}.name", allow_empty=False)
-        if entry["name"] in seen:
-            raise check.fail(f"{field}.name", "a name no other source uses", entry["name"])
-        seen.add(entry["name"])
-        if entry.get("kind") not in SOURCE_KINDS:
-            raise check.fail(f"{field}.kind", "one of " + ", ".join(SOURCE_KINDS),
-                             entry.get("kind"))
-        # a recording may be read faster than any camera delivers: as fast as inference
-        # takes its frames (a replay waits for room instead of dropping)
-        check.number(entry, "fps", f"{field}.fps", 0.1,
-                     MAX_REPLAY_FPS if entry["kind"] == "replay" else MAX_CAMERA_FPS)
-        check.number(entry, "max_age_sec", f"{field}.max_age_sec", 0.5, 3600.0)
-        check.number(entry, "width", f"{field}.width", 16, 8192, integer=True)
-        check.number(entry, "height", f"{field}.height", 16, 8192, integer=True)
-        for key in ("device", "url", "path"):
-            check.string(entry, key, f"{field}.{key}")
-        check.boolean(entry, "loop", f"{field}.loop")
-        check.boolean(entry, "enabled", f"{field}.enabled")
-        needs = {"v4l2": "device", "rtsp": "url", "http": "url", "replay": "path"}
-        key = needs.get(str(entry["kind"]), "")
-        if key and not entry[key]:
-            raise check.fail(f"{field}.{key}", f"a value for a {entry['kind']} source", "")
-        result.append(SourceConfig(**{k: entry[k] for k in SourceConfig.__dataclass_fields__}))
-    if sum(1 for s in result if s.kind == "v4l2-auto") > 1:
-        raise check.fail("sources", "at most one v4l2-auto entry (it finds every camera)",
-                         [s.name for s in result if s.kind == "v4l2-auto"])
-    return tuple(result)
+def describe_all() -> str:
+    """Every setting with its type, default and help, for `--print-config-schema`."""
+    lines: list[str] = []
+
+    def walk(kind: type[Any], prefix: str) -> None:
+        defaults = _defaults_of(kind)
+        for f in _declared(kind):
+            if "section" in f.metadata:
+                walk(f.metadata["section"], f"{prefix}{f.name}.")
+            elif f.name == "sources" and kind is AppConfig:
+                lines.append(f"{'sources':32} a list of sources, each:")
+                walk(SourceConfig, "sources[].")
+            else:
+                lines.append(f"{prefix + f.name:32} {f.metadata['validator'].describe()}; "
+                             f"default {defaults[f.name]!r}\n{'':32} {f.metadata['help']}")
+    walk(AppConfig, "")
+    return "\n".join(lines)
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -278,8 +337,10 @@ def load_config(path: Path, overrides: Path | None = None) -> AppConfig:
     source = str(path)
     if overrides is not None and overrides.is_file():
         extra = read_yaml_mapping(overrides)
-        check = _Checker(str(overrides))
-        check.mapping(extra, "(top level)", set(DEFAULTS))
+        for key in extra:
+            if key not in DEFAULTS:
+                raise ConfigError(f"{overrides}: {key}: unknown setting; known: "
+                                  f"{', '.join(sorted(DEFAULTS))}")
         data = deep_merge(data, extra)
         source = f"{path} + {overrides}"
     return validate(data, source)

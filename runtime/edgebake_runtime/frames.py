@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -113,67 +112,3 @@ class LatestFrameQueue:
             items, self._items = self._items, []
             self._made_room()
             return items
-
-
-class RoundRobin:
-    """Takes the next frame from the queues in turn, so a fast camera cannot starve a slow
-    one; queues added while running (cameras found later) join the rotation."""
-
-    def __init__(self, queues: dict[str, LatestFrameQueue]) -> None:
-        self.queues = queues
-        self._next = 0
-
-    def take(self) -> Frame | None:
-        order = list(self.queues)
-        for step in range(len(order)):
-            name = order[(self._next + step) % len(order)]
-            frame = self.queues[name].take()
-            if frame is not None:
-                self._next = (self._next + step + 1) % len(order)
-                return frame
-        return None
-
-
-class FrameSignal:
-    """Wakes idle workers when any queue gets a frame (one condition for all sources).
-
-    A worker that must also watch a pipe (a process worker's feeder) subscribes an eventfd
-    instead, and waits on both at once in select()."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._generation = 0
-        self._fds: list[int] = []
-
-    def subscribe(self) -> int:
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        with self._cond:
-            self._fds = [*self._fds, fd]
-        return fd
-
-    def unsubscribe(self, fd: int) -> None:
-        with self._cond:  # under the lock: notify never writes to a closed (reused) fd
-            self._fds = [f for f in self._fds if f != fd]
-            os.close(fd)
-
-    def notify(self) -> None:
-        with self._cond:
-            self._generation += 1
-            self._cond.notify_all()
-            # the first woken feeder usually takes the frame: rotate who is first, so idle
-            # workers share the frames instead of one of them taking every one
-            count = len(self._fds)
-            for step in range(count):
-                fd = self._fds[(self._generation + step) % count]
-                with contextlib.suppress(BlockingIOError):  # the counter is full: awake anyway
-                    os.eventfd_write(fd, 1)
-
-    def wait(self, seen: int, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._generation == seen:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            return self._generation

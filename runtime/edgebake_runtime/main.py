@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from .app import App, StartupError, load_checked_card
 from .atomic import write_atomic
-from .config import ConfigError, load_config
+from .config import ConfigError, describe_all, load_config
+from .modelload import StartupError, load_checked_card
 from .sdnotify import Notifier
+from .service import Service
 
 DEFAULT_CONFIG = Path("/etc/edgebake/app.yaml")
 DEFAULT_OVERRIDES = Path("/etc/edgebake/seed-overrides.yaml")
@@ -57,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--check", action="store_true",
                         help="check the configuration, the model and its card, then exit")
+    parser.add_argument("--print-config-schema", action="store_true",
+                        help="print every setting of app.yaml with its type, default and help")
     args = parser.parse_args(argv)
+    if args.print_config_schema:
+        print(describe_all())
+        return 0
     if args.check:
         return check_only(args.config, args.overrides)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         record_startup_error(f"bad configuration: {exc}")
         return EXIT_BAD_CONFIG
     try:
-        app = App(config, notifier)
+        app = Service(config, notifier)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         notifier.status(f"failed: {exc}")
@@ -86,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     app.start()
-    log.info("started: model %s, %d source(s), %d worker(s)", app.card.version,
-             len(app.sources), len(app.workers))
+    log.info("started: model %s, %d camera process(es)", app.card.version,
+             len(app.cameras.processes))
     try:
         app.run()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 
@@ -39,12 +40,10 @@ class Metrics:
         self.journal_errors = 0
         self.mqtt_published = 0
         self.switch_drops = 0  # frames prepared for a model that was switched away
+        self.last_result_at = time.monotonic()  # start counts: stalls are judged from it
         self._lock = threading.Lock()
-
-    def count_result(self) -> None:
-        with self._lock:
-            self.results += 1
 
     def count_results(self, count: int) -> None:
         with self._lock:
             self.results += count
+            self.last_result_at = time.monotonic()

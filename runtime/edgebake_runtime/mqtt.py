@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
+from .config import MqttSettings
 from .journal import journal_files
 from .supervise import Supervised
 
@@ -49,32 +50,31 @@ class Cursor:
 
 
 class MqttPublisher:
-    def __init__(self, settings: dict[str, Any], journal_dir: Path, device_id: str) -> None:
+    def __init__(self, settings: MqttSettings, journal_dir: Path, device_id: str) -> None:
         import paho.mqtt.client as mqtt  # optional dependency, imported only when enabled
 
         self.settings = settings
         self.journal_dir = journal_dir
         self.device = device_id or os.uname().nodename
-        self.topic = settings["topic"] or f"edgebake/{self.device}/results"
+        self.topic = settings.topic or f"edgebake/{self.device}/results"
         self.status_topic = f"edgebake/{self.device}/status"
         self.health_topic = f"edgebake/{self.device}/health"
-        self.qos = int(settings["qos"])
+        self.qos = settings.qos
         self.connected = threading.Event()
         self.published = 0
         self.last_error = ""
         self._stop = threading.Event()
         self.sender = Supervised("mqtt-sender", self._run, self._stop)
         self.cursor_error = ""
-        client_id = settings["client_id"] or f"edgebake-{self.device}"
+        client_id = settings.client_id or f"edgebake-{self.device}"
         api = mqtt.CallbackAPIVersion.VERSION2  # type: ignore[attr-defined]
         self.client = mqtt.Client(api, client_id=client_id, clean_session=False)
-        if settings["username"]:
-            self.client.username_pw_set(settings["username"], settings["password"] or None)
-        tls = settings["tls"]
-        if tls["enabled"]:
-            self.client.tls_set(ca_certs=tls["ca_file"] or None,
-                                certfile=tls["cert_file"] or None,
-                                keyfile=tls["key_file"] or None)
+        if settings.username:
+            self.client.username_pw_set(settings.username, settings.password or None)
+        tls = settings.tls
+        if tls.enabled:
+            self.client.tls_set(ca_certs=tls.ca_file or None, certfile=tls.cert_file or None,
+                                keyfile=tls.key_file or None)
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         # model update orders (see commands.py): subscribed on every connect
         self.command_topics: list[str] = []
@@ -111,8 +111,8 @@ class MqttPublisher:
         self.last_error = f"disconnected: {reason}"
 
     def start(self) -> None:
-        self.client.connect_async(self.settings["host"], int(self.settings["port"]),
-                                  keepalive=int(self.settings["keepalive_sec"]))
+        self.client.connect_async(self.settings.host, self.settings.port,
+                                  keepalive=self.settings.keepalive_sec)
         self.client.loop_start()
         self.sender.start()
 

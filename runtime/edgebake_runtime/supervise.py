@@ -1,17 +1,39 @@
-"""Background threads that come back: an exception restarts the loop after a backoff.
+"""Work that comes back: a loop or a process that fails is restarted after a backoff.
 
-A unit runs for months; a thread that dies on an unexpected error must neither vanish
-silently nor spin. Each restart is counted and its error kept for /health.
+A unit runs for months; a thread or a camera process that dies on an unexpected error must
+neither vanish silently nor spin. Each restart is counted and its error kept for /health.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 log = logging.getLogger("edgebake.supervise")
+
+# A process whose essential thread died ends with this code, so that its parent replaces it.
+EXIT_THREAD_DIED = 70
+
+
+class Backoff:
+    """Waits between restarts: doubling after each failure up to `maximum`, and from
+    `first` again once the work had run well for twice the maximum."""
+
+    def __init__(self, first: float = 1.0, maximum: float = 30.0) -> None:
+        self.first = first
+        self.maximum = maximum
+        self.delay = first
+
+    def pause(self, stop: threading.Event, ran_for: float) -> None:
+        """Wait before the next attempt (returns early when `stop` is set)."""
+        if ran_for > 2 * self.maximum:
+            self.delay = self.first
+        stop.wait(self.delay)
+        self.delay = min(self.delay * 2, self.maximum)
 
 
 class Supervised:
@@ -22,8 +44,7 @@ class Supervised:
         self.name = name
         self.body = body
         self.stop = stop
-        self.first_backoff = first_backoff
-        self.max_backoff = max_backoff
+        self.backoff = Backoff(first_backoff, max_backoff)
         self.restarts = 0
         self.last_error = ""
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -35,18 +56,26 @@ class Supervised:
         return self.thread.is_alive()
 
     def _loop(self) -> None:
-        backoff = self.first_backoff
         while not self.stop.is_set():
             began = time.monotonic()
             try:
                 self.body()
-                backoff = self.first_backoff
+                self.backoff.delay = self.backoff.first
             except Exception as exc:  # the point of supervision: log, count, come back
-                if time.monotonic() - began > 2 * self.max_backoff:
-                    backoff = self.first_backoff  # it ran well for a while: start over
                 self.restarts += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("%s failed (restart %d in %.0fs)", self.name, self.restarts,
-                              backoff)
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                              self.backoff.delay)
+                self.backoff.pause(self.stop, time.monotonic() - began)
+
+
+def essential(body: Callable[[], None]) -> Callable[[], None]:
+    """A thread body whose end by an error ends the whole process (EXIT_THREAD_DIED): a
+    process missing one of its threads must not look alive to its parent."""
+    def run() -> None:
+        try:
+            body()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(EXIT_THREAD_DIED)
+    return run

@@ -22,7 +22,7 @@ import numpy as np
 
 from .bundle import BundleError, check_bundle, load_public_key, version_key
 from .card import load_card
-from .config import ConfigError, load_config
+from .config import ConfigError, UpdateSettings, load_config
 from .interp import ModelError, load_interpreter
 from .modelstore import ModelStore
 from .selfcheck import check_model
@@ -60,7 +60,7 @@ def measure_latency_ms(model: Path, card_path: Path) -> float:
 
 
 def apply(bundle_path: Path, store: ModelStore, keys_dir: Path, target: str,
-          current_version: str, settings: dict[str, Any], allow_rollback: bool) -> str:
+          current_version: str, settings: UpdateSettings, allow_rollback: bool) -> str:
     """All checks, then the slot and the trial; returns the line to print."""
     store.audit("received", bundle=str(bundle_path))
     bundle = check_bundle(bundle_path, trusted_keys(keys_dir), target, current_version,
@@ -76,22 +76,22 @@ def apply(bundle_path: Path, store: ModelStore, keys_dir: Path, target: str,
         store.audit("golden test ok", version=bundle.version, runtime=result["runtime"],
                     max_deviation=result["max_deviation"]["abs"])
         latency = measure_latency_ms(trial.model, trial.card)
-        budget = float(settings["max_latency_ms"])
+        budget = settings.max_latency_ms
         if latency > budget:
             raise BundleError(f"latency {latency:.1f} ms per frame on this unit exceeds "
                               f"update.max_latency_ms {budget:g}")
         store.audit("latency ok", version=bundle.version, p50_ms=round(latency, 3))
     store.write_slot(bundle)
-    store.start_trial(bundle.version, float(settings["window_sec"]))
-    store.audit("trial started", version=bundle.version, window_sec=settings["window_sec"])
-    return (f"model {bundle.version} installed and on trial for {settings['window_sec']:g}s "
+    store.start_trial(bundle.version, settings.window_sec)
+    store.audit("trial started", version=bundle.version, window_sec=settings.window_sec)
+    return (f"model {bundle.version} installed and on trial for {settings.window_sec:g}s "
             f"(golden ok, latency {latency:.1f} ms); the service switches to it without a "
             "restart")
 
 
-def unit_target(settings: dict[str, Any]) -> str:
+def unit_target(settings: UpdateSettings) -> str:
     """This unit's target name, as the image wrote it (empty when unknown)."""
-    path = Path(settings["target_file"])
+    path = Path(settings.target_file)
     return path.read_text().strip() if path.is_file() else ""
 
 
@@ -126,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = config.section("update")
-    store = ModelStore(Path(settings["dir"]))
+    settings = config.update
+    store = ModelStore(Path(settings.dir))
     baked_card = config.card_path or config.model_path.with_name(
         config.model_path.stem + ".card.json")
     try:
         if args.command == "apply":
-            print(apply(args.bundle, store, Path(settings["keys_dir"]), unit_target(settings),
+            print(apply(args.bundle, store, Path(settings.keys_dir), unit_target(settings),
                         current_version(store, baked_card), settings, args.allow_rollback))
         elif args.command == "rollback":
             now = store.rollback()

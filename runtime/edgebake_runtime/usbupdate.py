@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .bundle import BundleError, version_key
-from .config import ConfigError, load_config
+from .config import ConfigError, UpdateSettings, load_config
 from .interp import ModelError
 from .modelstore import ModelStore
 from .update import apply, current_version, unit_target
@@ -38,7 +38,7 @@ def _version_of(name: str) -> tuple[int, ...]:
         return (0,)
 
 
-def apply_from(mounted: Path, store: ModelStore, settings: dict[str, object],
+def apply_from(mounted: Path, store: ModelStore, settings: UpdateSettings,
                baked_card: Path) -> list[str]:
     """Every bundle on the stick through the full checks; one line per bundle."""
     folder = mounted / FOLDER
@@ -54,7 +54,7 @@ def apply_from(mounted: Path, store: ModelStore, settings: dict[str, object],
         local = incoming / f"usb-{bundle.name}"
         try:
             shutil.copyfile(bundle, local)
-            line = apply(local, store, Path(str(settings["keys_dir"])), unit_target(settings),
+            line = apply(local, store, Path(settings.keys_dir), unit_target(settings),
                          current_version(store, baked_card), settings, False)
         except (BundleError, ModelError, OSError, ValueError) as exc:
             store.audit("refused", via="usb", bundle=bundle.name, reason=str(exc))
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = config.section("update")
-    store = ModelStore(Path(settings["dir"]))
+    settings = config.update
+    store = ModelStore(Path(settings.dir))
     baked_card = config.card_path or config.model_path.with_name(
         config.model_path.stem + ".card.json")
     with tempfile.TemporaryDirectory(prefix="edgebake-usb-") as mount_point:

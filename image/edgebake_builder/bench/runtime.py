@@ -12,12 +12,9 @@ from typing import Any
 
 from ..progress import Progress
 
-ROOT = Path(__file__).resolve().parents[3]
-
 
 def _child(args: list[str]) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'image'}:{ROOT / 'runtime'}",
-               TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     out = subprocess.run([sys.executable, "-m", "edgebake_builder.bench.runtime_child", *args],
                          env=env, capture_output=True, text=True, check=True).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
@@ -56,21 +53,21 @@ def bench_runtime(model: Path, replay: Path, seconds: float, threads: int,
                 progress.say(f"round {number} of {rounds}: raw loop, two raw loops, pipeline "
                              "with 1 and 2 sources")
             results["rounds"].append({
-                "raw": _child(["raw", *common, "1", "1", str(replay), str(work / "r0")]),
-                "raw_pair": _child(["raw-pair", *common, "2", "2", str(replay),
+                "raw": _child(["raw", *common, "1", str(replay), str(work / "r0")]),
+                "raw_pair": _child(["raw-pair", *common, "2", str(replay),
                                     str(work / "r0")]),
-                "one": _child(["pipeline", *common, "1", "1", str(replay), str(work / "r1")]),
-                "two": _child(["pipeline", *common, "2", "2", str(replay), str(work / "r2")])})
+                "one": _child(["pipeline", *common, "1", str(replay), str(work / "r1")]),
+                "two": _child(["pipeline", *common, "2", str(replay), str(work / "r2")])})
         results.update(_median_round(results["rounds"]))
-        results["rtsp"] = _child(["rtsp", *common, "1", "1", str(replay), str(work / "r3")])
+        results["rtsp"] = _child(["rtsp", *common, "1", str(replay), str(work / "r3")])
         if heavier is not None:  # where inference, not Python, is most of each frame's cost
             big = [str(_with_card(heavier, work)), str(seconds), str(threads)]
             results["heavier"] = {
                 "name": heavier.stem,
-                "raw": _child(["raw", *big, "1", "1", str(replay), str(work / "h0")]),
-                "raw_pair": _child(["raw-pair", *big, "2", "2", str(replay), str(work / "h0")]),
-                "one": _child(["pipeline", *big, "1", "1", str(replay), str(work / "h1")]),
-                "two": _child(["pipeline", *big, "2", "2", str(replay), str(work / "h2")])}
+                "raw": _child(["raw", *big, "1", str(replay), str(work / "h0")]),
+                "raw_pair": _child(["raw-pair", *big, "2", str(replay), str(work / "h0")]),
+                "one": _child(["pipeline", *big, "1", str(replay), str(work / "h1")]),
+                "two": _child(["pipeline", *big, "2", str(replay), str(work / "h2")])}
     results["model_mb"] = model.stat().st_size / 2**20
     return results
 

@@ -1,7 +1,7 @@
 """One benchmark measurement in its own process, so peak RSS belongs to that measurement only.
 
 Usage: python -m edgebake_builder.bench.runtime_child raw|pipeline MODEL SECONDS THREADS
-       SOURCES WORKERS REPLAY_DIR RESULTS_DIR
+       SOURCES REPLAY_DIR RESULTS_DIR
 Prints one JSON line.
 """
 
@@ -50,32 +50,32 @@ def raw_pair(model: Path, seconds: float, threads: int, replay: Path) -> dict[st
     import subprocess
 
     args = [sys.executable, "-m", "edgebake_builder.bench.runtime_child", "raw", str(model),
-            str(seconds), str(threads), "1", "1", str(replay), "-"]
+            str(seconds), str(threads), "1", str(replay), "-"]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
              for _ in range(2)]
     outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     return {"fps": sum(float(o["fps"]) for o in outs)}
 
 
-def run_app(model: Path, seconds: float, threads: int, workers: int,
-            sources: list[dict[str, Any]], results: Path) -> dict[str, Any]:
-    from edgebake_runtime.app import App
+def run_app(model: Path, seconds: float, threads: int, sources: list[dict[str, Any]],
+            results: Path) -> dict[str, Any]:
     from edgebake_runtime.config import validate
+    from edgebake_runtime.service import Service
 
     config = validate({
         "model": {"path": str(model), "card": ""},
-        "inference": {"workers": workers, "num_threads": threads},
+        "inference": {"num_threads": threads},
         "sources": sources,
         "journal": {"dir": str(results), "fsync_interval_sec": 1.0},
         "http": {"enabled": False},
     }, "bench")
-    app = App(config)
+    app = Service(config)
     runner = threading.Thread(target=app.run, daemon=True)
     app.start()
     runner.start()
     while app.metrics.results < 20:
         time.sleep(0.05)
-    pids = [int(getattr(w, "pid", 0)) for w in app.workers if getattr(w, "pid", 0)]
+    pids = [c.pid for c in app.cameras.processes if c.pid]
     start_count = app.metrics.results
     cpu_service, cpu_workers = _cpu_seconds([0]), _cpu_seconds(pids)
     started = time.monotonic()
@@ -123,12 +123,12 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def pipeline(model: Path, seconds: float, threads: int, sources: int, workers: int,
-             replay: Path, results: Path) -> dict[str, Any]:
+def pipeline(model: Path, seconds: float, threads: int, sources: int, replay: Path,
+             results: Path) -> dict[str, Any]:
     from edgebake_runtime.config import MAX_REPLAY_FPS
 
     # as fast as inference takes the frames: a pace of its own would cap the pipeline
-    return run_app(model, seconds, threads, workers,
+    return run_app(model, seconds, threads,
                    [{"name": f"replay{i}", "kind": "replay", "path": str(replay),
                      "fps": MAX_REPLAY_FPS}
                     for i in range(sources)], results)
@@ -154,7 +154,7 @@ def rtsp(model: Path, seconds: float, threads: int, replay: Path, results: Path
             frames += 1
     decode_ms = (time.perf_counter() - began) / frames * 1000
     with RtspServer(clip, fps) as server:
-        report = run_app(model, seconds, threads, 1,
+        report = run_app(model, seconds, threads,
                          [{"name": "rtsp", "kind": "rtsp", "url": server.url(), "fps": fps}],
                          results)
     report["decode_ms"] = decode_ms
@@ -163,7 +163,7 @@ def rtsp(model: Path, seconds: float, threads: int, replay: Path, results: Path
 
 
 def main() -> int:
-    mode, model, seconds, threads, sources, workers, replay, results = sys.argv[1:9]
+    mode, model, seconds, threads, sources, replay, results = sys.argv[1:8]
     if mode == "raw":
         report = raw_loop(Path(model), float(seconds), int(threads), Path(replay))
     elif mode == "rtsp":
@@ -172,7 +172,7 @@ def main() -> int:
         report = raw_pair(Path(model), float(seconds), int(threads), Path(replay))
     else:
         report = pipeline(Path(model), float(seconds), int(threads), int(sources),
-                          int(workers), Path(replay), Path(results))
+                          Path(replay), Path(results))
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # the largest peak among the worker processes (they have ended by now)
     report["worker_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

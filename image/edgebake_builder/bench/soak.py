@@ -131,6 +131,7 @@ class Receiver:
 
 def run_soak(minutes: float, progress: Progress, rate: float = 4000.0,
              fs_mib: int = 24) -> SoakResult:
+    from edgebake_runtime.config import MqttSettings
     from edgebake_runtime.journal import Journal
     from edgebake_runtime.mqtt import MqttPublisher
 
@@ -145,11 +146,8 @@ def run_soak(minutes: float, progress: Progress, rate: float = 4000.0,
             journal = Journal(data / "results", fsync_interval_sec=1.0,
                               rotate_bytes=512 * 1024, min_free_percent=25.0)
             journal.open()
-            settings = {"enabled": True, "host": "127.0.0.1", "port": broker.port,
-                        "topic": "", "qos": 1, "keepalive_sec": 10, "client_id": "",
-                        "username": "", "password": "",
-                        "tls": {"enabled": False, "ca_file": "", "cert_file": "",
-                                "key_file": ""}}
+            settings = MqttSettings(enabled=True, host="127.0.0.1", port=broker.port,
+                                    keepalive_sec=10)
             sender = MqttPublisher(settings, journal.folder, "soak-unit")
             journal.delivered = sender.cursor.position
             receiver = Receiver(broker.port, sender.topic)

@@ -1,8 +1,8 @@
-"""A Python child process of the service, spoken to over an AF_UNIX SOCK_SEQPACKET pair.
+"""The service's link to a camera process: its start, its socket, its end and its restarts.
 
-Shared by the pool's worker processes and the camera processes: starting one with the socket
-and any other descriptors it needs, waiting for it to say it is ready (`wire.READY`, or why
-not), and ending it so that no zombie and no socket stays behind.
+Starting one with its end of an AF_UNIX SOCK_SEQPACKET pair, waiting for it to say it is
+ready (`wire.READY`, or why not), replacing it with backoff when it dies, and ending it so
+that no zombie and no socket stays behind.
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..supervise import Backoff
 from . import wire
 
-log = logging.getLogger("edgebake.worker")
+log = logging.getLogger("edgebake.camera")
 
 START_TIMEOUT_SEC = 120.0
 BACKOFF_START_SEC = 1.0
 BACKOFF_MAX_SEC = 30.0
+# A process that ran this long before it died is restarted at once: it did not crash-loop.
+RAN_WELL_SEC = 2 * BACKOFF_MAX_SEC
 
 
 class WorkerStartError(Exception):
@@ -33,10 +36,10 @@ class WorkerStartError(Exception):
 class ChildLink:
     """The process, the service's end of its socket, and whether it said it is ready."""
 
-    what = "child process"  # for messages: "worker process", "camera process"
+    what = "camera process"  # for messages
 
     def __init__(self) -> None:
-        self.label = self.what  # in the log: "worker 0", "camera front"
+        self.label = self.what  # in the log: "camera front"
         self.restarts = 0
         self.last_error = ""
         self._stop = threading.Event()
@@ -46,14 +49,14 @@ class ChildLink:
         self._ready = False
         self._thread: threading.Thread | None = None  # the service's thread for it
 
-    def _launch(self, module: str, args: list[str], extra_fds: tuple[int, ...] = ()) -> None:
+    def _launch(self, module: str, args: list[str]) -> None:
         """Start `python -m module`; its end of the socket is the first argument."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", module, str(theirs.fileno()), *args],
-                pass_fds=(*extra_fds, theirs.fileno()), env=env, stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         self._sock = ours
@@ -108,7 +111,7 @@ class ChildLink:
     def _keep_running(self, serve: Callable[[], None]) -> None:
         """Serve the process until stopped; one that dies or breaks its socket is replaced,
         with backoff when it keeps dying, and counted in `restarts` with the reason."""
-        backoff = BACKOFF_START_SEC
+        backoff = Backoff(BACKOFF_START_SEC, BACKOFF_MAX_SEC)
         while not self._stop.is_set():
             if not self._ready:
                 try:
@@ -118,9 +121,8 @@ class ChildLink:
                 except (WorkerStartError, OSError) as exc:
                     self.last_error = str(exc)
                     self._start_failed(str(exc))
-                    log.error("%s: %s; retrying in %.0fs", self.label, exc, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_SEC)
+                    log.error("%s: %s; retrying in %.0fs", self.label, exc, backoff.delay)
+                    backoff.pause(self._stop, 0.0)
                     continue
             started = time.monotonic()
             try:
@@ -135,8 +137,8 @@ class ChildLink:
                 self._lost()
                 log.error("%s: %s; starting a new one", self.label, self.last_error)
                 self._kill()
-                if time.monotonic() - started > 2 * BACKOFF_MAX_SEC:
-                    backoff = BACKOFF_START_SEC
+                ran_for = time.monotonic() - started
+                if ran_for > RAN_WELL_SEC:
+                    backoff.delay = backoff.first  # it did not crash-loop: at once
                 elif self.restarts > 1:
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_SEC)
+                    backoff.pause(self._stop, ran_for)

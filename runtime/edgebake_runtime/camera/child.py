@@ -26,14 +26,16 @@ main thread then prepares each frame straight into the interpreter's input buffe
 decodes between invokes, one thread doing one frame's work after the other.
 A thread that dies ends the process, and the service starts a new one.
 
-Usage (started by `CameraProcess`): python3 -m edgebake_runtime.camproc SOCK_FD SPEC_JSON
+A recording waits instead of dropping: it is read READ_AHEAD frames ahead, and refilled once
+half of them are taken (one wake-up of the source thread per READ_AHEAD // 2 frames).
+
+Usage (started by `CameraProcess`): python3 -m edgebake_runtime.camera.child SOCK_FD SPEC
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import os
 import select
@@ -41,23 +43,21 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..config import SourceConfig
+from ..frames import Frame, LatestFrameQueue
+from ..invokeclock import SMOOTHING, InvokeClock
+from ..records import journal_line
+from ..sources import make_source
+from ..supervise import essential
 from . import wire
-from .card import Card, load_card
-from .config import SourceConfig
-from .frames import Frame, LatestFrameQueue
-from .interp import load_interpreter
-from .invokeclock import SMOOTHING, InvokeClock
-from .postprocess import decoder_for
-from .preprocess import Preprocessor
-from .sources import make_source
-from .worker import journal_line
+from .batch import FLUSH_SEC, LineBatch
+from .model import READ_AHEAD, LoadedModel
 
 # While frames keep coming, inferred frames are decoded this many at a time: right after an
 # invoke the decoding code is out of the CPU's caches (a frame's decoding in place takes
@@ -70,122 +70,8 @@ DECODE_BATCH = 8
 # Inferred batches waiting for the decoder thread beyond this many (it fell behind) are
 # decoded by the main thread: what waits stays bounded, in memory and in latency.
 MAX_PENDING_BATCHES = 8
-# A recording waits instead of dropping: it is read this many frames ahead, and refilled
-# once half of them are taken (one wake-up of the source thread per READ_AHEAD // 2 frames).
-READ_AHEAD = 8
 STATUS_SEC = 0.25
-FLUSH_SEC = 0.01  # lines wait at most this long; at a low frame rate each goes at once
-FLUSH_BYTES = 48 * 1024  # a message stays well inside wire.MAX_MESSAGE
 WAIT_SEC = 0.5
-EXIT_THREAD_DIED = 70
-NO_PIXELS = np.zeros((0, 0, 3), np.uint8)
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """One model ready to run: its interpreter, the card's pre- and postprocessing."""
-
-    card: Card
-    interpreter: Any
-    input_index: int
-    input_buffer: Callable[[], np.ndarray[Any, Any]]  # a view of the interpreter's own input
-    outputs: list[int]
-    preprocessor: Preprocessor
-    decode: Callable[..., dict[str, Any]]
-    generation: int
-    first_invoke_sec: float  # at load: what an invoke takes, give or take the weights' packing
-    # Input tensors to prepare frames into, given back once copied into the interpreter:
-    # a fresh 200 KB array per frame costs page faults and, freed, the other core's TLB.
-    spare_inputs: collections.deque[np.ndarray[Any, Any]] = dataclasses.field(
-        default_factory=collections.deque)
-
-    def prepare(self, frame: Frame) -> None:
-        """Turn the frame's image into this model's input tensor, in a spare one if any."""
-        spares = self.spare_inputs
-        frame.image, frame.placement = self.preprocessor(frame.image,
-                                                         spares.pop() if spares else None)
-        frame.generation = self.generation
-
-    def fill_input(self, frame: Frame) -> None:
-        """Put the frame into the interpreter's input: copied in when the source thread has
-        prepared it (the tensor is then a spare again), else prepared straight into it."""
-        if frame.placement is not None:
-            self.interpreter.set_tensor(self.input_index, frame.image)
-            if len(self.spare_inputs) < READ_AHEAD + 2:
-                self.spare_inputs.append(frame.image)
-        else:
-            view = self.input_buffer()
-            filled, frame.placement = self.preprocessor(frame.image, view)
-            del filled, view  # invoke() refuses to run while a view of its buffers is alive
-        frame.image = NO_PIXELS  # its tensor may now hold another frame
-
-    @classmethod
-    def load(cls, model: Path, card_path: Path, version: str, threads: int, generation: int
-             ) -> LoadedModel:
-        card = load_card(card_path)
-        card.data["version"] = version  # a bundle's version names its model
-        interpreter = load_interpreter(model, num_threads=threads)
-        details = interpreter.get_input_details()[0]
-        expected = [int(x) for x in details["shape"]]
-        if expected != list(card.inputs[0].shape):
-            raise ValueError(f"model input shape {expected} does not match the card's "
-                             f"{list(card.inputs[0].shape)}")
-        # one invoke now, so that whatever the runtime does at the first one (XNNPACK packs
-        # the weights) happens here, beside the running model, not on the first frame
-        interpreter.set_tensor(details["index"], np.zeros(details["shape"], details["dtype"]))
-        began = time.monotonic()
-        interpreter.invoke()
-        first_invoke = time.monotonic() - began
-        return cls(card, interpreter, int(details["index"]),
-                   interpreter.tensor(int(details["index"])),
-                   [int(d["index"]) for d in interpreter.get_output_details()],
-                   Preprocessor(card), decoder_for(card), generation, first_invoke)
-
-
-class LineBatch:
-    """Journal lines waiting to be sent; the decoder thread and the main thread both add."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._meta: list[tuple[float, float, float]] = []
-        self._text: list[bytes] = []
-        self._size = 0
-        self.errors = 0
-        self._sent_errors = 0
-        self._last_send = 0.0
-
-    def add(self, meta: tuple[float, float, float], line: bytes) -> str:
-        """Queue one line; returns why not ("" when queued)."""
-        if len(line) + wire.LINE_META.size > FLUSH_BYTES:
-            return f"decoded result is {len(line)} bytes, more than {FLUSH_BYTES}"
-        with self._lock:
-            self._meta.append(meta)
-            self._text.append(line)
-            self._size += len(line) + wire.LINE_META.size
-        return ""
-
-    def count_error(self) -> None:
-        with self._lock:
-            self.errors += 1
-
-    def wait_sec(self) -> float | None:
-        """How long the decoder may wait for work before what waits is due."""
-        if not self._text:
-            return None if self.errors == self._sent_errors else 0.0
-        return max(0.0, self._last_send + FLUSH_SEC - time.monotonic())
-
-    def send_if_due(self, send: Callable[[bytes], None], now: bool = False) -> None:
-        """Send what waits when FLUSH_SEC has passed since the last send (at a low frame
-        rate: at once), when it is large, or when `now`."""
-        with self._lock:
-            if not self._text and self.errors == self._sent_errors:
-                return
-            clock = time.monotonic()
-            if not (now or clock - self._last_send >= FLUSH_SEC or self._size >= FLUSH_BYTES):
-                return
-            send(wire.lines(self._meta, self._text, self.errors))  # in order, under the lock
-            self._meta, self._text, self._size = [], [], 0
-            self._sent_errors, self._last_send = self.errors, clock
 
 
 # (frame, model, outputs, invoke seconds, error): an inferred frame for decoding
@@ -386,14 +272,14 @@ class Camera:
                     # loaded in a thread of its own: the statuses keep coming meanwhile, so
                     # a slow load is not taken for a hung process
                     order = json.loads(message[len(wire.MODEL):])
-                    threading.Thread(target=_guarded(partial(self.switch_model, order)),
+                    threading.Thread(target=essential(partial(self.switch_model, order)),
                                      name="model-load", daemon=True).start()
                 elif message.startswith(wire.DECODE_BESIDE):
                     self.beside = message[len(wire.DECODE_BESIDE):] == b"1"
             now = time.monotonic()
             if now - last_status >= STATUS_SEC:
                 last_status = now
-                self.send(wire.STATUS + json.dumps(self.status()).encode())
+                self.send(self.status().encode())
 
     def switch_model(self, order: dict[str, Any]) -> None:
         """Load the new model beside the running one, then switch frames over to it."""
@@ -409,30 +295,15 @@ class Camera:
         self.model = new  # frames prepared from now on are for the new model
         self.send(wire.MODEL_DONE + json.dumps({"error": ""}).encode())
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> wire.CameraStatus:
         st = self.source.stats
-        return {"state": st.state, "frames": st.frames, "fps": st.fps,
-                "last_frame": st.last_frame_monotonic, "corrupt": st.corrupt_frames,
-                "reconnects": st.reconnects, "source_error": st.last_error,
-                "size": st.frame_size,
-                "depth": len(self.queue), "drops": self.queue.dropped,
-                "busy_since": self.busy_since, "last_done": self.last_done,
-                "processed": self.processed, "errors": self.batch.errors,
-                "last_error": self.last_error, "switch_drops": self.switch_drops,
-                "version": self.model.card.version}
-
-
-def _guarded(body: Callable[[], None]) -> Callable[[], None]:
-    """A thread whose end (other than a stop) ends the process, so the service replaces it."""
-    def run() -> None:
-        try:
-            body()
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            os._exit(EXIT_THREAD_DIED)
-    return run
+        return wire.CameraStatus(
+            state=st.state, frames=st.frames, fps=st.fps, last_frame=st.last_frame_monotonic,
+            corrupt=st.corrupt_frames, reconnects=st.reconnects, source_error=st.last_error,
+            size=st.frame_size, depth=len(self.queue), drops=self.queue.dropped,
+            busy_since=self.busy_since, processed=self.processed, errors=self.batch.errors,
+            last_error=self.last_error, switch_drops=self.switch_drops,
+            version=self.model.card.version)
 
 
 def main(argv: list[str]) -> int:
@@ -443,8 +314,8 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # reported to the service, which refuses to start this camera
         sock.send(wire.FAILED + f"{type(exc).__name__}: {exc}".encode()[:4000])
         return 1
-    decoder = threading.Thread(target=_guarded(camera.decode_loop), name="decode", daemon=True)
-    control = threading.Thread(target=_guarded(camera.control_loop), name="control",
+    decoder = threading.Thread(target=essential(camera.decode_loop), name="decode", daemon=True)
+    control = threading.Thread(target=essential(camera.control_loop), name="control",
                                daemon=True)
     decoder.start()
     camera.source.start(camera.on_frame)

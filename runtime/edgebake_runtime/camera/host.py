@@ -1,4 +1,4 @@
-"""The service's side of a camera process (`camproc`): one source and its own interpreter.
+"""The service's side of a camera process (`camera.child`): one source and its interpreter.
 
 To the service it is both a source and a worker: `stats` mirrors the source's state as the
 process reports it, `queue` its latest-frame queue, and `alive()`/`busy_since` say what a
@@ -25,12 +25,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..card import Card
+from ..config import SourceConfig
+from ..metrics import Metrics
+from ..sources.base import SourceStats
 from . import wire
-from .card import Card
-from .child import ChildLink, WorkerStartError
-from .config import SourceConfig
-from .metrics import Metrics
-from .sources.base import SourceStats
+from .link import ChildLink, WorkerStartError
 
 log = logging.getLogger("edgebake.camera")
 
@@ -84,8 +84,6 @@ class CameraProcess(ChildLink):
         self.decode_beside = False  # the service sets it: True while a core is free for it
         self.stats = SourceStats()
         self.queue = QueueMirror()
-        self.can_wait = False
-        self.size_for: Any = None  # the process scales frames itself
         self.last_done = time.monotonic()
         self.processed = 0
         self.lost_frames = 0
@@ -112,7 +110,7 @@ class CameraProcess(ChildLink):
                 "version": self.card.version, "threads": self.num_threads,
                 "threshold": self.threshold, "top_k": self.top_k, "depth": self.depth,
                 "decode_beside": self.decode_beside}
-        self._launch("edgebake_runtime.camproc", [json.dumps(spec)])
+        self._launch("edgebake_runtime.camera.child", [json.dumps(spec)])
 
     def await_ready(self) -> None:
         self._await_ready()
@@ -127,7 +125,7 @@ class CameraProcess(ChildLink):
         return self._busy_reported
 
     # --- the reader thread -------------------------------------------------------------
-    def start(self, on_frame: Any = None) -> None:
+    def start(self) -> None:
         if self._thread is not None:
             return
         if not self._ready:
@@ -179,7 +177,7 @@ class CameraProcess(ChildLink):
             if kind == wire.LINES:
                 self._take_lines(message)
             elif kind == wire.STATUS:
-                self._take_status(json.loads(message[1:]))
+                self._take_status(wire.CameraStatus.decode(message))
             elif kind == wire.MODEL_DONE:
                 self._answer = json.loads(message[1:])
                 self._answered.set()
@@ -209,28 +207,28 @@ class CameraProcess(ChildLink):
             apply(delta)
         self._seen[key] = value
 
-    def _take_status(self, status: dict[str, Any]) -> None:
+    def _take_status(self, status: wire.CameraStatus) -> None:
         st = self.stats
-        st.state = str(status["state"])
-        st.fps = float(status["fps"])
-        if status["last_frame"]:
-            st.last_frame_monotonic = float(status["last_frame"])
-        st.last_error = str(status["source_error"])
-        for key in ("frames", "corrupt", "reconnects", "processed"):
-            self._count(key, int(status[key]), partial(self._grow, key))
+        st.state = status.state
+        st.fps = status.fps
+        if status.last_frame:
+            st.last_frame_monotonic = status.last_frame
+        st.last_error = status.source_error
+        for key, value in (("frames", status.frames), ("corrupt", status.corrupt),
+                           ("reconnects", status.reconnects), ("processed", status.processed)):
+            self._count(key, value, partial(self._grow, key))
         st.frames = self._totals["frames"]
         st.corrupt_frames = self._totals["corrupt"]
         st.reconnects = self._totals["reconnects"] + self.restarts
         self.processed = self._totals["processed"]
-        self.queue.report(int(status["depth"]), int(status["drops"]))
-        self._busy_reported = float(status["busy_since"])
-        self.serving = str(status["version"])
-        size = status.get("size")
-        st.frame_size = (int(size[0]), int(size[1])) if size else None
-        self._count("switch_drops", int(status["switch_drops"]), self._add_switch_drops)
-        self._count("errors", int(status["errors"]), self._add_errors)
-        if status["last_error"]:
-            self.last_error = str(status["last_error"])
+        self.queue.report(status.depth, status.drops)
+        self._busy_reported = status.busy_since
+        self.serving = status.version
+        st.frame_size = status.size
+        self._count("switch_drops", status.switch_drops, self._add_switch_drops)
+        self._count("errors", status.errors, self._add_errors)
+        if status.last_error:
+            self.last_error = status.last_error
 
     def _grow(self, key: str, delta: int) -> None:
         self._totals[key] += delta

@@ -1,0 +1,36 @@
+"""Where results go: the journal on /data, one write per batch a camera process sends.
+
+A journal that cannot write does not stop inference: the failure is counted and shows in
+/health (the verdict calls it stuck, so a restart gets a chance to fix it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .config import JournalSettings
+from .journal import Journal
+from .metrics import Metrics
+
+log = logging.getLogger("edgebake.results")
+
+
+class ResultSink:
+    def __init__(self, settings: JournalSettings, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.journal = Journal(Path(settings.dir), settings.fsync_interval_sec,
+                               settings.rotate_bytes, settings.min_free_percent)
+
+    def open(self) -> None:
+        try:
+            self.journal.open()
+        except OSError as exc:
+            self.journal.failed = f"{exc.strerror or exc} ({self.journal.folder})"
+            log.error("journal unavailable: %s; inference and health keep running",
+                      self.journal.failed)
+
+    def write_lines(self, block: bytes, count: int, stamp: float) -> None:
+        """`count` finished journal lines in one block (called by camera reader threads)."""
+        if not self.journal.append_lines(block, count, stamp):
+            self.metrics.journal_errors += count

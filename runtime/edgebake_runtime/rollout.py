@@ -1,0 +1,209 @@
+"""Model updates while running: bundles in (pull, MQTT orders), the switch to a new model, its
+trial, and the rollback when it fails.
+
+The store on /data says which model should run (`current`) and whether it is on trial; this
+module makes the cameras run it, and judges the trial with the service's health verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .cameras import Cameras
+from .card import Card, card_path_for
+from .config import AppConfig
+from .metrics import Metrics
+from .modelload import StartupError, load_checked_card
+from .modelstore import ModelStore, Slot, boot_id
+from .supervise import Supervised
+
+log = logging.getLogger("edgebake.rollout")
+# A switch waits this long for the new model's first result (the gap the frames saw).
+FIRST_RESULT_SEC = 10.0
+
+
+class Rollout:
+    """Which model serves, how it got there, and whether it is confirmed."""
+
+    def __init__(self, config: AppConfig, cameras: Cameras, metrics: Metrics,
+                 stop: threading.Event) -> None:
+        self.config = config
+        self.cameras = cameras
+        self.metrics = metrics
+        self.stop = stop
+        self.store = ModelStore(Path(config.update.dir))
+        self.running_version: str | None = None  # None: the image's model
+        self.swaps = 0
+        self.last_swap_gap_sec: float | None = None
+        self.switched_at = 0.0  # monotonic time of the last switch
+        self._trial_errors = (0, 0)  # (results, errors) when the trial began
+        self._apply_lock = threading.Lock()
+        self.threads: list[Supervised] = []
+        self.puller: Any = None  # BundlePuller when update.pull_url is set
+        self.commands: Any = None  # UpdateCommands when update.mqtt_commands is on
+
+    # --- at start ----------------------------------------------------------------------
+    def load_first(self) -> Card:
+        """The model to serve at start: the store's current one, unless it no longer loads
+        (then what ran before, never a restart loop); the cameras are loaded with it."""
+        self._end_trial_interrupted_by_reboot()
+        slot = self.store.current()
+        try:
+            card = self._load(slot)
+        except StartupError:
+            if slot is None:
+                raise
+            self.store.audit("rollback", reason=f"model {slot.version} does not load")
+            self.store.rollback()
+            slot = self.store.current()
+            card = self._load(slot)
+        self.running_version = slot.version if slot else None
+        return card
+
+    def _load(self, slot: Slot | None) -> Card:
+        model, card = self._checked(slot)
+        self.cameras.load(model, card)
+        return card
+
+    def _checked(self, slot: Slot | None) -> tuple[Path, Card]:
+        model, card_path = (slot.model, slot.card) if slot else \
+            (self.config.model_path, self.config.card_path)
+        card = load_checked_card(model, card_path)
+        if slot is not None:
+            card.data["version"] = slot.version  # the bundle's version names the model
+        return model, card
+
+    def _end_trial_interrupted_by_reboot(self) -> None:
+        """A model still on trial from an earlier boot did not survive its window."""
+        trial = self.store.state().get("trial")
+        if trial and trial.get("boot_id") != boot_id():
+            self.store.audit("rollback", version=trial.get("version"),
+                             reason="the unit rebooted inside the health window")
+            self.store.rollback()
+
+    def start(self, mqtt: Any) -> None:
+        self._supervise("model-watch", self._watch_models)
+        update = self.config.update
+        agent = f"edgebake/{self.config.device_id or 'unit'}"
+        if update.pull_url:
+            from .pull import BundlePuller
+
+            self.puller = BundlePuller(update.pull_url, update.pull_sec, self.store.root,
+                                       self.apply_bundle, agent)
+            self._supervise("update-pull", partial(self.puller.run, self.stop))
+        if mqtt is not None and update.mqtt_commands:
+            self._listen_for_orders(mqtt)
+
+    def _supervise(self, name: str, body: Any) -> None:
+        thread = Supervised(name, body, self.stop)
+        self.threads.append(thread)
+        thread.start()
+
+    def _listen_for_orders(self, mqtt: Any) -> None:
+        from .commands import UpdateCommands
+
+        self.commands = UpdateCommands(self.store.root, self.apply_bundle,
+                                       f"edgebake/{mqtt.device}")
+        self.commands.publish = mqtt.publish_update_status
+        mqtt.command_topics = [f"edgebake/{mqtt.device}/update"]
+        if self.config.update.mqtt_group:
+            mqtt.command_topics.append(f"edgebake/group/{self.config.update.mqtt_group}/update")
+        mqtt.on_command = self.commands.order
+        self._supervise("update-orders", partial(self.commands.run, self.stop))
+
+    def apply_bundle(self, bundle: Path) -> str:
+        """A pulled or ordered bundle through every check of `edgebake-update apply`; the
+        model watch then switches to it like to any other."""
+        from .update import apply, current_version, unit_target
+
+        settings = self.config.update
+        baked_card = self.config.card_path or card_path_for(self.config.model_path)
+        with self._apply_lock:  # a pulled and an ordered bundle never install at once
+            return apply(bundle, self.store, Path(settings.keys_dir), unit_target(settings),
+                         current_version(self.store, baked_card), settings, False)
+
+    # --- the switch ----------------------------------------------------------------------
+    def swap_to(self, slot: Slot | None) -> None:
+        """Load the new model beside the running one in every camera, then switch to it."""
+        model, card = self._checked(slot)
+        newest_before = self.metrics.results
+        began = self.cameras.switch(model, card)
+        self.switched_at = began
+        self.running_version = slot.version if slot else None
+        self.swaps += 1
+        self._trial_errors = (self.metrics.results, self.metrics.inference_errors)
+        self.last_swap_gap_sec = self._first_result_after(
+            began, newest_before, slot.version if slot else None)
+        log.info("model %s now serving (first result after %s)", card.version,
+                 "none yet" if self.last_swap_gap_sec is None
+                 else f"{self.last_swap_gap_sec:.3f}s")
+
+    def _first_result_after(self, began: float, results_before: int, wanted: str | None
+                            ) -> float | None:
+        """Seconds from the switch to the new model's first result, or None when none came
+        in FIRST_RESULT_SEC or a rollback was asked for meanwhile (a hung new model must not
+        hold up its own rollback)."""
+        checked = began
+        while self.metrics.results == results_before:
+            now = time.monotonic()
+            if now - began > FIRST_RESULT_SEC or self.stop.is_set():
+                return None
+            if now - checked > 0.1:
+                checked = now
+                if self.store.state().get("current") != wanted:
+                    return None
+            time.sleep(0.005)
+        return time.monotonic() - began
+
+    def _watch_models(self) -> None:
+        while not self.stop.wait(self.config.update.poll_sec):
+            wanted = self.store.state().get("current")
+            if wanted == self.running_version:
+                continue
+            slot = self.store.slot(wanted)
+            if wanted and slot is None:
+                continue  # named but not written yet
+            try:
+                self.swap_to(slot)
+                self.store.audit("serving", version=wanted or "image model",
+                                 switch_sec=round(self.last_swap_gap_sec or 0, 3))
+            except StartupError as exc:
+                self.store.audit("rollback", version=wanted, reason=str(exc))
+                self.store.rollback()
+
+    # --- the trial -----------------------------------------------------------------------
+    def judge_trial(self, serving: str, healthy: bool, restart_helps: bool,
+                    status: str) -> None:
+        """During a trial: unhealthy or erring -> roll back; a clean window -> confirmed."""
+        trial = self.store.state().get("trial")
+        if not trial or trial.get("version") != serving:
+            return
+        results, errors = self._trial_errors
+        new_results = self.metrics.results - results
+        new_errors = self.metrics.inference_errors - errors
+        rate = new_errors / max(new_results + new_errors, 1)
+        limit = self.config.update.max_error_rate
+        reason = ""
+        if restart_helps:
+            reason = f"unhealthy in the health window: {status}"
+        elif new_results + new_errors >= 20 and rate > limit:
+            reason = f"inference errors {rate:.0%} in the health window (limit {limit:.0%})"
+        if reason:
+            self.store.audit("rollback", version=trial["version"], reason=reason)
+            log.error("model %s rolled back: %s", trial["version"], reason)
+            self.store.rollback()
+        elif healthy and time.time() - float(trial["started"]) >= float(trial["window_sec"]):
+            self.store.confirm()
+            self.store.audit("confirmed", version=trial["version"])
+            log.info("model %s confirmed after its health window", trial["version"])
+
+    def stats(self) -> dict[str, Any]:
+        pull = next((t for t in self.threads if t.name == "update-pull"), None)
+        return {"pull": self.puller.stats() if self.puller is not None else None,
+                "pull_restarts": pull.restarts if pull else 0,
+                "orders": self.commands.stats() if self.commands is not None else None}

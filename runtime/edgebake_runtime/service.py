@@ -1,0 +1,194 @@
+"""The service: camera processes -> journal/MQTT, with /health, model updates and systemd's
+watchdog. This module wires the parts together and runs the READY/WATCHDOG loop."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+from . import health, snapshot
+from .camera.host import CameraProcess
+from .cameras import Cameras
+from .card import Card
+from .config import AppConfig
+from .http import HealthServer
+from .interp import runtime_name_and_version
+from .metrics import Metrics
+from .modelstore import ModelStore
+from .results import ResultSink
+from .rollout import Rollout
+from .sdnotify import Notifier, watchdog_interval_sec
+from .supervise import Supervised
+
+log = logging.getLogger("edgebake")
+# Reader threads of the camera processes get the GIL back soon after they wake.
+SWITCH_INTERVAL_SEC = 0.0005
+# Health snapshot to MQTT (`edgebake/<device>/health`, retained) this often.
+HEALTH_TOPIC_SEC = 30.0
+# READY=1 comes with the first result; without a camera it comes after this grace period so
+# systemd does not kill a unit that is only waiting for a camera (its status says so).
+READY_GRACE_SEC = 60.0
+
+
+class Service:
+    def __init__(self, config: AppConfig, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self.started = time.monotonic()
+        self.status = "starting"
+        self.healthy = False
+        self.ready = False
+        self._stop = threading.Event()
+        self.runtime = runtime_name_and_version()
+        self.results = ResultSink(config.journal, self.metrics)
+        self.cameras = Cameras(config, self.metrics, self.results.write_lines, self._stop)
+        self.rollout = Rollout(config, self.cameras, self.metrics, self._stop)
+        self.rollout.load_first()
+        self.mqtt: Any = None
+        self.http: HealthServer | None = None
+        self._health_published = 0.0
+
+    @property
+    def card(self) -> Card:
+        """The card of the model every camera runs."""
+        assert self.cameras.card is not None
+        return self.cameras.card
+
+    @property
+    def store(self) -> ModelStore:
+        return self.rollout.store
+
+    @property
+    def journal(self) -> Any:
+        return self.results.journal
+
+    @property
+    def workers(self) -> list[CameraProcess]:
+        return self.cameras.processes
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL_SEC)
+        self.results.open()
+        self.cameras.start()
+        http = self.config.http
+        if http.enabled:
+            self.http = HealthServer(http.bind, http.port, self.snapshot, http.max_connections,
+                                     http.timeout_sec, list(http.allow))
+            self.http.start()
+        if self.config.mqtt.enabled:
+            from .mqtt import MqttPublisher
+
+            self.mqtt = MqttPublisher(self.config.mqtt, self.journal.folder,
+                                      self.config.device_id)
+            self.journal.delivered = self.mqtt.cursor.position
+        self.rollout.start(self.mqtt)
+        if self.mqtt is not None:
+            self.mqtt.start()
+
+    def stop(self) -> None:
+        """Cameras first (their last lines still arrive), then the sinks."""
+        self.notifier.stopping("stopping: draining queues and flushing results")
+        self._stop.set()  # no camera is added from here on
+        self.cameras.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        self.journal.close()
+        if self.http is not None:
+            self.http.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # --- health ------------------------------------------------------------------------
+    def _threads(self) -> list[Supervised]:
+        scanner = [self.cameras.scanner] if self.cameras.scanner is not None else []
+        return [*self.rollout.threads, *scanner]
+
+    def verdict(self, now: float) -> health.Verdict:
+        return health.judge(health.Observed(
+            now=now, started=self.started, stall_sec=self.config.watchdog.stall_sec,
+            switching=self.cameras.switching.locked(),
+            last_result_at=max(self.metrics.last_result_at, self.rollout.switched_at),
+            cameras=list(self.cameras.processes), threads=self._threads(),
+            journal=self.journal, mqtt=self.mqtt,
+            http_alive=self.http.alive() if self.http is not None else None))
+
+    def evaluate(self, now: float) -> tuple[bool, bool, str]:
+        """(healthy, restart_helps, status)."""
+        verdict = self.verdict(now)
+        if not verdict.healthy:
+            return False, verdict.restart_helps, verdict.status()
+        cameras = list(self.cameras.processes)
+        fps = sum(c.stats.fps for c in cameras)
+        p50 = self.metrics.inference.percentile(50)
+        latency = f", inference p50 {p50 * 1000:.1f} ms" if p50 is not None else ""
+        return True, False, (f"running: {len(cameras)} source(s) at {fps:.1f} fps total"
+                             f"{latency}, {self.journal.written} results journaled")
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        cameras = list(self.cameras.processes)
+        # judged now, from the same source states the snapshot shows, not at the last tick
+        healthy, _, status = self.evaluate(now)
+        rollout = self.rollout
+        snap: dict[str, Any] = {
+            "healthy": healthy, "ready": self.ready,
+            "status": status if self.ready or healthy else f"starting: {status}",
+            "uptime_sec": round(now - self.started, 1),
+            "device_id": self.config.device_id,
+            "model": snapshot.model(self.card, str(self.cameras.model), rollout.swaps,
+                                    self.store.state().get("trial"),
+                                    rollout.last_swap_gap_sec, self.runtime),
+            "sources": snapshot.sources(cameras, now),
+            "inference": snapshot.inference(cameras, self.metrics),
+            "journal": self.journal.stats(),
+            "update": rollout.stats(),
+        }
+        if self.mqtt is not None:
+            snap["mqtt"] = self.mqtt.stats()
+        return snap
+
+    # --- the watchdog loop ---------------------------------------------------------------
+    def run(self) -> None:
+        """Supervise until asked to stop: READY after the first result, then WATCHDOG pings."""
+        tick = min(watchdog_interval_sec() or 1.0, 1.0)
+        last_status = ""
+        self.notifier.status("loading done; waiting for the first frame to be inferred")
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            self.journal.sync_if_due()
+            self.healthy, restart_helps, status = self.evaluate(now)
+            if self.ready:
+                try:
+                    self.rollout.judge_trial(self.card.version, self.healthy, restart_helps,
+                                             status)
+                except OSError as exc:  # /data trouble shows in the journal check too
+                    log.error("model trial state: %s", exc)
+            if not self.ready:
+                status = self._maybe_ready(now, restart_helps, status)
+            elif not restart_helps:
+                self.notifier.watchdog()
+            if self.mqtt is not None and now - self._health_published >= HEALTH_TOPIC_SEC:
+                self._health_published = now
+                self.mqtt.publish_health(self.snapshot())
+            if status != last_status:
+                self.notifier.status(status)
+                if not self.healthy:
+                    log.warning("%s", status)
+                last_status = status
+            self.status = status
+
+    def _maybe_ready(self, now: float, restart_helps: bool, status: str) -> str:
+        """READY=1 with the first result (or after the grace period without a camera)."""
+        if self.metrics.results > 0 or (now - self.started > READY_GRACE_SEC
+                                        and not restart_helps):
+            self.ready = True
+            self.notifier.ready(status)
+            log.info("ready: %s", status)
+            return status
+        return "starting: waiting for the first frame to be inferred"
