@@ -11,7 +11,6 @@ from pathlib import Path
 from invoke import Context, Exit, task
 
 ROOT = Path(__file__).resolve().parent
-sys.path[:0] = [str(ROOT / "image"), str(ROOT / "runtime")]
 
 
 def _fail_cleanly(exc: Exception) -> Exit:
@@ -369,10 +368,9 @@ def _warm_base_cache(targets: list[str]) -> subprocess.Popen[bytes] | None:
             "from edgebake_builder.recipe import load_recipe; "
             "from edgebake_builder.steps.bootstrap import bootstrap_base; "
             f"[bootstrap_base(load_recipe(t), Progress(1)) for t in {missing!r}]")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'image'}:{ROOT / 'runtime'}")
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-c", code, str(log)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 @task(help={"minutes": "how long to run", "rate": "records per second fed to the journal"})

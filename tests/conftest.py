@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "image"), str(ROOT / "runtime")]
 
 
 @pytest.fixture(scope="session")

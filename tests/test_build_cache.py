@@ -3,7 +3,6 @@ doing the same minutes of work beside it, and a killed builder never leaves the 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -29,8 +28,7 @@ with entry_lock(entry):
 
 
 def hold(entry: Path, go: Path) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'image'}:{ROOT / 'runtime'}")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(entry), str(go)], env=env,
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(entry), str(go)],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     return holder

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from edgebake_builder.convert.digits import train_digits_cnn
+    from edgebake_builder.bench.digits import train_digits_cnn
 
     return train_digits_cnn(tmp_path_factory.mktemp("digits"), epochs=6)
 

@@ -4,7 +4,6 @@ running service."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from runtime_helpers import RunningApp, astronaut_path, make_config, wait_for
 CORPUS = ROOT / "tests" / "corpus"
 EXPECT: dict[str, list[str]] = yaml.safe_load((CORPUS / "expect.yaml").read_text())
 NOT_INPUTS = {"expect.yaml", "make_corpus.py", "trusted.pub"}
-PYTHON_ENV = {**os.environ, "PYTHONPATH": str(ROOT / "runtime")}
 
 
 def corpus_files() -> list[str]:
@@ -57,7 +55,7 @@ def _run(name: str, tmp: Path) -> subprocess.CompletedProcess[str]:
         cmd = [*INVOKE, "verify-bundle", "--bundle", str(path), "--public-key",
                str(CORPUS / "bundles" / "trusted.pub"), "--current", "1.0"]
     return subprocess.run(cmd, cwd=ROOT if cmd[:len(INVOKE)] == INVOKE else tmp,
-                          env=PYTHON_ENV, capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False)
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(EXPECT) if not n.startswith("frames/")])

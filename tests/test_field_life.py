@@ -143,12 +143,15 @@ def test_soak_loses_nothing_while_the_broker_comes_and_goes() -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"device_id": "pole/17"}, "device_id: expected letters"),
-    ({"mqtt": {"topic": "a/#"}}, "mqtt.topic: expected an MQTT topic"),
-    ({"mqtt": {"topic": "$SYS/x"}}, "mqtt.topic: expected an MQTT topic"),
+    ({"device_id": "pole/17"}, "device_id: expected a string of letters"),
+    ({"mqtt": {"topic": "a/#"}}, "mqtt.topic: expected a string that is an MQTT topic"),
+    ({"mqtt": {"topic": "$SYS/x"}}, "mqtt.topic: expected a string that is an MQTT topic"),
     ({"mqtt": {"tls": {"cert_file": "/etc/c.pem"}}}, "mqtt.tls.key_file: expected cert_file"),
-    ({"mqtt": {"tls": {"ca_file": "ca.pem"}}}, "mqtt.tls.ca_file: expected an absolute path"),
-    ({"http": {"allow": ["10.0.0.0/33"]}}, "http.allow[0]: expected a network"),
+    ({"mqtt": {"tls": {"ca_file": "ca.pem"}}},
+     "mqtt.tls.ca_file: expected a string that is an absolute path"),
+    ({"http": {"allow": ["10.0.0.0/33"]}},
+     "http.allow: expected a list of client networks like 10.0.0.0/8 or addresses "
+     ".'10.0.0.0/33' is not one."),
     ({"journal": {"keep_files": 3}}, "journal.keep_files: unknown setting"),
     ({"sources": [{"name": "cam", "kind": "v4l2", "device": "/dev/video0", "fps": 5000}]},
      "sources[0].fps: expected a number between 0.1 and 1000.0, found 5000"),

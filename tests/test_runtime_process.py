@@ -47,7 +47,7 @@ class NotifySocket:
 
 def start_runtime(config: Path, notify: Path | None, watchdog_usec: int | None
                   ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "runtime"))
+    env = dict(os.environ)
     if notify is not None:
         env["NOTIFY_SOCKET"] = str(notify)
     if watchdog_usec is not None:

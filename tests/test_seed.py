@@ -47,8 +47,8 @@ def test_valid_seed_is_applied(tmp_path: Path) -> None:
     ("wifi: {ssid: x, psk: longenough, country: de}\n", "wifi.country: expected a two-letter"),
     ('wifi: {ssid: "a\\"b", psk: longenough, country: DE}\n', "wifi.ssid: expected 1-32"),
     ("wifi: {ssid: x, psk: longenough, country: DE, key: 1}\n", "wifi: expected a mapping"),
-    ("device_id: a/b\n", "device_id: expected letters, digits"),
-    ("app:\n  mqtt:\n    topic: a/+/b\n", "mqtt.topic: expected an MQTT topic"),
+    ("device_id: a/b\n", "device_id: expected a string of letters, digits"),
+    ("app:\n  mqtt:\n    topic: a/+/b\n", "mqtt.topic: expected a string that is an MQTT topic"),
     ("hostname: one\nhostname: two\n", "key 'hostname' appears twice"),
     ("hostname: [\n", "not valid YAML"),
     ("update_public_keys: [ssh-ed25519 AAAA]\n", "update_public_keys: expected a list of keys"),
@@ -99,6 +99,10 @@ def test_seed_saved_by_notepad_is_read(tmp_path: Path, encoding: str) -> None:
         data = b"\xfe\xff" + data
     seed.write_bytes(data)
     assert "hostname=pole-u" in apply_seed(seed, etc)
+    # `invoke flash` checks it on the host and puts it on the card as UTF-8 text
+    from edgebake_builder.flashing.write import validate_seed_file
+
+    assert validate_seed_file(seed) == text
 
 
 def test_seed_in_an_unknown_encoding_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -1,70 +1,28 @@
-"""build_image(): the whole build, top to bottom, as a list of named steps."""
+"""build_image(): the whole build, top to bottom, as a list of named steps.
+
+The recipe picks a base (Debian, a vendor image, none) and an output (disk image, overlay)
+once (`variants`); the steps below call them and never branch on which kind they have.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import subprocess
-import tempfile
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgebake_runtime.config import ConfigError, validate
 
-from . import __version__, preflight, units
-from .cache import sha256_file
+from . import __version__, preflight, units, variants
+from .context import BuildContext, BuildOptions, default_source_date_epoch
 from .errors import BuildError
 from .progress import Progress
 from .recipe import Recipe, load_recipe
-from .steps import (
-    assemble,
-    baseimage,
-    bootstrap,
-    install,
-    model,
-    overlayout,
-    overlays,
-    packages,
-    publish,
-    vendorboot,
-    verify,
-    wheels,
-)
+from .steps import assemble, install, model, overlays, verify, wheels
 from .steps import rootfs as rootfs_tree
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-STEPS = 9
+__all__ = ["BuildOptions", "build_image", "check_app_config", "load_recipe"]
 MIN_FREE_BYTES = 6 * 2**30
-
-
-@dataclass
-class BuildOptions:
-    target: str = "pi4"
-    recipe_file: Path | None = None
-    model: str = ""
-    out_dir: Path | None = None
-    workdir: Path | None = None
-    no_cache: bool = False
-    xz_level: int = 1
-    source_date_epoch: int | None = None
-    base_image: Path | None = None  # a vendor image (Raspberry Pi OS Lite) to build on
-    base_sha256: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def default_source_date_epoch() -> int:
-    """The last commit's time, so the same checkout always stamps the same time."""
-    explicit = os.environ.get("SOURCE_DATE_EPOCH")
-    if explicit:
-        return int(explicit)
-    with contextlib.suppress(OSError, subprocess.CalledProcessError, ValueError):
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%ct"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-        return int(out)
-    return 1735689600  # 2025-01-01, for a tree without git history
+Step = tuple[str, Callable[[BuildContext], None]]
 
 
 def app_config_for(recipe: Recipe, model_path: Path, card_path: Path) -> dict[str, Any]:
@@ -85,185 +43,118 @@ def check_app_config(recipe: Recipe) -> None:
         raise BuildError(str(exc)) from None
 
 
-def build_image(options: BuildOptions) -> dict[str, Any]:
-    started = time.monotonic()
-    vendor = None
-    if options.base_image is not None:
-        vendor = baseimage.BaseImage(options.base_image.resolve(), options.base_sha256.lower())
-        vendor.check_args()
-    elif options.base_sha256:
-        raise BuildError("--base-sha256 given without --base")
+# --- the steps every build runs ------------------------------------------------------------
+def check_host(ctx: BuildContext) -> None:
+    preflight.require_root()
+    preflight.require_tools()
+    preflight.require_binfmt()
+    preflight.require_disk_space(ctx.workdir, MIN_FREE_BYTES)
+
+
+def prepare_model(ctx: BuildContext) -> None:
+    recipe = ctx.recipe
+    ctx.wheel_target = wheels.Target(recipe["python.version"], recipe["python.glibc"])
+    lock = wheels.read_wheels_lock()
+    ctx.prepared = model.prepare_model(ctx.options.model or recipe["model.path"], ctx.workdir,
+                                       ctx.progress)
+    ctx.runtime = model.choose_runtime(
+        recipe["runtime"], ctx.prepared.card,
+        [r for r in model.RUNTIME_PREFERENCE if wheels.wheel_for(r, lock, ctx.wheel_target)],
+        ctx.wheel_target.python)
+    ctx.progress.say(f"      runtime {ctx.runtime.name} ({ctx.runtime.reason})")
+    ctx.wheels = wheels.select_wheels([ctx.runtime.name, *recipe["wheels"]], lock,
+                                      ctx.wheel_target)
+
+
+def make_base(ctx: BuildContext) -> None:
+    ctx.base.make(ctx)
+
+
+def download_wheels(ctx: BuildContext) -> None:
+    assert ctx.wheel_target is not None
+    ctx.wheel_dir = wheels.download_wheels(ctx.wheels, ctx.wheel_target, ctx.progress)
+
+
+def install_all(ctx: BuildContext) -> None:
+    assert ctx.wheel_dir is not None and ctx.wheel_target is not None
+    if ctx.tarball is None:
+        ctx.rootfs.mkdir(parents=True)
+    else:
+        install.extract_base(ctx.tarball, ctx.rootfs, ctx.progress)
+    ctx.base.after_install(ctx)
+    install.install_runtime(ctx.rootfs)
+    wheels.install_wheels(ctx.wheels, ctx.wheel_dir,
+                          rootfs_tree.inside(ctx.rootfs, install.SITE_DIR), ctx.wheel_target,
+                          ctx.progress)
+    ctx.model_path = install.install_model(ctx.model, ctx.rootfs)
+    ctx.card_path = install.MODEL_DIR / ctx.model.card_path.name
+
+
+def render_overlays(ctx: BuildContext) -> None:
+    recipe = ctx.recipe
+    context = {"recipe": recipe.as_nested(), "target": ctx.options.target,
+               "model": ctx.model.card,
+               "model_path": str(ctx.model_path), "card_path": str(ctx.card_path),
+               "app_config": app_config_for(recipe, ctx.model_path, ctx.card_path),
+               "partition_labels": {k.lower(): v for k, v in
+                                    assemble.PARTITION_LABELS.items()},
+               "state_binds": overlays.state_binds(ctx.rootfs)}
+    overlays.apply_overlays(recipe["overlays"], ctx.rootfs, context)
+    units.check_units(ctx.rootfs, ["edgebake"], recipe["systemd.version"])
+    ctx.output.configure(ctx)
+
+
+def verify_model(ctx: BuildContext) -> None:
+    if not ctx.base.has_rootfs:
+        ctx.progress.say("      skipped: no target rootfs to run in (apply-overlay --verify "
+                         "runs it in the real one)")
+    elif ctx.recipe["verify.enabled"]:
+        ctx.verified = verify.verify_on_target(ctx.rootfs, ctx.model_path, ctx.card_path,
+                                               ctx.progress)
+    else:
+        ctx.progress.say("      skipped (verify.enabled: false)")
+
+
+def plan(ctx: BuildContext) -> list[Step]:
+    """The build's steps in order, with the titles its progress shows."""
+    return [
+        ("preflight: host tools, binfmt, disk space", check_host),
+        ("model: fetch, inspect, card, golden outputs, runtime", prepare_model),
+        (ctx.base.title, make_base),
+        ("wheels: download pinned aarch64 wheels by hash", download_wheels),
+        ("install: runtime, wheels, model, users", install_all),
+        ("overlays: render templates, enable units, first-boot state", render_overlays),
+        ("verify: run the model in the target rootfs (qemu-user)", verify_model),
+        (ctx.output.assemble_title, ctx.output.assemble),
+        (ctx.output.publish_title, ctx.output.publish),
+    ]
+
+
+def start(options: BuildOptions) -> BuildContext:
+    """Everything checked that can be before any work, and the build's folders made."""
+    vendor = variants.vendor_image(options.base_image, options.base_sha256)
     recipe = load_recipe(options.target, options.recipe_file, base_image=vendor is not None)
-    model_arg = options.model or recipe["model.path"]
     check_app_config(recipe)
-    out_dir = (options.out_dir or REPO_ROOT / "out" / options.target).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    epoch = options.source_date_epoch or default_source_date_epoch()
-    recipe_sha = recipe.sha256()
-    progress = Progress(STEPS, log_path=out_dir / "build.log")
-    progress.say(f"edgebake {__version__}: target {options.target}, recipe {recipe_sha[:12]}, "
-                 f"SOURCE_DATE_EPOCH {epoch}")
-    work_parent = options.workdir or out_dir.parent
-    work_parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".work-{options.target}-", dir=work_parent))
+    out_dir, workdir, staging = BuildContext.make_dirs(options)
+    ctx = BuildContext(options=options, recipe=recipe,
+                       base=variants.choose_base(recipe["base"], vendor),
+                       output=variants.choose_output(recipe["output"]), out_dir=out_dir,
+                       workdir=workdir, staging=staging,
+                       epoch=options.source_date_epoch or default_source_date_epoch(),
+                       progress=Progress(1))
+    ctx.progress = Progress(len(plan(ctx)), log_path=out_dir / "build.log")
+    return ctx
+
+
+def build_image(options: BuildOptions) -> dict[str, Any]:
+    ctx = start(options)
     try:
-        with progress.step("preflight: host tools, binfmt, disk space"):
-            preflight.require_root()
-            preflight.require_tools()
-            preflight.require_binfmt()
-            preflight.require_disk_space(workdir, MIN_FREE_BYTES)
-        target = wheels.Target(recipe["python.version"], recipe["python.glibc"])
-        lock = wheels.read_wheels_lock()
-        with progress.step("model: fetch, inspect, card, golden outputs, runtime"):
-            prepared = model.prepare_model(model_arg, workdir, progress)
-            runtime = model.choose_runtime(
-                recipe["runtime"], prepared.card,
-                [r for r in model.RUNTIME_PREFERENCE if wheels.wheel_for(r, lock, target)],
-                target.python)
-            progress.say(f"      runtime {runtime.name} ({runtime.reason})")
-        base_info: dict[str, Any] = {}
-        overlay_only = recipe["output"] == "overlay"
-        tarball: Path | None = None
-        if vendor is None and recipe["base"] == "none":
-            with progress.step("base rootfs: none (an overlay for a rootfs made elsewhere)"):
-                progress.say("      the overlay starts from an empty tree")
-        elif vendor is None:
-            with progress.step("base rootfs (mmdebstrap, cached by content key)"):
-                tarball = bootstrap.bootstrap_base(recipe, progress, no_cache=options.no_cache)
-        else:
-            with progress.step(f"base rootfs: import {vendor.path.name} (no mounts, cached)"):
-                tarball, base_info = baseimage.import_base(vendor, progress,
-                                                           no_cache=options.no_cache)
-        with progress.step("wheels: download pinned aarch64 wheels by hash"):
-            locked = wheels.select_wheels([runtime.name, *recipe["wheels"]], lock, target)
-            wheel_dir = wheels.download_wheels(locked, target, progress)
-        rootfs = workdir / "rootfs"
-        with progress.step("install: runtime, wheels, model, users"):
-            if tarball is None:
-                rootfs.mkdir(parents=True)
-            else:
-                install.extract_base(tarball, rootfs, progress)
-            if vendor is not None:
-                packages.add_missing(recipe, rootfs, base_info["packages"], progress)
-            install.install_runtime(rootfs)
-            wheels.install_wheels(locked, wheel_dir, rootfs_tree.inside(rootfs, install.SITE_DIR),
-                                  target, progress)
-            model_path = install.install_model(prepared, rootfs)
-            card_path = install.MODEL_DIR / prepared.card_path.name
-        with progress.step("overlays: render templates, enable units, first-boot state"):
-            context = {"recipe": recipe.as_nested(), "target": options.target,
-                       "model": prepared.card,
-                       "model_path": str(model_path), "card_path": str(card_path),
-                       "app_config": app_config_for(recipe, model_path, card_path),
-                       "partition_labels": {k.lower(): v for k, v in
-                                            assemble.PARTITION_LABELS.items()},
-                       "state_binds": overlays.state_binds(rootfs)}
-            overlays.apply_overlays(recipe["overlays"], rootfs, context)
-            units.check_units(rootfs, ["edgebake"], recipe["systemd.version"])
-            if overlay_only:  # users and ownership come when it is applied to a rootfs
-                overlays.configure_services(recipe, rootfs, progress)
-                overlays.make_data_tree(rootfs, 0, 0, state=False)
-            else:
-                uid, gid = overlays.create_users(rootfs, progress)
-                overlays.lock_passwords(rootfs)
-                overlays.configure_services(recipe, rootfs, progress)
-                overlays.prepare_first_boot(recipe, rootfs)
-                if vendor is None:
-                    overlays.write_boot_config(recipe, rootfs)
-                else:
-                    vendorboot.adapt(recipe, rootfs, base_info, progress)
-                overlays.make_data_tree(rootfs, uid, gid)
-        verified: dict[str, Any] = {"ok": False, "skipped": True}
-        with progress.step("verify: run the model in the target rootfs (qemu-user)"):
-            if tarball is None:
-                progress.say("      skipped: no target rootfs to run in (apply-overlay --verify "
-                             "runs it in the real one)")
-            elif recipe["verify.enabled"]:
-                verified = verify.verify_on_target(rootfs, model_path, card_path, progress)
-            else:
-                progress.say("      skipped (verify.enabled: false)")
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-        image_name = f"{recipe['name']}.img"
-        common = {
-            "edgebake_version": __version__, "target": options.target, "name": recipe["name"],
-            "recipe_sha256": recipe_sha,
-            "recipe_sources": [os.path.relpath(s, REPO_ROOT) if s.startswith(
-                str(REPO_ROOT)) else s for s in recipe.sources],
-            "recipe": recipe.as_nested(),
-            "python_wheels": [{"name": w.name, "version": w.version, "sha256": w.sha256}
-                              for w in locked],
-            "model": {"path": str(model_path), "card_path": str(card_path),
-                      "sha256": prepared.card["sha256"], "card": prepared.card,
-                      "verified_on_target": bool(verified.get("ok")),
-                      "target_runtime": {k: verified.get(k) for k in
-                                         ("runtime", "runtime_version", "max_deviation")},
-                      "runtime": {"name": runtime.name, "reason": runtime.reason,
-                                  "version": next(w.version for w in locked
-                                                  if w.name == runtime.name)}},
-            "source_date_epoch": epoch,
-        }
-        if overlay_only:
-            with progress.step("overlay: .tar.zst of what edgebake adds"):
-                rootfs_bytes = rootfs_tree.tree_bytes(rootfs)
-                assemble.clamp_mtimes(rootfs, epoch)
-                overlay = overlayout.write_overlay(rootfs, staging, epoch, progress)
-            with progress.step("publish: SHA256SUMS, manifest.json"):
-                manifest = {**common, "overlay": overlay.name,
-                            "overlay_sha256": sha256_file(overlay),
-                            "overlay_bytes": overlay.stat().st_size,
-                            "systemd_version": recipe["systemd.version"],
-                            "rootfs_bytes": rootfs_bytes,
-                            "build_seconds": round(time.monotonic() - started, 1)}
-                publish.write_json(staging / "manifest.json", manifest)
-                names = [overlay.name, "manifest.json"]
-                publish.write_sums(staging, names)
-                publish.move_into_place(staging, out_dir, [*names, "SHA256SUMS"])
-            progress.say(f"overlay: {out_dir / overlay.name} "
-                         f"({manifest['overlay_bytes'] / 2**20:.1f} MiB, {rootfs_bytes / 2**20:.0f}"
-                         f" MiB unpacked) in {manifest['build_seconds']:.0f}s; apply it with "
-                         f"`invoke apply-overlay --rootfs Linux_for_Tegra/rootfs`")
-            return manifest
-        with progress.step("assemble: genimage (MBR: FAT32 boot, ext4 root, ext4 data)"):
-            assemble.compile_python(rootfs, epoch, progress)
-            installed = rootfs_tree.installed_packages(rootfs)
-            rootfs_bytes = rootfs_tree.tree_bytes(rootfs)
-            assemble.clamp_mtimes(rootfs, epoch)
-            image = assemble.assemble(recipe, recipe_sha, rootfs, workdir, staging,
-                                      image_name, epoch, progress)
-        with progress.step("publish: xz, bmap, SHA256SUMS, manifest.json"):
-            xz_path = publish.compress(image, options.xz_level, progress)
-            bmap = publish.make_bmap(image, progress)
-            manifest = {
-                **common,
-                "image": image.name,
-                "image_xz": xz_path.name,
-                "bmap": bmap.name,
-                "image_sha256": sha256_file(image),
-                "image_bytes": image.stat().st_size,
-                "image_xz_bytes": xz_path.stat().st_size,
-                "base_key": bootstrap.base_key(recipe) if vendor is None else None,
-                "base_image": None if vendor is None else {
-                    "name": base_info["name"], "sha256": base_info["sha256"],
-                    "release": base_info["release"], "rpi_issue": base_info["rpi_issue"],
-                    "cmdline": base_info["cmdline"],
-                    "packages_added": sorted({p["name"] for p in installed}
-                                             - set(base_info["packages"]))},
-                "packages": installed,
-                "partitions": {"labels": assemble.PARTITION_LABELS,
-                               **assemble.DiskIds.for_recipe(recipe_sha).__dict__},
-                "rootfs_bytes": rootfs_bytes,
-                "build_seconds": round(time.monotonic() - started, 1),
-            }
-            publish.write_json(staging / "manifest.json", manifest)
-            names = [image.name, xz_path.name, bmap.name, "manifest.json"]
-            publish.write_sums(staging, names, known={image.name: manifest["image_sha256"]})
-            publish.move_into_place(staging, out_dir, [*names, "SHA256SUMS"])
-        progress.say(f"image: {out_dir / image.name} ({manifest['image_bytes'] / 2**20:.0f} MiB, "
-                     f"xz {manifest['image_xz_bytes'] / 2**20:.0f} MiB, rootfs "
-                     f"{rootfs_bytes / 2**20:.0f} MiB) in {manifest['build_seconds']:.0f}s")
-        return manifest
+        ctx.progress.say(f"edgebake {__version__}: target {options.target}, recipe "
+                         f"{ctx.recipe.sha256()[:12]}, SOURCE_DATE_EPOCH {ctx.epoch}")
+        for title, run in plan(ctx):
+            with ctx.progress.step(title):
+                run(ctx)
+        ctx.progress.say(ctx.output.summary(ctx))
+        return ctx.manifest
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        for leftover in out_dir.glob(".staging-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        progress.close()
+        ctx.cleanup()

@@ -28,7 +28,6 @@ from .errors import BuildError
 # Ops that tflite-runtime cannot run: a model using them fails on the device, so fail the build.
 UNSUPPORTED_OP_PREFIXES = ("Flex", "FlexDelegate")
 GOLDEN_COUNT = 3
-RUNTIME_PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "runtime"
 
 # BlazeFace variants, told apart by their anchor count (MediaPipe's published anchor options).
 BLAZEFACE_VARIANTS: dict[int, dict[str, Any]] = {
@@ -127,8 +126,7 @@ def reference_runtime(model: Path) -> str:
 
 def check_runtimes(model: Path, card_path: Path) -> dict[str, dict[str, Any]]:
     """Which device runtimes load the model and reproduce its golden outputs, each in a child."""
-    package_root = str(RUNTIME_PACKAGE_ROOT)
-    env = {**os.environ, "PYTHONPATH": package_root, "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     results = {}
     for runtime in installed_runtimes():
         proc = subprocess.run([sys.executable, "-m", "edgebake_runtime.selfcheck", "--model",

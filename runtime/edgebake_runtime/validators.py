@@ -190,7 +190,7 @@ class Networks:
             try:
                 ipaddress.ip_network(item if isinstance(item, str) else "", strict=False)
             except ValueError:
-                raise Invalid(self.describe()) from None
+                raise Invalid(f"{self.describe()} ({item!r} is not one)") from None
         return tuple(value)
 
     def describe(self) -> str:

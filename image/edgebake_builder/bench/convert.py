@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,36 +11,14 @@ import numpy as np
 from ..progress import Progress
 
 
-def measure_latency_ms(model: Path, x: np.ndarray[Any, Any], runtime: str,
-                       repeats: int = 300) -> float:
-    """Runs in a child without TensorFlow (convert.isolated.latency_ms)."""
-    from edgebake_runtime.interp import load_interpreter
-
-    interpreter = load_interpreter(model, num_threads=1, runtime=runtime)
-    inp = interpreter.get_input_details()[0]
-    scale, zero = inp["quantization"]
-    sample = x[:1]
-    if np.dtype(inp["dtype"]).kind in "iu" and scale:
-        sample = np.clip(np.round(sample / scale + zero), -128, 127)
-    sample = sample.astype(inp["dtype"])
-    for _ in range(30):
-        interpreter.set_tensor(inp["index"], sample)
-        interpreter.invoke()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        interpreter.set_tensor(inp["index"], sample)
-        interpreter.invoke()
-    return (time.perf_counter() - started) / repeats * 1000
-
-
 def bench_convert(progress: Progress) -> dict[str, Any]:
     """A Keras 3 model trained in the run by the current TensorFlow, converted four ways."""
     import json
 
     from ..convert import isolated
     from ..convert.converter import ConvertOptions, convert_model, import_tensorflow
-    from ..convert.digits import train_digits_cnn
     from ..steps.model import RUNTIME_PREFERENCE, choose_runtime
+    from .digits import train_digits_cnn
 
     tf = import_tensorflow()
     keras = getattr(tf.keras, "__version__", "?")

@@ -19,13 +19,9 @@ import numpy as np
 
 from ..errors import BuildError
 
-PACKAGE_ROOTS = [str(Path(__file__).resolve().parents[2]),
-                 str(Path(__file__).resolve().parents[3] / "runtime")]
-
 
 def _child(action: str, payload: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(PACKAGE_ROOTS),
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-m", "edgebake_builder.convert.isolated", action,
                            json.dumps(payload)], capture_output=True, text=True, env=env,
                           timeout=1800, check=False)
@@ -76,7 +72,7 @@ def _main(action: str, payload: dict[str, Any]) -> dict[str, Any]:
     model = Path(payload["model"])
     try:
         if action == "latency":
-            from ..bench.convert import measure_latency_ms
+            from .latency import measure_latency_ms
 
             runtime = reference_runtime(model)
             return {"runtime": runtime,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgebake_runtime.config import ConfigError, read_yaml_mapping
 from edgebake_runtime.firstboot import SeedError, check_seed
+from edgebake_runtime.yamlfile import TextFileError, decode_text
 
 from ..errors import BuildError
 from ..validate import diskimage
@@ -21,12 +22,13 @@ BLKFLSBUF = 0x1261  # <linux/fs.h>: write back and drop the device's cached bloc
 
 
 def validate_seed_file(seed: Path) -> str:
-    """Check a seed on the host with the same rules the unit applies at first boot."""
+    """Check a seed on the host with the same rules the unit applies at first boot; returns
+    its text, read in any encoding first boot reads (it goes onto the card as UTF-8)."""
     try:
         check_seed(read_yaml_mapping(seed), str(seed), Path("/nonexistent/app.yaml"))
-    except (SeedError, ConfigError) as exc:
+        return decode_text(seed.read_bytes(), seed)
+    except (SeedError, ConfigError, TextFileError) as exc:
         raise BuildError(str(exc)) from None
-    return seed.read_text()
 
 
 def drop_cache(device: Path) -> None:

@@ -10,13 +10,13 @@ and the kernel command line it came with.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..cache import atomic_path, cache_root, sha256_file
 from ..errors import BuildError
@@ -43,14 +43,28 @@ class BaseImage:
                              f"(the sha256 of {self.path.name}, as published with it)")
 
 
+@dataclass(frozen=True)
+class VendorInfo:
+    """What an imported vendor image is, kept beside its cached tarball."""
+
+    name: str
+    sha256: str
+    release: str
+    rpi_issue: str
+    cmdline: str  # the kernel command line it came with
+    entries: int
+    packages: list[str]
+    boot_files: list[str]
+
+    @classmethod
+    def read(cls, path: Path) -> VendorInfo:
+        return cls(**json.loads(path.read_text()))
+
+
 def cached_paths(base: BaseImage) -> tuple[Path, Path]:
     stem = f"image-{base.sha256[:20]}-f{IMPORT_FORMAT}"
     folder = cache_root() / "base"
     return folder / f"{stem}.tar", folder / f"{stem}.json"
-
-
-def read_info(base: BaseImage) -> dict[str, Any]:
-    return dict(json.loads(cached_paths(base)[1].read_text()))
 
 
 def _disk_image(base: BaseImage, work: Path, progress: Progress) -> Path:
@@ -86,14 +100,14 @@ def _release(tree: Path) -> str:
 
 
 def import_base(base: BaseImage, progress: Progress, no_cache: bool = False
-                ) -> tuple[Path, dict[str, Any]]:
+                ) -> tuple[Path, VendorInfo]:
     """Return (base tarball, what the base is), importing the image if it is not cached."""
     base.check_args()
     tarball, info_path = cached_paths(base)
     if tarball.is_file() and info_path.is_file() and not no_cache:
         tarball.touch()
         progress.say(f"      cached import of {base.path.name} ({tarball.name})")
-        return tarball, read_info(base)
+        return tarball, VendorInfo.read(info_path)
     progress.say(f"      checking the sha256 of {base.path.name} "
                  f"({base.path.stat().st_size / 2**20:.0f} MiB)")
     actual = sha256_file(base.path)
@@ -126,18 +140,18 @@ def import_base(base: BaseImage, progress: Progress, no_cache: bool = False
             if (firmware / "cmdline.txt").is_file() else ""
         packages = _packages(tree)
         issue = tree / "etc" / "rpi-issue"
-        info: dict[str, Any] = {
-            "name": base.path.name, "sha256": base.sha256, "release": _release(tree),
-            "rpi_issue": issue.read_text(errors="replace").splitlines()[0]
+        info = VendorInfo(
+            name=base.path.name, sha256=base.sha256, release=_release(tree),
+            rpi_issue=issue.read_text(errors="replace").splitlines()[0]
             if issue.is_file() else "",
-            "cmdline": cmdline, "entries": entries, "packages": packages,
-            "boot_files": sorted(p.name for p in firmware.iterdir())}
+            cmdline=cmdline, entries=entries, packages=packages,
+            boot_files=sorted(p.name for p in firmware.iterdir()))
         with atomic_path(tarball) as tmp_tar:
             run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-cf", tmp_tar,
                  "-C", tree, "."], progress, what="tar (imported base)")
             with atomic_path(info_path) as tmp_info:
-                tmp_info.write_text(json.dumps(info, indent=1) + "\n")
+                tmp_info.write_text(json.dumps(dataclasses.asdict(info), indent=1) + "\n")
         shutil.rmtree(tree, ignore_errors=True)
-    progress.say(f"      imported {info['release']} ({entries} files, "
+    progress.say(f"      imported {info.release} ({entries} files, "
                  f"{len(packages)} packages)")
     return tarball, info

@@ -16,7 +16,6 @@ from ..recipe import Recipe
 
 # Bump when the way the base is made changes, so old cache entries stop matching.
 BOOTSTRAP_FORMAT = 3
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def essential_hook(recipe: Recipe) -> str:
@@ -38,7 +37,7 @@ def prune_hook(recipe: Recipe) -> str:
     """Shell run on the host after every package is in: prune modules, keep their closure."""
     spec = json.dumps({"exclude": recipe["kernel.modules_exclude"],
                        "keep": recipe["kernel.modules_keep"]}, sort_keys=True)
-    return (f"PYTHONPATH={shlex.quote(str(PACKAGE_ROOT))} {shlex.quote(sys.executable)} "
+    return (f"{shlex.quote(sys.executable)} "
             f'-m edgebake_builder.kmods "$1" {shlex.quote(spec)}')
 
 

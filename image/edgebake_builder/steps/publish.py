@@ -47,3 +47,12 @@ def move_into_place(staging: Path, out_dir: Path, names: list[str]) -> None:
     for name in ordered:
         os.replace(staging / name, out_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, out_dir: Path, artifacts: list[Path], manifest: dict[str, Any],
+            known: dict[str, str] | None = None) -> None:
+    """The artifacts, their manifest and SHA256SUMS, moved into out_dir together."""
+    write_json(staging / "manifest.json", manifest)
+    names = [a.name for a in artifacts] + ["manifest.json"]
+    write_sums(staging, names, known=known)
+    move_into_place(staging, out_dir, [*names, "SHA256SUMS"])

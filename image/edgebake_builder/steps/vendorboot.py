@@ -13,12 +13,12 @@ stays off, so there is one network manager.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ..errors import BuildError
 from ..hostcmd import run
 from ..progress import Progress
 from ..recipe import Recipe
+from .baseimage import VendorInfo
 from .rootfs import inside
 
 DROPPED_PREFIXES = ("root=", "rootfstype=")
@@ -36,18 +36,18 @@ def cmdline_for(base_cmdline: str, recipe: Recipe) -> str:
     return " ".join([*kept[:1], *ours, *kept[1:], *extra]) + "\n"
 
 
-def adapt(recipe: Recipe, rootfs: Path, base: dict[str, Any], progress: Progress) -> None:
+def adapt(recipe: Recipe, rootfs: Path, base: VendorInfo, progress: Progress) -> None:
     firmware = inside(rootfs, "/boot/firmware")
     config = firmware / "config.txt"
     if not config.is_file() or not (firmware / "cmdline.txt").is_file():
-        raise BuildError(f"--base {base['name']}: the boot partition has no config.txt and "
+        raise BuildError(f"--base {base.name}: the boot partition has no config.txt and "
                          "cmdline.txt; expected a Raspberry Pi OS image")
     missing = [name for name in recipe["firmware.requires"] if not (firmware / name).is_file()]
     if missing:
-        raise BuildError(f"--base {base['name']}: the boot partition lacks "
+        raise BuildError(f"--base {base.name}: the boot partition lacks "
                          f"{', '.join(missing)}, which target {recipe.target} needs "
                          "(firmware.requires); is it an image for this board?")
-    (firmware / "cmdline.txt").write_text(cmdline_for(base["cmdline"], recipe))
+    (firmware / "cmdline.txt").write_text(cmdline_for(base.cmdline, recipe))
     text = config.read_text().split(MARKER)[0].rstrip("\n")
     # our lines apply to every board: close any [section] the vendor left open
     sections = [line.strip() for line in text.splitlines() if line.strip().startswith("[")]
