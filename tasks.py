@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
-from invoke import Context, Exit, task
+from edgebake_builder.errors import BuildError
+from edgebake_runtime.bundle import BundleError
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
 
 ROOT = Path(__file__).resolve().parent
+WARM_LOG = ROOT / "out" / "warm-base.log"
+Body = TypeVar("Body", bound=Callable[..., None])
 
 
-def _fail_cleanly(exc: Exception) -> Exit:
-    return Exit(f"error: {exc}", code=1)
+def fails_cleanly(body: Body) -> Body:
+    """A task whose user-fixable errors end it with one line and exit code 1, and whose
+    Ctrl-C ends it with 130 (each step cleans up after itself)."""
+    @functools.wraps(body)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            body(*args, **kwargs)
+        except (BuildError, BundleError) as exc:
+            raise Exit(f"error: {exc}", code=1) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted; nothing half-written was left in place", code=130) \
+                from None
+    return cast(Body, run)
 
 
 @task(help={"target": "recipe target under recipes/targets (pi4)",
@@ -25,24 +45,19 @@ def _fail_cleanly(exc: Exception) -> Exit:
             "xz_level": "xz preset for the .img.xz (0-9; 1 is fast, 6 is ~20% smaller)",
             "base": "a Raspberry Pi OS Lite image (.img or .img.xz) to build on",
             "base_sha256": "the sha256 published with --base (checked before any work)"})
+@fails_cleanly
 def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = "",
                 out: str = "", no_cache: bool = False, xz_level: int = 1, base: str = "",
                 base_sha256: str = "") -> None:
     """Build a flashable image: recipe + model -> .img, .img.xz, .bmap, SHA256SUMS, manifest."""
     from edgebake_builder.build import BuildOptions
     from edgebake_builder.build import build_image as run_build
-    from edgebake_builder.errors import BuildError
 
     options = BuildOptions(target=target, recipe_file=Path(recipe) if recipe else None,
                            model=model, out_dir=Path(out) if out else None,
                            no_cache=no_cache, xz_level=xz_level,
                            base_image=Path(base) if base else None, base_sha256=base_sha256)
-    try:
-        run_build(options)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
-    except KeyboardInterrupt:
-        raise Exit("interrupted; no output was replaced", code=130) from None
+    run_build(options)
 
 
 @task(help={"target": "recipe target whose image to test",
@@ -52,24 +67,19 @@ def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = 
                              "(tampered, failing golden test, undecodable; ~3 min)",
             "supervision_trials": "also kill -9 and SIGSTOP the service and unplug the camera "
                                   "(the same units and runtime on every base; ~3 min)"})
+@fails_cleanly
 def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool = False,
                update_trials: bool = True, supervision_trials: bool = True) -> None:
     """Validate the exact image: static testinfra checks, then QEMU boot + checks over SSH."""
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
     from edgebake_builder.validate.run import find_image
     from edgebake_builder.validate.run import test_image as run_tests
 
-    try:
-        image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
-                                                   Path(image) if image else None)
-        progress = Progress(3, log_path=out_dir / "test-image.log")
-        result = run_tests(image_path, out_dir, manifest, progress, fail_fast, update_trials,
-                           supervision_trials)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
-    except KeyboardInterrupt:
-        raise Exit("interrupted; QEMU stopped and the overlay removed", code=130) from None
+    image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
+                                               Path(image) if image else None)
+    progress = Progress(3, log_path=out_dir / "test-image.log")
+    result = run_tests(image_path, out_dir, manifest, progress, fail_fast, update_trials,
+                       supervision_trials)
     for name, value in result.figures.items():
         print(f"{name}: {value:.1f} s")
     print(f"test-image: {result.passed} passed, {result.failed} failed ({result.junit})")
@@ -82,10 +92,10 @@ def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool
             "image": "image to use (default: the one in out/<target>)",
             "seed": "random seed for the moments of the cuts (default: a new one)",
             "watchdog": "also freeze PID 1 and time the hardware watchdog's reset"})
+@fails_cleanly
 def bench_powercut(c: Context, cycles: int = 10, target: str = "pi4", image: str = "",
                    seed: int = -1, watchdog: bool = True) -> None:
     """Kill the QEMU unit with SIGKILL at random moments and check what survives each cut."""
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
     from edgebake_builder.validate.powercut import run_bench, summary
     from edgebake_builder.validate.run import find_image
@@ -93,17 +103,12 @@ def bench_powercut(c: Context, cycles: int = 10, target: str = "pi4", image: str
     if cycles < 1:
         raise Exit("error: --cycles: expected 1 or more", code=2)
     started = time.monotonic()
-    try:
-        image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
-                                                   Path(image) if image else None)
-        progress = Progress(1, log_path=out_dir / "bench-powercut.log")
-        with progress.step(f"{cycles} power cuts on {image_path.name} under QEMU"):
-            cuts, reset_sec = run_bench(image_path, out_dir, manifest, cycles, progress,
-                                        None if seed < 0 else seed, watchdog)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
-    except KeyboardInterrupt:
-        raise Exit("interrupted; QEMU stopped", code=130) from None
+    image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
+                                               Path(image) if image else None)
+    progress = Progress(1, log_path=out_dir / "bench-powercut.log")
+    with progress.step(f"{cycles} power cuts on {image_path.name} under QEMU"):
+        cuts, reset_sec = run_bench(image_path, out_dir, manifest, cycles, progress,
+                                    None if seed < 0 else seed, watchdog)
     if reset_sec is not None:
         print(f"hardware watchdog: PID 1 frozen, unit reset and back to inference in "
               f"{reset_sec:.1f} s")
@@ -141,16 +146,13 @@ def bench_fsopts(c: Context, seconds: float = 60.0, rate: float = 60.0) -> None:
             "wait": "seconds to listen (retained topics arrive at once)",
             "username": "broker user", "password": "broker password",
             "ca_file": "CA certificate for TLS (TLS when given)"})
+@fails_cleanly
 def fleet_status(c: Context, broker: str, port: int = 1883, wait: float = 2.0,
                  username: str = "", password: str = "", ca_file: str = "") -> None:
     """The units seen on MQTT: link, health, model version and sha256, last result time."""
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.fleet import collect, table
 
-    try:
-        units = collect(broker, port, wait, username, password, ca_file)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
+    units = collect(broker, port, wait, username, password, ca_file)
     if not units:
         print(f"no units seen on {broker}:{port} (topics edgebake/+/status and /health)")
         return
@@ -160,16 +162,13 @@ def fleet_status(c: Context, broker: str, port: int = 1883, wait: float = 2.0,
 @task(help={"host": "the unit's address", "bundle": "the signed .ebundle to install",
             "port": "SSH port", "user": "SSH user (root: the update writes /data/models)",
             "identity": "SSH private key file", "allow_rollback": "allow an older version"})
+@fails_cleanly
 def push_model(c: Context, host: str, bundle: str, port: int = 22, user: str = "root",
                identity: str = "", allow_rollback: bool = False) -> None:
     """Copy a signed bundle to a unit over SSH and apply it there (checked on the unit)."""
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.flashing.push import push_bundle
 
-    try:
-        print(push_bundle(host, Path(bundle), port, user, identity, allow_rollback))
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
+    print(push_bundle(host, Path(bundle), port, user, identity, allow_rollback))
 
 
 @task(help={"model": "Keras .keras/.h5 file or SavedModel directory",
@@ -179,23 +178,20 @@ def push_model(c: Context, host: str, bundle: str, port: int = 22, user: str = "
             "validation_data": "image folder or .npz (x, y) for the accuracy gate",
             "labels": "text file with one class name per line",
             "max_accuracy_loss": "fail when accuracy drops by more than this fraction"})
+@fails_cleanly
 def convert_model(c: Context, model: str, output: str, quantize: str = "none",
                   representative_data: str = "", validation_data: str = "", labels: str = "",
                   max_accuracy_loss: float = 0.01) -> None:
     """Convert a trained model to TFLite with a model card and a measured accuracy gate."""
     from edgebake_builder.convert.converter import ConvertOptions
     from edgebake_builder.convert.converter import convert_model as run_convert
-    from edgebake_builder.errors import BuildError
 
     options = ConvertOptions(
         model=Path(model), output=Path(output), quantize=quantize,
         representative_data=Path(representative_data) if representative_data else None,
         validation_data=Path(validation_data) if validation_data else None,
         labels=Path(labels) if labels else None, max_accuracy_loss=max_accuracy_loss)
-    try:
-        result = run_convert(options)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
+    result = run_convert(options)
     print(f"wrote {result.output} ({result.size_bytes} bytes) and {result.card_path}")
     if result.accuracy is not None:
         acc = result.accuracy
@@ -229,31 +225,25 @@ def bench_runtime(c: Context, seconds: float = 5.0, threads: int = 1, rounds: in
 
 
 @task
+@fails_cleanly
 def bench_convert(c: Context) -> None:
     """Size, accuracy delta and host latency of the four quantisations of a digits CNN."""
     from edgebake_builder.bench.convert import bench_convert as run_bench
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
 
-    try:
-        run_bench(Progress(1))
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
+    run_bench(Progress(1))
 
 
 @task(help={"target": "recipe target", "cold": "rebuild the base rootfs (no cache) first",
             "vendor": "also customise a 2.8 GB Raspberry Pi OS look-alike (--base) and compare"})
+@fails_cleanly
 def bench_build(c: Context, target: str = "pi4", cold: bool = True, vendor: bool = False
                 ) -> None:
     """Cold build time, warm rebuild time after an app change, and output sizes."""
     from edgebake_builder.bench.build import bench_build as run_bench
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
 
-    try:
-        run_bench(target, cold, Progress(1), vendor)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
+    run_bench(target, cold, Progress(1), vendor)
 
 
 @task(help={"image": "the .img to write (its .bmap must sit next to it)",
@@ -263,10 +253,10 @@ def bench_build(c: Context, target: str = "pi4", cold: bool = True, vendor: bool
             "log": "flash log (JSON lines) for --units (default: next to the image)",
             "yes": "do not ask before writing a block device",
             "force": "allow a disk that is not removable (never the system disk)"})
+@fails_cleanly
 def flash(c: Context, image: str, device: str, seed: str = "", units: str = "", log: str = "",
           yes: bool = False, force: bool = False) -> None:
     """Write the image with bmaptool, put the unit's seed on its boot partition, read back."""
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.flashing.units import flash_units
     from edgebake_builder.flashing.write import flash as run_flash
 
@@ -287,8 +277,6 @@ def flash(c: Context, image: str, device: str, seed: str = "", units: str = "", 
         else:
             print(run_flash(Path(image), Path(device), Path(seed) if seed else None,
                             force=force, confirm=confirm))
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
     except (EOFError, KeyboardInterrupt):
         raise Exit("stopped; the card being written may be incomplete", code=130) from None
 
@@ -302,16 +290,13 @@ def recipe_schema(c: Context) -> None:
 
 
 @task(help={"target": "recipe target", "recipe": "optional user recipe on top"})
+@fails_cleanly
 def show_recipe(c: Context, target: str = "pi4", recipe: str = "") -> None:
     """Print the resolved recipe and its content hash (validates it; does no work)."""
     import yaml
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.recipe import load_recipe
 
-    try:
-        resolved = load_recipe(target, Path(recipe) if recipe else None)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
+    resolved = load_recipe(target, Path(recipe) if recipe else None)
     print(yaml.safe_dump(resolved.as_nested(), sort_keys=False), end="")
     print(f"# recipe_sha256: {resolved.sha256()}")
 
@@ -340,7 +325,7 @@ def test(c: Context, unit: bool = False, keep_going: bool = True, long: bool = F
             args.append("-x")
         if number == 1 and warming is not None:
             print(f"waiting for the base rootfs being built beside the tests "
-                  f"(log: {warming.args[-1]})", flush=True)
+                  f"(log: {WARM_LOG})", flush=True)
             warming.wait()  # a failed warm-up is retried, and reported, by the build itself
         result = c.run(shlex.join(args), warn=True, pty=False)
         code = result.exited if result is not None else 1
@@ -362,7 +347,7 @@ def _warm_base_cache(targets: list[str]) -> subprocess.Popen[bytes] | None:
     missing = [t for t in targets if not base_tarball(load_recipe(t)).is_file()]
     if not missing:
         return None
-    log = ROOT / "out" / "warm-base.log"
+    log = WARM_LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     code = ("from edgebake_builder.progress import Progress; "
             "from edgebake_builder.recipe import load_recipe; "
@@ -374,16 +359,13 @@ def _warm_base_cache(targets: list[str]) -> subprocess.Popen[bytes] | None:
 
 
 @task(help={"minutes": "how long to run", "rate": "records per second fed to the journal"})
+@fails_cleanly
 def soak(c: Context, minutes: float = 10.0, rate: float = 22000.0) -> None:
     """Journal + MQTT on a tiny filesystem with the broker stopped and started, for minutes."""
     from edgebake_builder.bench.soak import run_soak
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
 
-    try:
-        result = run_soak(minutes, Progress(1), rate=rate)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
+    result = run_soak(minutes, Progress(1), rate=rate)
     print(f"      {result.simulated_days:.1f} simulated days at 5 fps in "
           f"{result.seconds:.0f}s, broker restarted {result.broker_restarts} times")
     print(result.line())
@@ -394,24 +376,22 @@ def soak(c: Context, minutes: float = 10.0, rate: float = 22000.0) -> None:
 @task(help={"out": "where to write the look-alike .img",
             "firstrun": "add Imager's firstrun.sh and its kernel arguments (bookworm)",
             "cloud_init": "add Imager's cloud-init user-data and network-config (trixie)"})
+@fails_cleanly
 def make_raspios_lookalike(c: Context, out: str = "out/raspios-lookalike.img.xz",
                            firstrun: bool = False, cloud_init: bool = False) -> None:
-    """A Raspberry Pi OS Lite look-alike (its layout, names and hooks over the pi4 base), to
-    try or test `build-image --base` where the real image cannot be downloaded."""
+    """Make a Raspberry Pi OS Lite look-alike image, to try `build-image --base` offline.
+
+    Its layout, names and hooks over the pi4 base: the real image cannot be downloaded here."""
     from edgebake_builder.build import load_recipe
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
     from edgebake_builder.steps.bootstrap import bootstrap_base
     from edgebake_builder.validate.lookalike import make_raspios_lookalike as make
 
     progress = Progress(1)
-    try:
-        tarball = bootstrap_base(load_recipe("pi4"), progress)
-        path = Path(out).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make(tarball, path, progress, firstrun=firstrun, cloud_init=cloud_init)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
+    tarball = bootstrap_base(load_recipe("pi4"), progress)
+    path = Path(out).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make(tarball, path, progress, firstrun=firstrun, cloud_init=cloud_init)
     from edgebake_builder.cache import sha256_file
 
     print(f"{path}\nsha256 {sha256_file(path)}")
@@ -422,11 +402,11 @@ def make_raspios_lookalike(c: Context, out: str = "out/raspios-lookalike.img.xz"
             "remove": "take a previously applied overlay out again",
             "verify": "run the model self-check in the rootfs under qemu-user afterwards",
             "check": "run the static image checks that hold for an overlay on the rootfs"})
+@fails_cleanly
 def apply_overlay(c: Context, rootfs: str, overlay: str = "", remove: bool = False,
                   verify: bool = False, check: bool = False) -> None:
     """Apply the Jetson overlay to an L4T rootfs offline (idempotent), or remove it."""
     from edgebake_builder import overlayapply
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.preflight import require_root
     from edgebake_builder.progress import Progress
 
@@ -434,51 +414,35 @@ def apply_overlay(c: Context, rootfs: str, overlay: str = "", remove: bool = Fal
     root = Path(rootfs).resolve()
     path = Path(overlay) if overlay else ROOT / "out" / "jetson-orin-nano" / \
         "edgebake-overlay.tar.zst"
-    try:
-        require_root()
-        if remove:
-            count = overlayapply.remove_overlay(root, progress)
-            print(f"overlay removed from {root} ({count} files)" if count else
-                  f"{root}: no edgebake overlay applied; nothing to remove")
-            return
-        result = overlayapply.apply_overlay(path.resolve(), root, progress)
-        print(f"overlay applied to {root}: {result['files']} files, {result['kept_aside']} "
-              f"of the rootfs's kept aside for --remove, edgebake.service enabled")
-        if not overlayapply.is_l4t(root):
-            print("note: this rootfs does not look like L4T (no etc/nv_tegra_release)")
-        if verify:
-            print(f"self-check: {overlayapply.verify_in_rootfs(root, progress)}")
-        if check:
-            junit = path.resolve().parent / "test" / "junit-overlay.xml"
-            if overlayapply.check_rootfs(root, path.resolve().parent / "manifest.json", junit,
-                                         progress) != 0:
-                raise Exit(f"static checks failed on {root} (see {junit})", code=1)
-        print(overlayapply.NEXT_STEPS)
-    except BuildError as exc:
-        raise _fail_cleanly(exc) from None
-
-
-def _bundle_error(exc: Exception) -> Exit:
-    return Exit(f"error: {exc}", code=1)
+    require_root()
+    if remove:
+        count = overlayapply.remove_overlay(root, progress)
+        print(f"overlay removed from {root} ({count} files)" if count else
+              f"{root}: no edgebake overlay applied; nothing to remove")
+        return
+    result = overlayapply.apply_overlay(path.resolve(), root, progress)
+    print(f"overlay applied to {root}: {result['files']} files, {result['kept_aside']} "
+          f"of the rootfs's kept aside for --remove, edgebake.service enabled")
+    if not overlayapply.is_l4t(root):
+        print("note: this rootfs does not look like L4T (no etc/nv_tegra_release)")
+    if verify:
+        print(f"self-check: {overlayapply.verify_in_rootfs(root, progress)}")
+    if check:
+        junit = path.resolve().parent / "test" / "junit-overlay.xml"
+        if overlayapply.check_rootfs(root, path.resolve().parent / "manifest.json", junit,
+                                     progress) != 0:
+            raise Exit(f"static checks failed on {root} (see {junit})", code=1)
+    print(overlayapply.NEXT_STEPS)
 
 
 @task(help={"out": "private key file to write (the public key goes to <out>.pub)"})
+@fails_cleanly
 def make_key(c: Context, out: str = "signing.key") -> None:
     """Write an ed25519 keypair for signing model bundles (the private key mode 0600)."""
-    from edgebake_runtime.bundle import BundleError, make_keypair
+    from edgebake_runtime.bundle import write_private_key
 
-    path = Path(out)
-    if path.exists():
-        raise Exit(f"error: {path} exists; refusing to replace a signing key", code=1)
-    try:
-        private, public_text = make_keypair()
-    except BundleError as exc:
-        raise _bundle_error(exc) from None
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(f"ed25519-private {private.hex()}\n")
-    Path(f"{out}.pub").write_text(public_text)
-    print(f"{path} (keep it secret) and {out}.pub (goes into recipes: update.public_keys)")
+    Path(f"{out}.pub").write_text(write_private_key(Path(out)))
+    print(f"{out} (keep it secret) and {out}.pub (goes into recipes: update.public_keys)")
 
 
 @task(help={"model": ".tflite model to ship (default: the project's default model)",
@@ -487,46 +451,45 @@ def make_key(c: Context, out: str = "signing.key") -> None:
             "target": "recipe target the bundle is for (default pi4)",
             "out": "bundle file to write (.ebundle)",
             "card": "the model's card (default: made here, with golden outputs)"})
+@fails_cleanly
 def make_bundle(c: Context, key: str, version: str, out: str, model: str = "",
                 target: str = "pi4", card: str = "") -> None:
     """A signed model bundle: model, card and golden outputs, manifest, ed25519 signature."""
     import tempfile
 
-    from edgebake_builder.errors import BuildError
     from edgebake_builder.progress import Progress
     from edgebake_builder.steps.model import prepare_model
     from edgebake_runtime.atomic import write_atomic
-    from edgebake_runtime.bundle import BundleError, build_bundle
+    from edgebake_runtime.bundle import build_bundle, read_private_key
 
+    private = read_private_key(Path(key))
     try:
-        fields = Path(key).read_text().split()
-        if len(fields) != 2 or fields[0] != "ed25519-private":
-            raise BundleError(f"{key}: expected a private key written by `invoke make-key`")
         with tempfile.TemporaryDirectory() as tmp:
             prepared = prepare_model(model, Path(tmp), Progress(1))
             card_path = Path(card) if card else prepared.card_path
             data = build_bundle({"model.tflite": prepared.model.read_bytes(),
                                  "model.card.json": card_path.read_bytes(),
                                  "model.golden.npz": prepared.golden_path.read_bytes()},
-                                bytes.fromhex(fields[1]), version, target)
+                                private, version, target)
         write_atomic(Path(out), data)
-    except (BundleError, BuildError, OSError, ValueError) as exc:
-        raise _bundle_error(exc) from None
+    except (OSError, ValueError) as exc:
+        raise Exit(f"error: {exc}", code=1) from None
     print(f"{out}: version {version} for {target}, {len(data)} bytes, signed")
 
 
 @task(help={"bundle": ".ebundle to check", "public_key": "trusted public key file(s)",
             "target": "the target it must be for", "current": "version the unit runs now",
             "allow_rollback": "accept an older version"}, iterable=["public_key"])
+@fails_cleanly
 def verify_bundle(c: Context, bundle: str, public_key: list[str], target: str = "pi4",
                   current: str = "", allow_rollback: bool = False) -> None:
     """Check a bundle with the code the unit uses: signature, members, target, version."""
-    from edgebake_runtime.bundle import BundleError, check_bundle, load_public_key
+    from edgebake_runtime.bundle import check_bundle, load_public_key
 
     try:
         keys = dict(load_public_key(Path(p).read_text(), p) for p in public_key)
-        found = check_bundle(Path(bundle), keys, target, current or None, allow_rollback)
-    except (BundleError, OSError) as exc:
-        raise _bundle_error(exc) from None
+    except OSError as exc:
+        raise Exit(f"error: {exc}", code=1) from None
+    found = check_bundle(Path(bundle), keys, target, current or None, allow_rollback)
     print(f"{bundle}: ok, version {found.version} for {target}, signed by "
           f"{found.manifest['key_id']}")

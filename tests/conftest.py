@@ -1,16 +1,14 @@
-"""Shared fixtures: import paths, the project's default model, and a built image."""
+"""Shared fixtures: the project's default model and a built image."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import INVOKE, ROOT, partition_table
 
 
 @pytest.fixture(scope="session")
@@ -30,13 +28,6 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 collect_ignore = ["image_checks"]
-INVOKE = [sys.executable, "-m", "invoke"]
-
-
-def invoke(*args: str) -> subprocess.CompletedProcess[str]:
-    """An invoke task as a user runs it, from the repository root, output captured."""
-    return subprocess.run([*INVOKE, *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
 
 
 @pytest.fixture(scope="session")
@@ -49,12 +40,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     manifest = json.loads((out / "manifest.json").read_text())
     return {"out": out, "manifest": manifest, "image": out / manifest["image"],
             "partitions": partition_table(out / manifest["image"])}
-
-
-def partition_table(image: Path) -> dict[str, Any]:
-    out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True,
-                         check=True).stdout
-    return dict(json.loads(out)["partitiontable"])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -8,8 +8,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import invoke
 from edgebake_runtime.bundle import BundleError, check_bundle, load_public_key
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import INVOKE, ROOT
 from edgebake_runtime.service import Service
 from edgebake_runtime.sources.base import CorruptFrame
 from edgebake_runtime.sources.replay import decode_image
 from edgebake_runtime.sources.v4l2 import yuyv_to_rgb
+from helpers import INVOKE, ROOT
 from runtime_helpers import RunningApp, astronaut_path, make_config, wait_for
 
 CORPUS = ROOT / "tests" / "corpus"

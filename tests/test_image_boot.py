@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import INVOKE, ROOT
+from helpers import INVOKE, ROOT
 
 pytestmark = pytest.mark.boot
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import invoke
 from edgebake_builder.errors import BuildError
 from edgebake_builder.units import check_units
+from helpers import invoke
 
 pytestmark = pytest.mark.image
 

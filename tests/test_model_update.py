@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import invoke
 from edgebake_runtime.bundle import BundleError
 from edgebake_runtime.journal import read_lines
 from edgebake_runtime.modelstore import ModelStore
 from edgebake_runtime.service import Service
 from edgebake_runtime.update import apply, current_version
+from helpers import invoke
 from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
 
 WINDOW_SEC = 3.0

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import INVOKE, ROOT, invoke, partition_table
 from edgebake_builder.validate.diskimage import Partition, extract
+from helpers import INVOKE, ROOT, invoke, partition_table
 
 SECTOR = 512
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import time
@@ -88,6 +89,33 @@ def make_keypair() -> tuple[bytes, str]:
     raw_public = private.public_key().public_bytes(serialization.Encoding.Raw,
                                                    serialization.PublicFormat.Raw)
     return raw_private, f"ed25519 {raw_public.hex()}\n"
+
+
+PRIVATE_KEY_TAG = "ed25519-private"
+
+
+def write_private_key(path: Path) -> str:
+    """A new keypair: the private key in `path` (mode 0600, never over an existing file),
+    the public key's text returned (for `<path>.pub` and recipes' update.public_keys)."""
+    if path.exists():
+        raise BundleError(f"{path} exists; refusing to replace a signing key")
+    private, public_text = make_keypair()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{PRIVATE_KEY_TAG} {private.hex()}\n")
+    return public_text
+
+
+def read_private_key(path: Path) -> bytes:
+    """The raw private key from a file `write_private_key` wrote."""
+    try:
+        fields = path.read_text().split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: cannot read the signing key: {exc}") from None
+    if len(fields) != 2 or fields[0] != PRIVATE_KEY_TAG or \
+            not re.fullmatch(r"[0-9a-f]{64}", fields[1]):
+        raise BundleError(f"{path}: expected a private key written by `invoke make-key`")
+    return bytes.fromhex(fields[1])
 
 
 def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, target: str,

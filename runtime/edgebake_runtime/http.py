@@ -16,75 +16,90 @@ def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+Samples = list[tuple[dict[str, str], float | None]]
+
+
+def _metric(out: list[str], name: str, kind: str, help_text: str, samples: Samples) -> None:
+    out.append(f"# HELP edgebake_{name} {help_text}")
+    out.append(f"# TYPE edgebake_{name} {kind}")
+    for labels, value in samples:
+        if value is None:
+            continue
+        label_text = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
+        out.append(f"edgebake_{name}{{{label_text}}} {value}" if label_text
+                   else f"edgebake_{name} {value}")
+
+
 def prometheus_text(snap: dict[str, Any]) -> str:
     """The same figures as /health, in Prometheus exposition format."""
     out: list[str] = []
-
-    def metric(name: str, kind: str, help_text: str,
-               samples: list[tuple[dict[str, str], float | None]]) -> None:
-        out.append(f"# HELP edgebake_{name} {help_text}")
-        out.append(f"# TYPE edgebake_{name} {kind}")
-        for labels, value in samples:
-            if value is None:
-                continue
-            label_text = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-            out.append(f"edgebake_{name}{{{label_text}}} {value}" if label_text
-                       else f"edgebake_{name} {value}")
-
-    sources = snap["sources"]
-    metric("up", "gauge", "1 while the service is healthy (watchdog pings are sent).",
-           [({}, 1.0 if snap["healthy"] else 0.0)])
-    metric("source_up", "gauge", "1 while the source delivers frames.",
-           [({"source": n}, 1.0 if s["state"] == "up" else 0.0) for n, s in sources.items()])
-    metric("source_fps", "gauge", "Frames per second captured.",
-           [({"source": n}, s["fps"]) for n, s in sources.items()])
-    metric("source_frame_age_seconds", "gauge", "Age of the newest frame.",
-           [({"source": n}, s["last_frame_age_sec"]) for n, s in sources.items()])
-    metric("source_queue_depth", "gauge", "Frames waiting for a worker.",
-           [({"source": n}, s["queue_depth"]) for n, s in sources.items()])
-    metric("source_frames_total", "counter", "Frames captured.",
-           [({"source": n}, s["frames"]) for n, s in sources.items()])
-    metric("source_dropped_total", "counter", "Frames replaced by newer ones before inference.",
-           [({"source": n}, s["drops"]) for n, s in sources.items()])
-    metric("source_corrupt_total", "counter", "Frames that could not be decoded.",
-           [({"source": n}, s["corrupt_frames"]) for n, s in sources.items()])
-    metric("source_reconnects_total", "counter", "Reconnect attempts.",
-           [({"source": n}, s["reconnects"]) for n, s in sources.items()])
-    inf = snap["inference"]
-    metric("inference_latency_seconds", "summary", "Interpreter invoke() time.",
-           [({"quantile": "0.5"}, inf["p50_ms"] / 1000 if inf["p50_ms"] is not None else None),
-            ({"quantile": "0.99"}, inf["p99_ms"] / 1000 if inf["p99_ms"] is not None else None)])
-    metric("results_total", "counter", "Results produced.", [({}, inf["results"])])
-    metric("inference_errors_total", "counter", "Frames whose inference failed.",
-           [({}, inf["errors"])])
-    metric("worker_restarts_total", "counter",
-           "Worker processes replaced after they exited or were killed.",
-           [({}, inf.get("worker_restarts", 0))])
-    metric("journal_records_total", "counter", "Records written to the journal.",
-           [({}, snap["journal"]["written"])])
-    metric("journal_ok", "gauge", "1 while the journal accepts writes.",
-           [({}, 0.0 if snap["journal"]["error"] else 1.0)])
-    metric("journal_dropped_undelivered_total", "counter",
-           "Results deleted by retention before any sink delivered them.",
-           [({}, snap["journal"]["dropped_undelivered"])])
-    metric("journal_dropped_unwritten_total", "counter",
-           "Results that could not be written to the journal at all.",
-           [({}, snap["journal"]["dropped_unwritten"])])
-    metric("data_free_ratio", "gauge", "Free share of the journal's filesystem.",
-           [({}, (snap["journal"]["free_percent"] or 0.0) / 100)])
-    metric("model_info", "gauge", "The loaded model.",
-           [({"sha256": snap["model"]["sha256"], "version": snap["model"]["version"],
-             "runtime": f'{snap["model"]["runtime"]} {snap["model"]["runtime_version"]}'}, 1.0)])
-    if snap.get("mqtt"):
-        metric("mqtt_connected", "gauge", "1 while connected to the broker.",
-               [({}, 1.0 if snap["mqtt"]["connected"] else 0.0)])
-        metric("mqtt_published_total", "counter", "Results acknowledged by the broker.",
-               [({}, snap["mqtt"]["published"])])
-        metric("mqtt_backlog_bytes", "gauge", "Journal bytes not yet acknowledged.",
-               [({}, snap["mqtt"]["backlog_bytes"])])
-        metric("mqtt_sender_restarts_total", "counter", "Times the sender thread restarted.",
-               [({}, snap["mqtt"]["sender_restarts"])])
+    _metric(out, "up", "gauge", "1 while the service is healthy (watchdog pings are sent).",
+            [({}, 1.0 if snap["healthy"] else 0.0)])
+    _source_metrics(out, snap["sources"])
+    _inference_metrics(out, snap)
+    _sink_metrics(out, snap)
     return "\n".join(out) + "\n"
+
+
+def _source_metrics(out: list[str], sources: dict[str, Any]) -> None:
+    for name, kind, help_text, key in (
+            ("source_fps", "gauge", "Frames per second captured.", "fps"),
+            ("source_frame_age_seconds", "gauge", "Age of the newest frame.",
+             "last_frame_age_sec"),
+            ("source_queue_depth", "gauge", "Frames waiting for inference.", "queue_depth"),
+            ("source_frames_total", "counter", "Frames captured.", "frames"),
+            ("source_dropped_total", "counter",
+             "Frames replaced by newer ones before inference.", "drops"),
+            ("source_corrupt_total", "counter", "Frames that could not be decoded.",
+             "corrupt_frames"),
+            ("source_reconnects_total", "counter", "Reconnect attempts.", "reconnects")):
+        _metric(out, name, kind, help_text, [({"source": n}, s[key]) for n, s in sources.items()])
+    _metric(out, "source_up", "gauge", "1 while the source delivers frames.",
+            [({"source": n}, 1.0 if s["state"] == "up" else 0.0) for n, s in sources.items()])
+
+
+def _inference_metrics(out: list[str], snap: dict[str, Any]) -> None:
+    inf = snap["inference"]
+    _metric(out, "inference_latency_seconds", "summary", "Interpreter invoke() time.",
+            [({"quantile": "0.5"}, inf["p50_ms"] / 1000 if inf["p50_ms"] is not None else None),
+             ({"quantile": "0.99"},
+              inf["p99_ms"] / 1000 if inf["p99_ms"] is not None else None)])
+    _metric(out, "results_total", "counter", "Results produced.", [({}, inf["results"])])
+    _metric(out, "inference_errors_total", "counter", "Frames whose inference failed.",
+            [({}, inf["errors"])])
+    _metric(out, "worker_restarts_total", "counter",
+            "Camera processes replaced after they exited or were killed.",
+            [({}, inf.get("worker_restarts", 0))])
+    model = snap["model"]
+    _metric(out, "model_info", "gauge", "The loaded model.",
+            [({"sha256": model["sha256"], "version": model["version"],
+               "runtime": f'{model["runtime"]} {model["runtime_version"]}'}, 1.0)])
+
+
+def _sink_metrics(out: list[str], snap: dict[str, Any]) -> None:
+    journal = snap["journal"]
+    _metric(out, "journal_records_total", "counter", "Records written to the journal.",
+            [({}, journal["written"])])
+    _metric(out, "journal_ok", "gauge", "1 while the journal accepts writes.",
+            [({}, 0.0 if journal["error"] else 1.0)])
+    _metric(out, "journal_dropped_undelivered_total", "counter",
+            "Results deleted by retention before any sink delivered them.",
+            [({}, journal["dropped_undelivered"])])
+    _metric(out, "journal_dropped_unwritten_total", "counter",
+            "Results that could not be written to the journal at all.",
+            [({}, journal["dropped_unwritten"])])
+    _metric(out, "data_free_ratio", "gauge", "Free share of the journal's filesystem.",
+            [({}, (journal["free_percent"] or 0.0) / 100)])
+    mqtt = snap.get("mqtt")
+    if mqtt:
+        _metric(out, "mqtt_connected", "gauge", "1 while connected to the broker.",
+                [({}, 1.0 if mqtt["connected"] else 0.0)])
+        _metric(out, "mqtt_published_total", "counter", "Results acknowledged by the broker.",
+                [({}, mqtt["published"])])
+        _metric(out, "mqtt_backlog_bytes", "gauge", "Journal bytes not yet acknowledged.",
+                [({}, mqtt["backlog_bytes"])])
+        _metric(out, "mqtt_sender_restarts_total", "counter",
+                "Times the sender thread restarted.", [({}, mqtt["sender_restarts"])])
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):

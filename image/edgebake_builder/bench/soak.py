@@ -157,29 +157,8 @@ def run_soak(minutes: float, progress: Progress, rate: float = 4000.0,
             stop = threading.Event()
             chaos = threading.Thread(target=_chaos, args=(broker, stop), daemon=True)
             chaos.start()
-            deadline = started + minutes * 60
-            pad = json.dumps(RECORD_PAD)
-            number = 0
-            next_report = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                tick = time.monotonic()
-                for _ in range(int(rate / 10)):
-                    number += 1
-                    # encoded as the service encodes a worker process's result: one format
-                    stamp = number / CAMERA_FPS
-                    journal.append_line(f'{{"id":"soak-{number}","pad":{pad},'
-                                        f'"source":"synthetic","ts":{stamp!r}}}\n'.encode(),
-                                        stamp)
-                journal.sync_if_due()
-                if time.monotonic() >= next_report:
-                    next_report += 30
-                    stats = journal.stats()
-                    progress.say(f"      {time.monotonic() - started:5.0f}s: {number} records "
-                                 f"({number / CAMERA_FPS / 86400:.1f} simulated days), received "
-                                 f"{len(receiver.ids)}, broker restarts {broker.restarts}, "
-                                 f"dropped-undelivered {stats['dropped_undelivered']}, "
-                                 f"free {stats['free_percent']}%")
-                time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
+            number = _feed(journal, receiver, broker, started + minutes * 60, rate, started,
+                           progress)
             stop.set()
             chaos.join()
             if broker.proc is None:
@@ -200,6 +179,33 @@ def run_soak(minutes: float, progress: Progress, rate: float = 4000.0,
             return SoakResult(written, unique, receiver.total - unique,
                               journal.dropped_undelivered, lost, broker.restarts,
                               time.monotonic() - started)
+
+
+def _feed(journal: Any, receiver: Receiver, broker: Broker, deadline: float, rate: float,
+          started: float, progress: Progress) -> int:
+    """Records into the journal at `rate` a second until `deadline`; returns how many."""
+    pad = json.dumps(RECORD_PAD)
+    number = 0
+    next_report = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tick = time.monotonic()
+        for _ in range(int(rate / 10)):
+            number += 1
+            # encoded as a camera process encodes a result: one format
+            stamp = number / CAMERA_FPS
+            journal.append_line(f'{{"id":"soak-{number}","pad":{pad},'
+                                f'"source":"synthetic","ts":{stamp!r}}}\n'.encode(), stamp)
+        journal.sync_if_due()
+        if time.monotonic() >= next_report:
+            next_report += 30
+            stats = journal.stats()
+            progress.say(f"      {time.monotonic() - started:5.0f}s: {number} records "
+                         f"({number / CAMERA_FPS / 86400:.1f} simulated days), received "
+                         f"{len(receiver.ids)}, broker restarts {broker.restarts}, "
+                         f"dropped-undelivered {stats['dropped_undelivered']}, "
+                         f"free {stats['free_percent']}%")
+        time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
+    return number
 
 
 def _chaos(broker: Broker, stop: threading.Event) -> None:

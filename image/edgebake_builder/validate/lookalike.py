@@ -93,45 +93,66 @@ def make_raspios_lookalike(base_tar: Path, out: Path, progress: Progress,
         boot = work / "bootfs"
         shutil.move(str(root / "boot" / "firmware"), boot)
         (root / "boot" / "firmware").mkdir()
-        kernel = sorted(boot.glob("vmlinuz-*"))[-1]
-        initrd = sorted(boot.glob("initrd.img-*"))[-1]
-        for name in ("kernel8.img", *(["kernel_2712.img"] if pi5 else [])):
-            shutil.copy(kernel, boot / name)
-        for name in ("initramfs8", *(["initramfs_2712"] if pi5 else [])):
-            shutil.copy(initrd, boot / name)
-        kernel.unlink()
-        initrd.unlink()
-        if pi5:  # the Pi 5's device tree, as the vendor ships it beside the Pi 4's
-            shutil.copy(boot / "bcm2711-rpi-4-b.dtb", boot / "bcm2712-rpi-5-b.dtb")
-        (boot / "config.txt").write_text(CONFIG_TXT)
-        (boot / "cmdline.txt").write_text(CMDLINE.format(sig=DISK_SIGNATURE))
-        (boot / "issue.txt").write_text("Raspberry Pi reference (edgebake look-alike)\n")
-        if cloud_init:  # what Imager writes for trixie images instead of firstrun.sh
-            (boot / "user-data").write_text("#cloud-config\nhostname: from-imager\n"
-                                            "manage_etc_hosts: true\n")
-            (boot / "meta-data").write_text("instance-id: edgebake-lookalike\n")
-            (boot / "network-config").write_text("network:\n  version: 2\n")
-        if firstrun:
-            (boot / "firstrun.sh").write_text("#!/bin/bash\n# written by Imager\n"
-                                              "hostnamectl set-hostname from-imager\n"
-                                              "rm -f /boot/firmware/firstrun.sh\nexit 0\n")
-            (boot / "cmdline.txt").write_text(
-                CMDLINE.format(sig=DISK_SIGNATURE).rstrip("\n")
-                + " systemd.run=/boot/firmware/firstrun.sh systemd.run_success_action=reboot"
-                " systemd.unit=kernel-command-line.target\n")
-        (root / "etc" / "fstab").write_text(FSTAB.format(sig=DISK_SIGNATURE))
-        (root / "etc" / "rpi-issue").write_text(
-            "Raspberry Pi reference (edgebake look-alike of Raspberry Pi OS Lite)\n")
-        sysmods = root / "usr" / "lib" / "raspberrypi-sys-mods"
-        sysmods.mkdir(parents=True)
-        (sysmods / "firstboot").write_text(FIRSTBOOT)
-        (sysmods / "firstboot").chmod(0o755)
-        rpicam = root / "usr" / "bin" / "rpicam-vid"
-        rpicam.write_text(RPICAM_VID)
-        rpicam.chmod(0o755)
-        raw_name = out.name.removesuffix(".xz")
-        config = work / "genimage.cfg"
-        config.write_text(f"""image bootfs.vfat {{
+        _vendor_boot(boot, pi5)
+        _imager_files(boot, firstrun, cloud_init)
+        _vendor_root(root)
+        _genimage(work, boot, root, out, root_mib, progress)
+    return out
+
+
+def _vendor_boot(boot: Path, pi5: bool) -> None:
+    """The boot partition as Raspberry Pi OS names its files."""
+    kernel = sorted(boot.glob("vmlinuz-*"))[-1]
+    initrd = sorted(boot.glob("initrd.img-*"))[-1]
+    for name in ("kernel8.img", *(["kernel_2712.img"] if pi5 else [])):
+        shutil.copy(kernel, boot / name)
+    for name in ("initramfs8", *(["initramfs_2712"] if pi5 else [])):
+        shutil.copy(initrd, boot / name)
+    kernel.unlink()
+    initrd.unlink()
+    if pi5:  # the Pi 5's device tree, as the vendor ships it beside the Pi 4's
+        shutil.copy(boot / "bcm2711-rpi-4-b.dtb", boot / "bcm2712-rpi-5-b.dtb")
+    (boot / "config.txt").write_text(CONFIG_TXT)
+    (boot / "cmdline.txt").write_text(CMDLINE.format(sig=DISK_SIGNATURE))
+    (boot / "issue.txt").write_text("Raspberry Pi reference (edgebake look-alike)\n")
+
+
+def _imager_files(boot: Path, firstrun: bool, cloud_init: bool) -> None:
+    """What Raspberry Pi Imager adds to the boot partition when it writes the card."""
+    if cloud_init:  # what Imager writes for trixie images instead of firstrun.sh
+        (boot / "user-data").write_text("#cloud-config\nhostname: from-imager\n"
+                                        "manage_etc_hosts: true\n")
+        (boot / "meta-data").write_text("instance-id: edgebake-lookalike\n")
+        (boot / "network-config").write_text("network:\n  version: 2\n")
+    if firstrun:
+        (boot / "firstrun.sh").write_text("#!/bin/bash\n# written by Imager\n"
+                                          "hostnamectl set-hostname from-imager\n"
+                                          "rm -f /boot/firmware/firstrun.sh\nexit 0\n")
+        (boot / "cmdline.txt").write_text(
+            CMDLINE.format(sig=DISK_SIGNATURE).rstrip("\n")
+            + " systemd.run=/boot/firmware/firstrun.sh systemd.run_success_action=reboot"
+            " systemd.unit=kernel-command-line.target\n")
+
+
+def _vendor_root(root: Path) -> None:
+    """The root filesystem's vendor names and hooks."""
+    (root / "etc" / "fstab").write_text(FSTAB.format(sig=DISK_SIGNATURE))
+    (root / "etc" / "rpi-issue").write_text(
+        "Raspberry Pi reference (edgebake look-alike of Raspberry Pi OS Lite)\n")
+    sysmods = root / "usr" / "lib" / "raspberrypi-sys-mods"
+    sysmods.mkdir(parents=True)
+    (sysmods / "firstboot").write_text(FIRSTBOOT)
+    (sysmods / "firstboot").chmod(0o755)
+    rpicam = root / "usr" / "bin" / "rpicam-vid"
+    rpicam.write_text(RPICAM_VID)
+    rpicam.chmod(0o755)
+
+
+def _genimage(work: Path, boot: Path, root: Path, out: Path, root_mib: int,
+              progress: Progress) -> None:
+    raw_name = out.name.removesuffix(".xz")
+    config = work / "genimage.cfg"
+    config.write_text(f"""image bootfs.vfat {{
     vfat {{ label = "bootfs" extraargs = "-F 32" }}
     srcpath = "{boot}"
     size = 512M
@@ -148,17 +169,16 @@ image {raw_name} {{
     partition root {{ partition-type = 0x83 image = "rootfs.ext4" }}
 }}
 """)
-        empty = work / "empty"
-        empty.mkdir()
-        began = time.monotonic()
-        run(["genimage", "--config", config, "--rootpath", empty, "--tmppath", work / "gtmp",
-             "--inputpath", work / "parts", "--outputpath", work / "parts"], progress,
-            what="genimage (look-alike)")
-        if out.suffix == ".xz":
-            run(["xz", "-T0", "-1", "-f", work / "parts" / raw_name], progress,
-                what="xz (look-alike)")
-            raw_name += ".xz"
-        shutil.move(str(work / "parts" / raw_name), out)
-        progress.say(f"      look-alike Raspberry Pi OS Lite: {out} "
-                     f"({out.stat().st_size / 2**20:.0f} MiB, {time.monotonic() - began:.0f}s)")
-    return out
+    empty = work / "empty"
+    empty.mkdir()
+    began = time.monotonic()
+    run(["genimage", "--config", config, "--rootpath", empty, "--tmppath", work / "gtmp",
+         "--inputpath", work / "parts", "--outputpath", work / "parts"], progress,
+        what="genimage (look-alike)")
+    if out.suffix == ".xz":
+        run(["xz", "-T0", "-1", "-f", work / "parts" / raw_name], progress,
+            what="xz (look-alike)")
+        raw_name += ".xz"
+    shutil.move(str(work / "parts" / raw_name), out)
+    progress.say(f"      look-alike Raspberry Pi OS Lite: {out} "
+                 f"({out.stat().st_size / 2**20:.0f} MiB, {time.monotonic() - began:.0f}s)")

@@ -191,7 +191,24 @@ def _check_after(unit: Unit, cut: Cut, cut_wall: float, written: float | None,
     if result.returncode != 0:
         cut.problems.append(f"journal check failed: {result.stderr.strip()[-200:]}")
         return
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    _check_journal(unit, cut, json.loads(result.stdout.strip().splitlines()[-1]), written,
+                   synced)
+    boot_log = unit.ssh("journalctl -b -k -o cat; journalctl -b -o cat -u 'systemd-fsck*'",
+                        timeout=120).stdout
+    damage = [line for line in boot_log.splitlines() if any(d in line for d in DAMAGE)]
+    if damage:
+        cut.problems.append("filesystem damage: " + damage[0][:160])
+    model = snap["model"]
+    digest = unit.ssh(f"sha256sum {model['path']}").stdout.split()
+    if not digest or digest[0] != model["sha256"]:
+        cut.problems.append(f"model file {model['path']} does not match its card")
+    _check_state(unit, cut)
+    cut.survived = not cut.problems
+
+
+def _check_journal(unit: Unit, cut: Cut, found: dict[str, Any], written: float | None,
+                   synced: float | None) -> None:
+    """No torn line, and no more lost than the fsync interval allows."""
     cut.torn = int(found["torn"])
     if cut.torn:
         cut.problems.append(f"{cut.torn} torn or corrupt journal line(s)")
@@ -212,15 +229,10 @@ def _check_after(unit: Unit, cut: Cut, cut_wall: float, written: float | None,
             cut.problems.append(f"lost {cut.lost_sec:.2f}s of results (fsync every "
                                 f"{unit.fsync_sec:.1f}s, slowest fsync "
                                 f"{cut.slowest_fsync_sec:.2f}s)")
-    boot_log = unit.ssh("journalctl -b -k -o cat; journalctl -b -o cat -u 'systemd-fsck*'",
-                        timeout=120).stdout
-    damage = [line for line in boot_log.splitlines() if any(d in line for d in DAMAGE)]
-    if damage:
-        cut.problems.append("filesystem damage: " + damage[0][:160])
-    model = snap["model"]
-    digest = unit.ssh(f"sha256sum {model['path']}").stdout.split()
-    if not digest or digest[0] != model["sha256"]:
-        cut.problems.append(f"model file {model['path']} does not match its card")
+
+
+def _check_state(unit: Unit, cut: Cut) -> None:
+    """The unit's identity, configuration and mounts as the seed and the image made them."""
     state = unit.ssh(
         "hostname; test -s /etc/ssh/ssh_host_ed25519_key.pub && echo keys; "
         "test -s /var/lib/edgebake/firstboot.done && echo seeded; "
@@ -242,7 +254,6 @@ def _check_after(unit: Unit, cut: Cut, cut_wall: float, written: float | None,
               line.strip() not in ("keys", "seeded", "config", "updates", "rootro")]
     if failed:
         cut.problems.append("failed units: " + "; ".join(failed))
-    cut.survived = not cut.problems
 
 
 def run_bench(image: Path, out_dir: Path, manifest: dict[str, Any], cycles: int,

@@ -173,15 +173,9 @@ class RtspServer:
                     size = struct.unpack("!xH", reader.read(3))[1]
                     reader.read(size)
                     continue
-                lines = [(first + reader.readline()).decode(errors="replace").strip()]
-                while lines[-1]:
-                    lines.append(reader.readline().decode(errors="replace").strip())
+                lines, headers = _read_request(first, reader)
                 method = lines[0].split(" ")[0]
-                headers = {k.strip().lower(): v.strip() for k, _, v in
-                           (line.partition(":") for line in lines[1:] if line)}
                 cseq = headers.get("cseq", "0")
-                if int(headers.get("content-length", "0")):
-                    reader.read(int(headers["content-length"]))
                 if method == "OPTIONS":
                     reply(cseq, "Public: OPTIONS, DESCRIBE, SETUP, PLAY, GET_PARAMETER, "
                                 "TEARDOWN\r\n")
@@ -234,3 +228,15 @@ class RtspServer:
             delay = started + (frame_index + 1) * period - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+
+
+def _read_request(first: bytes, reader: Any) -> tuple[list[str], dict[str, str]]:
+    """An RTSP request's lines and headers (its body, if any, read and dropped)."""
+    lines = [(first + reader.readline()).decode(errors="replace").strip()]
+    while lines[-1]:
+        lines.append(reader.readline().decode(errors="replace").strip())
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:] if line)}
+    if int(headers.get("content-length", "0")):
+        reader.read(int(headers["content-length"]))
+    return lines, headers

@@ -126,114 +126,147 @@ def find_image(default_out: Path, target: str, image: Path | None
 def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                progress: Progress, fail_fast: bool = False, update_trials: bool = True,
                supervision_trials: bool = True) -> ImageTestResult:
+    """Static checks on the image's rootfs, then the image booted in QEMU and checked over
+    SSH; the checks' JUnit reports merged into test/junit.xml."""
     started = time.monotonic()
     test_dir = out_dir / "test"
     shutil.rmtree(test_dir, ignore_errors=True)
     test_dir.mkdir(parents=True)
     junit_parts = [test_dir / "junit-static.xml", test_dir / "junit-running.xml"]
     figures: dict[str, float] = {}
+    codes = {"static": 1, "running": 1}
     with tempfile.TemporaryDirectory(prefix="edgebake-test-", dir=out_dir) as tmp_name:
         tmp = Path(tmp_name)
         manifest_path = tmp / "manifest.json"
         manifest_path.write_text(json.dumps(manifest))
         env = {"EDGEBAKE_MANIFEST": str(manifest_path), "EDGEBAKE_TEST_DIR": str(test_dir)}
-        codes = {"static": 1, "running": 1}
         with progress.step("static checks on the image's rootfs (testinfra, chroot)"):
-            rootfs = unpack_rootfs(image, tmp / "rootfs", progress)
-            env["EDGEBAKE_ROOTFS"] = str(rootfs)
-            static_code = codes["static"] = run_checks("static", junit_parts[0], str(rootfs), env,
-                                                    progress, ["--connection=chroot"])
-            shutil.rmtree(rootfs, ignore_errors=True)
-        if static_code != 0 and fail_fast:
+            codes["static"] = _static_checks(image, tmp, junit_parts[0], env, progress)
+        if codes["static"] != 0 and fail_fast:
             progress.say("      static checks failed; not booting (--fail-fast)")
-            passed, failed = merge_junit(junit_parts, test_dir / "junit.xml")
-            return ImageTestResult(passed, failed, test_dir / "junit.xml", figures)
-        key = tmp / "id_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgebake-test",
-                        "-f", str(key)], check=True)
-        trials = make_trial_bundles(tmp / "bundles", str(manifest.get("target", "pi4")),
-                                    progress)
-        update_key, env["EDGEBAKE_BUNDLE"] = trials.public_key, str(trials.paths["good"])
-        if update_trials:  # the bundles a unit must refuse or take back by itself
-            env["EDGEBAKE_TRIAL_BUNDLES"] = json.dumps({name: str(path) for name, path in
-                                                        trials.paths.items()})
-        if supervision_trials:  # kill -9, SIGSTOP and a camera unplug on the running unit
-            env["EDGEBAKE_SUPERVISION_TRIALS"] = "1"
-        broker = LocalBroker.start_if_available(tmp)
-        # an RTSP camera on the host, seen by the guest through QEMU's user network
-        # (small and slow: QEMU emulates the unit's CPU, and H.264 is decoded in full)
-        stream = make_h264(tmp / "stream.h264", fps=5, width=320, height=320,
-                           picture=stream_picture())
-        rtsp = RtspServer(stream, fps=5).start()
-        env["EDGEBAKE_RTSP_SOURCE"] = "rtsp"
-        app: dict[str, Any] = {"sources": [
-            # vivid (loaded from the kernel command line) must be found by itself
-            {"name": "cameras", "kind": "v4l2-auto", "fps": 5, "width": 640, "height": 480,
-             "max_age_sec": 10},
-            {"name": "rtsp", "kind": "rtsp", "url": rtsp.url(QEMU_HOST_ADDRESS), "fps": 2,
-             "max_age_sec": 20}],
-            # QEMU emulates the CPU: a generous latency budget; a window past the reboot check
-            "update": {"max_latency_ms": 20000, "window_sec": 3600}}
+            codes["running"] = 0  # not run: the static failures say why
+        else:
+            codes["running"], figures = _boot_and_check(image, tmp, test_dir, manifest, env,
+                                                        junit_parts[1], progress,
+                                                        update_trials, supervision_trials)
+    return _result(junit_parts, codes, test_dir, figures, started, progress)
+
+
+def _static_checks(image: Path, tmp: Path, junit: Path, env: dict[str, str],
+                   progress: Progress) -> int:
+    rootfs = unpack_rootfs(image, tmp / "rootfs", progress)
+    env["EDGEBAKE_ROOTFS"] = str(rootfs)
+    code = run_checks("static", junit, str(rootfs), env, progress, ["--connection=chroot"])
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return code
+
+
+def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, Any],
+                    env: dict[str, str], junit: Path, progress: Progress, update_trials: bool,
+                    supervision_trials: bool) -> tuple[int, dict[str, float]]:
+    """The unit's world (a test key, update bundles, a broker, an RTSP camera, a USB stick,
+    a seed), the image booted in it, and the checks run over SSH."""
+    key = tmp / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgebake-test",
+                    "-f", str(key)], check=True)
+    trials = make_trial_bundles(tmp / "bundles", str(manifest.get("target", "pi4")), progress)
+    env["EDGEBAKE_BUNDLE"] = str(trials.paths["good"])
+    if update_trials:  # the bundles a unit must refuse or take back by itself
+        env["EDGEBAKE_TRIAL_BUNDLES"] = json.dumps({name: str(path) for name, path in
+                                                    trials.paths.items()})
+    if supervision_trials:  # kill -9, SIGSTOP and a camera unplug on the running unit
+        env["EDGEBAKE_SUPERVISION_TRIALS"] = "1"
+    broker = LocalBroker.start_if_available(tmp)
+    # an RTSP camera on the host, seen by the guest through QEMU's user network
+    # (small and slow: QEMU emulates the unit's CPU, and H.264 is decoded in full)
+    stream = make_h264(tmp / "stream.h264", fps=5, width=320, height=320,
+                       picture=stream_picture())
+    rtsp = RtspServer(stream, fps=5).start()
+    env["EDGEBAKE_RTSP_SOURCE"] = "rtsp"
+    seed = _test_seed(tmp, key, rtsp.url(QEMU_HOST_ADDRESS), broker, trials.public_key, env)
+    # a "card" larger than the image: the data partition must grow into it at first boot
+    disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
+    env["EDGEBAKE_DISK_BYTES"] = str(disk_bytes)
+    # a technician's USB stick with a bundle this unit must refuse (signed by another key)
+    stick = usb_stick(tmp / "stick.img", USB_BUNDLE, "model-9.9.ebundle")
+    env["EDGEBAKE_USB_BUNDLE"] = "model-9.9.ebundle"
+    machine = QemuMachine(image=image, workdir=tmp / "vm", console=test_dir / "console.log",
+                          extra_cmdline=["modules-load=vivid"], disk_bytes=disk_bytes,
+                          usb_stick=stick)
+    try:
+        with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
+            _boot(machine, image, manifest, seed, key, progress)
+        with progress.step("runtime checks over SSH (testinfra)"):
+            return _running_checks(machine, key, tmp, test_dir, env, junit, progress)
+    finally:
+        machine.stop()
+        rtsp.stop()
         if broker is not None:
-            # QEMU's user network shows the host's loopback to the guest as 10.0.2.2
-            app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port}
-            env["EDGEBAKE_MQTT_PORT"] = str(broker.port)
-        # saved as UTF-16 with a byte-order mark, as Windows editors do
-        seed = render_seed(TEST_HOSTNAME, [(tmp / "id_ed25519.pub").read_text().strip()],
-                           app=app, device_id="qemu-test-unit",
-                           update_keys=[update_key]).encode("utf-16")
-        # a "card" larger than the image: the data partition must grow into it at first boot
-        disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
-        env["EDGEBAKE_DISK_BYTES"] = str(disk_bytes)
-        # a technician's USB stick with a bundle this unit must refuse (signed by another key)
-        stick = usb_stick(tmp / "stick.img", USB_BUNDLE, "model-9.9.ebundle")
-        env["EDGEBAKE_USB_BUNDLE"] = "model-9.9.ebundle"
-        machine = QemuMachine(image=image, workdir=tmp / "vm", console=test_dir / "console.log",
-                              extra_cmdline=["modules-load=vivid"], disk_bytes=disk_bytes,
-                              usb_stick=stick)
-        try:
-            with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
-                machine.prepare()
-                kernel, _ = diskimage.kernel_and_initrd_names(image, machine.boot)
-                origin = "the image's own kernel"
-                if manifest.get("base_image"):
-                    origin += (" (QEMU's virt machine cannot run a Raspberry Pi kernel: this "
-                               "works when the base carries a generic arm64 kernel, as the "
-                               "look-alike does with Debian's)")
-                progress.say(f"      kernel: {kernel} from the boot partition, {origin}")
-                dropped = machine.imager_one_shot_args()
-                if dropped:
-                    progress.say("      left out of QEMU's kernel command line (Imager's "
-                                 "first-boot run, which needs the Pi firmware to re-read "
-                                 f"cmdline.txt after it): {' '.join(dropped)}")
-                written = seed_overlay(image, machine.overlay, machine.boot, seed)
-                progress.say(f"      seed written into the overlay ({written} bytes changed)")
-                machine.start()
-                waited = machine.wait_for_ssh(key, SSH_TIMEOUT_SEC)
-                progress.say(f"      SSH up after {waited:.0f}s")
-            with progress.step("runtime checks over SSH (testinfra)"):
-                env.update({"EDGEBAKE_SSH_KEY": str(key), "EDGEBAKE_SSH_PORT":
-                            str(machine.ssh_port), "EDGEBAKE_HTTP_PORT": str(machine.http_port),
-                            "EDGEBAKE_HOSTNAME": TEST_HOSTNAME,
-                            "EDGEBAKE_CONSOLE": str(machine.console)})
-                hosts = f"ssh://root@127.0.0.1:{machine.ssh_port}"
-                code = codes["running"] = run_checks(
-                    "running", junit_parts[1], hosts, env, progress,
-                    ["--ssh-identity-file", str(key), "--ssh-config", str(_ssh_config(tmp))])
-                if code != 0:
-                    progress.say("      runtime checks failed; last 30 console lines:")
-                    for line in console_tail(machine.console, 30).splitlines():
-                        progress.say(f"      | {line}")
-                # every boot of the run; the first one is the unit's real first boot
-                journal = machine.ssh(key, "journalctl --no-pager -o short-monotonic",
-                                      timeout=180).stdout
-                (test_dir / "journal.txt").write_text(journal)
-                figures = boot_figures(journal)
-        finally:
-            machine.stop()
-            rtsp.stop()
-            if broker is not None:
-                broker.stop()
+            broker.stop()
+
+
+def _test_seed(tmp: Path, key: Path, rtsp_url: str, broker: LocalBroker | None,
+               update_key: str, env: dict[str, str]) -> bytes:
+    """The test unit's seed, saved as UTF-16 with a byte-order mark, as Windows editors do."""
+    app: dict[str, Any] = {"sources": [
+        # vivid (loaded from the kernel command line) must be found by itself
+        {"name": "cameras", "kind": "v4l2-auto", "fps": 5, "width": 640, "height": 480,
+         "max_age_sec": 10},
+        {"name": "rtsp", "kind": "rtsp", "url": rtsp_url, "fps": 2, "max_age_sec": 20}],
+        # QEMU emulates the CPU: a generous latency budget; a window past the reboot check
+        "update": {"max_latency_ms": 20000, "window_sec": 3600}}
+    if broker is not None:
+        # QEMU's user network shows the host's loopback to the guest as 10.0.2.2
+        app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port}
+        env["EDGEBAKE_MQTT_PORT"] = str(broker.port)
+    return render_seed(TEST_HOSTNAME, [key.with_suffix(".pub").read_text().strip()],
+                       app=app, device_id="qemu-test-unit",
+                       update_keys=[update_key]).encode("utf-16")
+
+
+def _boot(machine: QemuMachine, image: Path, manifest: dict[str, Any], seed: bytes, key: Path,
+          progress: Progress) -> None:
+    machine.prepare()
+    kernel, _ = diskimage.kernel_and_initrd_names(image, machine.boot)
+    origin = "the image's own kernel"
+    if manifest.get("base_image"):
+        origin += (" (QEMU's virt machine cannot run a Raspberry Pi kernel: this works when "
+                   "the base carries a generic arm64 kernel, as the look-alike does with "
+                   "Debian's)")
+    progress.say(f"      kernel: {kernel} from the boot partition, {origin}")
+    dropped = machine.imager_one_shot_args()
+    if dropped:
+        progress.say("      left out of QEMU's kernel command line (Imager's first-boot run, "
+                     "which needs the Pi firmware to re-read cmdline.txt after it): "
+                     f"{' '.join(dropped)}")
+    written = seed_overlay(image, machine.overlay, machine.boot, seed)
+    progress.say(f"      seed written into the overlay ({written} bytes changed)")
+    machine.start()
+    waited = machine.wait_for_ssh(key, SSH_TIMEOUT_SEC)
+    progress.say(f"      SSH up after {waited:.0f}s")
+
+
+def _running_checks(machine: QemuMachine, key: Path, tmp: Path, test_dir: Path,
+                    env: dict[str, str], junit: Path, progress: Progress
+                    ) -> tuple[int, dict[str, float]]:
+    env.update({"EDGEBAKE_SSH_KEY": str(key), "EDGEBAKE_SSH_PORT": str(machine.ssh_port),
+                "EDGEBAKE_HTTP_PORT": str(machine.http_port),
+                "EDGEBAKE_HOSTNAME": TEST_HOSTNAME, "EDGEBAKE_CONSOLE": str(machine.console)})
+    hosts = f"ssh://root@127.0.0.1:{machine.ssh_port}"
+    code = run_checks("running", junit, hosts, env, progress,
+                      ["--ssh-identity-file", str(key), "--ssh-config", str(_ssh_config(tmp))])
+    if code != 0:
+        progress.say("      runtime checks failed; last 30 console lines:")
+        for line in console_tail(machine.console, 30).splitlines():
+            progress.say(f"      | {line}")
+    # every boot of the run; the first one is the unit's real first boot
+    journal = machine.ssh(key, "journalctl --no-pager -o short-monotonic", timeout=180).stdout
+    (test_dir / "journal.txt").write_text(journal)
+    return code, boot_figures(journal)
+
+
+def _result(junit_parts: list[Path], codes: dict[str, int], test_dir: Path,
+            figures: dict[str, float], started: float, progress: Progress) -> ImageTestResult:
     passed, failed = merge_junit(junit_parts, test_dir / "junit.xml")
     for phase, part in zip(codes, junit_parts, strict=True):
         if codes[phase] != 0 and failed == 0:
