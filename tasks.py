@@ -439,7 +439,7 @@ def apply_overlay(c: Context, rootfs: str, overlay: str = "", remove: bool = Fal
 @fails_cleanly
 def make_key(c: Context, out: str = "signing.key") -> None:
     """Write an ed25519 keypair for signing model bundles (the private key mode 0600)."""
-    from edgebake_runtime.bundle import write_private_key
+    from edgebake_builder.signing import write_private_key
 
     Path(f"{out}.pub").write_text(write_private_key(Path(out)))
     print(f"{out} (keep it secret) and {out}.pub (goes into recipes: update.public_keys)")
@@ -458,9 +458,9 @@ def make_bundle(c: Context, key: str, version: str, out: str, model: str = "",
     import tempfile
 
     from edgebake_builder.progress import Progress
+    from edgebake_builder.signing import build_bundle, read_private_key
     from edgebake_builder.steps.model import prepare_model
     from edgebake_runtime.atomic import write_atomic
-    from edgebake_runtime.bundle import build_bundle, read_private_key
 
     private = read_private_key(Path(key))
     try:

@@ -49,7 +49,7 @@ def test_latest_frame_wins_and_counts_drops(tmp_path: Path, default_model: Path)
     for seq in range(5):
         queue.put(Frame("s", seq, 0.0, 0.0, None))  # type: ignore[arg-type]
     assert queue.dropped == 3
-    assert [f.seq for f in queue.drain()] == [3, 4]
+    assert [f.seq for f in iter(lambda: queue.wait_take(0.0), None)] == [3, 4]
 
 
 def test_down_source_is_shown_and_is_not_a_crash(tmp_path: Path, default_model: Path) -> None:

@@ -37,8 +37,6 @@ class Metrics:
         self.end_to_end = LatencyWindow()  # capture -> result written
         self.results = 0
         self.inference_errors = 0
-        self.journal_errors = 0
-        self.mqtt_published = 0
         self.switch_drops = 0  # frames prepared for a model that was switched away
         self.last_result_at = time.monotonic()  # start counts: stalls are judged from it
         self._lock = threading.Lock()

@@ -1,7 +1,7 @@
 """Where results go: the journal on /data, one write per batch a camera process sends.
 
-A journal that cannot write does not stop inference: the failure is counted and shows in
-/health (the verdict calls it stuck, so a restart gets a chance to fix it).
+A journal that cannot write does not stop inference: the journal counts what it could not
+write, and /health shows it (the verdict calls it stuck, so a restart gets a chance).
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ from pathlib import Path
 
 from .config import JournalSettings
 from .journal import Journal
-from .metrics import Metrics
 
 log = logging.getLogger("edgebake.results")
 
 
 class ResultSink:
-    def __init__(self, settings: JournalSettings, metrics: Metrics) -> None:
-        self.metrics = metrics
+    def __init__(self, settings: JournalSettings) -> None:
         self.journal = Journal(Path(settings.dir), settings.fsync_interval_sec,
                                settings.rotate_bytes, settings.min_free_percent)
 
@@ -32,5 +30,4 @@ class ResultSink:
 
     def write_lines(self, block: bytes, count: int, stamp: float) -> None:
         """`count` finished journal lines in one block (called by camera reader threads)."""
-        if not self.journal.append_lines(block, count, stamp):
-            self.metrics.journal_errors += count
+        self.journal.append_lines(block, count, stamp)

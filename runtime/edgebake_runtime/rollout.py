@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .cameras import Cameras
-from .card import Card, card_path_for
+from .card import Card
 from .config import AppConfig
 from .metrics import Metrics
 from .modelload import StartupError, load_checked_card
-from .modelstore import ModelStore, Slot, boot_id
+from .modelstore import Slot, boot_id
 from .supervise import Supervised
 
 log = logging.getLogger("edgebake.rollout")
@@ -36,7 +36,10 @@ class Rollout:
         self.cameras = cameras
         self.metrics = metrics
         self.stop = stop
-        self.store = ModelStore(Path(config.update.dir))
+        from .update import UnitUpdates
+
+        self.updates = UnitUpdates.of(config)
+        self.store = self.updates.store
         self.running_version: str | None = None  # None: the image's model
         self.swaps = 0
         self.last_swap_gap_sec: float | None = None
@@ -119,13 +122,8 @@ class Rollout:
     def apply_bundle(self, bundle: Path) -> str:
         """A pulled or ordered bundle through every check of `edgebake-update apply`; the
         model watch then switches to it like to any other."""
-        from .update import apply, current_version, unit_target
-
-        settings = self.config.update
-        baked_card = self.config.card_path or card_path_for(self.config.model_path)
         with self._apply_lock:  # a pulled and an ordered bundle never install at once
-            return apply(bundle, self.store, Path(settings.keys_dir), unit_target(settings),
-                         current_version(self.store, baked_card), settings, False)
+            return self.updates.apply(bundle)
 
     # --- the switch ----------------------------------------------------------------------
     def swap_to(self, slot: Slot | None) -> None:

@@ -44,7 +44,7 @@ class Service:
         self.ready = False
         self._stop = threading.Event()
         self.runtime = runtime_name_and_version()
-        self.results = ResultSink(config.journal, self.metrics)
+        self.results = ResultSink(config.journal)
         self.cameras = Cameras(config, self.metrics, self.results.write_lines, self._stop)
         self.rollout = Rollout(config, self.cameras, self.metrics, self._stop)
         self.rollout.load_first()

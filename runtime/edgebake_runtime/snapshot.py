@@ -34,6 +34,7 @@ def inference(cameras: list[CameraProcess], metrics: Metrics) -> dict[str, Any]:
     timing, end_to_end = metrics.inference, metrics.end_to_end
     return {"workers": len(cameras), "results": metrics.results,
             "errors": metrics.inference_errors,
+            "switch_drops": metrics.switch_drops,
             "p50_ms": _ms(timing.percentile(50)), "p99_ms": _ms(timing.percentile(99)),
             "end_to_end_p50_ms": _ms(end_to_end.percentile(50)),
             "end_to_end_p99_ms": _ms(end_to_end.percentile(99)),

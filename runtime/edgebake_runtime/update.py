@@ -15,14 +15,15 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .bundle import BundleError, check_bundle, load_public_key, version_key
-from .card import load_card
-from .config import ConfigError, UpdateSettings, load_config
+from .card import card_path_for, load_card
+from .config import AppConfig, ConfigError, UpdateSettings, load_config
 from .interp import ModelError, load_interpreter
 from .modelstore import ModelStore
 from .selfcheck import check_model
@@ -107,6 +108,31 @@ def current_version(store: ModelStore, baked_card: Path) -> str:
         return "0"
 
 
+@dataclass(frozen=True)
+class UnitUpdates:
+    """This unit's update settings, its model slots, and the card of the image's model:
+    what every way in (SSH, USB, pull, MQTT) checks a bundle against."""
+
+    settings: UpdateSettings
+    store: ModelStore
+    baked_card: Path
+
+    @classmethod
+    def of(cls, config: AppConfig) -> UnitUpdates:
+        return cls(config.update, ModelStore(Path(config.update.dir)),
+                   config.card_path or card_path_for(config.model_path))
+
+    @classmethod
+    def load(cls, config: Path, overrides: Path) -> UnitUpdates:
+        """From the unit's app.yaml and seed overrides; ConfigError when they are bad."""
+        return cls.of(load_config(config, overrides))
+
+    def apply(self, bundle: Path, allow_rollback: bool = False) -> str:
+        return apply(bundle, self.store, Path(self.settings.keys_dir),
+                     unit_target(self.settings), current_version(self.store, self.baked_card),
+                     self.settings, allow_rollback)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgebake-update", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("/etc/edgebake/app.yaml"))
@@ -122,18 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("rollback", help="go back to the previous model now")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        updates = UnitUpdates.load(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = config.update
-    store = ModelStore(Path(settings.dir))
-    baked_card = config.card_path or config.model_path.with_name(
-        config.model_path.stem + ".card.json")
+    store = updates.store
     try:
         if args.command == "apply":
-            print(apply(args.bundle, store, Path(settings.keys_dir), unit_target(settings),
-                        current_version(store, baked_card), settings, args.allow_rollback))
+            print(updates.apply(args.bundle, args.allow_rollback))
         elif args.command == "rollback":
             now = store.rollback()
             store.audit("rollback", reason="asked", now=now)

@@ -19,10 +19,9 @@ import tempfile
 from pathlib import Path
 
 from .bundle import BundleError, version_key
-from .config import ConfigError, UpdateSettings, load_config
+from .config import ConfigError
 from .interp import ModelError
-from .modelstore import ModelStore
-from .update import apply, current_version, unit_target
+from .update import UnitUpdates
 
 DEVICE = re.compile(r"sd[a-z]{1,2}[0-9]{0,3}")
 MAX_BUNDLES = 16
@@ -38,9 +37,9 @@ def _version_of(name: str) -> tuple[int, ...]:
         return (0,)
 
 
-def apply_from(mounted: Path, store: ModelStore, settings: UpdateSettings,
-               baked_card: Path) -> list[str]:
+def apply_from(mounted: Path, updates: UnitUpdates) -> list[str]:
     """Every bundle on the stick through the full checks; one line per bundle."""
+    store = updates.store
     folder = mounted / FOLDER
     bundles = sorted((p for p in folder.glob("*.ebundle") if p.is_file()),
                      key=lambda p: (_version_of(p.name), p.name))[:MAX_BUNDLES]
@@ -54,8 +53,7 @@ def apply_from(mounted: Path, store: ModelStore, settings: UpdateSettings,
         local = incoming / f"usb-{bundle.name}"
         try:
             shutil.copyfile(bundle, local)
-            line = apply(local, store, Path(settings.keys_dir), unit_target(settings),
-                         current_version(store, baked_card), settings, False)
+            line = updates.apply(local)
         except (BundleError, ModelError, OSError, ValueError) as exc:
             store.audit("refused", via="usb", bundle=bundle.name, reason=str(exc))
             line = f"refused: {exc}"
@@ -72,15 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = f"/dev/{args[0]}"
     try:
-        config = load_config(Path("/etc/edgebake/app.yaml"),
-                             Path("/etc/edgebake/seed-overrides.yaml"))
+        updates = UnitUpdates.load(Path("/etc/edgebake/app.yaml"),
+                                   Path("/etc/edgebake/seed-overrides.yaml"))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    settings = config.update
-    store = ModelStore(Path(settings.dir))
-    baked_card = config.card_path or config.model_path.with_name(
-        config.model_path.stem + ".card.json")
+    store = updates.store
     with tempfile.TemporaryDirectory(prefix="edgebake-usb-") as mount_point:
         mounted = subprocess.run(["mount", "-o", "ro,nosuid,nodev,noexec", device, mount_point],
                                  capture_output=True, text=True, check=False)
@@ -91,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         store.audit("usb: stick mounted", via="usb", device=device)
         try:
-            for line in apply_from(Path(mount_point), store, settings, baked_card):
+            for line in apply_from(Path(mount_point), updates):
                 print(f"{device}: {line}", flush=True)
         finally:
             subprocess.run(["umount", mount_point], capture_output=True, check=False)

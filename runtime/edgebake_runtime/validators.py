@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -79,39 +79,6 @@ class Enum:
 
     def describe(self) -> str:
         return "one of " + ", ".join(self.choices)
-
-
-@dataclass(frozen=True)
-class StrList:
-    """A list of strings; an item `-x` in a later layer removes `x` added by an earlier one."""
-
-    item: Str = field(default_factory=Str)
-
-    def validate(self, value: Any) -> Any:
-        if not isinstance(value, list):
-            raise Invalid(self.describe())
-        for item in value:
-            if not isinstance(item, str):
-                raise Invalid(self.describe())
-            self.item.validate(item[1:] if item.startswith("-") else item)
-        return list(value)
-
-    def describe(self) -> str:
-        inner = self.item.describe()
-        return f"a list of {inner[2:] if inner.startswith('a ') else inner}s"
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """A free-form mapping, deep-merged across layers (its contents are checked by its consumer)."""
-
-    def validate(self, value: Any) -> Any:
-        if not isinstance(value, dict):
-            raise Invalid(self.describe())
-        return value
-
-    def describe(self) -> str:
-        return "a mapping"
 
 
 @dataclass(frozen=True)
@@ -216,5 +183,4 @@ class WritablePath:
             " (where the service may write)"
 
 
-Validator = Str | Int | Bool | Enum | StrList | Mapping | Float | Optional | Url | Address | \
-    Networks | WritablePath
+Validator = Str | Int | Bool | Enum | Float | Optional | Url | Address | Networks | WritablePath

@@ -1,7 +1,7 @@
 """Writes the binary members of the bad-input corpus (frames, models, bundles).
 
 The text members (recipes, seeds, configs) are written by hand. Run from the repository root:
-`PYTHONPATH=runtime python3 tests/corpus/make_corpus.py`. The bundles are signed with a key
+`.venv/bin/python tests/corpus/make_corpus.py`. The bundles are signed with a key
 made here for the corpus only; `bundles/trusted.pub` is what the checks trust.
 """
 
@@ -67,7 +67,7 @@ def _members(data: bytes) -> list[tuple[str, bytes]]:
 
 
 def bundles(folder: Path) -> None:
-    from edgebake_runtime.bundle import build_bundle, make_keypair
+    from edgebake_builder.signing import build_bundle, make_keypair
 
     folder.mkdir(exist_ok=True)
     private, public = make_keypair()

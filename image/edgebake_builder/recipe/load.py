@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from edgebake_runtime.merge import deep_merge
-from edgebake_runtime.validators import Invalid, Mapping, StrList
 from edgebake_runtime.yamlfile import TextFileError, read_yaml
 
 from ..errors import BuildError, RecipeError
 from .schema import BY_PATH, GROUPS, defaults
+from .validators import Invalid, Mapping, StrList
 
 RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgebake_runtime.validators import Bool, Enum, Int, Mapping, Str, StrList, Validator
+from .validators import Bool, Enum, Int, Mapping, Str, StrList, Validator
 
 PACKAGE = Str(r"[a-z0-9][a-z0-9+.-]+", "naming a Debian package")
 NAME = Str(r"[a-z0-9][a-z0-9-]{0,62}", "of lowercase letters, digits and dashes")

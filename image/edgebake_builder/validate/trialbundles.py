@@ -80,7 +80,7 @@ def _tampered(bundle: bytes) -> bytes:
 
 def make_trial_bundles(folder: Path, target: str, progress: Progress) -> TrialBundles:
     """Sign the four bundles with a key made here, for a unit of `target`."""
-    from edgebake_runtime.bundle import build_bundle, make_keypair
+    from edgebake_builder.signing import build_bundle, make_keypair
 
     from ..steps.model import DEFAULT_MODEL, fetch_locked_model, prepare_model, read_models_lock
 

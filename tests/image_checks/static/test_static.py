@@ -100,7 +100,7 @@ def test_runtime_imports_in_the_target(host: Any, manifest: dict[str, Any]) -> N
     module = {"tflite-runtime": "tflite_runtime",
               "ai-edge-litert": "ai_edge_litert"}[manifest["model"]["runtime"]["name"]]
     cmd = host.run("PYTHONPATH=/opt/edgebake/lib python3 -c "
-                   f"'import {module}.interpreter, edgebake_runtime.app; print(\"ok\")'")
+                   f"'import {module}.interpreter, edgebake_runtime.service; print(\"ok\")'")
     assert cmd.rc == 0, cmd.stderr
     assert cmd.stdout.strip() == "ok"
 
