@@ -8,10 +8,11 @@ is an uncompressed tar with exactly these members, regular files only:
     manifest.sig    ed25519 signature of manifest.json's bytes
     model.tflite, model.card.json, model.golden.npz
 
-Checks, in this order, each refusing with one line: size, member names and kinds (no paths,
-links or devices), signature present, key known, signature valid, every member's sha256 and
-size, target, version newer than the current one (unless a rollback is allowed). Nothing is
-extracted before every check has passed.
+Checks, in this order, each refusing with one line: size, member headers (known names, plain
+regular files: no paths, links, devices or sparse files, each within its size limit),
+signature present and valid for a trusted key (before anything is parsed), every member's
+signed size (before it is read) and sha256, target, version newer than the current one
+(unless a rollback is allowed). Nothing is extracted before every check has passed.
 """
 
 from __future__ import annotations
@@ -74,67 +75,116 @@ def load_public_key(text: str, source: str) -> tuple[str, Any]:
     return key_id(raw), ed25519.Ed25519PublicKey.from_public_bytes(raw)
 
 
-def _read_members(path: Path, max_bytes: int) -> dict[str, bytes]:
+# The most each member may hold: nothing is read into memory beyond these, whatever a
+# member's header declares.
+MEMBER_LIMITS = {"manifest.json": 64 * 1024, "manifest.sig": 64, "model.tflite": 60 * 2**20,
+                 "model.card.json": 2**20, "model.golden.npz": 16 * 2**20}
+
+
+def _headers(path: Path, tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """The members' headers, each checked before any member's data is read: a known name,
+    a plain regular file (no link, device or sparse file), once, within its size limit."""
+    found: dict[str, tarfile.TarInfo] = {}
+    for info in tar:
+        if info.name not in MEMBER_LIMITS:
+            raise BundleError(f"{path}: member {info.name!r} is not allowed "
+                              f"(only {', '.join(sorted(MEMBER_LIMITS))}, no paths)")
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None:
+            raise BundleError(f"{path}: member {info.name!r} is not a plain regular file")
+        if info.name in found:
+            raise BundleError(f"{path}: member {info.name!r} appears twice")
+        if info.size > MEMBER_LIMITS[info.name]:
+            raise BundleError(f"{path}: member {info.name!r} declares {info.size} bytes "
+                              f"(limit {MEMBER_LIMITS[info.name]})")
+        found[info.name] = info
+    return found
+
+
+def _read(path: Path, tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(info)
+    data = handle.read(info.size + 1) if handle is not None else b""
+    if len(data) != info.size:
+        raise BundleError(f"{path}: member {info.name!r} is cut short")
+    return data
+
+
+def _signed_manifest(path: Path, tar: tarfile.TarFile, headers: dict[str, tarfile.TarInfo],
+                     public_keys: dict[str, Any]) -> dict[str, Any]:
+    """manifest.json, once its signature checks out: nothing is parsed before that."""
+    if "manifest.json" not in headers:
+        raise BundleError(f"{path}: no manifest.json (not a bundle)")
+    if "manifest.sig" not in headers:
+        raise BundleError(f"{path}: unsigned (no manifest.sig)")
+    text = _read(path, tar, headers["manifest.json"])
+    signature = _read(path, tar, headers["manifest.sig"])
+    from cryptography.exceptions import InvalidSignature
+
+    signer = ""
+    for name, key in public_keys.items():
+        try:
+            key.verify(signature, text)
+            signer = name
+            break
+        except InvalidSignature:
+            continue
+    if not signer:
+        raise BundleError(f"{path}: the signature does not match the manifest for any trusted "
+                          f"key (an unknown key, or tampered; trusted: "
+                          f"{', '.join(sorted(public_keys)) or 'none'})")
+    try:
+        manifest = json.loads(text)
+        if not isinstance(manifest, dict):
+            raise TypeError("not a mapping")
+    except (ValueError, TypeError, RecursionError):
+        raise BundleError(f"{path}: manifest.json is not a bundle manifest") from None
+    if manifest.get("key_id") != signer:
+        raise BundleError(f"{path}: manifest names key {manifest.get('key_id')!r}, signed by "
+                          f"{signer}")
+    return manifest
+
+
+def check_bundle(path: Path, public_keys: dict[str, Any], target: str,
+                 current_version: str | None = None, allow_rollback: bool = False,
+                 max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
+    """Every check, or BundleError with the first that fails. The signature is checked
+    before anything in the bundle is parsed, and no member is read beyond its limit."""
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise BundleError(f"{path}: {exc.strerror}") from None
     if size > max_bytes:
         raise BundleError(f"{path}: {size} bytes is too big (limit {max_bytes})")
-    allowed = {"manifest.json", "manifest.sig", *MEMBERS}
-    members: dict[str, bytes] = {}
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                if info.name not in allowed:
-                    raise BundleError(f"{path}: member {info.name!r} is not allowed "
-                                      f"(only {', '.join(sorted(allowed))}, no paths)")
-                if not info.isreg():
-                    raise BundleError(f"{path}: member {info.name!r} is not a regular file")
-                if info.name in members:
-                    raise BundleError(f"{path}: member {info.name!r} appears twice")
-                handle = tar.extractfile(info)
-                assert handle is not None
-                members[info.name] = handle.read()
-    except (tarfile.TarError, EOFError) as exc:
+            headers = _headers(path, tar)
+            manifest = _signed_manifest(path, tar, headers, public_keys)
+            members = _signed_members(path, tar, headers, manifest)
+    except (tarfile.TarError, EOFError, OSError) as exc:
         raise BundleError(f"{path}: not a bundle (unreadable tar: {exc})") from None
+    return _check_manifest(path, manifest, members, target, current_version, allow_rollback)
+
+
+def _signed_members(path: Path, tar: tarfile.TarFile, headers: dict[str, tarfile.TarInfo],
+                    manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Each model member, read only when its header has the size the manifest signed."""
+    listed = manifest.get("members", {})
+    members: dict[str, bytes] = {}
+    for name in MEMBERS:
+        info = headers.get(name)
+        entry = listed.get(name) if isinstance(listed, dict) else None
+        if info is None or not isinstance(entry, dict):
+            raise BundleError(f"{path}: {name} missing")
+        if info.size != entry.get("size"):
+            raise BundleError(f"{path}: {name} does not match its signed size (tampered)")
+        data = _read(path, tar, info)
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise BundleError(f"{path}: {name} does not match its signed sha256 (tampered)")
+        members[name] = data
     return members
 
 
-def check_bundle(path: Path, public_keys: dict[str, Any], target: str,
-                 current_version: str | None = None, allow_rollback: bool = False,
-                 max_bytes: int = MAX_BUNDLE_BYTES) -> Bundle:
-    """Every check, or BundleError with the first that fails."""
-    members = _read_members(path, max_bytes)
-    if "manifest.json" not in members:
-        raise BundleError(f"{path}: no manifest.json (not a bundle)")
-    if "manifest.sig" not in members:
-        raise BundleError(f"{path}: unsigned (no manifest.sig)")
-    try:
-        manifest = json.loads(members["manifest.json"])
-        signer = str(manifest["key_id"])
-    except (ValueError, KeyError, TypeError):
-        raise BundleError(f"{path}: manifest.json is not a bundle manifest") from None
-    key = public_keys.get(signer)
-    if key is None:
-        raise BundleError(f"{path}: signed by an unknown key {signer} (trusted: "
-                          f"{', '.join(sorted(public_keys)) or 'none'})")
-    from cryptography.exceptions import InvalidSignature
-
-    try:
-        key.verify(members["manifest.sig"], members["manifest.json"])
-    except InvalidSignature:
-        raise BundleError(f"{path}: the signature does not match the manifest "
-                          "(tampered)") from None
-    listed = manifest.get("members", {})
-    for name in MEMBERS:
-        data = members.get(name)
-        entry = listed.get(name) if isinstance(listed, dict) else None
-        if data is None or not isinstance(entry, dict):
-            raise BundleError(f"{path}: {name} missing")
-        if len(data) != entry.get("size") or \
-                hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-            raise BundleError(f"{path}: {name} does not match its signed sha256 (tampered)")
+def _check_manifest(path: Path, manifest: dict[str, Any], members: dict[str, bytes],
+                    target: str, current_version: str | None, allow_rollback: bool) -> Bundle:
     if manifest.get("target") != target:
         raise BundleError(f"{path}: made for target {manifest.get('target')!r}, this is "
                           f"{target!r}")
@@ -144,4 +194,4 @@ def check_bundle(path: Path, public_keys: dict[str, Any], target: str,
             new <= version_key(current_version):
         raise BundleError(f"{path}: version {version} is not newer than the current "
                           f"{current_version} (a downgrade needs an explicit rollback)")
-    return Bundle(path, manifest, {n: members[n] for n in MEMBERS})
+    return Bundle(path, manifest, members)

@@ -26,6 +26,7 @@ from typing import Any
 from .atomic import write_atomic
 from .bundle import MAX_BUNDLE_BYTES, BundleError
 from .interp import ModelError
+from .supervise import Backoff
 
 log = logging.getLogger("edgebake.pull")
 
@@ -89,23 +90,21 @@ class BundlePuller:
         self.last_check: float | None = None  # wall clock
         self.last_result = ""
         self.last_error = ""
-        self._backoff = FIRST_BACKOFF_SEC
+        self._backoff = Backoff(FIRST_BACKOFF_SEC, max(every_sec, 3600.0))
 
     # --- the loop (run by Supervised) ---------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        wait = 0.0
-        while not stop.wait(wait):
+        while not stop.is_set():
             try:
                 self.poll_once()
                 self.last_error = ""
-                self._backoff = FIRST_BACKOFF_SEC
-                wait = self.every_sec
+                self._backoff.reset()
+                stop.wait(self.every_sec)
             except (OSError, ValueError, urllib.error.URLError) as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("update pull from %s failed: %s; next try in %.0fs", self.url,
-                            self.last_error, self._backoff)
-                wait = self._backoff
-                self._backoff = min(self._backoff * 2, max(self.every_sec, 3600.0))
+                            self.last_error, self._backoff.delay)
+                self._backoff.pause(stop)
 
     def poll_once(self) -> str:
         """One request; returns what happened: not-modified, applied, refused, or seen."""

@@ -28,12 +28,17 @@ class Backoff:
         self.maximum = maximum
         self.delay = first
 
-    def pause(self, stop: threading.Event, ran_for: float) -> None:
-        """Wait before the next attempt (returns early when `stop` is set)."""
+    def reset(self) -> None:
+        """The work ran well: the next failure is retried soon."""
+        self.delay = self.first
+
+    def pause(self, stop: threading.Event, ran_for: float = 0.0) -> bool:
+        """Wait before the next attempt; True when `stop` was set meanwhile."""
         if ran_for > 2 * self.maximum:
-            self.delay = self.first
-        stop.wait(self.delay)
+            self.reset()
+        stopped = stop.wait(self.delay)
         self.delay = min(self.delay * 2, self.maximum)
+        return stopped
 
 
 class Supervised:
@@ -60,7 +65,7 @@ class Supervised:
             began = time.monotonic()
             try:
                 self.body()
-                self.backoff.delay = self.backoff.first
+                self.backoff.reset()
             except Exception as exc:  # the point of supervision: log, count, come back
                 self.restarts += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"

@@ -87,6 +87,38 @@ def bundles(folder: Path) -> None:
     (folder / "traversal.ebundle").write_bytes(
         _tar([*_members(good), ("../../etc/cron.d/evil", b"* * * * * root sh\n")]))
     (folder / "not-a-tar.ebundle").write_bytes(b"PK\x03\x04 a zip, not a bundle" * 10)
+    hostile_bundles(folder, _members(good))
+
+
+def _raw_member(name: str, data: bytes, declared: int | None = None) -> bytes:
+    """One tar member as bytes, its header free to declare another size than it holds."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if declared is None else declared
+    info.mtime = 1735689600
+    return info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def hostile_bundles(folder: Path, members: list[tuple[str, bytes]]) -> None:
+    """Bundles made to exhaust memory or a parser before the signature is checked."""
+    others = [(n, d) for n, d in members if n != "model.tflite"]
+    # a PAX 1.0 sparse member: a block in the file, 3 GB of zeros once read
+    sparse = tarfile.TarInfo("GNUSparseFile.0/model.tflite")
+    block = b"1\n0\n0\n".ljust(512, b"\0")
+    sparse.size, sparse.mtime = len(block), 1735689600
+    sparse.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                          "GNU.sparse.name": "model.tflite",
+                          "GNU.sparse.realsize": str(3 * 10**9)}
+    (folder / "sparse-member.ebundle").write_bytes(
+        b"".join(_raw_member(n, d) for n, d in others)
+        + sparse.tobuf(tarfile.PAX_FORMAT) + block + b"\0" * 1024)
+    # a header that declares 3 GB with four bytes behind it
+    (folder / "huge-declared-size.ebundle").write_bytes(
+        b"".join(_raw_member(n, d) for n, d in others)
+        + _raw_member("model.tflite", b"TFL3", declared=3 * 10**9) + b"\0" * 1024)
+    # a manifest nested deeper than a parser allows, with a made-up signature
+    (folder / "nested-manifest.ebundle").write_bytes(_tar(
+        [("manifest.json", b"[" * 30000 + b"]" * 30000), ("manifest.sig", b"\x01" * 64),
+         *[(n, d) for n, d in members if n not in ("manifest.json", "manifest.sig")]]))
 
 
 if __name__ == "__main__":

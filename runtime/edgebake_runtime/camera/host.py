@@ -21,7 +21,6 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +89,8 @@ class CameraProcess(ChildLink):
         self.serving = ""  # the model version the process reports it runs
         self._busy_reported = 0.0
         self._heard = 0.0
-        self._seen = {"errors": 0, "processed": 0, "switch_drops": 0, "frames": 0,
-                      "corrupt": 0, "reconnects": 0}
-        self._totals = {"processed": 0, "frames": 0, "corrupt": 0, "reconnects": 0}
+        self._seen: dict[str, int] = {}  # the running process's counters, as last reported
+        self._reconnects = 0  # of the sources of every process so far
         self._answer: dict[str, Any] | None = None
         self._answered = threading.Event()
         self._order_lock = threading.Lock()
@@ -114,7 +112,7 @@ class CameraProcess(ChildLink):
 
     def await_ready(self) -> None:
         self._await_ready()
-        self._seen = dict.fromkeys(self._seen, 0)
+        self._seen = {}
         self._heard = time.monotonic()
 
     @property
@@ -186,7 +184,7 @@ class CameraProcess(ChildLink):
 
     def _take_lines(self, message: bytes) -> None:
         meta, block, errors = wire.parse_lines(message)
-        self._count("errors", errors, self._add_errors)
+        self.metrics.inference_errors += self._grown("errors", errors)
         if not meta:
             return
         self.write_lines(block, len(meta), meta[-1][1])
@@ -197,15 +195,11 @@ class CameraProcess(ChildLink):
         self.metrics.count_results(len(meta))
         self.last_done = now
 
-    def _add_errors(self, delta: int) -> None:
-        self.metrics.inference_errors += delta
-
-    def _count(self, key: str, value: int, apply: Callable[[int], None]) -> None:
-        """Apply how much a counter of the current process grew since it was last seen."""
-        delta = value - self._seen[key]
-        if delta > 0:
-            apply(delta)
+    def _grown(self, key: str, value: int) -> int:
+        """How much a counter of the running process grew since it was last reported."""
+        delta = max(0, value - self._seen.get(key, 0))
         self._seen[key] = value
+        return delta
 
     def _take_status(self, status: wire.CameraStatus) -> None:
         st = self.stats
@@ -214,27 +208,19 @@ class CameraProcess(ChildLink):
         if status.last_frame:
             st.last_frame_monotonic = status.last_frame
         st.last_error = status.source_error
-        for key, value in (("frames", status.frames), ("corrupt", status.corrupt),
-                           ("reconnects", status.reconnects), ("processed", status.processed)):
-            self._count(key, value, partial(self._grow, key))
-        st.frames = self._totals["frames"]
-        st.corrupt_frames = self._totals["corrupt"]
-        st.reconnects = self._totals["reconnects"] + self.restarts
-        self.processed = self._totals["processed"]
+        st.frame_size = status.size
+        st.frames += self._grown("frames", status.frames)
+        st.corrupt_frames += self._grown("corrupt", status.corrupt)
+        self._reconnects += self._grown("reconnects", status.reconnects)
+        st.reconnects = self._reconnects + self.restarts
+        self.processed += self._grown("processed", status.processed)
         self.queue.report(status.depth, status.drops)
         self._busy_reported = status.busy_since
         self.serving = status.version
-        st.frame_size = status.size
-        self._count("switch_drops", status.switch_drops, self._add_switch_drops)
-        self._count("errors", status.errors, self._add_errors)
+        self.metrics.switch_drops += self._grown("switch_drops", status.switch_drops)
+        self.metrics.inference_errors += self._grown("errors", status.errors)
         if status.last_error:
             self.last_error = status.last_error
-
-    def _grow(self, key: str, delta: int) -> None:
-        self._totals[key] += delta
-
-    def _add_switch_drops(self, delta: int) -> None:
-        self.metrics.switch_drops += delta
 
     # --- model switch ------------------------------------------------------------------
     def switch(self, model: Path, card: Card, timeout: float = MODEL_TIMEOUT_SEC) -> None:

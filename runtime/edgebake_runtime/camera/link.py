@@ -122,7 +122,7 @@ class ChildLink:
                     self.last_error = str(exc)
                     self._start_failed(str(exc))
                     log.error("%s: %s; retrying in %.0fs", self.label, exc, backoff.delay)
-                    backoff.pause(self._stop, 0.0)
+                    backoff.pause(self._stop)
                     continue
             started = time.monotonic()
             try:
@@ -139,6 +139,6 @@ class ChildLink:
                 self._kill()
                 ran_for = time.monotonic() - started
                 if ran_for > RAN_WELL_SEC:
-                    backoff.delay = backoff.first  # it did not crash-loop: at once
+                    backoff.reset()  # it did not crash-loop: at once
                 elif self.restarts > 1:
                     backoff.pause(self._stop, ran_for)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import SourceConfig
 from ..frames import Frame
+from ..supervise import Backoff
 
 log = logging.getLogger("edgebake.source")
 
@@ -94,7 +95,7 @@ class Source:
         self.stats.state = "stopped"
 
     def _run(self) -> None:
-        backoff = BACKOFF_START_SEC
+        backoff = Backoff(BACKOFF_START_SEC, BACKOFF_MAX_SEC)
         while not self._stop.is_set():
             frames_before = self.stats.frames
             try:
@@ -109,16 +110,15 @@ class Source:
                 return
             except Exception as exc:  # any failure of a device or stream means "down"
                 if self.stats.frames > frames_before:
-                    backoff = BACKOFF_START_SEC  # it worked for a while: retry soon
+                    backoff.reset()  # it worked for a while: retry soon
                 self.stats.state = "down"
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("source %s down: %s; retrying in %.0fs", self.name,
-                            self.stats.last_error, backoff)
+                            self.stats.last_error, backoff.delay)
             self._safe_close()
-            if self._stop.wait(backoff):
+            if backoff.pause(self._stop):
                 break
             self.stats.reconnects += 1
-            backoff = min(backoff * 2, BACKOFF_MAX_SEC)
 
     def _safe_close(self) -> None:
         try:
