@@ -153,6 +153,17 @@ def test_soak_loses_nothing_while_the_broker_comes_and_goes() -> None:
      "http.allow: expected a list of client networks like 10.0.0.0/8 or addresses "
      ".'10.0.0.0/33' is not one."),
     ({"journal": {"keep_files": 3}}, "journal.keep_files: unknown setting"),
+    ({"update": {"mqtt_commands": True}}, "update.mqtt_commands: expected mqtt.enabled with "
+     "mqtt.tls.enabled and a mqtt.username and password"),
+    ({"update": {"mqtt_commands": True}, "mqtt": {"enabled": True, "username": "u",
+                                                   "password": "p"}},
+     "update.mqtt_commands: expected mqtt.enabled with mqtt.tls.enabled"),
+    ({"update": {"allowed_origins": ["https://h.example/x"]}},
+     "update.allowed_origins: expected a list of origins"),
+    ({"journal": {"dir": "/etc/results"}}, "journal.dir: expected an absolute path under /data"),
+    ({"sources": [{"name": "c", "kind": "rtsp", "url": "file:///etc/shadow"}]},
+     "sources[0].url: expected a rtsp:// or rtsps:// URL"),
+    ({"http": {"bind": "unit.local"}}, "http.bind: expected an IP address"),
     ({"sources": [{"name": "cam", "kind": "v4l2", "device": "/dev/video0", "fps": 5000}]},
      "sources[0].fps: expected a number between 0.1 and 1000.0, found 5000"),
     ({"sources": [{"name": "rec", "kind": "replay", "path": "/data/rec", "fps": 200000}]},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from edgebake_builder.validate.run import LocalBroker
+from edgebake_builder.validate.broker import LocalBroker
 from edgebake_runtime.service import Service
 from helpers import invoke
 from runtime_helpers import RunningApp, make_config, replay_folder, wait_for

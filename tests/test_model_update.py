@@ -251,17 +251,21 @@ def test_http_pull_remembers_a_refused_bundle(tmp_path: Path, bundles: dict[str,
 
 def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model: Path,
                                                    bundles: dict[str, Path]) -> None:
-    """A URL ordered on the group's topic is fetched and applied; a tampered bundle sent
-    inline to the unit's own topic is refused; each step is reported, retained."""
+    """Over TLS with a login: a URL ordered on the group's topic is fetched and applied; a
+    tampered bundle sent inline to the unit's own topic is refused; each step is reported,
+    retained."""
     import paho.mqtt.client as mqtt
-    from edgebake_builder.validate.run import LocalBroker
+    from edgebake_builder.validate.broker import LocalBroker
     from edgebake_runtime.config import validate
+    from edgebake_runtime.pull import origin
 
-    broker = LocalBroker.start_if_available(tmp_path)
-    assert broker is not None, "mosquitto is part of the test host's packages"
+    broker = LocalBroker.start_tls()
+    assert broker.tls is not None
     (tmp_path / "target").write_text("pi4\n")
     statuses: list[dict[str, Any]] = []
     watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)  # type: ignore[attr-defined]
+    watcher.tls_set(ca_certs=str(broker.tls.ca_file))
+    watcher.username_pw_set(broker.tls.username, broker.tls.password)
     watcher.on_message = lambda c, u, m: statuses.append(json.loads(m.payload))
     subscribed = threading.Event()
     watcher.on_subscribe = lambda *args: subscribed.set()
@@ -270,10 +274,13 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
             app = update_app(tmp_path, default_model)
             raw = dict(app.config.raw, device_id="pole-7")
             raw["mqtt"] = {**raw["mqtt"], "enabled": True, "host": "127.0.0.1",
-                           "port": broker.port}
+                           "port": broker.port, "username": broker.tls.username,
+                           "password": broker.tls.password,
+                           "tls": {"enabled": True, "ca_file": str(broker.tls.ca_file)}}
             raw["update"] = {**raw["update"], "mqtt_commands": True, "mqtt_group": "north",
                              "keys_dir": str(bundles["keys"]),
-                             "target_file": str(tmp_path / "target")}
+                             "target_file": str(tmp_path / "target"),
+                             "allowed_origins": [origin(server.url())]}
             with RunningApp(Service(validate(raw, "test config"))) as running:
                 wait_for(lambda: running.app.mqtt is not None and
                          running.app.mqtt.connected.is_set(), 20, "the MQTT connection")
@@ -304,6 +311,50 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
     finally:
         watcher.loop_stop()
         broker.stop()
+
+
+def test_orders_go_only_to_allowed_origins_never_elsewhere_and_are_rate_limited(
+        tmp_path: Path) -> None:
+    """An ordered URL outside update.allowed_origins, or one whose server redirects to
+    another origin, is refused before anything is applied; past MAX_ORDERS an hour, orders
+    are refused and counted."""
+    import http.server
+
+    from edgebake_runtime import commands
+    from edgebake_runtime.pull import origin
+
+    applied: list[Path] = []
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_port}/b")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    allowed = f"http://127.0.0.1:{server.server_port}"
+    try:
+        orders = commands.UpdateCommands(tmp_path, lambda p: applied.append(p) or "ok",
+                                         "test", (allowed,))
+        reports: list[tuple[str, str]] = []
+        orders.publish = lambda step, detail: reports.append((step, detail))
+        assert orders.handle("t", json.dumps({"url": "https://evil.example/b"}).encode()) \
+            == "refused"
+        assert "not in update.allowed_origins" in reports[-1][1], reports
+        # the allowed server points to another origin (localhost is not 127.0.0.1)
+        assert orders.handle("t", json.dumps({"url": f"{allowed}/b"}).encode()) == "error"
+        assert "redirect to another origin" in reports[-1][1], reports
+        assert origin(f"{allowed}/b") == allowed and not applied
+        for _ in range(commands.MAX_ORDERS):
+            orders.handle("t", json.dumps({"url": "https://evil.example/b"}).encode())
+        assert "orders in 60 min" in reports[-1][1] and orders.limited >= 1, reports[-1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")

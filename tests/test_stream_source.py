@@ -80,6 +80,32 @@ def test_a_dead_url_is_a_degraded_source_not_a_crash(tmp_path: Path,
         assert not restart_helps, "a dead camera URL must not restart the service"
 
 
+def test_a_cameras_credentials_never_reach_health_or_the_status(tmp_path: Path,
+                                                                 default_model: Path) -> None:
+    """A camera URL's user, password and query stay in the config: /health, its status line
+    (systemd's STATUS=) and the MQTT health topic (the same snapshot) show the URL without."""
+    port = free_port()
+    url = f"rtsp://viewer:s3cret@127.0.0.1:{port}/live?token=t0ken"
+    with RunningApp(rtsp_app(tmp_path, default_model, url, max_age_sec=1.0)) as running:
+        health = wait_for(lambda: (h := running.health())["sources"]["cam"]["last_error"]
+                          and "cam" in h["status"] and h, 30, "the dead camera's error")
+        _, _, status = running.app.evaluate(time.monotonic())
+    text = str(health) + status
+    assert "s3cret" not in text and "t0ken" not in text and "viewer" not in text, text
+    # where it points stays, for the technician
+    assert f"rtsp://127.0.0.1:{port}/live…" in health["sources"]["cam"]["last_error"]
+
+
+def test_urls_lose_their_secrets_and_keep_where_they_point() -> None:
+    from edgebake_runtime.redact import redact_text, redact_url
+
+    assert redact_url("rtsp://u:p@cam.local:8554/s?x=1#f") == "rtsp://cam.local:8554/s…"
+    assert redact_url("https://h/b.ebundle") == "https://h/b.ebundle"
+    assert redact_url("http://u:p@[::1]:80/") == "http://[::1]:80/"
+    assert redact_text("Errno 111: 'rtsp://a:b@10.0.0.5/x?t=1' refused") == \
+        "Errno 111: 'rtsp://10.0.0.5/x…' refused"
+
+
 def test_video_file_replay_through_pyav(tmp_path: Path, default_model: Path,
                                         stream_file: Path) -> None:
     config = make_config(tmp_path, default_model, [{"name": "clip", "kind": "replay",

@@ -6,12 +6,17 @@ MAX_INLINE_BYTES). Either way the bundle goes through every check of `edgebake-u
 an order never bypasses the signature. Each step is reported, retained, on
 `edgebake/<device>/update/status` as JSON {at, step, detail}.
 
+Orders are taken only over TLS from an authenticated broker (the config refuses
+`update.mqtt_commands` otherwise), a URL only from `update.allowed_origins` (and the pull URL's
+origin), with no redirect to another origin, and at most MAX_ORDERS an hour.
+
 The MQTT network thread only queues the order; a supervised thread does the work. The queue
 holds one order: a newer one replaces an older one still waiting (counted as superseded).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -23,11 +28,16 @@ from typing import Any
 
 from .bundle import BundleError
 from .interp import ModelError
-from .pull import fetch_bundle
+from .pull import fetch_bundle, origin
+from .redact import redact_text
 
 log = logging.getLogger("edgebake.commands")
 
 MAX_INLINE_BYTES = 4 * 2**20
+# At most this many orders are worked on in the window (each costs a download, a golden
+# test and a latency run); more are refused and counted.
+MAX_ORDERS = 6
+RATE_WINDOW_SEC = 3600.0
 URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
 
 ApplyBundle = Callable[[Path], str]
@@ -35,8 +45,11 @@ Publish = Callable[[str, str], None]  # (step, detail)
 
 
 class UpdateCommands:
-    def __init__(self, folder: Path, apply: ApplyBundle, user_agent: str) -> None:
+    def __init__(self, folder: Path, apply: ApplyBundle, user_agent: str,
+                 origins: tuple[str, ...] = ()) -> None:
         self.folder = folder
+        self.origins = origins  # where an ordered URL may point
+        self._handled: collections.deque[float] = collections.deque()  # when, for the rate
         self.apply = apply
         self.user_agent = user_agent
         self.publish: Publish = lambda step, detail: None
@@ -47,6 +60,7 @@ class UpdateCommands:
         self.superseded = 0
         self.applied = 0
         self.refused = 0
+        self.limited = 0  # orders refused by the rate limit
         self.last = ""
 
     def order(self, topic: str, payload: bytes) -> None:
@@ -70,6 +84,14 @@ class UpdateCommands:
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Fetch or unpack, apply, report; returns the step it ended on."""
+        now = time.monotonic()
+        while self._handled and now - self._handled[0] > RATE_WINDOW_SEC:
+            self._handled.popleft()
+        if len(self._handled) >= MAX_ORDERS:
+            self.limited += 1
+            return self._report("refused", f"{topic}: more than {MAX_ORDERS} orders in "
+                                f"{RATE_WINDOW_SEC / 60:.0f} min; try again later")
+        self._handled.append(now)
         target = self.folder / "incoming" / "ordered.ebundle"
         try:
             if payload[:1] == b"{":
@@ -80,6 +102,9 @@ class UpdateCommands:
                                         "bundle's bytes")
                 if not isinstance(url, str) or not URL.fullmatch(url):
                     return self._report("refused", f"{topic}: url: expected an http(s) URL")
+                if origin(url) not in self.origins:
+                    return self._report("refused", f"{topic}: url: {origin(url)} is not in "
+                                        "update.allowed_origins")
                 self._report("downloading", url)
                 fetch_bundle(url, target, self.user_agent)
             else:
@@ -102,6 +127,7 @@ class UpdateCommands:
             target.unlink(missing_ok=True)
 
     def _report(self, step: str, detail: str) -> str:
+        detail = redact_text(detail)
         self.last = f"{step}: {detail}"[:300]
         log.info("update order: %s", self.last)
         try:
@@ -112,5 +138,6 @@ class UpdateCommands:
 
     def stats(self) -> dict[str, Any]:
         return {"received": self.received, "superseded": self.superseded,
-                "applied": self.applied, "refused": self.refused, "last": self.last,
+                "applied": self.applied, "refused": self.refused, "limited": self.limited,
+                "last": self.last,
                 "at": round(time.time(), 3)}

@@ -22,6 +22,7 @@ from .validators import (
     Invalid,
     Networks,
     Optional,
+    Origins,
     Str,
     Url,
     Validator,
@@ -157,7 +158,10 @@ class UpdateSettings:
     pull_url: str = setting("", Url(("http", "https"), optional=True),
                             "A bundle URL polled with If-None-Match; empty: no pulling.")
     pull_sec: float = setting(300.0, Float(10.0, 86400.0), "How often pull_url is asked.")
-    mqtt_commands: bool = setting(False, Bool(), "Take update orders over MQTT.")
+    mqtt_commands: bool = setting(False, Bool(), "Take update orders over MQTT (needs the "
+                                  "broker over TLS with a user and password).")
+    allowed_origins: tuple[str, ...] = setting([], Origins(), "Where ordered bundle URLs may "
+                                               "point (pull_url's own origin is allowed).")
     mqtt_group: str = setting("", DEVICE_ID, "Also take the orders of this group.")
 
 
@@ -297,6 +301,13 @@ def validate(data: dict[str, Any], source: str) -> AppConfig:
     if bool(tls.cert_file) != bool(tls.key_file):
         raise ConfigError(f"{source}: mqtt.tls.key_file: expected cert_file and key_file "
                           f"given together, found {tls.key_file!r}")
+    mqtt = config.mqtt
+    if config.update.mqtt_commands and not (mqtt.enabled and tls.enabled and mqtt.username
+                                            and mqtt.password):
+        raise ConfigError(f"{source}: update.mqtt_commands: expected mqtt.enabled with "
+                          "mqtt.tls.enabled and a mqtt.username and password (anyone who can "
+                          "publish on a plaintext or anonymous broker could order updates), "
+                          "found true")
     return dataclasses.replace(config, raw=deep_merge(DEFAULTS, data))
 
 

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 from .atomic import write_atomic
 from .bundle import MAX_BUNDLE_BYTES, BundleError
 from .interp import ModelError
+from .redact import redact_text, redact_url
 from .supervise import Backoff
 
 log = logging.getLogger("edgebake.pull")
@@ -65,11 +67,32 @@ def save_bundle(reply: Any, final: Path, what: str) -> tuple[Path, str]:
     return final, digest.hexdigest()
 
 
+def origin(url: str) -> str:
+    """scheme://host[:port] of a URL."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed only within the origin asked: a bundle server that points
+    elsewhere (another host, ftp://, a file) is refused, not followed."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> Any:
+        if origin(newurl) != origin(req.full_url):
+            raise urllib.error.URLError(f"redirect to another origin "
+                                        f"({redact_url(newurl)}) refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+OPENER = urllib.request.build_opener(SameOriginRedirects)
+
+
 def fetch_bundle(url: str, final: Path, user_agent: str) -> tuple[Path, str]:
     """GET a bundle from a URL into `final` (no ETag: an MQTT command asks for this one)."""
     request = urllib.request.Request(url, headers={"User-Agent": user_agent})
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SEC) as reply:
+        with OPENER.open(request, timeout=TIMEOUT_SEC) as reply:
             return save_bundle(reply, final, url)
     except urllib.error.HTTPError as exc:
         raise OSError(f"HTTP {exc.code} from {url}") from None
@@ -101,8 +124,9 @@ class BundlePuller:
                 self._backoff.reset()
                 stop.wait(self.every_sec)
             except (OSError, ValueError, urllib.error.URLError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("update pull from %s failed: %s; next try in %.0fs", self.url,
+                self.last_error = redact_text(f"{type(exc).__name__}: {exc}")[:300]
+                log.warning("update pull from %s failed: %s; next try in %.0fs",
+                            redact_url(self.url),
                             self.last_error, self._backoff.delay)
                 self._backoff.pause(stop)
 
@@ -115,7 +139,7 @@ class BundlePuller:
         self.checks += 1
         self.last_check = time.time()
         try:
-            reply = urllib.request.urlopen(request, timeout=TIMEOUT_SEC)
+            reply = OPENER.open(request, timeout=TIMEOUT_SEC)
         except urllib.error.HTTPError as exc:
             if exc.code == 304:
                 self.not_modified += 1
@@ -157,7 +181,7 @@ class BundlePuller:
         write_atomic(self.state_file, json.dumps(data, sort_keys=True).encode())
 
     def stats(self) -> dict[str, Any]:
-        return {"url": self.url, "every_sec": self.every_sec, "checks": self.checks,
+        return {"url": redact_url(self.url), "every_sec": self.every_sec, "checks": self.checks,
                 "not_modified": self.not_modified, "downloads": self.downloads,
                 "last_check": self.last_check, "last_result": self.last_result,
                 "last_error": self.last_error}

@@ -109,9 +109,13 @@ class Rollout:
 
     def _listen_for_orders(self, mqtt: Any) -> None:
         from .commands import UpdateCommands
+        from .pull import origin
 
+        update = self.config.update
+        origins = (*update.allowed_origins, *([origin(update.pull_url)] if update.pull_url
+                                                else []))
         self.commands = UpdateCommands(self.store.root, self.apply_bundle,
-                                       f"edgebake/{mqtt.device}")
+                                       f"edgebake/{mqtt.device}", origins)
         self.commands.publish = mqtt.publish_update_status
         mqtt.command_topics = [f"edgebake/{mqtt.device}/update"]
         if self.config.update.mqtt_group:

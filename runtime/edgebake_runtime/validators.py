@@ -132,6 +132,23 @@ class Url:
 
 
 @dataclass(frozen=True)
+class Origins:
+    """A list of URL origins (scheme://host[:port], nothing after it) a download may use."""
+
+    schemes: tuple[str, ...] = ("http", "https")
+
+    def validate(self, value: Any) -> Any:
+        if not isinstance(value, list) or not all(
+                isinstance(v, str) and re.fullmatch(r"([a-z]+)://[A-Za-z0-9.:\[\]-]+", v)
+                and v.split("://")[0] in self.schemes for v in value):
+            raise Invalid(self.describe())
+        return tuple(value)
+
+    def describe(self) -> str:
+        return "a list of origins like https://updates.example.com:8443 (no path)"
+
+
+@dataclass(frozen=True)
 class Address:
     """An IP address to listen on (a host name could resolve to one the unit does not have)."""
 
@@ -183,4 +200,5 @@ class WritablePath:
             " (where the service may write)"
 
 
-Validator = Str | Int | Bool | Enum | Float | Optional | Url | Address | Networks | WritablePath
+Validator = Str | Int | Bool | Enum | Float | Optional | Url | Origins | Address | Networks | \
+    WritablePath

@@ -19,7 +19,8 @@ from typing import Any
 from ..errors import BuildError
 from ..progress import Progress
 from . import diskimage
-from .qemu import QemuMachine, console_tail, free_port
+from .broker import LocalBroker
+from .qemu import QemuMachine, console_tail
 from .rtsp import RtspServer, make_h264
 from .seed import render_seed, seed_overlay
 from .trialbundles import make_trial_bundles
@@ -309,34 +310,6 @@ def stream_picture() -> Any:
         return None
     path = Path(skimage.data.__file__).parent / "astronaut.png"
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-class LocalBroker:
-    """A mosquitto on the host's loopback for the unit to publish to, when one is installed."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
-        self.proc = proc
-        self.port = port
-
-    @classmethod
-    def start_if_available(cls, folder: Path) -> LocalBroker | None:
-        if shutil.which("mosquitto") is None:
-            return None
-        port = free_port()
-        conf = folder / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                        "persistence false\n")
-        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        return cls(proc, port)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _ssh_config(tmp: Path) -> Path:

@@ -262,7 +262,10 @@ class Camera:
         while not self.stop.is_set():
             readable = select.select([self.sock], [], [], STATUS_SEC)[0]
             if readable:
-                message = self.sock.recv(wire.MAX_MESSAGE)
+                try:
+                    message = self.sock.recv(wire.MAX_MESSAGE)
+                except OSError:
+                    message = b""
                 if not message:
                     os._exit(0)  # the service is gone: nobody to report to
                 if message == wire.STOP:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import SourceConfig
 from ..frames import Frame
+from ..redact import redact_text
 from ..supervise import Backoff
 
 log = logging.getLogger("edgebake.source")
@@ -112,7 +113,7 @@ class Source:
                 if self.stats.frames > frames_before:
                     backoff.reset()  # it worked for a while: retry soon
                 self.stats.state = "down"
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                self.stats.last_error = redact_text(f"{type(exc).__name__}: {exc}")[:300]
                 log.warning("source %s down: %s; retrying in %.0fs", self.name,
                             self.stats.last_error, backoff.delay)
             self._safe_close()
