@@ -416,3 +416,42 @@ def test_a_model_whose_every_decode_fails_is_rolled_back_by_itself(
     rollback = next(x for x in lines if x["step"] == "rollback")
     assert "inference errors" in rollback["reason"] or "unhealthy" in rollback["reason"], rollback
     assert ModelStore(tmp_path / "models").state()["current"] is None
+
+
+def test_root_follows_no_link_the_service_planted_in_its_model_folder(
+        tmp_path: Path, default_model: Path, bundles: dict[str, Path]) -> None:
+    """The USB update runs as root over /data/models, which the service account owns: links
+    planted there (by a compromised service) must not make root write, truncate or chown
+    anything outside it. Before, `incoming/usb-<name>` was written through such a link."""
+    from edgebake_runtime.config import validate
+    from edgebake_runtime.update import UnitUpdates
+    from edgebake_runtime.usbupdate import apply_from
+
+    victim = tmp_path / "cmdline.txt"
+    victim.write_text("console=serial0 root=PARTUUID=x\n")
+    victim_dir = tmp_path / "etc"
+    victim_dir.mkdir()
+    (victim_dir / "shadow").write_text("root:*:1::::::\n")
+    store = tmp_path / "models"
+    for folder in (store, store / "incoming", store / "slots"):
+        folder.mkdir()
+    (store / "incoming" / "usb-model-2.0.ebundle").symlink_to(victim)
+    (store / "audit.log").symlink_to(victim)
+    (store / "slots" / "9.9").symlink_to(victim_dir)
+    for path in (store, store / "incoming", store / "slots"):
+        os.chown(path, 4242, 4242)  # the service account's, as on a unit
+    stick = tmp_path / "stick"
+    (stick / "edgebake").mkdir(parents=True)
+    (stick / "edgebake" / "model-2.0.ebundle").write_bytes(bundles["v2"].read_bytes())
+    (tmp_path / "target").write_text("pi4\n")
+    settings = validate({"update": {"dir": str(store), "keys_dir": str(bundles["keys"]),
+                                    "target_file": str(tmp_path / "target"),
+                                    "max_latency_ms": 60000}}, "test").update
+    updates = UnitUpdates(settings, ModelStore(store),
+                          default_model.with_name(default_model.stem + ".card.json"))
+    lines = apply_from(stick, updates)
+    assert "installed and on trial" in lines[0], lines
+    assert victim.read_text() == "console=serial0 root=PARTUUID=x\n"
+    assert (victim_dir / "shadow").stat().st_uid == 0, "root chowned through a link"
+    assert (store / "slots" / "2.0" / "model.tflite").stat().st_uid == 4242
+    assert ModelStore(store).state()["current"] == "2.0"

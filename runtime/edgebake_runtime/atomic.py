@@ -7,6 +7,7 @@ one afterwards, never a mix or an empty file.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -19,16 +20,22 @@ def fsync_dir(folder: Path) -> None:
 
 
 def stage_file(path: Path, data: bytes, mode: int = 0o644) -> Path:
-    """Write `data` durably beside `path` under a temp name; rename it with `commit`."""
+    """Write `data` durably beside `path` under a new temp name; rename it with `commit`.
+
+    The temp file is created, never opened: a link planted under its name (by a process
+    that may write the folder) cannot send the write elsewhere."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         os.close(fd)
     return tmp

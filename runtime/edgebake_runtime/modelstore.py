@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,13 @@ class ModelStore:
             return
         owner = self.root.stat()
         for path in paths:
-            for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
-                os.chown(item, owner.st_uid, owner.st_gid, follow_symlinks=False)
+            os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+            # never into a linked folder: a link the service planted must not make root
+            # hand it files elsewhere
+            for folder, dirs, files in os.walk(path, followlinks=False):
+                for name in (*dirs, *files):
+                    os.chown(os.path.join(folder, name), owner.st_uid, owner.st_gid,
+                             follow_symlinks=False)
 
     def audit(self, step: str, **fields: Any) -> None:
         """One fsynced line; a failure to log is reported, never fatal to the caller."""
@@ -82,8 +88,8 @@ class ModelStore:
                           sort_keys=True) + "\n"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.audit_path,
-                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                         | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
             try:
                 os.write(fd, line.encode())
                 os.fsync(fd)
@@ -118,14 +124,15 @@ class ModelStore:
         names = {"model.tflite": "model.tflite", "model.card.json": "model.card.json",
                  "model.golden.npz": golden}
         self.slots.mkdir(parents=True, exist_ok=True)
-        temp = self.slots / f".{version}.incoming"
-        shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir()
+        temp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".incoming",
+                                     dir=self.slots))
         for member, name in names.items():
             write_atomic(temp / name, bundle.members[member])
         fsync_dir(temp)
         final = self.slots / version
-        if final.exists():
+        if final.is_symlink() or final.is_file():
+            final.unlink()
+        elif final.exists():
             shutil.rmtree(final)
         os.replace(temp, final)
         fsync_dir(self.slots)

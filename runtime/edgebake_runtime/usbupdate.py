@@ -11,14 +11,16 @@ not be read at all.
 
 from __future__ import annotations
 
+import os
 import re
-import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .bundle import BundleError, version_key
+from .atomic import write_atomic
+from .bundle import MAX_BUNDLE_BYTES, BundleError, version_key
 from .config import ConfigError
 from .interp import ModelError
 from .update import UnitUpdates
@@ -37,29 +39,42 @@ def _version_of(name: str) -> tuple[int, ...]:
         return (0,)
 
 
+def copy_from_stick(source: Path, folder: Path) -> Path:
+    """A regular file on the stick (a link is not followed), at most MAX_BUNDLE_BYTES, copied
+    into `folder`, which only root can write: nothing the service owns is written by root."""
+    info = os.lstat(source)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{source.name}: not a regular file")
+    if info.st_size > MAX_BUNDLE_BYTES:
+        raise ValueError(f"{source.name}: {info.st_size} bytes (limit {MAX_BUNDLE_BYTES})")
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_BUNDLE_BYTES + 1)
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise ValueError(f"{source.name}: more than {MAX_BUNDLE_BYTES} bytes")
+    local = Path(tempfile.mkstemp(suffix=".ebundle", dir=folder)[1])
+    write_atomic(local, data, 0o600)
+    return local
+
+
 def apply_from(mounted: Path, updates: UnitUpdates) -> list[str]:
     """Every bundle on the stick through the full checks; one line per bundle."""
     store = updates.store
     folder = mounted / FOLDER
-    bundles = sorted((p for p in folder.glob("*.ebundle") if p.is_file()),
+    bundles = sorted(folder.glob("*.ebundle"),
                      key=lambda p: (_version_of(p.name), p.name))[:MAX_BUNDLES]
     if not bundles:
         store.audit("usb: nothing to do", via="usb", looked_in=str(folder))
         return [f"no {FOLDER}/*.ebundle on the stick"]
     lines = []
-    incoming = store.root / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    for bundle in bundles:
-        local = incoming / f"usb-{bundle.name}"
-        try:
-            shutil.copyfile(bundle, local)
-            line = updates.apply(local)
-        except (BundleError, ModelError, OSError, ValueError) as exc:
-            store.audit("refused", via="usb", bundle=bundle.name, reason=str(exc))
-            line = f"refused: {exc}"
-        finally:
-            local.unlink(missing_ok=True)
-        lines.append(f"{bundle.name}: {line}")
+    with tempfile.TemporaryDirectory(prefix="edgebake-usb-copy-") as private:
+        for bundle in bundles:
+            try:
+                line = updates.apply(copy_from_stick(bundle, Path(private)))
+            except (BundleError, ModelError, OSError, ValueError) as exc:
+                store.audit("refused", via="usb", bundle=bundle.name, reason=str(exc))
+                line = f"refused: {exc}"
+            lines.append(f"{bundle.name}: {line}")
     return lines
 
 
