@@ -4,6 +4,7 @@ a hostile LAN neighbour. Real filesystems (a small tmpfs), a real mosquitto, rea
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import re
 import shlex
@@ -197,6 +198,52 @@ def test_http_idle_connections_cannot_wedge_the_server() -> None:
         for sock in idle:
             sock.close()
     finally:
+        server.stop()
+
+
+def test_slow_clients_never_keep_monitoring_out() -> None:
+    """Slowloris: eight clients trickle a byte at a time, each read well inside the socket
+    timeout. Each is cut at the request's deadline, one address holds a few connections at
+    most, and a monitor from another address is answered meanwhile."""
+    from edgebake_runtime.http import HealthServer
+
+    server = HealthServer("127.0.0.1", 0, lambda: {"healthy": True}, max_connections=8,
+                          timeout_sec=1.0)
+    server.start()
+    stop = threading.Event()
+    cut: list[float] = []
+
+    def trickle() -> None:
+        began = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200:
+                    if stop.is_set():
+                        return
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.3)
+        except OSError:
+            pass
+        cut.append(time.monotonic() - began)
+
+    slow = [threading.Thread(target=trickle, daemon=True) for _ in range(8)]
+    for thread in slow:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        # from another loopback address: its own share of the slots
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5,
+                                          source_address=("127.0.0.2", 0))
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+        wait_cut = time.monotonic() + 20
+        while len(cut) < 8 and time.monotonic() < wait_cut:
+            time.sleep(0.1)
+        assert len(cut) == 8, "a trickling client was never cut"
+        assert max(cut) < 10, cut  # a 1 s deadline, not the 70 s the trickle would take
+    finally:
+        stop.set()
         server.stop()
 
 

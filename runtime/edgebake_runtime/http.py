@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -102,10 +104,15 @@ def _sink_metrics(out: list[str], snap: dict[str, Any]) -> None:
                 "Times the sender thread restarted.", [({}, mqtt["sender_restarts"])])
 
 
+# A request's line and headers together; /health and /metrics need a few hundred bytes.
+MAX_REQUEST_BYTES = 8192
+
+
 class BoundedHTTPServer(ThreadingHTTPServer):
-    """One thread per connection, but at most `limit` at once, each with a socket timeout, and
-    only from allowed networks: a LAN neighbour that opens connections and sends nothing
-    cannot use up the unit's threads or memory."""
+    """One thread per connection, but at most `limit` at once and a few per client address,
+    each with a deadline for the whole request, and only from allowed networks: a LAN
+    neighbour that opens connections and sends nothing, or one byte at a time, cannot use up
+    the unit's threads or memory, nor keep monitoring out."""
 
     daemon_threads = True
     request_queue_size = 16
@@ -113,6 +120,9 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: Any, limit: int,
                  allow: list[str]) -> None:
         self.slots = threading.BoundedSemaphore(limit)
+        self.per_address = max(2, limit // 4)
+        self.open: dict[str, int] = {}  # connections being served, by client address
+        self.open_lock = threading.Lock()
         self.allow = [ipaddress.ip_network(n, strict=False) for n in allow]
         self.refused = 0
         super().__init__(address, handler)
@@ -126,16 +136,43 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             if not any(peer in network for network in self.allow):
                 self.refused += 1
                 return False
-        if not self.slots.acquire(blocking=False):
-            self.refused += 1
-            return False
+        with self.open_lock:
+            if self.open.get(client_address[0], 0) >= self.per_address or \
+                    not self.slots.acquire(blocking=False):
+                self.refused += 1
+                return False
+            self.open[client_address[0]] = self.open.get(client_address[0], 0) + 1
         return True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self.open_lock:
+                self.open[client_address[0]] -= 1
+                if not self.open[client_address[0]]:
+                    del self.open[client_address[0]]
             self.slots.release()
+
+
+class CappedReader:
+    """A connection's reads, ending (b"") once the request has used up its bytes."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self.raw = raw
+        self.left = limit
+
+    def readline(self, size: int = -1) -> bytes:
+        want = self.left if size < 0 else min(size, self.left)
+        line: bytes = self.raw.readline(want) if want > 0 else b""
+        self.left -= len(line)
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        return self.readline(size)
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 class HealthServer:
@@ -145,6 +182,23 @@ class HealthServer:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = timeout_sec  # applies to every read and write on the connection
+
+            def setup(self) -> None:
+                """The whole request has `timeout_sec`, however slowly it trickles in."""
+                super().setup()
+                self.rfile = CappedReader(self.rfile, MAX_REQUEST_BYTES)  # type: ignore
+                self.deadline = threading.Timer(timeout_sec, self._cut)
+                self.deadline.daemon = True
+                self.deadline.start()
+
+            def _cut(self) -> None:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def finish(self) -> None:
+                self.deadline.cancel()
+                with contextlib.suppress(OSError):
+                    super().finish()
 
             def do_GET(self) -> None:
                 path = self.path.split("?")[0]
