@@ -108,3 +108,47 @@ def test_system_disk_and_partitions_are_refused() -> None:
     for disk in disks:
         with pytest.raises(BuildError, match="holds this machine's root filesystem"):
             check_device(Path(disk), force=True)
+
+
+def test_a_card_that_is_not_there_is_an_error_before_anything_is_written(
+        tmp_path: Path) -> None:
+    """bmaptool would create /dev/sdX as a regular file, and the log would say flashed."""
+    from edgebake_builder.flashing.write import flash
+
+    image = tmp_path / "u.img"
+    image.write_bytes(b"\0" * 4096)
+    image.with_name("u.img.bmap").write_text("<bmap/>")
+    missing = Path("/dev/edgebake-no-such-card")
+    with pytest.raises(BuildError, match="no such block device; is the card inserted"):
+        flash(image, missing, None)
+    assert not missing.exists()
+
+
+def test_push_model_puts_no_file_name_into_a_remote_command(tmp_path: Path) -> None:
+    """A bundle named to be a shell command reaches the unit under a fixed name: ssh and scp
+    (stand-ins on PATH that record what they were asked) never see the name."""
+    import os
+    import stat
+
+    from edgebake_builder.flashing.push import push_bundle
+
+    log = tmp_path / "calls.log"
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("ssh", "scp"):
+        script = tools / tool
+        script.write_text(f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> {log}\n'
+                          'echo "model 2.0 installed and on trial"\n')
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    bundle = tmp_path / "x;touch $HOME.pwned;.ebundle"
+    bundle.write_bytes(b"bundle")
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{tools}:{path}"
+    try:
+        answer = push_bundle("unit.local", bundle)
+    finally:
+        os.environ["PATH"] = path
+    assert "installed" in answer
+    calls = log.read_text()
+    assert "pwned" not in calls.replace(str(bundle), ""), calls
+    assert "scp -q -s" in calls and ":/data/incoming/pushed.ebundle.part" in calls, calls

@@ -71,8 +71,9 @@ def check_device(device: Path, force: bool) -> Disk:
         role = IN_USE_FSTYPES.get(node.get("fstype") or "")
         if role:
             raise BuildError(f"{device}: {node['path']} is {role}; refusing")
-    disk = Disk(path, str(top.get("model") or "").strip(), int(top["size"]),
-                bool(top.get("rm")) or bool(top.get("hotplug")))
+    # removable media only: a hot-pluggable USB hard disk is not removable, and is refused
+    # without --force like any fixed disk
+    disk = Disk(path, str(top.get("model") or "").strip(), int(top["size"]), bool(top.get("rm")))
     if not disk.removable and not force:
         raise BuildError(f"{disk.describe()}; an SD card reader is removable. Use --force "
                          "if this really is the card")

@@ -33,7 +33,8 @@ def push_bundle(host: str, bundle: Path, port: int = 22, user: str = "root",
         raise BuildError(f"{bundle}: bundle not found")
     options = [*ssh_options(port, identity), *(extra_options or [])]
     target = f"{user}@{host}"
-    final = f"{INCOMING}/{bundle.name}"
+    # a fixed name on the unit: the bundle's own file name never reaches a remote shell
+    final = f"{INCOMING}/pushed.ebundle"
     partial = f"{final}.part"
     made = subprocess.run(["ssh", "-p", str(port), *options, target,
                            # what an earlier push left when its connection or power was cut
@@ -43,7 +44,7 @@ def push_bundle(host: str, bundle: Path, port: int = 22, user: str = "root",
     if made.returncode != 0:
         raise BuildError(f"{host}: cannot reach the unit over SSH or create {INCOMING}: "
                          f"{made.stderr.strip()[-300:]}")
-    copy = subprocess.run(["scp", "-q", "-P", str(port), *options, str(bundle),
+    copy = subprocess.run(["scp", "-q", "-s", "-P", str(port), *options, str(bundle),
                            f"{target}:{partial}"], capture_output=True, text=True,
                           check=False, timeout=SSH_TIMEOUT_SEC)
     if copy.returncode != 0:

@@ -63,6 +63,9 @@ def flash(image: Path, device: Path, seed: Path | None, *, seed_text: str | None
                                                f"({image.stat().st_size / 1e9:.1f} GB) to "
                                                f"{disk.describe()}?"):
             raise BuildError(f"{device}: not written (not confirmed)")
+    elif str(device).startswith("/dev/"):
+        # bmaptool would write a regular file into /dev and the log would say "flashed"
+        raise BuildError(f"{device}: no such block device; is the card inserted?")
     elif device.exists() and not device.is_file():
         raise BuildError(f"{device}: neither a block device nor an image file")
     result = subprocess.run(["bmaptool", "copy", "--bmap", str(bmap), str(image), str(device)],
