@@ -148,8 +148,13 @@ def test_refused_updates_change_nothing(tmp_path: Path, default_model: Path,
         with pytest.raises(BundleError, match="accepts no updates"):
             install(app, bundles["v2"], empty)
         install(app, bundles["v2"], bundles["keys"])
-        with pytest.raises(BundleError, match=r"not newer than the current 2\.0"):
+        # a second update while 2.0 is on trial would make 2.0, unproven, the fallback
+        with pytest.raises(BundleError, match=r"model 2\.0 is on trial"):
             install(app, bundles["v2"], bundles["keys"])
+        app.store.confirm()  # 2.0 passed its window: the unit's floor
+        assert app.store.rollback() is None  # asked by hand: back to the image's model
+        with pytest.raises(BundleError, match=r"not newer than the current 2\.0"):
+            install(app, bundles["v2"], bundles["keys"])  # a replay of an older bundle
     finally:
         app.stop()
     slots = sorted(p.name for p in (tmp_path / "models" / "slots").iterdir())
@@ -295,6 +300,9 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
                          "the ordered model to serve")
                 wait_for(lambda: any(s["step"] == "applied" for s in statuses), 20,
                          "the applied report")
+                # no update is taken while 2.0 is on trial: wait for its window to pass
+                wait_for(lambda: running.health()["model"]["trial"] is None, WINDOW_SEC + 30,
+                         "2.0 to be confirmed")
                 tampered = Path(__file__).parent / "corpus" / "bundles" / "tampered.ebundle"
                 watcher.publish("edgebake/pole-7/update", tampered.read_bytes(), qos=1)
                 wait_for(lambda: any(s["step"] == "refused" for s in statuses), 30,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import fsync_dir, write_atomic
-from .bundle import Bundle, BundleError, version_key
+from .bundle import VERSION, Bundle, BundleError, version_key
 
 log = logging.getLogger("edgebake.update")
 KEEP_SLOTS = 3
@@ -143,21 +143,25 @@ class ModelStore:
 
     def start_trial(self, version: str, window_sec: float) -> None:
         state = self.state()
-        self._write_state({"current": version, "previous": state.get("current"),
+        self._write_state({**state, "current": version, "previous": state.get("current"),
                            "trial": {"version": version, "started": time.time(),
                                      "boot_id": boot_id(), "window_sec": window_sec}})
 
     def confirm(self) -> None:
+        """The model on trial passed its window; its version becomes the floor no update may
+        go below (unless a rollback is asked for)."""
         state = self.state()
-        if state.get("trial"):
-            self._write_state({**state, "trial": None})
+        trial = state.get("trial")
+        if trial:
+            self._write_state({**state, "trial": None,
+                               "floor": _newer(state.get("floor"), trial.get("version"))})
             self.prune()
 
     def rollback(self) -> str | None:
         """Go back to the previous model (None: the image's own); returns what now runs."""
         state = self.state()
         previous = state.get("previous")
-        self._write_state({"current": previous, "previous": None, "trial": None})
+        self._write_state({**state, "current": previous, "previous": None, "trial": None})
         return previous if isinstance(previous, str) else None
 
     def prune(self) -> None:
@@ -180,3 +184,10 @@ def _sort_key(name: str) -> tuple[int, ...]:
         return version_key(name)
     except BundleError:
         return (-1,)
+
+
+def _newer(floor: Any, version: Any) -> str | None:
+    """The newer of two versions (either may be missing or malformed: it is left out)."""
+    found = [v for v in (floor, version) if isinstance(v, str) and VERSION.fullmatch(v)]
+    return max(found, key=version_key) if found else None
+

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import BundleError, check_bundle, load_public_key, version_key
+from .bundle import VERSION, BundleError, check_bundle, load_public_key, version_key
 from .card import card_path_for, load_card
 from .config import AppConfig, ConfigError, UpdateSettings, load_config
 from .interp import ModelError, load_interpreter
@@ -64,6 +64,12 @@ def apply(bundle_path: Path, store: ModelStore, keys_dir: Path, target: str,
           current_version: str, settings: UpdateSettings, allow_rollback: bool) -> str:
     """All checks, then the slot and the trial; returns the line to print."""
     store.audit("received", bundle=str(bundle_path))
+    trial = store.state().get("trial")
+    if trial:  # its `previous` would become an unconfirmed model
+        left = float(trial["started"]) + float(trial["window_sec"]) - time.time()
+        raise BundleError(f"model {trial['version']} is on trial (its health window ends in "
+                          f"{max(left, 0):.0f}s); send the update once it is confirmed or "
+                          "rolled back")
     bundle = check_bundle(bundle_path, trusted_keys(keys_dir), target, current_version,
                           allow_rollback)
     store.audit("signature ok", version=bundle.version, key_id=bundle.manifest["key_id"])
@@ -97,9 +103,18 @@ def unit_target(settings: UpdateSettings) -> str:
 
 
 def current_version(store: ModelStore, baked_card: Path) -> str:
+    """The version a bundle must be newer than: what runs, or the newest version this unit
+    ever confirmed if that is newer (a floor: a rollback does not reopen older bundles)."""
     state = store.state()
+    floor = state.get("floor")
     if state.get("current"):
-        return str(state["current"])
+        running = str(state["current"])
+        if isinstance(floor, str) and VERSION.fullmatch(floor) and \
+                version_key(floor) > version_key(running):
+            return floor
+        return running
+    if isinstance(floor, str) and VERSION.fullmatch(floor):
+        return floor
     try:
         version = load_card(baked_card).version
         version_key(version)
