@@ -64,6 +64,11 @@ def test_first_boot_cut_at_every_step_resumes_to_the_same_end(tmp_path: Path) ->
     total = call_count(done)
     after = files(reference)
     assert total >= 10 and after["etc/hostname"] == b"pole-17\n", done.stdout
+    # the card's boot partition keeps the seed only without its secrets
+    assert "boot/edgebake-seed.yaml" not in after, sorted(after)
+    applied = after["boot/edgebake-seed.applied.yaml"]
+    assert isinstance(applied, bytes) and b"pole-17" in applied and b"longenough" not in applied
+    assert b"longenough" in after["etc/wpa_supplicant/wpa_supplicant-wlan0.conf"]
     for cut_at in range(1, total + 1):
         unit = tmp_path / f"cut-{cut_at}"
         make_unit(unit)

@@ -127,6 +127,7 @@ class DiskImage(Output):
 
     def configure(self, ctx: BuildContext) -> None:
         uid, gid = overlays.create_users(ctx.rootfs, ctx.progress)
+        overlays.protect_config(ctx.rootfs, gid)
         overlays.lock_passwords(ctx.rootfs)
         overlays.configure_services(ctx.recipe, ctx.rootfs, ctx.progress)
         overlays.prepare_first_boot(ctx.recipe, ctx.rootfs)

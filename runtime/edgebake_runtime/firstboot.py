@@ -14,6 +14,8 @@ step is atomic and idempotent.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import subprocess
@@ -26,11 +28,15 @@ from typing import Any
 
 import yaml
 
-from .atomic import commit, stage_file, write_atomic
+from .atomic import commit, fsync_dir, stage_file, write_atomic
 from .config import DEFAULTS, ConfigError, read_yaml_mapping, validate
 from .merge import deep_merge
+from .redact import redact_url
 
 SEED = Path("/boot/firmware/edgebake-seed.yaml")
+APPLIED_NAME = "edgebake-seed.applied.yaml"
+REMOVED = "(removed after first boot)"
+SERVICE_GROUP = "edgebake"
 ETC = Path("/etc")
 DONE = Path("/var/lib/edgebake/firstboot.done")
 # where the view of the root is bound while the machine-id is committed (a tmpfs)
@@ -220,11 +226,12 @@ def apply_seed(seed: Path, etc: Path | None = None) -> str:
     if plan["keys"]:
         target = etc / "ssh" / "authorized_keys.d" / "root"
         staged.append((_write(target, "\n".join(plan["keys"]) + "\n", 0o600), target))
-    if plan["overrides"]:
+    if plan["overrides"]:  # may hold the broker's password: root and the service only
         target = etc / "edgebake" / "seed-overrides.yaml"
         text = "# written at first boot from the unit's seed\n" + yaml.safe_dump(
             plan["overrides"], sort_keys=False)
-        staged.append((_write(target, text, 0o644), target))
+        staged.append((_write(target, text, 0o640), target))
+        os.chown(staged[-1][0], 0, service_gid(etc))
     if plan["update_keys"]:  # per-fleet model signing keys, beside the recipe's
         target = etc / "edgebake" / "update-keys" / "seed.pub"
         text = "# written at first boot from the unit's seed\n" + "\n".join(
@@ -244,6 +251,50 @@ def apply_seed(seed: Path, etc: Path | None = None) -> str:
             f"{plan['wifi']['ssid'] if plan['wifi'] else 'none'}, "
             f"{len(plan['update_keys'])} update key(s), app overrides: "
             f"{', '.join(sorted(plan['overrides'])) or 'none'}")
+
+
+def service_gid(etc: Path) -> int:
+    """The service account's group in `etc`/group (root's, 0, where it has none)."""
+    with contextlib.suppress(OSError):
+        for line in (etc / "group").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == SERVICE_GROUP and len(fields) > 2 and fields[2].isdigit():
+                return int(fields[2])
+    return 0
+
+
+def scrubbed(data: dict[str, Any]) -> dict[str, Any]:
+    """The seed without its secrets: Wi-Fi passphrase, broker password, and the user,
+    password and query of every URL (a camera's, a pull URL)."""
+    clean: dict[str, Any] = json.loads(json.dumps(data, default=str))
+    if isinstance(clean.get("wifi"), dict) and "psk" in clean["wifi"]:
+        clean["wifi"]["psk"] = REMOVED
+    app = clean.get("app")
+    if isinstance(app, dict):
+        if isinstance(app.get("mqtt"), dict) and app["mqtt"].get("password"):
+            app["mqtt"]["password"] = REMOVED
+        if isinstance(app.get("update"), dict) and isinstance(app["update"].get("pull_url"),
+                                                              str):
+            app["update"]["pull_url"] = redact_url(app["update"]["pull_url"])
+        for source in app.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("url"), str):
+                source["url"] = redact_url(source["url"])
+    return clean
+
+
+def retire_seed(seed: Path) -> Path:
+    """After the seed is applied: a copy without secrets beside it for the technician, and
+    the seed itself removed from the boot partition, which anyone with the card can read."""
+    copy = seed.with_name(APPLIED_NAME)
+    try:
+        data = read_yaml_mapping(seed)
+    except ConfigError:
+        data = {}
+    write_atomic(copy, ("# applied at first boot; secrets removed\n" + yaml.safe_dump(
+        scrubbed(data), sort_keys=False)).encode())
+    seed.unlink(missing_ok=True)
+    fsync_dir(seed.parent)
+    return copy
 
 
 def drop_broken_host_keys(folder: Path) -> list[str]:
@@ -302,6 +353,7 @@ def write_identity(live: bool) -> None:
     if SEED.is_file():
         try:
             print(apply_seed(SEED), flush=True)
+            print(f"seed kept without its secrets as {retire_seed(SEED)}", flush=True)
             hostname = ETC.joinpath("hostname").read_text().strip()
             if live and HOSTNAME.fullmatch(hostname):
                 subprocess.run(["hostname", hostname], check=False)

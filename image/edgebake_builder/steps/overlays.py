@@ -95,6 +95,14 @@ def create_users(rootfs: Path, progress: Progress) -> tuple[int, int]:
                      "app overlay listed in the recipe's overlays?")
 
 
+def protect_config(rootfs: Path, gid: int) -> None:
+    """app.yaml may hold the broker's password and camera URLs with credentials: readable by
+    root and the service's group only."""
+    config = inside(rootfs, "/etc/edgebake/app.yaml")
+    os.chown(config, 0, gid, follow_symlinks=False)
+    config.chmod(0o640)
+
+
 def lock_passwords(rootfs: Path) -> list[str]:
     """Make sure no account can log in with a password; return the accounts changed."""
     shadow = inside(rootfs, "/etc/shadow")

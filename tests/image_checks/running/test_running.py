@@ -302,6 +302,16 @@ def test_seed_hostname_applied(host: Any) -> None:
     assert host.file("/etc/hostname").content_string.strip() == os.environ["EDGEBAKE_HOSTNAME"]
 
 
+def test_the_seed_leaves_no_secret_readable(host: Any) -> None:
+    """Its settings are for root and the service only, and the card's boot partition keeps
+    only a copy without secrets (anyone holding the card can read FAT)."""
+    overrides = host.file("/etc/edgebake/seed-overrides.yaml")
+    assert (overrides.user, overrides.group, overrides.mode) == ("root", "edgebake", 0o640)
+    assert not host.file("/boot/firmware/edgebake-seed.yaml").exists
+    applied = host.file("/boot/firmware/edgebake-seed.applied.yaml")
+    assert applied.exists and os.environ["EDGEBAKE_HOSTNAME"] in applied.content_string
+
+
 def test_password_login_is_refused() -> None:
     result = subprocess.run(
         ["ssh", "-p", os.environ["EDGEBAKE_SSH_PORT"], "-o", "StrictHostKeyChecking=no",

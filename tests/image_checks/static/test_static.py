@@ -24,7 +24,6 @@ def test_package_installed(host: Any, package: str) -> None:
 @pytest.mark.parametrize(("path", "mode"), [
     pytest.param("/opt/edgebake/bin/edgebake-runtime", 0o755, marks=overlay),
     ("/opt/edgebake/bin/edgebake-firstboot", 0o755),
-    pytest.param("/etc/edgebake/app.yaml", 0o644, marks=overlay),
     pytest.param(SERVICE, 0o644, marks=overlay),
     pytest.param("/usr/lib/sysusers.d/edgebake.conf", 0o644, marks=overlay),
     ("/etc/ssh/sshd_config.d/edgebake.conf", 0o644),
@@ -33,6 +32,12 @@ def test_file_owner_and_mode(host: Any, path: str, mode: int) -> None:
     f = host.file(path)
     assert f.exists and f.user == "root" and f.group == "root"
     assert f.mode == mode
+
+
+def test_config_with_credentials_is_for_root_and_the_service_only(host: Any) -> None:
+    """app.yaml may carry the broker's password: not world-readable (0640 root:edgebake)."""
+    f = host.file("/etc/edgebake/app.yaml")
+    assert (f.user, f.group, f.mode) == ("root", "edgebake", 0o640)
 
 
 @overlay
