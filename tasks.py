@@ -81,7 +81,8 @@ def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool
     result = run_tests(image_path, out_dir, manifest, progress, fail_fast, update_trials,
                        supervision_trials)
     for name, value in result.figures.items():
-        print(f"{name}: {value:.1f} s")
+        print(f"{name}: {value:.1f}" if name.startswith("exposure") else
+              f"{name}: {value:.1f} s")
     print(f"test-image: {result.passed} passed, {result.failed} failed ({result.junit})")
     if result.failed or result.passed == 0:
         raise Exit(code=1)

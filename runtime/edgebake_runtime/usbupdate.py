@@ -27,6 +27,7 @@ from .update import UnitUpdates
 
 DEVICE = re.compile(r"sd[a-z]{1,2}[0-9]{0,3}")
 MAX_BUNDLES = 16
+STICK_FILESYSTEMS = "vfat,exfat"
 FOLDER = "edgebake"
 
 
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store = updates.store
     with tempfile.TemporaryDirectory(prefix="edgebake-usb-") as mount_point:
-        mounted = subprocess.run(["mount", "-o", "ro,nosuid,nodev,noexec", device, mount_point],
+        # only the filesystems a stick needs: the kernel parses nothing else a stick offers
+        mounted = subprocess.run(["mount", "-t", STICK_FILESYSTEMS, "-o",
+                                  "ro,nosuid,nodev,noexec", device, mount_point],
                                  capture_output=True, text=True, check=False)
         if mounted.returncode != 0:
             store.audit("usb: cannot mount", via="usb", device=device,

@@ -276,7 +276,8 @@ def _result(junit_parts: list[Path], codes: dict[str, int], test_dir: Path,
             progress.say(f"      {phase} checks exited {codes[phase]} "
                          f"({'no report' if not part.exists() else 'see the log'})")
         part.unlink(missing_ok=True)
-    for update_figures in (test_dir / "figures-update.json", test_dir / "figures-rollback.json"):
+    for update_figures in (test_dir / "figures-update.json", test_dir / "figures-rollback.json",
+                           test_dir / "figures-security.json"):
         if update_figures.is_file():
             for name, value in json.loads(update_figures.read_text()).items():
                 if isinstance(value, (int, float)):
