@@ -167,3 +167,22 @@ def test_unwritable_journal_file_is_replaced_and_counted(tmp_path: Path,
     lines = [json.loads(line) for f in sorted(results.glob("results-*.jsonl"))
              for line in f.read_text().splitlines()]
     assert len(lines) >= 5 and len({r["id"] for r in lines}) == len(lines)
+
+
+def test_the_unit_prints_every_setting_it_takes() -> None:
+    """One declaration gives each setting's type, default and help, as the recipe schema's."""
+    import subprocess
+    import sys
+
+    from edgebake_runtime.config import DEFAULTS
+
+    out = subprocess.run([sys.executable, "-m", "edgebake_runtime.main",
+                          "--print-config-schema"], capture_output=True, text=True,
+                         check=True).stdout
+    for section, values in DEFAULTS.items():
+        if isinstance(values, dict):
+            for key in values:
+                if not isinstance(values[key], dict):
+                    assert f"{section}.{key} " in out, (section, key)
+    assert "inference.num_threads            an integer between 1 and 16; default 2" in out
+    assert "sources[].url" in out and "inference.workers" not in out
