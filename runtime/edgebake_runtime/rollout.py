@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ class Rollout:
         if mqtt is not None and update.mqtt_commands:
             self._listen_for_orders(mqtt)
 
-    def _supervise(self, name: str, body: Any) -> None:
+    def _supervise(self, name: str, body: Callable[[], None]) -> None:
         thread = Supervised(name, body, self.stop)
         self.threads.append(thread)
         thread.start()

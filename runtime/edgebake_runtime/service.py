@@ -16,6 +16,7 @@ from .card import Card
 from .config import AppConfig
 from .http import HealthServer
 from .interp import runtime_name_and_version
+from .journal import Journal
 from .metrics import Metrics
 from .modelstore import ModelStore
 from .results import ResultSink
@@ -63,7 +64,7 @@ class Service:
         return self.rollout.store
 
     @property
-    def journal(self) -> Any:
+    def journal(self) -> Journal:
         return self.results.journal
 
     @property
