@@ -68,7 +68,8 @@ def test_boot_partition_holds_firmware_kernel_and_config(built: dict[str, Any]) 
         assert required in names, f"{required} missing from the boot partition: {sorted(names)}"
     cmdline = subprocess.run(["mtype", "-i", target, "::/cmdline.txt"], capture_output=True,
                              text=True, check=True).stdout
-    assert "root=LABEL=EB_ROOT" in cmdline and "console=ttyS1,115200" in cmdline
+    root = built["manifest"]["partitions"]["partuuids"]["root"]
+    assert f"root=PARTUUID={root}" in cmdline.split() and "console=ttyS1,115200" in cmdline
     assert "ro" in cmdline.split() and "rw" not in cmdline.split()  # the root stays read-only
     assert "enable_uart=1" in config and "dtparam=watchdog=on" in config
     fsinfo = subprocess.run(["minfo", "-i", target, "::"], capture_output=True, text=True,

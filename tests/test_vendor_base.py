@@ -67,7 +67,8 @@ def test_manifest_names_the_base_and_what_was_added(vendor_built: dict[str, Any]
 def test_boot_partition_keeps_the_vendor_kernel_and_fixes_cmdline(
         vendor_built: dict[str, Any]) -> None:
     cmdline = fat_text(vendor_built, "cmdline.txt").split()
-    assert "root=LABEL=EB_ROOT" in cmdline
+    assert f"root=PARTUUID={vendor_built['manifest']['partitions']['partuuids']['root']}" \
+        in cmdline
     assert not [a for a in cmdline if a.startswith("init=")], "vendor resize left in cmdline"
     assert "console=serial0,115200" in cmdline and "rootwait" in cmdline
     assert "ro" in cmdline and "rw" not in cmdline

@@ -96,8 +96,8 @@ def render_overlays(ctx: BuildContext) -> None:
                "model": ctx.model.card,
                "model_path": str(ctx.model_path), "card_path": str(ctx.card_path),
                "app_config": app_config_for(recipe, ctx.model_path, ctx.card_path),
-               "partition_labels": {k.lower(): v for k, v in
-                                    assemble.PARTITION_LABELS.items()},
+               "partuuids": {name: ctx.disk_ids.partuuid(name)
+                             for name in assemble.PARTITION_NUMBERS},
                "state_binds": overlays.state_binds(ctx.rootfs)}
     overlays.apply_overlays(recipe["overlays"], ctx.rootfs, context)
     units.check_units(ctx.rootfs, ["edgebake"], recipe["systemd.version"])

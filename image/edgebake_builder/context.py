@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from .progress import Progress
 from .recipe import Recipe
+from .steps.assemble import DiskIds
 from .steps.model import PreparedModel, RuntimeChoice
 from .steps.wheels import LockedWheel, Target
 
@@ -110,6 +111,19 @@ class BuildContext:
     def model(self) -> PreparedModel:
         assert self.prepared is not None, "the model step comes first"
         return self.prepared
+
+    @property
+    def disk_ids(self) -> DiskIds:
+        """This build's disk signature and filesystem ids (from its inputs)."""
+        return DiskIds.for_build(self.recipe.sha256(), str(self.model.card["sha256"]),
+                                 self.epoch)
+
+    @property
+    def root_spec(self) -> str:
+        """How the kernel finds the root: `kernel.root`, or by default (`auto`) this image's
+        own root partition by its PARTUUID."""
+        root = str(self.recipe["kernel.root"])
+        return f"PARTUUID={self.disk_ids.partuuid('root')}" if root == "auto" else root
 
     def seconds(self) -> float:
         return round(time.monotonic() - self.started, 1)

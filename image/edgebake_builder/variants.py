@@ -41,7 +41,7 @@ class Base:
 
     def boot_config(self, ctx: BuildContext) -> None:
         """Write what the boot partition needs."""
-        overlays.write_boot_config(ctx.recipe, ctx.rootfs)
+        overlays.write_boot_config(ctx.recipe, ctx.rootfs, ctx.root_spec)
 
     def manifest_fields(self, ctx: BuildContext, installed: list[dict[str, Any]]
                         ) -> dict[str, Any]:
@@ -80,7 +80,7 @@ class VendorBase(Base):
         packages.add_missing(ctx.recipe, ctx.rootfs, self._info().packages, ctx.progress)
 
     def boot_config(self, ctx: BuildContext) -> None:
-        vendorboot.adapt(ctx.recipe, ctx.rootfs, self._info(), ctx.progress)
+        vendorboot.adapt(ctx.recipe, ctx.rootfs, self._info(), ctx.root_spec, ctx.progress)
 
     def manifest_fields(self, ctx: BuildContext, installed: list[dict[str, Any]]
                         ) -> dict[str, Any]:
@@ -139,7 +139,7 @@ class DiskImage(Output):
         self.installed = rootfs_tree.installed_packages(ctx.rootfs)
         ctx.rootfs_bytes = rootfs_tree.tree_bytes(ctx.rootfs)
         assemble.clamp_mtimes(ctx.rootfs, ctx.epoch)
-        self.image = assemble.assemble(ctx.recipe, ctx.recipe.sha256(), ctx.rootfs,
+        self.image = assemble.assemble(ctx.recipe, ctx.disk_ids, ctx.rootfs,
                                        ctx.workdir, ctx.staging, f"{ctx.recipe['name']}.img",
                                        ctx.epoch, ctx.progress)
 
@@ -155,7 +155,9 @@ class DiskImage(Output):
             **ctx.base.manifest_fields(ctx, self.installed),
             "packages": self.installed,
             "partitions": {"labels": assemble.PARTITION_LABELS,
-                           **assemble.DiskIds.for_recipe(ctx.recipe.sha256()).__dict__}})
+                           "partuuids": {name: ctx.disk_ids.partuuid(name)
+                                         for name in assemble.PARTITION_NUMBERS},
+                           **ctx.disk_ids.__dict__}})
         publish.publish(ctx.staging, ctx.out_dir, [image, xz_path, bmap], ctx.manifest,
                         known={image.name: image_sha})
 

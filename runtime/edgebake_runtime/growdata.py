@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-LABEL = "EB_DATA"
+DATA = "/data"
 ALIGN_SECTORS = 2048  # 1 MiB: what is left at the end of a card is not worth a resize
 
 
@@ -36,8 +36,10 @@ def _run(cmd: list[str], stdin: str | None = None) -> str:
                           check=True).stdout.strip()
 
 
-def plan(label: str = LABEL) -> Plan:
-    device = _run(["blkid", "-L", label])
+def plan(mount_point: str = DATA) -> Plan:
+    """The partition that is mounted on /data (fstab finds it by this image's own PARTUUID,
+    never by a label that a stick could carry too)."""
+    device = _run(["findmnt", "-nvo", "SOURCE", mount_point])
     disk = "/dev/" + _run(["lsblk", "-ndo", "PKNAME", device])
     number = int(Path(f"/sys/class/block/{Path(device).name}/partition").read_text())
     table = json.loads(_run(["sfdisk", "-J", disk]))["partitiontable"]

@@ -53,8 +53,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Exceptions to dpkg.exclude.", base=True),
     Setting("initramfs.modules", StrList(Str(r"[a-z0-9_-]+", "naming a kernel module")), [],
             "The only modules put in the initramfs (MODULES=list).", base=True),
-    Setting("kernel.root", Str(r"(LABEL|PARTUUID|UUID)=\S+", "like LABEL=rootfs"),
-            "LABEL=EB_ROOT", "How the kernel finds the root filesystem.", base=True),
+    Setting("kernel.root", Str(r"auto|(LABEL|PARTUUID|UUID)=\S+", "like auto or LABEL=rootfs"),
+            "auto", "How the kernel finds the root filesystem; auto: this image's own root "
+            "partition by its PARTUUID, unique to the build (a USB stick with the same label "
+            "is never taken for it).", base=True),
     Setting("kernel.console", Str(r"tty[A-Za-z]*[0-9]+,[0-9]+", "like ttyS1,115200"),
             "ttyS1,115200", "Serial console of the unit.", base=True),
     Setting("kernel.modules_exclude", StrList(MODULE_GLOB), [],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -21,6 +22,8 @@ from .rootfs import inside
 MIB = 1024 * 1024
 BLOCK = 4096
 PARTITION_LABELS = {"boot": "EB_BOOT", "root": "EB_ROOT", "data": "EB_DATA"}
+# Labels are for people; the unit finds its partitions by PARTUUID (a stick can carry any label)
+PARTITION_NUMBERS = {"boot": 1, "root": 2, "data": 3}
 FIRST_PARTITION_OFFSET_MIB = 4  # SD erase-block aligned
 
 
@@ -32,6 +35,17 @@ class DiskIds:
     boot_volume_id: str
     root_uuid: str
     data_uuid: str
+
+    @classmethod
+    def for_build(cls, recipe_sha256: str, model_sha256: str, epoch: int) -> DiskIds:
+        """Unique to a build's inputs (recipe, model, SOURCE_DATE_EPOCH), and the same for
+        the same inputs: a rebuild is bit-identical, another build's ids differ."""
+        key = hashlib.sha256(f"{recipe_sha256}:{model_sha256}:{epoch}".encode()).hexdigest()
+        return cls.for_recipe(key)
+
+    def partuuid(self, partition: str) -> str:
+        """The MBR PARTUUID of `boot`, `root` or `data`: disk signature and number."""
+        return f"{self.disk_signature:08x}-{PARTITION_NUMBERS[partition]:02x}"
 
     @classmethod
     def for_recipe(cls, recipe_sha256: str) -> DiskIds:
@@ -149,7 +163,7 @@ def pin_inode_times(fs_image: Path, tree: Path, epoch: int, progress: Progress) 
     script.unlink()
 
 
-def assemble(recipe: Recipe, recipe_sha256: str, rootfs: Path, workdir: Path, out_dir: Path,
+def assemble(recipe: Recipe, ids: DiskIds, rootfs: Path, workdir: Path, out_dir: Path,
              image_name: str, epoch: int, progress: Progress) -> Path:
     """Build `out_dir/image_name` from the staged rootfs; returns its path."""
     boot_dir = move_out(rootfs, "/boot/firmware", workdir / "part-boot")
@@ -158,7 +172,6 @@ def assemble(recipe: Recipe, recipe_sha256: str, rootfs: Path, workdir: Path, ou
     os.utime(rootfs / "data", (epoch, epoch))
     for tree in (boot_dir, data_dir):
         os.utime(tree, (epoch, epoch))
-    ids = DiskIds.for_recipe(recipe_sha256)
     root_mib = ext4_size_mib(rootfs, recipe["layout.root_free_mib"])
     parts = workdir / "parts"
     parts.mkdir(exist_ok=True)

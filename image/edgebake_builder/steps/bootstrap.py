@@ -21,8 +21,11 @@ BOOTSTRAP_FORMAT = 3
 def essential_hook(recipe: Recipe) -> str:
     """Shell run before the kernel is installed: small initramfs and the firmware's root=."""
     modules = "\n".join(recipe["initramfs.modules"])
-    firmware_defaults = (f'ROOTPART={recipe["kernel.root"]}\n'
-                         f'CONSOLES="{recipe["kernel.console"]}"\n')
+    # raspi-firmware writes cmdline.txt from these when a kernel is installed; the image's
+    # own cmdline.txt is written later, with this build's root partition
+    root = recipe["kernel.root"]
+    firmware_defaults = ((f"ROOTPART={root}\n" if root != "auto" else "")
+                         + f'CONSOLES="{recipe["kernel.console"]}"\n')
     return "; ".join([
         'mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d" '
         '"$1/etc/default"',

@@ -201,14 +201,14 @@ def make_data_tree(rootfs: Path, uid: int, gid: int, state: bool = True) -> Path
     return data
 
 
-def write_boot_config(recipe: Recipe, rootfs: Path) -> None:
+def write_boot_config(recipe: Recipe, rootfs: Path, root: str) -> None:
     """cmdline.txt and config.txt on the boot partition, as raspi-firmware would write them."""
     firmware = inside(rootfs, "/boot/firmware")
     if not (firmware / "config.txt").is_file():
         raise BuildError("the base rootfs has no /boot/firmware/config.txt; the recipe must "
                          "install raspi-firmware (components: non-free-firmware)")
     console = recipe["kernel.console"]
-    cmdline = ["console=tty0", f"console={console}", f"root={recipe['kernel.root']}",
+    cmdline = ["console=tty0", f"console={console}", f"root={root}",
                *recipe["kernel.cmdline"]]
     (firmware / "cmdline.txt").write_text(" ".join(cmdline) + "\n")
     config = (firmware / "config.txt").read_text()

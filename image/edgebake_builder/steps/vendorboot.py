@@ -28,15 +28,16 @@ CONSOLE_UNITS = ("userconfig.service",)
 MARKER = "# edgebake recipe settings\n"
 
 
-def cmdline_for(base_cmdline: str, recipe: Recipe) -> str:
+def cmdline_for(base_cmdline: str, recipe: Recipe, root: str) -> str:
     kept = [arg for arg in base_cmdline.split()
             if arg not in DROPPED_ARGS and not arg.startswith(DROPPED_PREFIXES)]
-    ours = [f"root={recipe['kernel.root']}", "rootfstype=ext4"]
+    ours = [f"root={root}", "rootfstype=ext4"]
     extra = [arg for arg in recipe["kernel.cmdline"] if arg not in kept]
     return " ".join([*kept[:1], *ours, *kept[1:], *extra]) + "\n"
 
 
-def adapt(recipe: Recipe, rootfs: Path, base: VendorInfo, progress: Progress) -> None:
+def adapt(recipe: Recipe, rootfs: Path, base: VendorInfo, root: str, progress: Progress
+          ) -> None:
     firmware = inside(rootfs, "/boot/firmware")
     config = firmware / "config.txt"
     if not config.is_file() or not (firmware / "cmdline.txt").is_file():
@@ -47,7 +48,7 @@ def adapt(recipe: Recipe, rootfs: Path, base: VendorInfo, progress: Progress) ->
         raise BuildError(f"--base {base.name}: the boot partition lacks "
                          f"{', '.join(missing)}, which target {recipe.target} needs "
                          "(firmware.requires); is it an image for this board?")
-    (firmware / "cmdline.txt").write_text(cmdline_for(base.cmdline, recipe))
+    (firmware / "cmdline.txt").write_text(cmdline_for(base.cmdline, recipe, root))
     text = config.read_text().split(MARKER)[0].rstrip("\n")
     # our lines apply to every board: close any [section] the vendor left open
     sections = [line.strip() for line in text.splitlines() if line.strip().startswith("[")]

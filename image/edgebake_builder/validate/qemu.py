@@ -49,7 +49,8 @@ class QemuMachine:
     disk_bytes: int = 0  # 0: the size of the image
     ssh_port: int = 0
     http_port: int = 0
-    usb_stick: Path | None = None  # a raw image plugged in as a USB mass-storage device
+    # raw images plugged in as USB mass-storage devices
+    usb_sticks: list[Path] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -113,11 +114,13 @@ class QemuMachine:
                 "-serial", f"file:{self.console}", *self._usb()]
 
     def _usb(self) -> list[str]:
-        if self.usb_stick is None:
+        if not self.usb_sticks:
             return []
-        return ["-device", "qemu-xhci,id=xhci",
-                "-drive", f"if=none,id=stick,format=raw,readonly=on,file={self.usb_stick}",
-                "-device", "usb-storage,bus=xhci.0,drive=stick"]
+        args = ["-device", "qemu-xhci,id=xhci"]
+        for number, stick in enumerate(self.usb_sticks):
+            args += ["-drive", f"if=none,id=stick{number},format=raw,readonly=on,file={stick}",
+                     "-device", f"usb-storage,bus=xhci.0,drive=stick{number}"]
+        return args
 
     def start(self) -> None:
         self.console.parent.mkdir(parents=True, exist_ok=True)

@@ -190,10 +190,12 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
     env["EDGEBAKE_DISK_BYTES"] = str(disk_bytes)
     # a technician's USB stick with a bundle this unit must refuse (signed by another key)
     stick = usb_stick(tmp / "stick.img", USB_BUNDLE, "model-9.9.ebundle")
+    # and one that claims to be the unit's root: it must never be mounted as it
+    hostile = hostile_root_stick(tmp / "hostile-root.img", tmp / "hostile-tree")
     env["EDGEBAKE_USB_BUNDLE"] = "model-9.9.ebundle"
     machine = QemuMachine(image=image, workdir=tmp / "vm", console=test_dir / "console.log",
                           extra_cmdline=["modules-load=vivid"], disk_bytes=disk_bytes,
-                          usb_stick=stick)
+                          usb_sticks=[stick, hostile])
     try:
         with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
             _boot(machine, image, manifest, seed, key, progress)
@@ -298,6 +300,16 @@ def usb_stick(path: Path, bundle: Path, name: str) -> Path:
     subprocess.run(["mmd", "-i", str(path), "::/edgebake"], check=True, capture_output=True)
     subprocess.run(["mcopy", "-i", str(path), str(bundle), f"::/edgebake/{name}"], check=True,
                    capture_output=True)
+    return path
+
+
+def hostile_root_stick(path: Path, tree: Path) -> Path:
+    """An ext4 stick labelled like the unit's root partition, with a marker in /etc that the
+    running checks must not find (mke2fs -d: no mount, no loop device)."""
+    (tree / "etc").mkdir(parents=True, exist_ok=True)
+    (tree / "etc" / "edgebake-hostile-root").write_text("this stick must not be the root\n")
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "EB_ROOT", "-d", str(tree),
+                    str(path), "16M"], check=True, capture_output=True)
     return path
 
 

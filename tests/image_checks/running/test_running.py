@@ -157,6 +157,20 @@ def test_a_usb_stick_bundle_is_checked_and_the_stick_released(host: Any) -> None
     assert not host.run("ls /data/models/incoming/").stdout.strip()  # no copy left
 
 
+def test_a_stick_labelled_like_the_root_is_never_mounted(host: Any) -> None:
+    """test-image boots with a second stick: ext4, labelled EB_ROOT, with a marker in /etc.
+    The unit booted its own root and data by their PARTUUIDs, and the USB helper, which takes
+    only FAT and exFAT, left the ext4 stick alone."""
+    assert not host.file("/etc/edgebake-hostile-root").exists, "booted the stick's root"
+    root = host.run("findmnt -nvo SOURCE /").stdout.strip()
+    data = host.run("findmnt -nvo SOURCE /data").stdout.strip()
+    assert root.startswith("/dev/vda") and data.startswith("/dev/vda"), (root, data)
+    labelled = host.run("blkid -L EB_ROOT -o device; blkid -t LABEL=EB_ROOT -o device").stdout
+    assert "/dev/sd" in labelled, f"the hostile stick was not seen at all: {labelled!r}"
+    mounts = host.run("cat /proc/mounts").stdout
+    assert "/dev/sd" not in mounts, mounts
+
+
 def copy_to_unit(local: str, remote: str) -> None:
     copy = subprocess.run(
         ["scp", "-P", os.environ["EDGEBAKE_SSH_PORT"], "-i", os.environ["EDGEBAKE_SSH_KEY"],
