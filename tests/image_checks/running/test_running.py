@@ -169,6 +169,12 @@ def test_a_stick_labelled_like_the_root_is_never_mounted(host: Any) -> None:
     assert "/dev/sd" in labelled, f"the hostile stick was not seen at all: {labelled!r}"
     mounts = host.run("cat /proc/mounts").stdout
     assert "/dev/sd" not in mounts, mounts
+    cmdline = host.file("/proc/cmdline").content_string.split()
+    assert any(a.startswith("root=PARTUUID=") for a in cmdline), cmdline
+    initrd = host.run("ls /boot/firmware/initrd.img-*").stdout.split()[0]
+    listing = host.run(f"lsinitramfs {initrd}").stdout
+    assert "vfat" in listing or "ext4" in listing, "lsinitramfs listed nothing"
+    assert "usb-storage.ko" not in listing and "uas.ko" not in listing, "USB storage in initramfs"
 
 
 def copy_to_unit(local: str, remote: str) -> None:
