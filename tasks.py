@@ -143,21 +143,46 @@ def bench_fsopts(c: Context, seconds: float = 60.0, rate: float = 60.0) -> None:
         print(line)
 
 
-@task(help={"broker": "MQTT broker host the units publish to", "port": "broker port",
-            "wait": "seconds to listen (retained topics arrive at once)",
-            "username": "broker user", "password": "broker password",
-            "ca_file": "CA certificate for TLS (TLS when given)"})
+BROKER_HELP = {"broker": "MQTT broker host of the fleet", "port": "broker port",
+               "username": "broker user", "password": "broker password",
+               "ca_file": "CA certificate for TLS (TLS when given)"}
+
+
+@task(help={**BROKER_HELP, "wait": "seconds to listen (retained topics arrive at once)"})
 @fails_cleanly
 def fleet_status(c: Context, broker: str, port: int = 1883, wait: float = 2.0,
                  username: str = "", password: str = "", ca_file: str = "") -> None:
     """The units seen on MQTT: link, health, model version and sha256, last result time."""
-    from edgebake_builder.fleet import collect, table
+    from edgebake_builder.fleet import Broker, collect, table
 
-    units = collect(broker, port, wait, username, password, ca_file)
+    units = collect(Broker(broker, port, username, password, ca_file), wait)
     if not units:
         print(f"no units seen on {broker}:{port} (topics edgebake/+/status and /health)")
         return
     print(table(units))
+
+
+@task(help={**BROKER_HELP, "to": "a unit's device id, or group/<name>",
+            "key": "private key from make-key (one the units trust)",
+            "url": "the bundle's URL (its origin in the units' update.allowed_origins)",
+            "bundle": "or the .ebundle itself, sent in the order (up to 4 MiB)",
+            "fleet": "the units' fleet (recipe update.fleet)"})
+@fails_cleanly
+def send_order(c: Context, broker: str, to: str, key: str, url: str = "", bundle: str = "",
+               fleet: str = "default", port: int = 8883, username: str = "",
+               password: str = "", ca_file: str = "") -> None:
+    """Order units over MQTT to install a bundle: a signed, numbered order (never replayable)."""
+    from edgebake_builder.fleet import Broker
+    from edgebake_builder.fleet import send_order as publish
+    from edgebake_builder.signing import read_private_key, sign_order
+
+    try:
+        data = Path(bundle).read_bytes() if bundle else b""
+    except OSError as exc:
+        raise Exit(f"error: {bundle}: {exc.strerror}", code=1) from None
+    order = sign_order(read_private_key(Path(key)), to, fleet, url, data)
+    topic = publish(Broker(broker, port, username, password, ca_file), to, order)
+    print(f"order sent on {topic}; each unit reports on edgebake/<device>/update/status")
 
 
 @task(help={"host": "the unit's address", "bundle": "the signed .ebundle to install",
@@ -451,10 +476,15 @@ def make_key(c: Context, out: str = "signing.key") -> None:
             "version": "bundle version, e.g. 1.4.2 (units only move forward)",
             "target": "recipe target the bundle is for (default pi4)",
             "out": "bundle file to write (.ebundle)",
-            "card": "the model's card (default: made here, with golden outputs)"})
+            "card": "the model's card (default: made here, with golden outputs)",
+            "fleet": "the units' fleet (recipe update.fleet)",
+            "revoke": "id of a key the units stop trusting (repeatable; not the signing key)",
+            "min_runtime": "oldest edgebake runtime version that may take it"},
+       iterable=["revoke"])
 @fails_cleanly
 def make_bundle(c: Context, key: str, version: str, out: str, model: str = "",
-                target: str = "pi4", card: str = "") -> None:
+                target: str = "pi4", card: str = "", fleet: str = "default",
+                revoke: list[str] | None = None, min_runtime: str = "") -> None:
     """A signed model bundle: model, card and golden outputs, manifest, ed25519 signature."""
     import tempfile
 
@@ -471,19 +501,21 @@ def make_bundle(c: Context, key: str, version: str, out: str, model: str = "",
             data = build_bundle({"model.tflite": prepared.model.read_bytes(),
                                  "model.card.json": card_path.read_bytes(),
                                  "model.golden.npz": prepared.golden_path.read_bytes()},
-                                private, version, target)
+                                private, version, target, min_runtime, fleet, revoke or [])
         write_atomic(Path(out), data)
     except (OSError, ValueError) as exc:
         raise Exit(f"error: {exc}", code=1) from None
-    print(f"{out}: version {version} for {target}, {len(data)} bytes, signed")
+    print(f"{out}: version {version} for {target} in fleet {fleet}, {len(data)} bytes, signed")
 
 
 @task(help={"bundle": ".ebundle to check", "public_key": "trusted public key file(s)",
             "target": "the target it must be for", "current": "version the unit runs now",
-            "allow_rollback": "accept an older version"}, iterable=["public_key"])
+            "allow_rollback": "accept an older version", "fleet": "the units' fleet"},
+       iterable=["public_key"])
 @fails_cleanly
 def verify_bundle(c: Context, bundle: str, public_key: list[str], target: str = "pi4",
-                  current: str = "", allow_rollback: bool = False) -> None:
+                  current: str = "", allow_rollback: bool = False, fleet: str = "default"
+                  ) -> None:
     """Check a bundle with the code the unit uses: signature, members, target, version."""
     from edgebake_runtime.bundle import check_bundle, load_public_key
 
@@ -491,6 +523,7 @@ def verify_bundle(c: Context, bundle: str, public_key: list[str], target: str = 
         keys = dict(load_public_key(Path(p).read_text(), p) for p in public_key)
     except OSError as exc:
         raise Exit(f"error: {exc}", code=1) from None
-    found = check_bundle(Path(bundle), keys, target, current or None, allow_rollback)
-    print(f"{bundle}: ok, version {found.version} for {target}, signed by "
+    found = check_bundle(Path(bundle), keys, target, current or None, allow_rollback,
+                         fleet=fleet)
+    print(f"{bundle}: ok, version {found.version} for {target} in fleet {fleet}, signed by "
           f"{found.manifest['key_id']}")

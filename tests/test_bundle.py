@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from edgebake_runtime.bundle import BundleError, check_bundle, load_public_key
+from edgebake_runtime.modelstore import ModelStore
+from edgebake_runtime.update import UnitUpdates
 from helpers import invoke
 
 
@@ -78,7 +80,7 @@ def test_every_bad_bundle_is_refused_in_one_line(signed: dict[str, Path]) -> Non
         (rewrite(bundle, folder / "p.ebundle", {}, ("../evil", b"x")), [],
          "member '../evil' is not allowed"),
         (rewrite(bundle, folder / "s.ebundle", {"manifest.json": b'{"key_id": "x"}'}), [],
-         "an unknown key, or tampered"),
+         "an unknown key, a revoked one, or tampered"),
     ]
     for path, extra, expected in cases:
         pub = signed["other"] if "--public-key" in extra else signed["pub"]
@@ -103,7 +105,7 @@ def test_size_limit_and_rollback(signed: dict[str, Path]) -> None:
     found = check_bundle(signed["bundle"], keys, "pi4", current_version="2.0",
                          allow_rollback=True)
     assert found.version == "1.2.0" and set(found.members) == {
-        "model.tflite", "model.card.json", "model.golden.npz"}
+        "model.tflite", "model.card.json", "model.golden.npz", "manifest.json", "manifest.sig"}
 
 
 def test_a_signed_manifest_no_parser_can_read_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -123,5 +125,70 @@ def test_a_signed_manifest_no_parser_can_read_is_refused_in_one_line(tmp_path: P
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     keys = dict([load_public_key(public, "pub")])
-    with pytest.raises(BundleError, match=r"manifest\.json is not a bundle manifest"):
+    with pytest.raises(BundleError, match="signed text is not a JSON object"):
         check_bundle(path, keys, "pi4")
+
+
+def unit_updates(tmp_path: Path, keys: dict[str, Path]) -> UnitUpdates:
+    """A unit's update side in a folder: target pi4, the default fleet, these public keys."""
+    from edgebake_runtime.config import UpdateSettings
+
+    (tmp_path / "keys").mkdir()
+    for name, pub in keys.items():
+        (tmp_path / "keys" / f"{name}.pub").write_bytes(pub.read_bytes())
+    (tmp_path / "target").write_text("pi4\n")
+    settings = UpdateSettings(dir=str(tmp_path / "models"), keys_dir=str(tmp_path / "keys"),
+                              target_file=str(tmp_path / "target"),
+                              fleet_file=str(tmp_path / "no-fleet-file"))
+    return UnitUpdates(settings, ModelStore(tmp_path / "models"), tmp_path / "none.card.json")
+
+
+def test_a_model_slot_is_checked_against_its_signed_manifest_at_every_load(
+        tmp_path: Path, signed: dict[str, Path]) -> None:
+    """A slot written from a good bundle loads; once its model or card changes on /data, or
+    its manifest is replaced, or the key that signed it is revoked, it is refused."""
+    keys = dict([load_public_key(signed["pub"].read_text(), "pub")])
+    updates = unit_updates(tmp_path, {"ops": signed["pub"]})
+    slot = updates.store.write_slot(check_bundle(signed["bundle"], keys, "pi4"))
+    updates.check_slot(slot)
+    model = slot.model.read_bytes()
+    slot.model.write_bytes(model[:-1] + bytes([model[-1] ^ 1]))
+    with pytest.raises(BundleError, match="does not match its signed sha256"):
+        updates.check_slot(slot)
+    slot.model.write_bytes(model)
+    (slot.model.parent / "manifest.sig").write_bytes(b"\x00" * 64)
+    with pytest.raises(BundleError, match="signature does not match"):
+        updates.check_slot(slot)
+    slot = updates.store.write_slot(check_bundle(signed["bundle"], keys, "pi4"))
+    updates.store.remember(revoked=list(keys))
+    with pytest.raises(BundleError, match="no public keys"):
+        updates.check_slot(slot)
+
+
+def test_a_signed_revocation_holds_and_a_revoked_key_is_refused(
+        tmp_path: Path, signed: dict[str, Path], default_model: Path) -> None:
+    """A bundle signed by one trusted key revokes another: the unit remembers it even when the
+    bundle's model then fails its own checks, and refuses the revoked key's bundles since."""
+    folder = signed["folder"]
+    revoked_id = load_public_key(signed["pub"].read_text(), "pub")[0]
+    revoking = tmp_path / "revoking.ebundle"
+    made = invoke("make-bundle", "--model", str(default_model), "--key",
+                  str(folder / "other.key"), "--version", "3.0", "--revoke", revoked_id,
+                  "--out", str(revoking))
+    assert made.returncode == 0, made.stderr
+    updates = unit_updates(tmp_path, {"ops": signed["pub"], "spare": signed["other"]})
+    assert updates.apply(signed["bundle"]).startswith("model 1.2.0 installed")
+    updates.store.confirm()
+    updates.apply(revoking)
+    assert updates.store.state()["revoked"] == [revoked_id]
+    updates.store.rollback()  # back to 1.2.0, signed by the revoked key: no longer loads
+    current = updates.store.current()
+    assert current is not None
+    with pytest.raises(BundleError, match="an unknown key, a revoked one"):
+        updates.check_slot(current)
+    newer = tmp_path / "newer.ebundle"
+    made = invoke("make-bundle", "--model", str(default_model), "--key",
+                  str(folder / "signing.key"), "--version", "4.0", "--out", str(newer))
+    assert made.returncode == 0, made.stderr
+    with pytest.raises(BundleError, match="an unknown key, a revoked one"):
+        updates.apply(newer)

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,7 +20,6 @@ from edgebake_runtime.bundle import BundleError
 from edgebake_runtime.journal import read_lines
 from edgebake_runtime.modelstore import ModelStore
 from edgebake_runtime.service import Service
-from edgebake_runtime.update import apply, current_version
 from helpers import invoke
 from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
 
@@ -35,28 +35,34 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("bundles")
     keys = folder / "keys"
     keys.mkdir()
-    assert invoke("make-key", "--out", str(keys / "ops.key")).returncode == 0
+    # units hold only public keys: the private one stays beside the keys folder
+    assert invoke("make-key", "--out", str(folder / "ops.key")).returncode == 0
+    (keys / "ops.pub").write_bytes((folder / "ops.key.pub").read_bytes())
     full = fetch_locked_model(read_models_lock()["face_detection_full_range"], Progress(1))
-    made = invoke("make-bundle", "--model", str(full), "--key", str(keys / "ops.key"),
+    made = invoke("make-bundle", "--model", str(full), "--key", str(folder / "ops.key"),
                   "--version", "2.0", "--out", str(folder / "v2.ebundle"))
     assert made.returncode == 0, made.stderr
-    (keys / "ops.key").unlink()  # units hold only public keys
-    return {"v2": folder / "v2.ebundle", "keys": keys}
+    return {"v2": folder / "v2.ebundle", "keys": keys, "key": folder / "ops.key"}
 
 
 def update_app(tmp: Path, model: Path, **sections: dict[str, Any]) -> Service:
     return Service(make_config(tmp, model, [{"name": "cam", "kind": "replay",
                                          "path": str(replay_folder(tmp)), "fps": 20}],
                            update={"dir": str(tmp / "models"), "window_sec": WINDOW_SEC,
-                                   "poll_sec": 0.2},
+                                   "poll_sec": 0.2, "keys_dir": str(tmp / "update-keys"),
+                                   "target_file": str(tmp / "target")},
                            **sections))
 
 
 def install(app: Service, bundle: Path, keys: Path, **settings: Any) -> str:
-    baked = app.config.card_path or app.config.model_path.with_name(
-        app.config.model_path.stem + ".card.json")
-    return apply(bundle, app.store, keys, "pi4", current_version(app.store, baked),
-                 dataclasses.replace(app.config.update, **settings), allow_rollback=False)
+    """`edgebake-update apply` on this unit, which trusts the keys in `keys` (only) from now
+    on."""
+    shutil.rmtree(app.config.update.keys_dir, ignore_errors=True)
+    shutil.copytree(keys, app.config.update.keys_dir)
+    Path(app.config.update.target_file).write_text("pi4\n")
+    updates = app.rollout.updates
+    return dataclasses.replace(updates, settings=dataclasses.replace(
+        updates.settings, **settings)).apply(bundle)
 
 
 def audit_steps(tmp: Path) -> list[str]:
@@ -256,14 +262,17 @@ def test_http_pull_remembers_a_refused_bundle(tmp_path: Path, bundles: dict[str,
 
 def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model: Path,
                                                    bundles: dict[str, Path]) -> None:
-    """Over TLS with a login: a URL ordered on the group's topic is fetched and applied; a
-    tampered bundle sent inline to the unit's own topic is refused; each step is reported,
-    retained."""
+    """Over TLS with a login: a signed URL order on the group's topic is fetched and applied;
+    the same order again (a replay), an unsigned order and an order signed for another unit
+    are refused before anything is fetched; a tampered bundle sent inline in a signed order
+    to the unit's own topic is refused; each step is reported, retained."""
     import paho.mqtt.client as mqtt
+    from edgebake_builder.signing import read_private_key, sign_order
     from edgebake_builder.validate.broker import LocalBroker
     from edgebake_runtime.config import validate
     from edgebake_runtime.pull import origin
 
+    key = read_private_key(bundles["key"])
     broker = LocalBroker.start_tls()
     assert broker.tls is not None
     (tmp_path / "target").write_text("pi4\n")
@@ -294,8 +303,8 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
                 watcher.loop_start()
                 # no step report may go out before the watcher listens
                 assert subscribed.wait(20), "the watcher's subscription was not acknowledged"
-                watcher.publish("edgebake/group/north/update",
-                                json.dumps({"url": server.url()}), qos=1)
+                ordered = sign_order(key, "group/north", url=server.url())
+                watcher.publish("edgebake/group/north/update", ordered, qos=1)
                 wait_for(lambda: running.health()["model"]["version"] == "2.0", 60,
                          "the ordered model to serve")
                 wait_for(lambda: any(s["step"] == "applied" for s in statuses), 20,
@@ -303,19 +312,32 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
                 # no update is taken while 2.0 is on trial: wait for its window to pass
                 wait_for(lambda: running.health()["model"]["trial"] is None, WINDOW_SEC + 30,
                          "2.0 to be confirmed")
+                for topic, payload in [
+                        ("edgebake/group/north/update", ordered),  # a replay
+                        ("edgebake/pole-7/update", json.dumps({"url": server.url()})),
+                        ("edgebake/pole-7/update", sign_order(key, "pole-8", url=server.url()))]:
+                    refusals = sum(s["step"] == "refused" for s in statuses)
+                    watcher.publish(topic, payload, qos=1)
+                    wait_for(lambda before=refusals: sum(  # type: ignore[misc]
+                        s["step"] == "refused" for s in statuses) > before, 30,
+                        f"the refusal of an order on {topic}")
                 tampered = Path(__file__).parent / "corpus" / "bundles" / "tampered.ebundle"
-                watcher.publish("edgebake/pole-7/update", tampered.read_bytes(), qos=1)
-                wait_for(lambda: any(s["step"] == "refused" for s in statuses), 30,
-                         "the refusal report")
+                watcher.publish("edgebake/pole-7/update",
+                                sign_order(key, "pole-7", bundle=tampered.read_bytes()), qos=1)
+                wait_for(lambda: sum(s["step"] == "refused" for s in statuses) == 4, 30,
+                         "the tampered bundle's refusal report")
                 orders = running.health()["update"]["orders"]
-                assert orders["applied"] == 1 and orders["refused"] == 1, orders
+                assert orders["applied"] == 1 and orders["refused"] == 4, orders
                 assert running.health()["model"]["version"] == "2.0"
                 wait_for(lambda: running.health()["healthy"], 30, "a healthy unit")
         steps = [s["step"] for s in statuses]
-        assert steps[:4] == ["downloading", "checking", "applied", "checking"], steps
-        refused = next(s for s in statuses if s["step"] == "refused")
-        assert "an unknown key" in refused["detail"] or "tampered" in \
-            refused["detail"], refused
+        assert steps == ["downloading", "checking", "applied", "refused", "refused", "refused",
+                         "checking", "refused"], steps
+        details = [s["detail"] for s in statuses if s["step"] == "refused"]
+        assert "a replayed order" in details[0], details
+        assert "not a signed order" in details[1], details
+        assert "order for 'pole-8'" in details[2], details
+        assert "an unknown key" in details[3] or "tampered" in details[3], details
     finally:
         watcher.loop_stop()
         broker.stop()
@@ -346,8 +368,10 @@ def test_orders_go_only_to_allowed_origins_never_elsewhere_and_are_rate_limited(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     allowed = f"http://127.0.0.1:{server.server_port}"
     try:
-        orders = commands.UpdateCommands(tmp_path, lambda p: applied.append(p) or "ok",
-                                         "test", (allowed,))
+        # orders taken as signed (the signature's own checks are the MQTT test's)
+        orders = commands.UpdateCommands(tmp_path, lambda to, payload: json.loads(payload),
+                                         lambda p: applied.append(p) or "ok", "test",
+                                         (allowed,))
         reports: list[tuple[str, str]] = []
         orders.publish = lambda step, detail: reports.append((step, detail))
         assert orders.handle("t", json.dumps({"url": "https://evil.example/b"}).encode()) \

@@ -122,6 +122,8 @@ def test_mappings_deep_merge(tmp_path: Path) -> None:
     ("python:\n  version: '3.12'\n", "python.version", "one of 3.10, 3.11, 3.13"),
     ("update:\n  public_keys: [ssh-ed25519 AAAA]\n", "update.public_keys", "ed25519 <64 hex"),
     ("output: iso\n", "output", "one of disk-image, overlay"),
+    ("network:\n  allow: [10.0.0.300/8]\n", "network.allow", "a network like 10.0.0.0/8"),
+    ("update:\n  fleet: North Site\n", "update.fleet", "of lowercase letters"),
     ("systemd:\n  version: 99\n", "systemd.version", "an integer between 240 and 400"),
 ])
 def test_bad_values_name_file_field_and_expectation(tmp_path: Path, text: str, field: str,
@@ -206,3 +208,17 @@ def test_vendor_base_targets_choose_their_own_layers() -> None:
         load_recipe("pi5")
     with pytest.raises(BuildError, match="pi4-trixie: cannot be built on a vendor image"):
         load_recipe("pi4-trixie", base_image=True)
+
+
+@pytest.mark.parametrize("allow", [[], ["10.0.0.0/8", "192.168.1.20", "fd00::/8"]])
+def test_network_allow_fences_the_service_in(tmp_path: Path, allow: list[str]) -> None:
+    """recipe network.allow becomes IPAddressDeny=any plus the allowed networks (localhost
+    always) in the service's unit; without it the service's network is not fenced."""
+    from edgebake_builder.steps.overlays import OVERLAYS_DIR, make_environment
+
+    recipe = load_recipe("pi4", write(tmp_path, f"network:\n  allow: {allow}\n"))
+    unit = make_environment(OVERLAYS_DIR).get_template(
+        "app/usr/lib/systemd/system/edgebake.service.j2").render(recipe=recipe.as_nested())
+    fenced = [line for line in unit.splitlines() if line.startswith("IPAddress")]
+    assert fenced == (["IPAddressDeny=any", "IPAddressAllow=localhost " + " ".join(allow)]
+                      if allow else []), fenced

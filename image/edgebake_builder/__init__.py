@@ -1,3 +1,5 @@
 """edgebake image builder: recipe + model -> flashable, validated appliance image."""
 
-__version__ = "0.1.0"
+from edgebake_runtime import __version__
+
+__all__ = ["__version__"]

@@ -28,26 +28,65 @@ class UnitView:
     status: str = ""
 
 
-def collect(host: str, port: int, wait_sec: float, username: str = "", password: str = "",
-            ca_file: str = "") -> dict[str, UnitView]:
-    """Subscribe to every unit's retained topics and gather what arrives within wait_sec."""
+@dataclass(frozen=True)
+class Broker:
+    """Where the fleet's broker is and how to log in (TLS when a CA file is given)."""
+
+    host: str
+    port: int = 1883
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""
+
+
+def _paho() -> Any:
     try:
         import paho.mqtt.client as mqtt
     except ImportError:
-        raise BuildError("fleet-status needs paho-mqtt on this host: pip install "
-                         "'edgebake[mqtt]'") from None
-    units: dict[str, UnitView] = {}
-    lock = threading.Lock()
+        raise BuildError("talking to the fleet's broker needs paho-mqtt on this host: pip "
+                         "install 'edgebake[mqtt]'") from None
+    return mqtt
+
+
+def _connected(broker: Broker, on_message: Any = None,
+               topics: tuple[str, ...] = ()) -> Any:
+    """A client with its network loop running, connected (and subscribed to `topics`);
+    BuildError with one line when the broker is out of reach or refuses."""
+    mqtt = _paho()
     connected = threading.Event()
     failure: list[str] = []
+    where = f"{broker.host}:{broker.port}"
 
     def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            failure.append(f"broker {host}:{port} refused the connection: {reason}")
-            connected.set()
-            return
-        client.subscribe([("edgebake/+/status", 1), ("edgebake/+/health", 1)])
+            failure.append(f"broker {where} refused the connection: {reason}")
+        elif topics:
+            client.subscribe([(topic, 1) for topic in topics])
         connected.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"edgebake-fleet-{time.time_ns()}")
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password or None)
+    if broker.ca_file:
+        client.tls_set(ca_certs=broker.ca_file)
+    client.on_connect = on_connect
+    client.on_message = on_message
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        raise BuildError(f"cannot reach the broker {where}: {exc}") from None
+    client.loop_start()
+    if not connected.wait(10) or failure:
+        client.loop_stop()
+        raise BuildError(failure[0] if failure else f"broker {where} did not answer in 10 s")
+    return client
+
+
+def collect(broker: Broker, wait_sec: float) -> dict[str, UnitView]:
+    """Subscribe to every unit's retained topics and gather what arrives within wait_sec."""
+    units: dict[str, UnitView] = {}
+    lock = threading.Lock()
 
     def on_message(client: Any, userdata: Any, message: Any) -> None:
         parts = message.topic.split("/")
@@ -60,29 +99,30 @@ def collect(host: str, port: int, wait_sec: float, username: str = "", password:
             else:
                 _read_health(view, message.payload)
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
-                         client_id=f"edgebake-fleet-{int(time.time())}")
-    if username:
-        client.username_pw_set(username, password or None)
-    if ca_file:
-        client.tls_set(ca_certs=ca_file)
-    client.on_connect = on_connect
-    client.on_message = on_message
+    client = _connected(broker, on_message, ("edgebake/+/status", "edgebake/+/health"))
     try:
-        client.connect(host, port, keepalive=30)
-    except OSError as exc:
-        raise BuildError(f"cannot reach the broker {host}:{port}: {exc}") from None
-    client.loop_start()
-    try:
-        if not connected.wait(10):
-            raise BuildError(f"broker {host}:{port} did not answer in 10 s")
-        if failure:
-            raise BuildError(failure[0])
         time.sleep(wait_sec)  # retained messages come at once; live ones within the wait
     finally:
         client.loop_stop()
         client.disconnect()
     return units
+
+
+def send_order(broker: Broker, to: str, order: bytes) -> str:
+    """Publish a signed order (QoS 1) on the topic of a unit or `group/<name>`; returns the
+    topic once the broker has it."""
+    topic = f"edgebake/{to}/update"
+    client = _connected(broker)
+    try:
+        sent = client.publish(topic, order, qos=1)
+        sent.wait_for_publish(30)
+        if not sent.is_published():
+            raise BuildError(f"broker {broker.host}:{broker.port} did not take the order "
+                             "in 30 s")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return topic
 
 
 def _read_health(view: UnitView, payload: bytes) -> None:

@@ -4,6 +4,7 @@ ships on it."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -11,11 +12,16 @@ import os
 import re
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from edgebake_runtime.bundle import (
     BUNDLE_FORMAT,
+    DEFAULT_FLEET,
+    KEY_ID,
     MEMBERS,
+    ORDER_TAG,
     BundleError,
     crypto,
     key_id,
@@ -64,22 +70,34 @@ def read_private_key(path: Path) -> bytes:
     return bytes.fromhex(fields[1])
 
 
-def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, target: str,
-                 min_runtime: str = "") -> bytes:
-    """The bundle's bytes, signed with the 32-byte private key."""
+def _signer(private_raw: bytes) -> tuple[Any, str]:
+    """The private key object and its key id."""
     from cryptography.hazmat.primitives import serialization
 
-    ed25519 = crypto()
-    version_key(version)
-    if sorted(files) != sorted(MEMBERS):
-        raise BundleError(f"a bundle holds exactly {', '.join(MEMBERS)}")
-    private = ed25519.Ed25519PrivateKey.from_private_bytes(private_raw)
+    private = crypto().Ed25519PrivateKey.from_private_bytes(private_raw)
     public = private.public_key().public_bytes(serialization.Encoding.Raw,
                                                serialization.PublicFormat.Raw)
+    return private, key_id(public)
+
+
+def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, target: str,
+                 min_runtime: str = "", fleet: str = DEFAULT_FLEET,
+                 revokes: Sequence[str] = ()) -> bytes:
+    """The bundle's bytes, signed with the 32-byte private key. `revokes`: key ids the
+    units stop trusting once they take this bundle (not the key signing it)."""
+    version_key(version)
+    if min_runtime:
+        version_key(min_runtime)
+    if sorted(files) != sorted(MEMBERS):
+        raise BundleError(f"a bundle holds exactly {', '.join(MEMBERS)}")
+    private, signer = _signer(private_raw)
+    bad = [k for k in revokes if not KEY_ID.fullmatch(k) or k == signer]
+    if bad:
+        raise BundleError(f"revoke {bad[0]!r}: expected the 16-hex-digit id of another key")
     created = int(time.time())
     manifest = {"format": BUNDLE_FORMAT, "version": version, "target": target,
-                "created": created, "min_runtime": min_runtime,
-                "key_id": key_id(public),
+                "fleet": fleet, "created": created, "min_runtime": min_runtime,
+                "revokes": sorted(revokes), "key_id": signer,
                 "members": {name: {"sha256": hashlib.sha256(data).hexdigest(),
                                    "size": len(data)} for name, data in sorted(files.items())}}
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -92,3 +110,23 @@ def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, targ
             info.size, info.mode, info.mtime = len(data), 0o644, created
             tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
+
+
+
+def sign_order(private_raw: bytes, to: str, fleet: str = DEFAULT_FLEET, url: str = "",
+               bundle: bytes = b"", seq: int | None = None) -> bytes:
+    """An MQTT update order for one unit (`to` = its device id) or a group (`group/<name>`):
+    a bundle's URL or the bundle itself, numbered (by default microseconds since 1970, so
+    each order is above the last) and signed, as `edgebake_runtime.update` checks it."""
+    if bool(url) == bool(bundle):
+        raise BundleError("an order holds either a url or a bundle")
+    private, signer = _signer(private_raw)
+    order: dict[str, Any] = {"key_id": signer, "to": to, "fleet": fleet,
+                             "seq": time.time_ns() // 1000 if seq is None else seq}
+    if url:
+        order["url"] = url
+    else:
+        order["bundle"] = base64.b64encode(bundle).decode("ascii")
+    text = json.dumps(order, sort_keys=True).encode()
+    signature: bytes = private.sign(text)
+    return ORDER_TAG + signature.hex().encode("ascii") + b"\n" + text

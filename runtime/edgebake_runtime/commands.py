@@ -1,10 +1,13 @@
 """Model updates ordered over MQTT, for one unit or a group of them.
 
 Topics: `edgebake/<device>/update` and, with `update.mqtt_group`, `edgebake/group/<group>/update`.
-A message is either `{"url": "https://…/model.ebundle"}` or the bundle's own bytes (up to
-MAX_INLINE_BYTES). Either way the bundle goes through every check of `edgebake-update apply`;
-an order never bypasses the signature. Each step is reported, retained, on
-`edgebake/<device>/update/status` as JSON {at, step, detail}.
+An order is signed (`invoke send-order`, see `update.accept_order`): `EBORDER1 <signature>`, a
+newline, and the JSON it signs, which names the key, a number larger than any order's before
+(a recorded order cannot be replayed), the fleet and the topic's device or group, and either
+`url` of a bundle or the bundle itself in base64 (up to MAX_INLINE_BYTES). Nothing in it is
+parsed before the signature checks out. The bundle then goes through every check of
+`edgebake-update apply`. Each step is reported, retained, on `edgebake/<device>/update/status`
+as JSON {at, step, detail}.
 
 Orders are taken only over TLS from an authenticated broker (the config refuses
 `update.mqtt_commands` otherwise), a URL only from `update.allowed_origins` (and the pull URL's
@@ -16,8 +19,9 @@ holds one order: a newer one replaces an older one still waiting (counted as sup
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
-import json
 import logging
 import re
 import threading
@@ -41,13 +45,15 @@ RATE_WINDOW_SEC = 3600.0
 URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
 
 ApplyBundle = Callable[[Path], str]
+AcceptOrder = Callable[[str, bytes], dict[str, Any]]  # (device or group/<name>, payload)
 Publish = Callable[[str, str], None]  # (step, detail)
 
 
 class UpdateCommands:
-    def __init__(self, folder: Path, apply: ApplyBundle, user_agent: str,
+    def __init__(self, folder: Path, accept: AcceptOrder, apply: ApplyBundle, user_agent: str,
                  origins: tuple[str, ...] = ()) -> None:
         self.folder = folder
+        self.accept = accept
         self.origins = origins  # where an ordered URL may point
         self._handled: collections.deque[float] = collections.deque()  # when, for the rate
         self.apply = apply
@@ -83,36 +89,25 @@ class UpdateCommands:
                 self.handle(*item)
 
     def handle(self, topic: str, payload: bytes) -> str:
-        """Fetch or unpack, apply, report; returns the step it ended on."""
-        now = time.monotonic()
-        while self._handled and now - self._handled[0] > RATE_WINDOW_SEC:
-            self._handled.popleft()
-        if len(self._handled) >= MAX_ORDERS:
-            self.limited += 1
-            return self._report("refused", f"{topic}: more than {MAX_ORDERS} orders in "
-                                f"{RATE_WINDOW_SEC / 60:.0f} min; try again later")
-        self._handled.append(now)
+        """Check, fetch or unpack, apply, report; returns the step it ended on."""
         target = self.folder / "incoming" / "ordered.ebundle"
         try:
-            if payload[:1] == b"{":
-                try:
-                    url = json.loads(payload)["url"]
-                except (ValueError, KeyError, TypeError):
-                    return self._report("refused", f"{topic}: expected {{\"url\": …}} or a "
-                                        "bundle's bytes")
-                if not isinstance(url, str) or not URL.fullmatch(url):
-                    return self._report("refused", f"{topic}: url: expected an http(s) URL")
-                if origin(url) not in self.origins:
-                    return self._report("refused", f"{topic}: url: {origin(url)} is not in "
-                                        "update.allowed_origins")
-                self._report("downloading", url)
-                fetch_bundle(url, target, self.user_agent)
-            else:
-                if len(payload) > MAX_INLINE_BYTES:
-                    return self._report("refused", f"{topic}: {len(payload)} bytes inline "
-                                        f"(limit {MAX_INLINE_BYTES}); send a URL instead")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(payload)
+            try:  # the signature first: unsigned orders never count against the rate
+                order = self.accept(topic.removeprefix("edgebake/").removesuffix("/update"),
+                                    payload)
+            except BundleError as exc:
+                self.refused += 1
+                return self._report("refused", f"{topic}: {exc}")
+            now = time.monotonic()
+            while self._handled and now - self._handled[0] > RATE_WINDOW_SEC:
+                self._handled.popleft()
+            if len(self._handled) >= MAX_ORDERS:
+                self.limited += 1
+                return self._report("refused", f"{topic}: more than {MAX_ORDERS} orders in "
+                                    f"{RATE_WINDOW_SEC / 60:.0f} min; try again later")
+            self._handled.append(now)
+            if not self._fetch(topic, order, target):
+                return "refused"
             self._report("checking", f"{target.stat().st_size} bytes")
             try:
                 line = self.apply(target)
@@ -125,6 +120,33 @@ class UpdateCommands:
             return self._report("error", f"{type(exc).__name__}: {exc}")
         finally:
             target.unlink(missing_ok=True)
+
+    def _fetch(self, topic: str, order: dict[str, Any], target: Path) -> bool:
+        """The ordered bundle into `target`: downloaded from an allowed origin, or decoded."""
+        url, inline = order.get("url"), order.get("bundle")
+        if isinstance(url, str):
+            if not URL.fullmatch(url):
+                self._report("refused", f"{topic}: url: expected an http(s) URL")
+                return False
+            if origin(url) not in self.origins:
+                self._report("refused", f"{topic}: url: {origin(url)} is not in "
+                             "update.allowed_origins")
+                return False
+            self._report("downloading", url)
+            fetch_bundle(url, target, self.user_agent)
+            return True
+        if not isinstance(inline, str) or len(inline) > MAX_INLINE_BYTES * 4 // 3 + 4:
+            self._report("refused", f"{topic}: expected url, or bundle in base64 of at most "
+                         f"{MAX_INLINE_BYTES} bytes (else send a URL)")
+            return False
+        try:
+            data = base64.b64decode(inline, validate=True)
+        except binascii.Error:
+            self._report("refused", f"{topic}: bundle: expected base64")
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return True
 
     def _report(self, step: str, detail: str) -> str:
         detail = redact_text(detail)

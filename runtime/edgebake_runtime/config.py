@@ -155,6 +155,8 @@ class UpdateSettings:
                             "Trusted bundle keys (the image puts them there).")
     target_file: str = setting("/etc/edgebake/target", ABSOLUTE_PATH,
                                "This unit's target name (the image puts it there).")
+    fleet_file: str = setting("/etc/edgebake/fleet", ABSOLUTE_PATH,
+                              "This unit's fleet (the image puts it there).")
     pull_url: str = setting("", Url(("http", "https"), optional=True),
                             "A bundle URL polled with If-None-Match; empty: no pulling.")
     pull_sec: float = setting(300.0, Float(10.0, 86400.0), "How often pull_url is asked.")

@@ -10,6 +10,13 @@ window, because PID 1 and sshd read them before /data is mounted, and a unit who
 partition died must still be reachable. A cut anywhere in that window is safe: the
 done-marker on /data is written last, so the next boot runs first boot again, and every
 step is atomic and idempotent.
+
+Three stages, so that the seed (which anyone with the card can write) is read only inside a
+sandbox: `--prepare` (privileged, in the system's mount namespace) makes the root writable;
+`--apply` (sandboxed: no network, no mounts, only /etc, the boot partition and the marker's
+folder writable) applies the seed and makes the host keys; `--finish` (privileged) sets the
+hostname, starts Wi-Fi, commits the machine-id, makes the root read-only again and writes
+the done-marker. Without an argument all three run in one process (tests, a run by hand).
 """
 
 from __future__ import annotations
@@ -21,8 +28,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ ETC = Path("/etc")
 DONE = Path("/var/lib/edgebake/firstboot.done")
 # where the view of the root is bound while the machine-id is committed (a tmpfs)
 RUN_DIR = "/run"
+REMOUNTED = "edgebake-firstboot.remounted"  # in RUN_DIR: `prepare` made the root writable
 SEED_KEYS = {"hostname", "device_id", "ssh_authorized_keys", "app", "wifi",
              "update_public_keys"}
 UPDATE_KEY = re.compile(r"ed25519 [0-9a-f]{64}")
@@ -70,31 +76,30 @@ def imager_customisation_pending(cmdline: Path = Path("/proc/cmdline"),
     return pending or (boot / "user-data").is_file()
 
 
-@contextmanager
-def writable_root(root: Path, keep_writable: bool = False) -> Iterator[None]:
-    """Remount a read-only `root` read-write for the block, then read-only again (synced),
-    unless `keep_writable`: then it stays writable until the next boot mounts it read-only.
-    A root that is already writable (a test's folder, a base booted `rw`) is left as it is."""
+def make_writable(root: Path) -> bool:
+    """Remount a read-only `root` read-write; True when it was remounted (a root that is
+    already writable, like a test's folder or a base booted `rw`, is left as it is)."""
     if not os.statvfs(root).f_flag & os.ST_RDONLY:
-        yield
-        return
+        return False
     made = subprocess.run(["mount", "-o", "remount,rw", str(root)], capture_output=True,
                           text=True, check=False)
     if made.returncode != 0:
         raise RootError(f"cannot remount {root} read-write: {made.stderr.strip()}")
-    try:
-        yield
-    finally:
-        os.sync()
-        if keep_writable:
-            print(f"{root} stays writable in this boot for Raspberry Pi Imager's "
-                  "customisation; read-only from the next boot", flush=True)
-        else:
-            back = subprocess.run(["mount", "-o", "remount,ro", str(root)],
-                                  capture_output=True, text=True, check=False)
-            if back.returncode != 0:
-                print(f"{root} stays writable until the next boot: {back.stderr.strip()}",
-                      flush=True)
+    return True
+
+
+def make_read_only(root: Path, keep_writable: bool) -> None:
+    """The root read-only again (synced), unless `keep_writable`: then it stays writable
+    until the next boot mounts it read-only."""
+    os.sync()
+    if keep_writable:
+        print(f"{root} stays writable in this boot for Raspberry Pi Imager's "
+              "customisation; read-only from the next boot", flush=True)
+        return
+    back = subprocess.run(["mount", "-o", "remount,ro", str(root)], capture_output=True,
+                          text=True, check=False)
+    if back.returncode != 0:
+        print(f"{root} stays writable until the next boot: {back.stderr.strip()}", flush=True)
 
 
 def commit_machine_id(etc: Path) -> None:
@@ -327,39 +332,25 @@ def check_only(seed: Path, app_yaml: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Whatever the seed holds, the host keys and the done-marker are written: a bad seed must
-    not make every boot retry it, nor leave SSH without host keys."""
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--check"] and len(args) in (2, 3):
-        return check_only(Path(args[1]), Path(args[2]) if len(args) == 3 else
-                          ETC / "edgebake" / "app.yaml")
-    if args:
-        print("usage: edgebake-firstboot [--check SEED [APP_YAML]]", file=sys.stderr)
-        return 2
-    live = str(ETC) == "/etc"  # not a test's folder: the running system is changed too
+def prepare() -> int:
+    """Privileged: the root writable for the rest of first boot (noted in /run, so that
+    `finish` makes read-only only what was read-only)."""
     try:
-        with writable_root(ETC.parent, live and imager_customisation_pending()):
-            write_identity(live)
+        if make_writable(ETC.parent):
+            write_atomic(Path(RUN_DIR) / REMOUNTED, b"")
     except RootError as exc:
         print(f"edgebake first boot not done, tried again at the next boot: {exc}", flush=True)
         return 1
-    write_atomic(DONE, b"done\n")
     return 0
 
 
-def write_identity(live: bool) -> None:
-    """The seed, then the host keys and the machine-id, each step atomic and safe to repeat."""
+def apply_identity() -> int:
+    """Sandboxed: the seed (whatever it holds, the host keys are made after it: a bad seed
+    must not leave SSH without host keys), then the host keys."""
     if SEED.is_file():
         try:
             print(apply_seed(SEED), flush=True)
             print(f"seed kept without its secrets as {retire_seed(SEED)}", flush=True)
-            hostname = ETC.joinpath("hostname").read_text().strip()
-            if live and HOSTNAME.fullmatch(hostname):
-                subprocess.run(["hostname", hostname], check=False)
-            if live and ETC.joinpath(WIFI_UNIT_LINK).is_symlink():
-                subprocess.run(["systemctl", "--no-block", "start",
-                                "wpa_supplicant@wlan0.service"], check=False)
         except SeedError as exc:
             print(f"edgebake seed rejected, keeping built-in defaults: {exc}", flush=True)
         except Exception as exc:  # never let a seed stop the host keys and the marker
@@ -372,9 +363,48 @@ def write_identity(live: bool) -> None:
         drop_broken_host_keys(ETC / "ssh")
         # -f: the root the keys go under (ETC's parent), so a test can point it elsewhere
         subprocess.run(["/usr/bin/ssh-keygen", "-A", "-f", str(ETC.parent)], check=False)
-    if live:
-        commit_machine_id(ETC)
     os.sync()
+    return 0
+
+
+def finish() -> int:
+    """Privileged: what the running system needs from the new identity, the root read-only
+    again, and the done-marker last."""
+    live = str(ETC) == "/etc"  # not a test's folder: the running system is changed too
+    if live:
+        hostname = ETC.joinpath("hostname").read_text().strip()
+        if HOSTNAME.fullmatch(hostname):
+            subprocess.run(["hostname", hostname], check=False)
+        if ETC.joinpath(WIFI_UNIT_LINK).is_symlink():
+            subprocess.run(["systemctl", "--no-block", "start", "wpa_supplicant@wlan0.service"],
+                           check=False)
+        commit_machine_id(ETC)
+    remounted = Path(RUN_DIR) / REMOUNTED
+    if remounted.exists():
+        make_read_only(ETC.parent, live and imager_customisation_pending())
+        remounted.unlink()
+    os.sync()
+    write_atomic(DONE, b"done\n")
+    return 0
+
+
+STAGES = {"--prepare": (prepare,), "--apply": (apply_identity,), "--finish": (finish,)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--check"] and len(args) in (2, 3):
+        return check_only(Path(args[1]), Path(args[2]) if len(args) == 3 else
+                          ETC / "edgebake" / "app.yaml")
+    if len(args) > 1 or (args and args[0] not in STAGES):
+        print("usage: edgebake-firstboot [--prepare | --apply | --finish | "
+              "--check SEED [APP_YAML]]", file=sys.stderr)
+        return 2
+    for stage in STAGES[args[0]] if args else (prepare, apply_identity, finish):
+        code = stage()
+        if code != 0:
+            return code
+    return 0
 
 
 if __name__ == "__main__":

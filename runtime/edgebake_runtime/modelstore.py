@@ -1,7 +1,9 @@
 """Model slots on /data: the models a unit received after it was flashed, and which one runs.
 
-    /data/models/slots/<version>/   model.tflite, its card and golden file, written whole
-    /data/models/state.json         {"current", "previous", "trial": {...} or null}
+    /data/models/slots/<version>/   model.tflite, its card and golden file, the signed
+                                    manifest and its signature, written whole
+    /data/models/state.json         {"current", "previous", "trial": {...} or null, "floor",
+                                     "revoked": [key ids], "order_seq"}
     /data/models/audit.log          one JSON line per step, fsynced
 
 No slot (or state) means the model baked into the image runs. A new slot is written into a
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,8 @@ class ModelStore:
         self.slots = root / "slots"
         self.state_path = root / "state.json"
         self.audit_path = root / "audit.log"
+        # state.json is read, changed and replaced by several threads (trial, orders, pull)
+        self.changing = threading.RLock()
 
     # --- state ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -122,7 +127,8 @@ class ModelStore:
         if not SAFE_NAME.fullmatch(golden):
             raise ValueError(f"card golden.file {golden!r}: expected a plain file name")
         names = {"model.tflite": "model.tflite", "model.card.json": "model.card.json",
-                 "model.golden.npz": golden}
+                 "model.golden.npz": golden, "manifest.json": "manifest.json",
+                 "manifest.sig": "manifest.sig"}
         self.slots.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".incoming",
                                      dir=self.slots))
@@ -142,27 +148,35 @@ class ModelStore:
         return slot
 
     def start_trial(self, version: str, window_sec: float) -> None:
-        state = self.state()
-        self._write_state({**state, "current": version, "previous": state.get("current"),
-                           "trial": {"version": version, "started": time.time(),
-                                     "boot_id": boot_id(), "window_sec": window_sec}})
+        with self.changing:
+            state = self.state()
+            self._write_state({**state, "current": version, "previous": state.get("current"),
+                               "trial": {"version": version, "started": time.time(),
+                                         "boot_id": boot_id(), "window_sec": window_sec}})
 
     def confirm(self) -> None:
         """The model on trial passed its window; its version becomes the floor no update may
         go below (unless a rollback is asked for)."""
-        state = self.state()
-        trial = state.get("trial")
-        if trial:
-            self._write_state({**state, "trial": None,
-                               "floor": _newer(state.get("floor"), trial.get("version"))})
-            self.prune()
+        with self.changing:
+            state = self.state()
+            trial = state.get("trial")
+            if trial:
+                self._write_state({**state, "trial": None,
+                                   "floor": _newer(state.get("floor"), trial.get("version"))})
+                self.prune()
+
+    def remember(self, **fields: Any) -> None:
+        """Fields kept across every later change: revoked keys, the last order's number."""
+        with self.changing:
+            self._write_state({**self.state(), **fields})
 
     def rollback(self) -> str | None:
         """Go back to the previous model (None: the image's own); returns what now runs."""
-        state = self.state()
-        previous = state.get("previous")
-        self._write_state({**state, "current": previous, "previous": None, "trial": None})
-        return previous if isinstance(previous, str) else None
+        with self.changing:
+            state = self.state()
+            previous = state.get("previous")
+            self._write_state({**state, "current": previous, "previous": None, "trial": None})
+            return previous if isinstance(previous, str) else None
 
     def prune(self) -> None:
         """Keep the current, the previous and the newest others, up to KEEP_SLOTS."""

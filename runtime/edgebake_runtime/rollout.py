@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .bundle import BundleError
 from .cameras import Cameras
 from .card import Card
 from .config import AppConfig
@@ -56,16 +57,17 @@ class Rollout:
         """The model to serve at start: the store's current one, unless it no longer loads
         (then what ran before, never a restart loop); the cameras are loaded with it."""
         self._end_trial_interrupted_by_reboot()
-        slot = self.store.current()
-        try:
-            card = self._load(slot)
-        except StartupError:
-            if slot is None:
-                raise
-            self.store.audit("rollback", reason=f"model {slot.version} does not load")
-            self.store.rollback()
+        while True:
             slot = self.store.current()
-            card = self._load(slot)
+            try:
+                card = self._load(slot)
+                break
+            except StartupError as exc:
+                if slot is None:
+                    raise
+                self.store.audit("rollback", reason=f"model {slot.version} does not load: "
+                                 f"{exc}")
+                self.store.rollback()  # the previous slot, at last the image's own model
         self.running_version = slot.version if slot else None
         return card
 
@@ -77,6 +79,11 @@ class Rollout:
     def _checked(self, slot: Slot | None) -> tuple[Path, Card]:
         model, card_path = (slot.model, slot.card) if slot else \
             (self.config.model_path, self.config.card_path)
+        if slot is not None:
+            try:
+                self.updates.check_slot(slot)
+            except BundleError as exc:
+                raise StartupError(str(exc)) from None
         card = load_checked_card(model, card_path)
         if slot is not None:
             card.data["version"] = slot.version  # the bundle's version names the model
@@ -115,7 +122,8 @@ class Rollout:
         update = self.config.update
         origins = (*update.allowed_origins, *([origin(update.pull_url)] if update.pull_url
                                                 else []))
-        self.commands = UpdateCommands(self.store.root, self.apply_bundle,
+        self.commands = UpdateCommands(self.store.root, self.updates.accept_order,
+                                       self.apply_bundle,
                                        f"edgebake/{mqtt.device}", origins)
         self.commands.publish = mqtt.publish_update_status
         mqtt.command_topics = [f"edgebake/{mqtt.device}/update"]

@@ -1,7 +1,8 @@
 """`edgebake-update apply B.ebundle | status | rollback`: a new model, checked on the unit first.
 
-apply: the bundle's signature against the keys in /etc/edgebake/update-keys/*.pub, its target
-against /etc/edgebake/target, its version against the running one; then the golden test with
+apply: the bundle's signature against the keys in /etc/edgebake/update-keys/*.pub (less those a
+signed bundle revoked), its target and fleet against /etc/edgebake/target and
+/etc/edgebake/fleet, its version against the running one; then the golden test with
 this unit's TFLite runtime, then a latency run against `update.max_latency_ms`. Only then is
 the slot written and the model put on trial; the running service picks it up within
 `update.poll_sec` without a restart and rolls it back on its own if the health window fails.
@@ -21,22 +22,34 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import VERSION, BundleError, check_bundle, load_public_key, version_key
+from .bundle import (
+    DEFAULT_FLEET,
+    ORDER_TAG,
+    VERSION,
+    BundleError,
+    check_bundle,
+    check_slot,
+    load_public_key,
+    signed_json,
+    version_key,
+)
 from .card import card_path_for, load_card
 from .config import AppConfig, ConfigError, UpdateSettings, load_config
 from .interp import ModelError, load_interpreter
-from .modelstore import ModelStore
+from .modelstore import ModelStore, Slot
 from .selfcheck import check_model
 
 LATENCY_RUNS = 20
 
 
-def trusted_keys(folder: Path) -> dict[str, Any]:
-    """Every key in the folder's *.pub files, one per line (# comments allowed)."""
+def trusted_keys(folder: Path, revoked: Any = ()) -> dict[str, Any]:
+    """Every key in the folder's *.pub files, one per line (# comments allowed), except the
+    revoked ones."""
     keys = dict(load_public_key(line, f"{path}:{number}")
                 for path in sorted(folder.glob("*.pub"))
                 for number, line in enumerate(path.read_text().splitlines(), 1)
                 if line.strip() and not line.lstrip().startswith("#"))
+    keys = {name: key for name, key in keys.items() if name not in revoked}
     if not keys:
         raise BundleError(f"{folder}: no public keys; this unit accepts no updates "
                           "(recipe: update.public_keys)")
@@ -60,7 +73,7 @@ def measure_latency_ms(model: Path, card_path: Path) -> float:
     return float(np.median(times) * 1000)
 
 
-def apply(bundle_path: Path, store: ModelStore, keys_dir: Path, target: str,
+def apply(bundle_path: Path, store: ModelStore, keys: dict[str, Any], made_for: tuple[str, str],
           current_version: str, settings: UpdateSettings, allow_rollback: bool) -> str:
     """All checks, then the slot and the trial; returns the line to print."""
     store.audit("received", bundle=str(bundle_path))
@@ -70,9 +83,17 @@ def apply(bundle_path: Path, store: ModelStore, keys_dir: Path, target: str,
         raise BundleError(f"model {trial['version']} is on trial (its health window ends in "
                           f"{max(left, 0):.0f}s); send the update once it is confirmed or "
                           "rolled back")
-    bundle = check_bundle(bundle_path, trusted_keys(keys_dir), target, current_version,
-                          allow_rollback)
+    target, fleet = made_for
+    bundle = check_bundle(bundle_path, keys, target, current_version, allow_rollback,
+                          fleet=fleet)
     store.audit("signature ok", version=bundle.version, key_id=bundle.manifest["key_id"])
+    with store.changing:  # signed by a trusted key: it holds whatever becomes of the model
+        revoked = set(store.state().get("revoked") or [])
+        revokes = set(bundle.manifest.get("revokes", [])) - revoked
+        if revokes:
+            store.remember(revoked=sorted(revoked | revokes))
+    if revokes:
+        store.audit("keys revoked", key_ids=sorted(revokes))
     with tempfile.TemporaryDirectory(prefix=".check-", dir=store.root) as tmp:
         # the golden test runs on the bundle's files before anything replaces a model
         trial = ModelStore(Path(tmp)).write_slot(bundle)
@@ -96,10 +117,12 @@ def apply(bundle_path: Path, store: ModelStore, keys_dir: Path, target: str,
             "restart")
 
 
-def unit_target(settings: UpdateSettings) -> str:
-    """This unit's target name, as the image wrote it (empty when unknown)."""
-    path = Path(settings.target_file)
-    return path.read_text().strip() if path.is_file() else ""
+def unit_target(settings: UpdateSettings) -> tuple[str, str]:
+    """This unit's target name and fleet, as the image wrote them (empty target when unknown,
+    the default fleet when the image names none)."""
+    target, fleet = Path(settings.target_file), Path(settings.fleet_file)
+    return (target.read_text().strip() if target.is_file() else "",
+            fleet.read_text().strip() if fleet.is_file() else DEFAULT_FLEET)
 
 
 def current_version(store: ModelStore, baked_card: Path) -> str:
@@ -142,10 +165,44 @@ class UnitUpdates:
         """From the unit's app.yaml and seed overrides; ConfigError when they are bad."""
         return cls.of(load_config(config, overrides))
 
+    def keys(self) -> dict[str, Any]:
+        """The keys this unit trusts now: the image's and the seed's, less revoked ones."""
+        return trusted_keys(Path(self.settings.keys_dir), self.store.state().get("revoked")
+                            or ())
+
     def apply(self, bundle: Path, allow_rollback: bool = False) -> str:
-        return apply(bundle, self.store, Path(self.settings.keys_dir),
-                     unit_target(self.settings), current_version(self.store, self.baked_card),
-                     self.settings, allow_rollback)
+        return apply(bundle, self.store, self.keys(), unit_target(self.settings),
+                     current_version(self.store, self.baked_card), self.settings,
+                     allow_rollback)
+
+    def accept_order(self, to: str, payload: bytes) -> dict[str, Any]:
+        """An order's fields, once it is signed by a trusted key for this fleet and for `to`
+        (this device, or `group/<name>`), and numbered above every order taken before: a
+        recorded order is refused when it comes again."""
+        head, _, text = payload.partition(b"\n")
+        if not head.startswith(ORDER_TAG) or len(head) != len(ORDER_TAG) + 128:
+            raise BundleError("not a signed order (`EBORDER1 <signature>` and a newline, "
+                              "then the order: made by `invoke send-order`)")
+        try:
+            signature = bytes.fromhex(head[len(ORDER_TAG):].decode("ascii"))
+        except ValueError:
+            raise BundleError("order signature: expected 128 hex digits") from None
+        order = signed_json(text, signature, self.keys(), "order")
+        fleet = unit_target(self.settings)[1]
+        if order.get("to") != to or order.get("fleet") != fleet:
+            raise BundleError(f"order for {order.get('to')!r} in fleet {order.get('fleet')!r}"
+                              f", taken here as {to!r} in fleet {fleet!r}")
+        with self.store.changing:
+            seq, last = order.get("seq"), self.store.state().get("order_seq") or 0
+            if not isinstance(seq, int) or seq <= last:
+                raise BundleError(f"order number {seq!r} is not above the last one taken "
+                                  f"({last}): a replayed order")
+            self.store.remember(order_seq=seq)
+        return order
+
+    def check_slot(self, slot: Slot) -> None:
+        """BundleError unless the slot still matches what a trusted key signed for it."""
+        check_slot(slot.model.parent, self.keys(), *unit_target(self.settings))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,6 +164,20 @@ class Address:
 
 
 @dataclass(frozen=True)
+class Network:
+    """One network or address, like 10.0.0.0/8 or 192.168.1.20."""
+
+    def validate(self, value: Any) -> Any:
+        try:
+            ipaddress.ip_network(value if isinstance(value, str) else "", strict=False)
+        except ValueError:
+            raise Invalid(f"{self.describe()} ({value!r} is not one)") from None
+        return value
+
+    def describe(self) -> str:
+        return "a network like 10.0.0.0/8 or an address"
+
+
 class Networks:
     """A list of client networks, like 10.0.0.0/8."""
 
@@ -172,8 +186,8 @@ class Networks:
             raise Invalid(self.describe())
         for item in value:
             try:
-                ipaddress.ip_network(item if isinstance(item, str) else "", strict=False)
-            except ValueError:
+                Network().validate(item)
+            except Invalid:
                 raise Invalid(f"{self.describe()} ({item!r} is not one)") from None
         return tuple(value)
 

@@ -8,6 +8,7 @@ made here for the corpus only; `bundles/trusted.pub` is what the checks trust.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -87,7 +88,27 @@ def bundles(folder: Path) -> None:
     (folder / "traversal.ebundle").write_bytes(
         _tar([*_members(good), ("../../etc/cron.d/evil", b"* * * * * root sh\n")]))
     (folder / "not-a-tar.ebundle").write_bytes(b"PK\x03\x04 a zip, not a bundle" * 10)
+    (folder / "other-fleet.ebundle").write_bytes(
+        build_bundle(files, private, "2.0", "pi4", fleet="north"))
+    (folder / "needs-newer-runtime.ebundle").write_bytes(
+        build_bundle(files, private, "2.0", "pi4", min_runtime="99.0"))
+    (folder / "revokes-own-key.ebundle").write_bytes(_resigned(good, private, revoke_own=True))
     hostile_bundles(folder, _members(good))
+
+
+def _resigned(bundle: bytes, private_raw: bytes, revoke_own: bool) -> bytes:
+    """The bundle with its manifest changed and signed again by the same key: what
+    `build_bundle` refuses to make."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    members = dict(_members(bundle))
+    manifest = json.loads(members["manifest.json"])
+    if revoke_own:
+        manifest["revokes"] = [manifest["key_id"]]
+    members["manifest.json"] = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    members["manifest.sig"] = ed25519.Ed25519PrivateKey.from_private_bytes(
+        private_raw).sign(members["manifest.json"])
+    return _tar(list(members.items()))
 
 
 def _raw_member(name: str, data: bytes, declared: int | None = None) -> bytes:

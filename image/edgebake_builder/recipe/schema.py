@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .validators import Bool, Enum, Int, Mapping, Str, StrList, Validator
+from .validators import Bool, Enum, Int, Mapping, Network, Str, StrList, Validator
 
 PACKAGE = Str(r"[a-z0-9][a-z0-9+.-]+", "naming a Debian package")
 NAME = Str(r"[a-z0-9][a-z0-9-]{0,62}", "of lowercase letters, digits and dashes")
@@ -108,6 +108,13 @@ SETTINGS: tuple[Setting, ...] = (
                         "`invoke make-key`)")), [],
             "Keys whose signed model bundles the unit accepts (several: key rotation); "
             "without any, the unit takes no model updates."),
+    Setting("update.fleet", Str(r"[a-z0-9][a-z0-9._-]{0,63}", "of lowercase letters, digits, "
+                                "'.', '_' or '-'"), "default",
+            "The fleet a unit belongs to: it takes only bundles and orders signed for it "
+            "(one per customer or site when one key signs for several)."),
+    Setting("network.allow", StrList(Network()), [],
+            "The only addresses the service may talk to, both ways (systemd IPAddressAllow=, "
+            "localhost always): cameras, broker, update server, monitoring. Empty: any."),
     Setting("journald.max_use", SIZE, "64M", "SystemMaxUse for the persistent journal."),
     Setting("app", Mapping(), {}, "Defaults for /etc/edgebake/app.yaml (checked by the runtime)."),
     Setting("model.path", Str(), "", "Model file; empty means the project's default model."),

@@ -6,16 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgebake_runtime.validators import Bool, Enum, Int, Invalid, Str
+from edgebake_runtime.validators import Bool, Enum, Int, Invalid, Network, Str
 
-__all__ = ["Bool", "Enum", "Int", "Invalid", "Mapping", "Str", "StrList", "Validator"]
+__all__ = ["Bool", "Enum", "Int", "Invalid", "Mapping", "Network", "Str", "StrList",
+           "Validator"]
 
 
 @dataclass(frozen=True)
 class StrList:
     """A list of strings; an item `-x` in a later layer removes `x` added by an earlier one."""
 
-    item: Str = field(default_factory=Str)
+    item: Str | Network = field(default_factory=Str)
 
     def validate(self, value: Any) -> Any:
         if not isinstance(value, list):

@@ -34,6 +34,14 @@ def test_file_owner_and_mode(host: Any, path: str, mode: int) -> None:
     assert f.mode == mode
 
 
+@overlay
+def test_the_unit_knows_its_target_and_fleet(host: Any) -> None:
+    """Bundles and orders are checked against these two (recipe target and update.fleet)."""
+    assert host.file("/etc/edgebake/target").content_string.strip() != ""
+    fleet = host.file("/etc/edgebake/fleet")
+    assert fleet.mode == 0o644 and fleet.content_string.strip() == "default"
+
+
 def test_config_with_credentials_is_for_root_and_the_service_only(host: Any) -> None:
     """app.yaml may carry the broker's password: not world-readable (0640 root:edgebake)."""
     f = host.file("/etc/edgebake/app.yaml")
