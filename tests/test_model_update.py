@@ -81,7 +81,10 @@ def test_a_new_model_serves_without_a_restart_and_is_confirmed(
         served = running.app.metrics.results
         wait_for(lambda: running.app.metrics.results >= served + 10, 30, "results from 2.0")
         health = running.health()
-        assert health["model"]["swaps"] == 1 and health["model"]["trial"]["version"] == "2.0"
+        # on a slow host the 3 s window may be over by now: on trial, or already confirmed
+        trial = health["model"]["trial"]
+        assert health["model"]["swaps"] == 1 and (trial is None or trial["version"] == "2.0")
+        assert "trial started" in audit_steps(tmp_path)
         gap = health["model"]["last_switch_sec"]
         print(f"switch to 2.0: first result of the new model after {gap:.3f}s")
         # the camera processes switched in place, no restart

@@ -7,11 +7,12 @@ from typing import Any
 
 from . import __version__
 from .context import REPO_ROOT, BuildContext
+from .sizes import size_table
 
 
 def build(ctx: BuildContext, output_fields: dict[str, Any]) -> dict[str, Any]:
     """The manifest of a finished build: recipe, wheels and model, then what the output
-    adds (`output_fields`), then the rootfs size and the build time."""
+    adds (`output_fields`), then the rootfs size, where its bytes go, and the build time."""
     recipe, prepared, runtime = ctx.recipe, ctx.model, ctx.runtime
     assert runtime is not None
     verified = ctx.verified
@@ -34,5 +35,6 @@ def build(ctx: BuildContext, output_fields: dict[str, Any]) -> dict[str, Any]:
         "source_date_epoch": ctx.epoch,
         **output_fields,
         "rootfs_bytes": ctx.rootfs_bytes,
+        "sizes": size_table(ctx.rootfs),
         "build_seconds": ctx.seconds(),
     }

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..build import BuildOptions, build_image
 from ..progress import Progress
+from ..sizes import largest
 
 # Raspberry Pi OS Lite (bookworm, arm64) unpacks to about 2.8 GB: boot 512 MiB + root
 VENDOR_ROOT_MIB = 2150
@@ -35,6 +36,9 @@ def bench_build(target: str, cold: bool, progress: Progress, vendor: bool = Fals
     progress.say(f".img.xz: {warm['image_xz_bytes'] / 2**20:.0f} MiB, rootfs: "
                  f"{warm['rootfs_bytes'] / 2**20:.0f} MiB, .img: "
                  f"{warm['image_bytes'] / 2**20:.0f} MiB")
+    progress.say("largest parts of the root:")
+    for name, size in largest(warm["sizes"]):
+        progress.say(f"  {size / 2**20:7.1f} MiB  {name}")
     if customised is not None:
         base_mb, seconds, image = customised
         progress.say(f"customising a {base_mb / 1000:.1f} GB Raspberry Pi OS look-alike into a "

@@ -1,0 +1,51 @@
+"""The manifest's size table: each file counted once, in its component; packages by dpkg's
+Installed-Size, wheels by their RECORD."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgebake_builder.sizes import largest, size_table
+
+
+def put(root: Path, relative: str, size: int) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    return path
+
+
+def test_every_byte_is_counted_once_in_its_component(tmp_path: Path) -> None:
+    module = put(tmp_path, "usr/lib/modules/6.1.0/kernel/drivers/net/wifi.ko", 5000)
+    os.link(module, tmp_path / "usr/lib/modules/6.1.0/kernel/drivers/net/alias.ko")
+    put(tmp_path, "usr/lib/aarch64-linux-gnu/gconv/UTF-16.so", 300)
+    put(tmp_path, "usr/lib/aarch64-linux-gnu/libavcodec.so.59", 7000)
+    put(tmp_path, "usr/lib/aarch64-linux-gnu/libz.so.1", 100)
+    put(tmp_path, "usr/lib/python3.11/os.py", 40)
+    put(tmp_path, "opt/edgebake/model/m.tflite", 900)
+    put(tmp_path, "etc/hostname", 9)
+    (tmp_path / "opt/edgebake/lib/numpy-1.26.4.dist-info").mkdir(parents=True)
+    (tmp_path / "opt/edgebake/lib/numpy-1.26.4.dist-info/RECORD").write_text(
+        "numpy/__init__.py,sha256=abc,1200\nnumpy/core.so,sha256=def,30000\n"
+        "numpy-1.26.4.dist-info/RECORD,,\n")
+    put(tmp_path, "var/lib/dpkg/status", 0).write_text(
+        "Package: perl-base\nStatus: install ok installed\nInstalled-Size: 7000\n\n"
+        "Package: gone\nStatus: deinstall ok config-files\nInstalled-Size: 99999\n\n"
+        "Package: libc6\nStatus: install ok installed\nInstalled-Size: 12000\n")
+    table = size_table(tmp_path)
+    parts = table["components"]
+    assert parts["kernel modules"] == 5000  # the hard link is not counted twice
+    assert parts["gconv"] == 300 and parts["ffmpeg and codecs"] == 7000
+    assert parts["shared libraries"] == 100 and parts["python stdlib"] == 40
+    assert parts["model"] == 900 and parts["other"] == 9
+    status = (tmp_path / "var/lib/dpkg/status").stat().st_size
+    assert parts["python wheels"] == (tmp_path / "opt/edgebake/lib/numpy-1.26.4.dist-info/"
+                                      "RECORD").stat().st_size
+    assert parts["dpkg and apt state"] == status
+    assert sum(parts.values()) == 5000 + 300 + 7000 + 100 + 40 + 900 + 9 + status + \
+        parts["python wheels"]
+    assert table["packages"] == {"libc6": 12000 * 1024, "perl-base": 7000 * 1024}
+    assert table["wheels"] == {"numpy": 31200}
+    assert largest(table, 2) == [("package libc6", 12000 * 1024),
+                                 ("package perl-base", 7000 * 1024)]
