@@ -42,20 +42,22 @@ def fails_cleanly(body: Body) -> Body:
             "model": ".tflite model to bake in (default: the project's BlazeFace model)",
             "out": "output folder (default out/<target>)",
             "no_cache": "rebuild the base rootfs even if a cached one matches",
-            "xz_level": "xz preset for the .img.xz (0-9; 1 is fast, 6 is ~20% smaller)",
+            "xz": "publish .img.xz (for balenaEtcher and older Imager) instead of .img.zst",
+            "xz_level": "with --xz: xz preset (0-9; 1 is fast, 6 is smaller and slower)",
             "base": "a Raspberry Pi OS Lite image (.img or .img.xz) to build on",
             "base_sha256": "the sha256 published with --base (checked before any work)"})
 @fails_cleanly
 def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = "",
-                out: str = "", no_cache: bool = False, xz_level: int = 1, base: str = "",
-                base_sha256: str = "") -> None:
-    """Build a flashable image: recipe + model -> .img, .img.xz, .bmap, SHA256SUMS, manifest."""
+                out: str = "", no_cache: bool = False, xz: bool = False, xz_level: int = 1,
+                base: str = "", base_sha256: str = "") -> None:
+    """Build a flashable image: recipe + model -> .img, .img.zst, .bmap, SHA256SUMS, manifest."""
     from edgebake_builder.build import BuildOptions
     from edgebake_builder.build import build_image as run_build
 
     options = BuildOptions(target=target, recipe_file=Path(recipe) if recipe else None,
                            model=model, out_dir=Path(out) if out else None,
-                           no_cache=no_cache, xz_level=xz_level,
+                           no_cache=no_cache, compression="xz" if xz else "zst",
+                           xz_level=xz_level,
                            base_image=Path(base) if base else None, base_sha256=base_sha256)
     run_build(options)
 

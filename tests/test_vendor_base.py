@@ -36,7 +36,7 @@ def vendor_built(lookalike: tuple[Path, str], tmp_path_factory: pytest.TempPathF
     # a package the base lacks: apt adds it inside the imported tree under qemu-user
     recipe.write_text("packages: [jq]\n")
     result = invoke("build-image", "--target", "pi4", "--base", str(image), "--base-sha256",
-                    sha, "--recipe", str(recipe), "--out", str(out), "--xz-level", "0")
+                    sha, "--recipe", str(recipe), "--out", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     built = out / manifest["image"]

@@ -33,6 +33,7 @@ class BuildOptions:
     out_dir: Path | None = None
     workdir: Path | None = None
     no_cache: bool = False
+    compression: str = "zst"  # the published copy of the image: "zst" or "xz"
     xz_level: int = 1
     source_date_epoch: int | None = None
     base_image: Path | None = None  # a vendor image (Raspberry Pi OS Lite) to build on

@@ -123,7 +123,7 @@ class Output:
 
 class DiskImage(Output):
     assemble_title = "assemble: genimage (MBR: FAT32 boot, ext4 root, ext4 data)"
-    publish_title = "publish: xz, bmap, SHA256SUMS, manifest.json"
+    publish_title = "publish: zstd (or xz), bmap, SHA256SUMS, manifest.json"
 
     def configure(self, ctx: BuildContext) -> None:
         uid, gid = overlays.create_users(ctx.rootfs, ctx.progress)
@@ -145,26 +145,32 @@ class DiskImage(Output):
 
     def publish(self, ctx: BuildContext) -> None:
         image = self.image
-        xz_path = publish.compress(image, ctx.options.xz_level, ctx.progress)
+        packed = publish.compress(image, ctx.options.compression, ctx.options.xz_level,
+                                  ctx.progress)
         bmap = publish.make_bmap(image, ctx.progress)
         image_sha = sha256_file(image)
         ctx.manifest = manifest.build(ctx, {
-            "image": image.name, "image_xz": xz_path.name, "bmap": bmap.name,
+            "image": image.name, "image_compressed": packed.name, "bmap": bmap.name,
             "image_sha256": image_sha, "image_bytes": image.stat().st_size,
-            "image_xz_bytes": xz_path.stat().st_size,
+            "image_compressed_bytes": packed.stat().st_size,
             **ctx.base.manifest_fields(ctx, self.installed),
             "packages": self.installed,
             "partitions": {"labels": assemble.PARTITION_LABELS,
                            "partuuids": {name: ctx.disk_ids.partuuid(name)
                                          for name in assemble.PARTITION_NUMBERS},
                            **ctx.disk_ids.__dict__}})
-        publish.publish(ctx.staging, ctx.out_dir, [image, xz_path, bmap], ctx.manifest,
+        publish.publish(ctx.staging, ctx.out_dir, [image, packed, bmap], ctx.manifest,
                         known={image.name: image_sha})
+        for other in ("zst", "xz"):  # an earlier build's copy in the other format is stale
+            stale = ctx.out_dir / f"{image.name}.{other}"
+            if stale.name != packed.name:
+                stale.unlink(missing_ok=True)
 
     def summary(self, ctx: BuildContext) -> str:
         m = ctx.manifest
         return (f"image: {ctx.out_dir / m['image']} ({m['image_bytes'] / 2**20:.0f} MiB, "
-                f"xz {m['image_xz_bytes'] / 2**20:.0f} MiB, rootfs "
+                f"{ctx.options.compression} {m['image_compressed_bytes'] / 2**20:.0f} MiB, "
+                f"rootfs "
                 f"{ctx.rootfs_bytes / 2**20:.0f} MiB) in {m['build_seconds']:.0f}s")
 
 

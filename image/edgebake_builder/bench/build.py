@@ -33,7 +33,8 @@ def bench_build(target: str, cold: bool, progress: Progress, vendor: bool = Fals
     progress.say(f"{label}: {first_seconds:.0f} s")
     progress.say(f"warm rebuild after an app-only change: {warm_seconds:.0f} s")
     progress.say(f"rebuild ratio warm/first: {warm_seconds / first_seconds:.2f}")
-    progress.say(f".img.xz: {warm['image_xz_bytes'] / 2**20:.0f} MiB, rootfs: "
+    progress.say(f"{warm['image_compressed']}: {warm['image_compressed_bytes'] / 2**20:.0f} "
+                 f"MiB, rootfs: "
                  f"{warm['rootfs_bytes'] / 2**20:.0f} MiB, .img: "
                  f"{warm['image_bytes'] / 2**20:.0f} MiB")
     progress.say("largest parts of the root:")
@@ -43,7 +44,7 @@ def bench_build(target: str, cold: bool, progress: Progress, vendor: bool = Fals
         base_mb, seconds, image = customised
         progress.say(f"customising a {base_mb / 1000:.1f} GB Raspberry Pi OS look-alike into a "
                      f"{target} image: {seconds:.0f} s, .img {image['image_bytes'] / 2**20:.0f} "
-                     f"MiB, .img.xz {image['image_xz_bytes'] / 2**20:.0f} MiB")
+                     f"MiB, compressed {image['image_compressed_bytes'] / 2**20:.0f} MiB")
         progress.say(f"vendor base against our own base: {seconds / first_seconds:.2f} of the "
                      f"{label.split(' (')[0]}, {seconds / warm_seconds:.2f} of the warm rebuild")
     return {"first_seconds": first_seconds, "warm_seconds": warm_seconds, "manifest": warm}

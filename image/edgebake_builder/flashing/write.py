@@ -50,7 +50,8 @@ Confirm = Callable[[str], bool]
 def flash(image: Path, device: Path, seed: Path | None, *, seed_text: str | None = None,
           force: bool = False, confirm: Confirm | None = None) -> str:
     """Write `image` (and a seed) to `device`; `confirm` is asked before a disk is touched."""
-    bmap = image.with_name(image.name + ".bmap")
+    # the block map of edgebake-pi4.img serves its .zst and .xz copies too (bmaptool unpacks)
+    bmap = image.with_name(image.name.removesuffix(".zst").removesuffix(".xz") + ".bmap")
     if not image.is_file():
         raise BuildError(f"{image}: image not found")
     if not bmap.is_file():

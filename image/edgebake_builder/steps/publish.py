@@ -12,10 +12,21 @@ from ..cache import sha256_file
 from ..hostcmd import run
 from ..progress import Progress
 
+# zstd -9 with a 128 MiB window: as small as xz -1 in under half the time (1403 MiB pi4 image
+# on 2 cores: 12.0 s and 182.9 MiB against 25.2 s and 181.2 MiB). A 2^27 window is the most
+# any zstd decoder (bmaptool's, Raspberry Pi Imager's libarchive) reads without being told;
+# the output does not depend on the thread count.
+ZSTD_ARGS = ("-9", "--long=27", "-T0")
 
-def compress(image: Path, level: int, progress: Progress) -> Path:
-    run(["xz", "-T0", f"-{level}", "--keep", "--force", image], progress, what="xz")
-    return image.with_name(image.name + ".xz")
+
+def compress(image: Path, compression: str, xz_level: int, progress: Progress) -> Path:
+    """`image`.zst (the default) or `image`.xz beside it; `compression` is "zst" or "xz"."""
+    if compression == "xz":
+        run(["xz", "-T0", f"-{xz_level}", "--keep", "--force", image], progress, what="xz")
+    else:
+        run(["zstd", "-q", *ZSTD_ARGS, "--force", "-o", image.with_name(image.name + ".zst"),
+             image], progress, what="zstd")
+    return image.with_name(f"{image.name}.{compression}")
 
 
 def make_bmap(image: Path, progress: Progress) -> Path:
