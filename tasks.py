@@ -344,24 +344,39 @@ def test(c: Context, unit: bool = False, keep_going: bool = True, long: bool = F
     # one. On a cold cache each is minutes of mmdebstrap, mostly one emulated dpkg at a
     # time: the trixie base is made beside the first run's bookworm one, and the bookworm
     # one is checked for the second run (a build of a base that is being made waits for it).
+    import tempfile
+    import time
+
+    from edgebake_builder.validate.timing import Check, read_junit, table
+
     warming = None if unit else _warm_base_cache(["pi4-trixie", "pi4"])
     failed = 0
+    phases: list[tuple[str, float, list[Check]]] = []
+    reports = Path(tempfile.mkdtemp(prefix="edgebake-test-"))
     for number, (wanted, *excluded) in enumerate(runs):
         expression = " and ".join([f"({wanted})", *(f"not {m}" for m in excluded)])
-        args = [sys.executable, "-m", "pytest", "-ra", "--durations=12", "-m", expression]
+        report = reports / f"run-{number}.xml"
+        args = [sys.executable, "-m", "pytest", "-ra", "--durations=12", "-m", expression,
+                f"--junitxml={report}"]
         if not keep_going:
             args.append("-x")
         if number == 1 and warming is not None:
             print(f"waiting for the base rootfs being built beside the tests "
                   f"(log: {WARM_LOG})", flush=True)
+            began = time.monotonic()
             warming.wait()  # a failed warm-up is retried, and reported, by the build itself
+            phases.append(("waiting for the base rootfs built beside", time.monotonic() - began,
+                           []))
+        began = time.monotonic()
         result = c.run(shlex.join(args), warn=True, pty=False)
+        phases.append((f"pytest -m {wanted!r}", time.monotonic() - began, read_junit(report)))
         code = result.exited if result is not None else 1
         if code == 5:
             raise Exit(f"error: pytest collected no tests for -m {expression!r}", code=1)
         failed = failed or code
         if code and not keep_going:
             break
+    print(table(phases), flush=True)
     if failed:
         raise Exit(code=failed)
 
