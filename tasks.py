@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,11 +23,17 @@ WARM_LOG = ROOT / "out" / "warm-base.log"
 Body = TypeVar("Body", bound=Callable[..., None])
 
 
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def fails_cleanly(body: Body) -> Body:
     """A task whose user-fixable errors end it with one line and exit code 1, and whose
-    Ctrl-C ends it with 130 (each step cleans up after itself)."""
+    Ctrl-C or SIGTERM (a container being stopped, a CI job cancelled) ends it with 130 once
+    each step has cleaned up after itself (its temp folders, its QEMU)."""
     @functools.wraps(body)
     def run(*args: Any, **kwargs: Any) -> None:
+        signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
         try:
             body(*args, **kwargs)
         except (BuildError, BundleError) as exc:

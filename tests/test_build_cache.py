@@ -65,3 +65,23 @@ def test_a_killed_builder_leaves_no_lock_behind(tmp_path: Path) -> None:
     with entry_lock(entry, on_wait=stuck, every_sec=0.1) as waited:
         assert not entry.exists()  # the killed build made nothing; this one builds it
     assert waited < 5 and time.monotonic() - began < 5
+
+
+def test_a_build_stopped_by_sigterm_cleans_up_and_says_so(tmp_path: Path) -> None:
+    """A container stop or a cancelled CI job sends SIGTERM: the build ends like Ctrl-C, its
+    work and staging folders are removed, and nothing half-written is in the output."""
+    out = tmp_path / "out"
+    build = subprocess.Popen([sys.executable, "-m", "invoke", "build-image", "--target", "pi4",
+                              "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert build.stdout is not None
+    for line in build.stdout:  # once the build is under way (its folders exist)
+        if line.startswith("[2/"):
+            break
+    build.send_signal(signal.SIGTERM)
+    _, stderr = build.communicate(timeout=120)
+    assert build.returncode == 130, stderr[-2000:]
+    assert "interrupted; nothing half-written was left in place" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
+    left = sorted(p.name for p in tmp_path.iterdir()) + sorted(p.name for p in out.iterdir())
+    assert left == ["out", "build.log"], left
