@@ -269,7 +269,7 @@ def test_invoke_test_passes_whole_marker_expressions_to_pytest() -> None:
     out = subprocess.run([sys.executable, "-m", "invoke", "--dry", "test", "--unit"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     plain = re.sub(r"\x1b\[[0-9;]*m", "", out)  # invoke --dry colours its echo
-    commands = [shlex.split(line) for line in plain.splitlines() if "pytest" in line]
+    commands = [shlex.split(line) for line in plain.splitlines() if " -m pytest " in line]
     expressions = [cmd[cmd.index("-m", cmd.index("pytest")) + 1] for cmd in commands]
     assert expressions == ["(tensorflow) and not image and not boot and not long",
                            "(not tensorflow) and not image and not boot and not long"]

@@ -27,7 +27,7 @@ def test_pi4_resolves_with_all_layers() -> None:
     assert recipe["wheels"] == ["paho-mqtt", "av", "cryptography", "cffi", "pycparser"]
     assert recipe["runtime"] == "auto" and recipe["python.version"] == "3.11"
     assert [Path(s).stem for s in recipe.sources] == [
-        "base", "kernel-pi4", "python", "app", "watchdog", "ssh", "pi4"]
+        "base", "kernel-pi4", "python", "app", "watchdog", "ssh", "slim", "pi4"]
 
 
 def test_trixie_differs_only_where_trixie_differs() -> None:

@@ -49,3 +49,24 @@ def test_every_byte_is_counted_once_in_its_component(tmp_path: Path) -> None:
     assert table["wheels"] == {"numpy": 31200}
     assert largest(table, 2) == [("package libc6", 12000 * 1024),
                                  ("package perl-base", 7000 * 1024)]
+
+
+def test_prune_removes_what_matches_and_keeps_the_exceptions(tmp_path: Path) -> None:
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.recipe import load_recipe
+    from edgebake_builder.steps.prune import prune
+
+    put(tmp_path, "usr/lib/aarch64-linux-gnu/gconv/BIG5.so", 1000)
+    put(tmp_path, "usr/lib/aarch64-linux-gnu/gconv/gconv-modules.cache", 500)
+    put(tmp_path, "usr/lib/aarch64-linux-gnu/gconv/UTF-16.so", 30)
+    put(tmp_path, "usr/lib/aarch64-linux-gnu/gconv/gconv-modules", 20)
+    put(tmp_path, "usr/share/perl/5.36/strict.pm", 200)
+    put(tmp_path, "usr/lib/aarch64-linux-gnu/perl-base/strict.pm", 50)
+    put(tmp_path, "usr/bin/perl", 10)
+    recipe = load_recipe("pi4")
+    removed = prune(tmp_path, recipe["prune"], recipe["prune_keep"], Progress(1))
+    assert removed == 1700
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["usr/bin/perl", "usr/lib/aarch64-linux-gnu/gconv/UTF-16.so",
+                    "usr/lib/aarch64-linux-gnu/gconv/gconv-modules",
+                    "usr/lib/aarch64-linux-gnu/perl-base/strict.pm"], left

@@ -21,6 +21,7 @@ from .steps import (
     overlayout,
     overlays,
     packages,
+    prune,
     publish,
     vendorboot,
 )
@@ -135,6 +136,7 @@ class DiskImage(Output):
         overlays.make_data_tree(ctx.rootfs, uid, gid)
 
     def assemble(self, ctx: BuildContext) -> None:
+        prune.prune(ctx.rootfs, ctx.recipe["prune"], ctx.recipe["prune_keep"], ctx.progress)
         assemble.compile_python(ctx.rootfs, ctx.epoch, ctx.progress)
         self.installed = rootfs_tree.installed_packages(ctx.rootfs)
         ctx.rootfs_bytes = rootfs_tree.tree_bytes(ctx.rootfs)

@@ -59,6 +59,11 @@ SETTINGS: tuple[Setting, ...] = (
             "is never taken for it).", base=True),
     Setting("kernel.console", Str(r"tty[A-Za-z]*[0-9]+,[0-9]+", "like ttyS1,115200"),
             "ttyS1,115200", "Serial console of the unit.", base=True),
+    Setting("prune", StrList(Str(r"/\S*", "that is an absolute path glob")), [],
+            "Files removed from the finished root before assembly: what only package "
+            "maintainer scripts use (the root is read-only and replaced whole)."),
+    Setting("prune_keep", StrList(Str(r"/\S*", "that is an absolute path glob")), [],
+            "Exceptions to prune."),
     Setting("kernel.modules_exclude", StrList(MODULE_GLOB), [],
             "Kernel modules pruned from the image (globs under /lib/modules/<version>/); a module "
             "a kept one depends on always stays.", base=True),
