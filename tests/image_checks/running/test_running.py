@@ -223,6 +223,42 @@ def test_a_bad_bundle_is_refused_on_the_unit(host: Any, name: str, refusal: str)
     host.run(f"rm -f /data/{name}.ebundle")
 
 
+# Where a compromised service would plant links for root to follow: the audit log, an incoming
+# bundle, a slot; their targets are root's files on a writable filesystem.
+PLANTED = {"/data/models/audit.log": "/boot/firmware/cmdline.txt",
+           "/data/models/incoming/usb-planted.ebundle": "/var/lib/edgebake/firstboot.done",
+           "/data/models/slots/9.9": "/var/lib/edgebake"}
+
+
+@update_trials
+def test_root_follows_no_link_the_service_planted_in_its_model_folder(host: Any) -> None:
+    """As the service account, links are planted where root writes; root's update (refused)
+    and rollback then write through none of them: the targets keep their bytes and owners."""
+    bundle = json.loads(os.environ["EDGEBAKE_TRIAL_BUNDLES"])["tampered"]
+    copy_to_unit(bundle, "/data/tampered.ebundle")
+    victims = sorted(set(PLANTED.values()) - {"/var/lib/edgebake"})
+    look = "; ".join(f"sha256sum {v}; stat -c '%U:%G:%a' {v}" for v in victims) + \
+        "; stat -c '%U:%G:%a' /var/lib/edgebake"
+    before = host.run(look).stdout
+    plant = "mv /data/models/audit.log /data/models/audit.log.kept; " \
+        "mkdir -p /data/models/incoming /data/models/slots; " + \
+        "; ".join(f"ln -s {target} {link}" for link, target in PLANTED.items())
+    planted = host.run(f"runuser -u edgebake -- sh -c '{plant}'")
+    assert planted.rc == 0, planted.stderr
+    try:
+        refused = host.run("edgebake-update apply /data/tampered.ebundle")
+        assert refused.rc == 1 and "tampered" in refused.stderr, refused.stderr
+        rolled = host.run("edgebake-update rollback")
+        assert rolled.rc == 0, rolled.stderr
+        assert host.run(look).stdout == before
+        for link, target in PLANTED.items():  # still the service's links, never followed
+            assert host.run(f"readlink {link}").stdout.strip() == target, link
+            assert host.run(f"stat -c %U {link}").stdout.strip() == "edgebake", link
+    finally:
+        host.run("rm -f " + " ".join(PLANTED) + " /data/tampered.ebundle; "
+                 "mv /data/models/audit.log.kept /data/models/audit.log")
+
+
 @update_trials
 def test_a_model_whose_every_decode_fails_is_rolled_back_on_the_unit(host: Any) -> None:
     """It passes signature, golden test and latency (they check the model), goes live in
