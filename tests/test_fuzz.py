@@ -12,7 +12,7 @@ import yaml
 from edgebake_builder.errors import BuildError
 from edgebake_builder.recipe.schema import SETTINGS
 from edgebake_runtime.config import DEFAULTS, ConfigError, read_yaml_mapping, validate
-from edgebake_runtime.firstboot import SEED_KEYS, SeedError, check_seed
+from edgebake_runtime.seedcheck import SEED_KEYS, SeedError, check_seed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from edgebake_builder.validate.seed import changed_chunks, put_seed_in_fat, render_seed
-from edgebake_runtime.firstboot import SeedError, apply_seed
+from edgebake_runtime.firstboot import apply_seed
+from edgebake_runtime.seedcheck import SeedError
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6oB9bHt0pLq7d3m0Yl1f3S0oQm7bTqkQJ0Zk0m3nXv tech@laptop"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from edgebake_runtime.firstboot import SeedError, check_seed
+from edgebake_runtime.seedcheck import SeedError, check_seed
 from edgebake_runtime.yamlfile import TextFileError, decode_text
 
 from ..atomicfile import append_line

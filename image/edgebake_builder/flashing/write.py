@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgebake_runtime.config import ConfigError, read_yaml_mapping
-from edgebake_runtime.firstboot import SeedError, check_seed
+from edgebake_runtime.seedcheck import SeedError, check_seed
 from edgebake_runtime.yamlfile import TextFileError, decode_text
 
 from ..errors import BuildError
