@@ -206,32 +206,62 @@ def push_model(c: Context, host: str, bundle: str, port: int = 22, user: str = "
     print(push_bundle(host, Path(bundle), port, user, identity, allow_rollback))
 
 
-@task(help={"model": "Keras .keras/.h5 file or SavedModel directory",
+@task(help={"model": "Keras .keras/.h5, SavedModel directory, PyTorch .pt2 (torch.export) or .onnx",
             "quantize": "none, dynamic, float16 or int8",
             "output": "the .tflite to write (its card goes next to it)",
-            "representative_data": "image folder or .npz (x) to calibrate int8",
+            "representative_data": "image folder or .npz (x; NHWC or the model's NCHW) to "
+                                   "calibrate int8",
             "validation_data": "image folder or .npz (x, y) for the accuracy gate",
             "labels": "text file with one class name per line",
-            "max_accuracy_loss": "fail when accuracy drops by more than this fraction"})
+            "max_accuracy_loss": "fail when accuracy drops by more than this fraction",
+            "converter": "tensorflow, litert-torch or onnx2tf (default: by the file's suffix)",
+            "mean": "per-channel mean for [0, 1] inputs, like 0.485,0.456,0.406",
+            "std": "per-channel std for [0, 1] inputs, like 0.229,0.224,0.225",
+            "input_shape": "fixed input shape for a model with dynamic ones, like 1,3,320,320"})
 @fails_cleanly
 def convert_model(c: Context, model: str, output: str, quantize: str = "none",
                   representative_data: str = "", validation_data: str = "", labels: str = "",
-                  max_accuracy_loss: float = 0.01) -> None:
+                  max_accuracy_loss: float = 0.01, converter: str = "", mean: str = "",
+                  std: str = "", input_shape: str = "") -> None:
     """Convert a trained model to TFLite with a model card and a measured accuracy gate."""
     from edgebake_builder.convert.converter import ConvertOptions
     from edgebake_builder.convert.converter import convert_model as run_convert
+    from edgebake_builder.convert.numbers import number_list
 
     options = ConvertOptions(
         model=Path(model), output=Path(output), quantize=quantize,
         representative_data=Path(representative_data) if representative_data else None,
         validation_data=Path(validation_data) if validation_data else None,
-        labels=Path(labels) if labels else None, max_accuracy_loss=max_accuracy_loss)
+        labels=Path(labels) if labels else None, max_accuracy_loss=max_accuracy_loss,
+        converter=converter or None, mean=number_list("--mean", mean, float),
+        std=number_list("--std", std, float),
+        input_shape=number_list("--input-shape", input_shape, int))
     result = run_convert(options)
-    print(f"wrote {result.output} ({result.size_bytes} bytes) and {result.card_path}")
+    source = result.card.get("source", {})
+    print(f"wrote {result.output} ({result.size_bytes} bytes) and {result.card_path}; "
+          f"{source.get('format')} via {source.get('converter')}, {quantize}")
     if result.accuracy is not None:
         acc = result.accuracy
-        print(f"{acc.metric}: original {acc.reference:.4f}, converted {acc.converted:.4f}, "
-              f"delta {acc.delta:+.4f} on {acc.samples} samples")
+        if acc.data == "synthetic":
+            print(f"gate (no --validation-data; {acc.samples} synthetic frames, not enforced): "
+                  f"top-1 agreement {acc.top1_agreement:.4f}, max |deviation| "
+                  f"{acc.max_abs_deviation:.4g}")
+        else:
+            print(f"gate: {acc.metric}: original {acc.reference:.4f}, converted "
+                  f"{acc.converted:.4f}, delta {acc.delta:+.4f}; top-1 agreement "
+                  f"{acc.top1_agreement:.4f}, max |deviation| {acc.max_abs_deviation:.4g} "
+                  f"on {acc.samples} samples")
+
+
+@task(help={"out": "folder for resnet18.pt2/.onnx, rep.npz, val.npz, yolo11n.onnx, coco.txt",
+            "yolo_size": "YOLO11n input size in pixels"})
+@fails_cleanly
+def example_models(c: Context, out: str = "examples", yolo_size: int = 320) -> None:
+    """Make the PyTorch and ONNX example models here (ResNet18 on digits, untrained YOLO11n)."""
+    from edgebake_builder.examples.models import FILES, make_examples
+
+    make_examples(Path(out), yolo_size)
+    print(f"wrote {', '.join(FILES)} into {out}/")
 
 
 @task(help={"seconds": "measuring time per case", "threads": "interpreter num_threads",

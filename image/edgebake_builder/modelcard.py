@@ -108,9 +108,13 @@ def run_golden(model: Path, runtime: str, count: int = GOLDEN_COUNT
 
 
 def reference_runtime(model: Path) -> str:
-    """The first installed runtime that loads the model (in a child: a bad file can crash it)."""
+    """The installed runtime that the gate, the golden outputs and so every other runtime's
+    check are measured with: ai-edge-litert first, the maintained one. tflite-runtime 2.14
+    loads some newer models and silently computes them wrong (ai-edge-quantizer's dynamic
+    range models give a tenth of their accuracy): its golden outputs cannot be the
+    reference. Probed in a child: a bad file can crash it."""
     errors = []
-    runtimes = installed_runtimes()
+    runtimes = sorted(installed_runtimes(), key=lambda name: name != "ai-edge-litert")
     if not runtimes:
         raise BuildError("no TFLite runtime on this host: pip install tflite-runtime or "
                          "ai-edge-litert")

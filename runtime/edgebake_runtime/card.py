@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-TASKS = ("classification", "ssd", "blazeface", "raw")
+TASKS = ("classification", "ssd", "blazeface", "yolo", "raw")
 CARD_FORMAT = 1
 
 

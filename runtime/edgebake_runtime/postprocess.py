@@ -273,6 +273,28 @@ def _blazeface_setup(card: Card) -> _BlazeFaceSetup:
     return setup
 
 
+def yolo(card: Card, outputs: list[Array], placement: Placement, threshold: float | None,
+         top_k: int) -> Result:
+    """Ultralytics detection head [1, 4 + classes, anchors]; boxes in input pixels."""
+    from .yolo import decode
+
+    opts = card.postprocessing.get("yolo", {})
+    head = dequantize(outputs[0], card.outputs[0])[0]
+    found = decode(head, threshold if threshold is not None
+                   else float(opts.get("score_threshold", 0.25)),
+                   float(opts.get("iou_threshold", 0.7)), int(opts.get("max_detections", 300)))
+    height, width = (int(d) for d in card.inputs[0].shape[1:3])
+    labels = card.labels
+    detections = []
+    for box, score, cls in zip(found.boxes.tolist(), found.scores.tolist(),
+                               found.classes.tolist(), strict=True):
+        corners = (box[0] / width, box[1] / height, box[2] / width, box[3] / height)
+        detections.append({"label": labels[cls] if cls < len(labels) else str(cls),
+                           "score": round(float(score), 5),
+                           "box": _box_to_frame(corners, placement)})
+    return {"task": "yolo", "detections": detections}
+
+
 def raw(card: Card, outputs: list[Array], placement: Placement, threshold: float | None,
         top_k: int) -> Result:
     summary = []
@@ -287,7 +309,8 @@ def raw(card: Card, outputs: list[Array], placement: Placement, threshold: float
 
 
 DECODERS: dict[str, Callable[[Card, list[Array], Placement, float | None, int], Result]] = {
-    "classification": classification, "ssd": ssd, "blazeface": blazeface, "raw": raw,
+    "classification": classification, "ssd": ssd, "blazeface": blazeface, "yolo": yolo,
+    "raw": raw,
 }
 
 

@@ -45,6 +45,7 @@ class Preprocessor:
         self.channels = int(spec.shape[3])
         self.dtype = np.dtype(spec.dtype)
         self.fit = str(pre.get("fit", "letterbox" if card.task == "blazeface" else "stretch"))
+        self.pad = min(max(int(pre.get("pad", 0)), 0), 255)  # the letterbox border's grey
         values = np.arange(256, dtype=np.float64)
         if "mean" in pre and "std" in pre:
             mean = np.asarray(pre["mean"], dtype=np.float64).reshape(-1, 1)
@@ -81,7 +82,7 @@ class Preprocessor:
             return frame, Placement()
         if self.fit == "letterbox":
             new_w, new_h = self.native_size(w, h)
-            canvas = np.zeros((self.height, self.width, 3), dtype=np.uint8)
+            canvas = np.full((self.height, self.width, 3), self.pad, dtype=np.uint8)
             left, top = (self.width - new_w) // 2, (self.height - new_h) // 2
             canvas[top:top + new_h, left:left + new_w] = frame if (w, h) == (new_w, new_h) \
                 else np.asarray(_as_image(frame).resize((new_w, new_h),

@@ -16,7 +16,8 @@ def bench_convert(progress: Progress) -> dict[str, Any]:
     import json
 
     from ..convert import isolated
-    from ..convert.converter import ConvertOptions, convert_model, import_tensorflow
+    from ..convert.converter import ConvertOptions, convert_model
+    from ..convert.keras_source import import_tensorflow
     from ..steps.model import RUNTIME_PREFERENCE, choose_runtime
     from .digits import train_digits_cnn
 

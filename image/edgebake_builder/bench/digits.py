@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..convert.converter import import_tensorflow
+from ..convert.keras_source import import_tensorflow
 
 
 def digits_data(seed: int = 0) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any],

@@ -22,8 +22,11 @@ class Dataset:
     source: Path
 
 
-def load_dataset(path: Path, input_shape: tuple[int, ...], what: str) -> Dataset:
-    """Load `path` shaped for a model whose input is `input_shape` (batch dim included)."""
+def load_dataset(path: Path, input_shape: tuple[int, ...], what: str,
+                 source_shape: tuple[int, ...] | None = None) -> Dataset:
+    """Load `path` shaped for a model whose input is `input_shape` (NHWC, batch dim included).
+    Samples in the source model's own layout (`source_shape`, NCHW for most PyTorch and
+    ONNX models) are transposed to NHWC."""
     if path.is_dir():
         data = _from_folder(path, input_shape, what)
     elif path.suffix == ".npz" and path.is_file():
@@ -33,9 +36,17 @@ def load_dataset(path: Path, input_shape: tuple[int, ...], what: str) -> Dataset
     if len(data.x) == 0:
         raise BuildError(f"{path}: {what} data is empty")
     expected = tuple(int(d) for d in input_shape[1:])
-    if tuple(data.x.shape[1:]) != expected:
-        raise BuildError(f"{path}: {what} data has samples of shape {list(data.x.shape[1:])}, "
-                         f"the model input needs {list(expected)}")
+    found = tuple(data.x.shape[1:])
+    if source_shape is not None and found != expected and len(found) == 3 and \
+            found == tuple(int(d) for d in source_shape[1:]):
+        x = np.ascontiguousarray(data.x.transpose(0, 2, 3, 1))
+        return Dataset(x=x, y=data.y, classes=data.classes, source=data.source)
+    if found != expected:
+        also = ""
+        if source_shape is not None and tuple(source_shape[1:]) != expected:
+            also = f" (NHWC) or {list(source_shape[1:])} (the source model's layout)"
+        raise BuildError(f"{path}: {what} data has samples of shape {list(found)}, "
+                         f"the model input needs {list(expected)}{also}")
     return data
 
 

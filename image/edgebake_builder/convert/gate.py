@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from edgebake_runtime.interp import load_interpreter
 
+from ..errors import BuildError
+
 
 @dataclass(frozen=True)
 class Accuracy:
@@ -16,6 +18,9 @@ class Accuracy:
     reference: float
     converted: float
     samples: int
+    top1_agreement: float = 1.0  # the converted model's top-1 equal to the source's
+    max_abs_deviation: float = 0.0  # largest |converted - source| over every output value
+    data: str = "validation"  # or "synthetic": no data given, figures shown, not enforced
 
     @property
     def delta(self) -> float:
@@ -24,7 +29,8 @@ class Accuracy:
     def to_json(self) -> dict[str, Any]:
         return {"metric": self.metric, "reference": round(self.reference, 6),
                 "converted": round(self.converted, 6), "delta": self.delta,
-                "samples": self.samples}
+                "samples": self.samples, "top1_agreement": round(self.top1_agreement, 6),
+                "max_abs_deviation": round(self.max_abs_deviation, 6), "data": self.data}
 
 
 def tflite_predict(model: Path, x: np.ndarray[Any, Any], runtime: str | None = None
@@ -53,9 +59,15 @@ def tflite_predict(model: Path, x: np.ndarray[Any, Any], runtime: str | None = N
 
 def measure(reference_scores: np.ndarray[Any, Any], converted_scores: np.ndarray[Any, Any],
             labels: np.ndarray[Any, Any] | None) -> Accuracy:
-    ref_top = reference_scores.reshape(len(reference_scores), -1).argmax(axis=1)
-    new_top = converted_scores.reshape(len(converted_scores), -1).argmax(axis=1)
+    ref = reference_scores.reshape(len(reference_scores), -1)
+    new = converted_scores.reshape(len(converted_scores), -1)
+    if ref.shape != new.shape:
+        raise BuildError(f"the converted model gives {new.shape[1]} values per sample, the "
+                         f"source model {ref.shape[1]}")
+    ref_top, new_top = ref.argmax(axis=1), new.argmax(axis=1)
+    agreement = float((ref_top == new_top).mean())
+    deviation = float(np.abs(ref - new).max())
     if labels is not None:
         return Accuracy("accuracy", float((ref_top == labels).mean()),
-                        float((new_top == labels).mean()), len(labels))
-    return Accuracy("top1_agreement", 1.0, float((ref_top == new_top).mean()), len(ref_top))
+                        float((new_top == labels).mean()), len(labels), agreement, deviation)
+    return Accuracy("top1_agreement", 1.0, agreement, len(ref_top), agreement, deviation)
