@@ -20,7 +20,7 @@ from runtime_helpers import RunningApp, astronaut_path, make_config, wait_for
 
 CORPUS = ROOT / "tests" / "corpus"
 EXPECT: dict[str, list[str]] = yaml.safe_load((CORPUS / "expect.yaml").read_text())
-NOT_INPUTS = {"expect.yaml", "make_corpus.py", "trusted.pub"}
+NOT_INPUTS = {"expect.yaml", "make_corpus.py", "make_sources.py", "trusted.pub"}
 
 
 def corpus_files() -> list[str]:
@@ -33,7 +33,7 @@ def test_the_corpus_is_complete() -> None:
     assert len(files) >= 30
     assert sorted(EXPECT) == files, "every corpus file needs an expectation, and only those"
     kinds = {name.split("/")[0] for name in files}
-    assert kinds == {"recipes", "seeds", "configs", "models", "frames", "bundles"}
+    assert kinds == {"recipes", "seeds", "configs", "models", "frames", "bundles", "sources"}
 
 
 def _run(name: str, tmp: Path) -> subprocess.CompletedProcess[str]:
@@ -51,6 +51,9 @@ def _run(name: str, tmp: Path) -> subprocess.CompletedProcess[str]:
             path = config
         cmd = [sys.executable, "-m", "edgebake_runtime.main", "--check", "--config", str(path),
                "--overrides", str(tmp / "none.yaml")]
+    elif kind == "sources":
+        cmd = [*INVOKE, "convert-model", "--model", str(path), "--output",
+               str(tmp / "out" / "model.tflite")]
     else:
         cmd = [*INVOKE, "verify-bundle", "--bundle", str(path), "--public-key",
                str(CORPUS / "bundles" / "trusted.pub"), "--current", "1.0"]

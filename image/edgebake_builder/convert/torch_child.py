@@ -40,11 +40,13 @@ def load_program(path: Path) -> Any:
         raise ModelInputError(f"{path}: not a torch.export archive (truncated, or not a .pt2)")
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
-    if any(name.endswith("constants.pkl") or name.endswith("data.pkl") for name in names) and \
-            not any("serialized_exported_program" in n or "models/" in n for n in names):
+    if any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
         raise ModelInputError(f"{path}: a TorchScript or pickled model, not an ExportedProgram; "
                               "export it with torch.export.export(model, args) and "
                               "torch.export.save(program, 'model.pt2')")
+    if not any("/models/" in name and name.endswith(".json") for name in names):
+        raise ModelInputError(f"{path}: a zip archive that holds no torch.export program "
+                              "(no models/*.json); save one with torch.export.save")
     try:
         return torch.export.load(str(path))
     except Exception as exc:
