@@ -289,14 +289,21 @@ def bench_runtime(c: Context, seconds: float = 5.0, threads: int = 1, rounds: in
                progress)
 
 
-@task
+@task(help={"only": "keras (a digits CNN) or torch (ResNet18 .pt2/.onnx, YOLO11n .onnx); "
+                    "default both"})
 @fails_cleanly
-def bench_convert(c: Context) -> None:
-    """Size, accuracy delta and host latency of the four quantisations of a digits CNN."""
+def bench_convert(c: Context, only: str = "") -> None:
+    """Size, accuracy delta, host latency and conversion time of each quantisation."""
     from edgebake_builder.bench.convert import bench_convert as run_bench
+    from edgebake_builder.bench.convert_torch import bench_foreign
     from edgebake_builder.progress import Progress
 
-    run_bench(Progress(1))
+    if only not in ("", "keras", "torch"):
+        raise BuildError(f"--only: expected keras or torch, found {only!r}")
+    if only != "torch":
+        run_bench(Progress(1))
+    if only != "keras":
+        bench_foreign(Progress(1))
 
 
 @task(help={"target": "recipe target", "cold": "rebuild the base rootfs (no cache) first",

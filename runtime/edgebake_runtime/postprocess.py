@@ -26,6 +26,9 @@ def dequantize(values: Array, spec: TensorSpec) -> Array:
 def classification(card: Card, outputs: list[Array], placement: Placement,
                    threshold: float | None, top_k: int) -> Result:
     scores = dequantize(outputs[0], card.outputs[0]).reshape(-1)
+    if card.postprocessing.get("classification", {}).get("softmax"):  # the card says: logits
+        exp = np.exp(scores - scores.max())
+        scores = exp / exp.sum()
     k = min(top_k, scores.size)
     best = np.argpartition(-scores, k - 1)[:k]
     best = best[np.argsort(-scores[best])]

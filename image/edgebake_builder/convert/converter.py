@@ -114,8 +114,10 @@ def convert_model(options: ConvertOptions, say: Any = print) -> ConvertResult:
         blob = source.convert(options.quantize, representative, work)
         tmp_model = work / options.output.name
         tmp_model.write_bytes(blob)
-        accuracy = _gate(options, source, tmp_model, validation)
+        accuracy, reference = _gate(options, source, tmp_model, validation)
         task, post = source.task(labels)
+        if task == "classification" and not _probabilities(reference):
+            post["classification"]["softmax"] = True  # logits: the unit shows probabilities
         extra: dict[str, Any] = {
             "task": task,
             "labels": labels,
@@ -145,8 +147,14 @@ def _data(path: Path | None, source: Source, what: str) -> Dataset | None:
     return load_dataset(path, source.input_shape, what, source_shape=source.source_shape)
 
 
+def _probabilities(scores: np.ndarray[Any, Any]) -> bool:
+    """Whether a classifier's outputs are already probabilities (each row sums to one)."""
+    rows = scores.reshape(len(scores), -1)
+    return bool(np.all(rows >= -1e-6) and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3))
+
+
 def _gate(options: ConvertOptions, source: Source, model: Path,
-          validation: Dataset | None) -> Accuracy | None:
+          validation: Dataset | None) -> tuple[Accuracy, np.ndarray[Any, Any]]:
     """The converted model against the source framework's own outputs, on the same data.
     Without validation data, synthetic frames still give agreement and deviation figures,
     shown and recorded but not enforced."""
@@ -158,14 +166,14 @@ def _gate(options: ConvertOptions, source: Source, model: Path,
         raise BuildError(f"the converted model runs on no device runtime: {exc}") from None
     accuracy = measure(reference, converted, validation.y if validation else None)
     if validation is None:
-        return dataclasses.replace(accuracy, data="synthetic")
+        return dataclasses.replace(accuracy, data="synthetic"), reference
     if accuracy.delta > options.max_accuracy_loss:
         raise BuildError(
             f"accuracy gate failed: {accuracy.metric} {accuracy.reference:.4f} "
             f"(original) -> {accuracy.converted:.4f} ({options.quantize}), a loss of "
             f"{accuracy.delta:.4f} > --max-accuracy-loss {options.max_accuracy_loss}; "
             "nothing was written")
-    return accuracy
+    return accuracy, reference
 
 
 def _synthetic(shape: tuple[int, ...], options: ConvertOptions) -> np.ndarray[Any, Any]:

@@ -97,7 +97,13 @@ def test_results_appear_in_the_journal(host: Any, manifest: dict[str, Any]) -> N
     last = host.run(f"tail -n 20 $(ls {RESULTS}/results-*.jsonl | tail -n 1)").stdout
     records = [json.loads(line) for line in last.splitlines()]
     assert any(r["source"] == camera_name() for r in records), [r["source"] for r in records]
-    assert all(r["task"] == manifest["model"]["card"]["task"] for r in records)
+    card = manifest["model"]["card"]
+    assert all(r["task"] == card["task"] for r in records)
+    if card["task"] == "classification":  # top-k classes named as the card names them
+        labels = set(card.get("labels") or [])
+        tops = [entry for r in records for entry in r["top"]]
+        assert tops and all(0.0 <= t["score"] <= 1.0 + 1e-6 for t in tops), records
+        assert not labels or all(t["label"] in labels for t in tops), tops
 
 
 def test_rtsp_camera_on_the_host_gives_results(host: Any, manifest: dict[str, Any]) -> None:
