@@ -264,6 +264,17 @@ def example_models(c: Context, out: str = "examples", yolo_size: int = 320) -> N
     print(f"wrote {', '.join(FILES)} into {out}/")
 
 
+@task(help={"name": "torch or onnx2tf"})
+@fails_cleanly
+def toolchain(c: Context, name: str = "torch") -> None:
+    """Print a converter toolchain's Python (made first if it is not there yet)."""
+    from edgebake_builder.convert.toolchain import TOOLCHAINS, python_for
+
+    if name not in TOOLCHAINS:
+        raise BuildError(f"--name: expected one of {', '.join(TOOLCHAINS)}, found {name!r}")
+    print(python_for(name, say=lambda line: print(line, file=sys.stderr)))
+
+
 @task(help={"seconds": "measuring time per case", "threads": "interpreter num_threads",
             "rounds": "every case this many times, interleaved; medians are reported"})
 def bench_runtime(c: Context, seconds: float = 5.0, threads: int = 1, rounds: int = 3) -> None:

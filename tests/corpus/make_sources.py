@@ -1,5 +1,5 @@
 """Writes the bad model sources of the corpus (tests/corpus/sources/); run it with the torch
-toolchain's Python: `$(invoke toolchain-python torch) tests/corpus/make_sources.py`."""
+toolchain's Python: `$(invoke toolchain --name torch) tests/corpus/make_sources.py`."""
 
 from __future__ import annotations
 

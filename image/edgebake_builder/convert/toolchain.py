@@ -3,8 +3,9 @@
 litert-torch needs numpy 2 where tflite-runtime 2.14 needs numpy 1, and onnx2tf pins
 TensorFlow 2.19 exactly. Each toolchain is a venv under the cache, keyed by its pinned
 requirements, made on first use (minutes, shown as it goes) and reused after that. The
-project's own packages are made importable there by a .pth file, not by an install that
-would drag the main venv's pins in.
+project's own packages reach a toolchain's processes through their PYTHONPATH, from the
+checkout that runs them: an install there would drag the main venv's pins in, and one
+toolchain serves every checkout on the machine.
 """
 
 from __future__ import annotations
@@ -78,10 +79,6 @@ def _make(name: str, target: Path, say: Any) -> None:
         py = tmp / "bin" / "python"
         _run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
               "-r", str(REQUIREMENTS / f"{name}.txt")], name)
-        site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                               "['purelib'])"], capture_output=True, text=True, check=True)
-        Path(site.stdout.strip(), "edgebake-source.pth").write_text(
-            "".join(f"{root}\n" for root in _source_roots()))
         (tmp / READY).write_text(json.dumps({"seconds": round(time.monotonic() - began)}))
         shutil.rmtree(target, ignore_errors=True)
         # a venv records its own path in its scripts; python -m works from the renamed one
@@ -104,6 +101,7 @@ def call(name: str, module: str, action: str, payload: dict[str, Any],
     output is the answer, and an answer with "error" becomes a one-line BuildError."""
     python = python_for(name, say)
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": os.pathsep.join(str(root) for root in _source_roots()),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "YOLO_OFFLINE": "1"}
     proc = subprocess.run([str(python), "-m", module, action, json.dumps(payload)],
