@@ -28,6 +28,7 @@ from .errors import BuildError
 # Ops that tflite-runtime cannot run: a model using them fails on the device, so fail the build.
 UNSUPPORTED_OP_PREFIXES = ("Flex", "FlexDelegate")
 GOLDEN_COUNT = 3
+INTEGER_STEPS = 4.0  # golden tolerance of integer outputs, in quantisation steps
 
 # BlazeFace variants, told apart by their anchor count (MediaPipe's published anchor options).
 BLAZEFACE_VARIANTS: dict[int, dict[str, Any]] = {
@@ -100,7 +101,11 @@ def run_golden(model: Path, runtime: str, count: int = GOLDEN_COUNT
         for j, out in enumerate(out_details):
             arrays[f"output_{k}_{j}"] = np.array(interpreter.get_tensor(out["index"]))
     integer_out = all(np.dtype(o["dtype"]).kind in "iu" for o in out_details)
-    tolerance = {"atol": 1.0 if integer_out else 1e-3, "rtol": 0.0 if integer_out else 1e-3,
+    # Integer outputs: a few steps of rounding apart between XNNPACK's x86 and Arm kernels
+    # on a deep network (ResNet18 int8: 2 on the unit's runtime under qemu-user); a wrong
+    # runtime or a damaged model is off by far more.
+    tolerance = {"atol": INTEGER_STEPS if integer_out else 1e-3,
+                 "rtol": 0.0 if integer_out else 1e-3,
                  "exact": False}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)

@@ -3,10 +3,13 @@ dynamic, float16, int8), a model card, and an accuracy gate against the source f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,8 +47,25 @@ class ConvertResult:
     output: Path
     card_path: Path
     size_bytes: int
-    accuracy: Accuracy | None
+    accuracy: Accuracy
     card: dict[str, Any]
+
+
+class Steps:
+    """`[n/total] step` lines with their times: a conversion can take minutes."""
+
+    def __init__(self, total: int, say: Any) -> None:
+        self.total, self.say, self.index = total, say, 0
+        self.began = time.monotonic()
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        self.index += 1
+        began = time.monotonic()
+        self.say(f"[{self.index}/{self.total}] {what}")
+        yield
+        self.say(f"      done in {time.monotonic() - began:.1f}s "
+                 f"(total {time.monotonic() - self.began:.1f}s)")
 
 
 class Source(Protocol):
@@ -100,21 +120,27 @@ def open_source(options: ConvertOptions, say: Any = print) -> Source:
 
 def convert_model(options: ConvertOptions, say: Any = print) -> ConvertResult:
     check_options(options)
-    source = open_source(options, say)
-    channels = source.input_shape[-1]
-    if options.mean is not None and len(options.mean) not in (1, channels):
-        raise BuildError(f"--mean: {len(options.mean)} values for a {channels}-channel input")
-    representative = _data(options.representative_data, source, "representative")
-    validation = _data(options.validation_data, source, "validation")
-    labels = _labels(options, validation, source)
+    steps = Steps(4, say)
+    with steps.step(f"reading {options.model.name} and its data"):
+        source = open_source(options, say)
+        channels = source.input_shape[-1]
+        if options.mean is not None and len(options.mean) not in (1, channels):
+            raise BuildError(f"--mean: {len(options.mean)} values for a {channels}-channel "
+                             "input")
+        representative = _data(options.representative_data, source, "representative")
+        validation = _data(options.validation_data, source, "validation")
+        labels = _labels(options, validation, source)
     out_dir = options.output.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=out_dir) as tmp_name:
         work = Path(tmp_name)
-        blob = source.convert(options.quantize, representative, work)
+        with steps.step(f"converting ({options.quantize}) with "
+                        f"{getattr(source, 'converter', 'tensorflow')}"):
+            blob = source.convert(options.quantize, representative, work)
         tmp_model = work / options.output.name
         tmp_model.write_bytes(blob)
-        accuracy, reference = _gate(options, source, tmp_model, validation)
+        with steps.step("the gate: the converted model against the source framework"):
+            accuracy, reference = _gate(options, source, tmp_model, validation)
         task, post = source.task(labels)
         if task == "classification" and not _probabilities(reference):
             post["classification"]["softmax"] = True  # logits: the unit shows probabilities
@@ -126,11 +152,12 @@ def convert_model(options: ConvertOptions, say: Any = print) -> ConvertResult:
             "postprocessing": post,
             "quantization": options.quantize,
             "source_model": options.model.name,
-            "accuracy": accuracy.to_json() if accuracy else None,
+            "accuracy": accuracy.to_json(),
             **source.card_fields(),
         }
-        tmp_card = card_path_for(tmp_model)
-        card = isolated.write_card(tmp_model, tmp_card, options.output.stem, extra)
+        with steps.step("the card: device runtimes and golden outputs"):
+            tmp_card = card_path_for(tmp_model)
+            card = isolated.write_card(tmp_model, tmp_card, options.output.stem, extra)
         card["tools"].update(source.card_fields().get("tools", {}))
         final_card = card_path_for(options.output)
         golden = work / card["golden"]["file"]

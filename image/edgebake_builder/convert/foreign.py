@@ -156,5 +156,6 @@ class ForeignSource:
     def card_fields(self) -> dict[str, Any]:
         return {"source": {"format": self.path.suffix.lstrip("."),
                            "framework": self.info["framework"], "converter": self.converter,
-                           "layout": self.layout, "shape": list(self.source_shape)},
+                           "layout": self.layout, "shape": list(self.source_shape),
+                           "size_bytes": self.path.stat().st_size},
                 "tools": dict(self.tools)}
