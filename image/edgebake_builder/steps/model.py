@@ -104,7 +104,8 @@ def prepare_model(model_arg: str, workdir: Path, progress: Progress) -> Prepared
 
 
 def _user_card_fields(source: Path, copied: Path) -> dict[str, Any] | None:
-    """Keep what a converter's card knows and inspection cannot: labels, task, accuracy."""
+    """Keep what a converter's card knows and inspection cannot: labels, task, accuracy,
+    where the model came from."""
     existing = card_path_for(source)
     if not existing.is_file():
         return None
@@ -115,7 +116,8 @@ def _user_card_fields(source: Path, copied: Path) -> dict[str, Any] | None:
     if data.get("sha256") != sha256_file(copied):
         raise BuildError(f"{existing}: sha256 does not match {source}; regenerate the card "
                          "(invoke convert-model) or delete it")
-    keep = ("task", "labels", "preprocessing", "postprocessing", "accuracy", "tools", "version")
+    keep = ("task", "labels", "preprocessing", "postprocessing", "accuracy", "tools", "version",
+            "source", "source_model", "quantization")
     return {k: data[k] for k in keep if k in data}
 
 
