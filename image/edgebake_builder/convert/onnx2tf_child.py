@@ -88,7 +88,7 @@ def convert(payload: dict[str, Any]) -> dict[str, Any]:
                 onnx2tf.convert(input_onnx_file_path=str(prepared),
                                 output_folder_path=str(work / "out"), non_verbose=True,
                                 output_signaturedefs=True,
-                                copy_onnx_input_output_names_to_tflite=True, **options)
+                                **options)
         except (Exception, SystemExit) as exc:
             errors = [ANSI.sub("", ln).replace("ERROR:", "").strip()
                       for ln in said.getvalue().splitlines() if "ERROR" in ln]

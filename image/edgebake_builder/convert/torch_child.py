@@ -195,6 +195,7 @@ def quantize(payload: dict[str, Any]) -> dict[str, Any]:
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
     mode = payload["mode"]
+    _add_signature(payload["model"])
     q = quantizer.Quantizer(payload["model"])
     if mode == "float16":
         q.add_weight_only_config(regex=".*", operation_name="*", num_bits=16,
@@ -217,6 +218,28 @@ def quantize(payload: dict[str, Any]) -> dict[str, Any]:
 
     return {"quantizer": "ai-edge-quantizer",
             "version": str(getattr(ai_edge_quantizer, "__version__", "0.10"))}
+
+
+def _add_signature(path: str) -> None:
+    """Give a model without SignatureDefs one over its first subgraph's inputs and outputs:
+    ai-edge-quantizer calibrates through a signature, and onnx2tf writes some models (YOLO11n)
+    without any."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(path)
+    if model.signatureDefs:
+        return
+    graph = model.subgraphs[0]
+
+    def tensor_maps(indexes: Any) -> list[Any]:
+        return [schema.TensorMapT(name=graph.tensors[int(i)].name, tensorIndex=int(i))
+                for i in indexes]
+
+    model.signatureDefs = [schema.SignatureDefT(inputs=tensor_maps(graph.inputs),
+                                                outputs=tensor_maps(graph.outputs),
+                                                signatureKey="serving_default")]
+    flatbuffer_utils.write_model(model, path)
 
 
 ACTIONS = {"inspect": inspect, "reference": reference, "litert": litert,
