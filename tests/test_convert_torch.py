@@ -42,7 +42,7 @@ def convert(examples: Path, out: Path, model: str, quantize: str, **kw: Any) -> 
         model=examples / model, output=out, quantize=quantize,
         representative_data=kw.pop("representative", examples / "rep.npz"),
         validation_data=kw.pop("validation", examples / "val.npz"),
-        mean=kw.pop("mean", MEAN), std=kw.pop("std", STD), **kw)
+        mean=kw.pop("mean", None), std=kw.pop("std", None), **kw)
     return convert_model(options)
 
 
@@ -187,8 +187,7 @@ def _crowded_heads(count: int, classes: int, anchors: int) -> np.ndarray[Any, An
 
 def test_yolo11n_from_onnx_decodes_as_ultralytics_does(examples: Path, tmp_path: Path) -> None:
     result = convert(examples, tmp_path / "yolo.tflite", "yolo11n.onnx", "float16",
-                     representative=None, validation=None, mean=None, std=None,
-                     labels=examples / "coco.txt")
+                     representative=None, validation=None, labels=examples / "coco.txt")
     card = load_card(result.card_path)
     assert card.task == "yolo" and len(card.labels) == 80 and card.labels[0] == "person"
     assert card.preprocessing["fit"] == "letterbox" and card.outputs[0].shape == (1, 84, 2100)
@@ -242,6 +241,36 @@ def test_bad_options_get_one_line(examples: Path, tmp_path: Path, case: str,
     assert not out.exists()
 
 
+def test_the_acceptance_command_prints_the_gate_and_reads_the_models_normalisation(
+        examples: Path, tmp_path: Path) -> None:
+    """The issue's first command as written: no --mean/--std, the .pt2 carries them."""
+    out = tmp_path / "r18.tflite"
+    proc = invoke("convert-model", "--model", str(examples / "resnet18.pt2"), "--quantize",
+                  "int8", "--representative-data", str(examples / "rep.npz"),
+                  "--validation-data", str(examples / "val.npz"), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "[4/4] the card" in proc.stdout and "gate: accuracy: original 0.9" in proc.stdout
+    assert "top-1 agreement" in proc.stdout and "max |deviation|" in proc.stdout
+    card = json.loads(out.with_name("r18.card.json").read_text())
+    assert card["preprocessing"]["mean"] == pytest.approx([v * 255 for v in MEAN])
+
+
+def test_normalised_data_without_mean_and_std_is_refused(examples: Path,
+                                                         tmp_path: Path) -> None:
+    """A program saved without its normalisation, and data that went through one."""
+    bare = tmp_path / "bare.pt2"
+    proc = subprocess.run([str(toolchain.python_for("torch")), "-c",
+                           "import sys, torch; torch.export.save(torch.export.load(sys.argv[1]), "
+                           "sys.argv[2])", str(examples / "resnet18.pt2"), str(bare)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    with pytest.raises(BuildError, match=r"val.npz: samples go down to -[0-9.]+, so they were "
+                                         r"normalised; pass --mean and --std"):
+        convert_model(ConvertOptions(model=bare, output=tmp_path / "x.tflite",
+                                     validation_data=examples / "val.npz"))
+    assert not (tmp_path / "x.tflite").exists()
+
+
 def test_representative_data_of_the_wrong_shape_is_refused(examples: Path,
                                                            tmp_path: Path) -> None:
     wrong = tmp_path / "rep.npz"
@@ -273,3 +302,17 @@ def test_resnet18_int8_image_classifies_on_the_booted_unit(examples: Path, conve
                              "--no-update-trials", "--no-supervision-trials"], cwd=ROOT,
                             text=True, check=False)
     assert tested.returncode == 0, "invoke test-image on the ResNet18 image failed (see above)"
+
+
+@pytest.mark.long
+def test_yolo11n_int8_from_onnx_calibrates_on_photographs(examples: Path, tmp_path: Path) -> None:
+    """Full int8 of a model onnx2tf wrote without a signature (one is added to calibrate)."""
+    from edgebake_builder.bench.convert_torch import _yolo_frames
+
+    frames = _yolo_frames(tmp_path / "frames.npz", 320)
+    result = convert(examples, tmp_path / "yolo8.tflite", "yolo11n.onnx", "int8",
+                     representative=frames, validation=None, labels=examples / "coco.txt")
+    card = load_card(result.card_path)
+    assert card.task == "yolo" and card.inputs[0].dtype == "int8"
+    assert card.data["accuracy"]["data"] == "synthetic"
+    assert result.size_bytes < 0.35 * (examples / "yolo11n.onnx").stat().st_size

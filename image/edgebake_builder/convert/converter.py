@@ -123,12 +123,14 @@ def convert_model(options: ConvertOptions, say: Any = print) -> ConvertResult:
     steps = Steps(4, say)
     with steps.step(f"reading {options.model.name} and its data"):
         source = open_source(options, say)
+        options = _with_normalization(options, source)
         channels = source.input_shape[-1]
         if options.mean is not None and len(options.mean) not in (1, channels):
             raise BuildError(f"--mean: {len(options.mean)} values for a {channels}-channel "
                              "input")
         representative = _data(options.representative_data, source, "representative")
         validation = _data(options.validation_data, source, "validation")
+        _refuse_unknown_normalization(options, representative or validation)
         labels = _labels(options, validation, source)
     out_dir = options.output.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +168,31 @@ def convert_model(options: ConvertOptions, say: Any = print) -> ConvertResult:
         os.replace(tmp_card, final_card)
         os.replace(tmp_model, options.output)
     return ConvertResult(options.output, final_card, len(blob), accuracy, card)
+
+
+def _with_normalization(options: ConvertOptions, source: Source) -> ConvertOptions:
+    """--mean/--std, else what the model file carries; a PyTorch or ONNX model with neither,
+    whose data is clearly normalised, is refused: the unit would feed it raw pixels."""
+    if options.mean is not None:
+        return options
+    carried = getattr(source, "normalization", lambda: None)()
+    if carried is not None:
+        mean, std = carried
+        check_options(dataclasses.replace(options, mean=mean, std=std))
+        return dataclasses.replace(options, mean=mean, std=std)
+    return options
+
+
+def _refuse_unknown_normalization(options: ConvertOptions, data: Dataset | None) -> None:
+    """Samples below 0 were normalised: without the mean and std the unit cannot make such
+    inputs from a frame's pixels, and would feed the model something else than it learnt."""
+    if options.mean is not None or data is None:
+        return
+    lowest = float(data.x.min())
+    if lowest < -1e-3:
+        raise BuildError(f"{data.source}: samples go down to {lowest:.3g}, so they were "
+                         "normalised; pass --mean and --std (as the model was trained, e.g. "
+                         "0.485,0.456,0.406 and 0.229,0.224,0.225), or carry them in the model")
 
 
 def _data(path: Path | None, source: Source, what: str) -> Dataset | None:

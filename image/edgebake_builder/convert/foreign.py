@@ -9,6 +9,7 @@ onnxruntime for an .onnx. This process only moves files and numbers between them
 from __future__ import annotations
 
 import ast
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,21 @@ class ForeignSource:
         answer = toolchain.call("torch", TORCH_CHILD, "quantize", payload, self.say)
         self.tools[answer["quantizer"]] = answer["version"]
         return Path(payload["out"]).read_bytes()
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """Mean and std the model file carries ({"mean": [...], "std": [...]} as a .pt2's
+        extra file or an ONNX metadata entry named normalization.json), if any."""
+        text = self.info.get("metadata", {}).get("normalization.json")
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            mean = tuple(float(v) for v in data["mean"])
+            std = tuple(float(v) for v in data["std"])
+        except (ValueError, KeyError, TypeError):
+            raise BuildError(f"{self.path}: normalization.json: expected {{\"mean\": [..], "
+                             f"\"std\": [..]}}, found {text[:80]!r}") from None
+        return mean, std
 
     def metadata_labels(self) -> list[str]:
         """Class names an Ultralytics export keeps in its ONNX metadata ("{0: 'person', ...}")."""

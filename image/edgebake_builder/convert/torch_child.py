@@ -34,7 +34,10 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:240]
 
 
-def load_program(path: Path) -> Any:
+NORMALIZATION = "normalization.json"  # a .pt2's extra file, or an ONNX metadata key
+
+
+def load_program(path: Path, extra_files: dict[str, Any] | None = None) -> Any:
     torch = _torch()
     if not zipfile.is_zipfile(path):
         raise ModelInputError(f"{path}: not a torch.export archive (truncated, or not a .pt2)")
@@ -48,7 +51,7 @@ def load_program(path: Path) -> Any:
         raise ModelInputError(f"{path}: a zip archive that holds no torch.export program "
                               "(no models/*.json); save one with torch.export.save")
     try:
-        return torch.export.load(str(path))
+        return torch.export.load(str(path), extra_files=extra_files)
     except Exception as exc:
         raise ModelInputError(f"{path}: not a loadable torch.export ExportedProgram: "
                               f"{_first_line(exc)}") from None
@@ -111,11 +114,13 @@ def _onnx_shapes(model: Any) -> tuple[list[list[Any]], list[list[Any]]]:
 def inspect(payload: dict[str, Any]) -> dict[str, Any]:
     path = Path(payload["model"])
     if path.suffix == ".pt2":
-        program = load_program(path)
+        extra: dict[str, Any] = {NORMALIZATION: ""}
+        program = load_program(path, extra)
         inputs, outputs = _program_shapes(program)
         import torch
 
-        return {"inputs": inputs, "outputs": outputs, "metadata": {},
+        metadata = {NORMALIZATION: extra[NORMALIZATION]} if extra[NORMALIZATION] else {}
+        return {"inputs": inputs, "outputs": outputs, "metadata": metadata,
                 "framework": "torch", "version": str(torch.__version__)}
     model = load_onnx(path)
     inputs, outputs = _onnx_shapes(model)

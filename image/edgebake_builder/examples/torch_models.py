@@ -75,10 +75,20 @@ def resnet18(payload: dict[str, Any]) -> dict[str, Any]:
         predicted = torch.cat([model(test_x[i:i + 64]) for i in range(0, len(test_x), 64)])
     accuracy = float((predicted.argmax(1).numpy() == data["test_y"]).mean())
     sample = test_x[:1]
+    # the normalisation travels with the model, where convert-model reads it
+    normalization = json.dumps({"mean": list(MEAN), "std": list(STD)})
     program = torch.export.export(model, (sample,))
-    torch.export.save(program, str(out / "resnet18.pt2"))
-    torch.onnx.export(model, (sample,), str(out / "resnet18.onnx"), opset_version=17,
+    torch.export.save(program, str(out / "resnet18.pt2"),
+                      extra_files={"normalization.json": normalization})
+    onnx_path = out / "resnet18.onnx"
+    torch.onnx.export(model, (sample,), str(onnx_path), opset_version=17,
                       dynamo=False, input_names=["input"], output_names=["logits"])
+    import onnx
+
+    exported = onnx.load(str(onnx_path))
+    entry = exported.metadata_props.add()
+    entry.key, entry.value = "normalization.json", normalization
+    onnx.save(exported, str(onnx_path))
     np.savez(out / "rep.npz", x=train_x[:200].numpy())
     np.savez(out / "val.npz", x=test_x.numpy(), y=data["test_y"].astype(np.int64))
     return {"accuracy": accuracy, "samples": len(test_x)}
