@@ -225,7 +225,8 @@ def test_yolo11n_from_onnx_decodes_as_ultralytics_does(examples: Path, tmp_path:
 
 
 @pytest.mark.parametrize(("case", "args", "expected"), [
-    ("mean of the wrong length", ["--mean", "0.5,0.5"], "--mean: expected 1 or 3 values"),
+    ("mean of the wrong length", ["--mean", "0.5,0.5", "--std", "0.2,0.2,0.2"],
+     "--mean: expected 1 or 3 values"),
     ("std without mean", ["--std", "0.2,0.2,0.2"], "--mean and --std go together"),
     ("a converter for another format", ["--converter", "litert-torch"], "converts with onnx2tf"),
     ("shape that is not numbers", ["--input-shape", "1,3,x,64"], "--input-shape: expected"),
