@@ -27,55 +27,52 @@ def _digits_as_images(x: Any, torch: Any) -> Any:
     return (big - mean) / std
 
 
-def resnet18(payload: dict[str, Any]) -> dict[str, Any]:
-    """torchvision's resnet18 (weights=None), its head fine-tuned on the digits."""
-    import torch
-    import torchvision
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+def _digits(torch: Any) -> tuple[Any, Any, Any, Any]:
+    """scikit-learn's digits, shuffled once, 80 % to train: images and labels of each part."""
     from sklearn.datasets import load_digits
 
-    out = Path(payload["out"])
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))
     split = len(order) * 4 // 5
-    data = {"train_x": digits.data[order[:split]], "train_y": digits.target[order[:split]],
-            "test_x": digits.data[order[split:]], "test_y": digits.target[order[split:]]}
-    train_x = _digits_as_images(data["train_x"], torch)
-    train_y = torch.from_numpy(data["train_y"].astype(np.int64))
-    test_x = _digits_as_images(data["test_x"], torch)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    train, test = order[:split], order[split:]
+    return (_digits_as_images(digits.data[train], torch),
+            torch.from_numpy(digits.target[train].astype(np.int64)),
+            _digits_as_images(digits.data[test], torch), digits.target[test].astype(np.int64))
+
+
+def _batches(model: Any, x: Any, torch: Any) -> Any:
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + 64]) for i in range(0, len(x), 64)])
+
+
+def _fit_head(model: Any, train_x: Any, train_y: Any, epochs: int, torch: Any) -> None:
+    """Batch-norm statistics from the digits (one pass in training mode: an untrained
+    network's activations then keep a sane range, which int8 needs), then the head alone
+    trained on the features."""
     head = model.fc
     model.fc = torch.nn.Identity()
-    # Batch norm statistics from the digits (one pass in training mode, no gradients): an
-    # untrained network's activations then keep a sane range, which int8 needs.
     for layer in model.modules():
         if isinstance(layer, torch.nn.BatchNorm2d):
             layer.momentum = None  # a plain average over the pass
     model.train()
-    with torch.no_grad():
-        for i in range(0, len(train_x), 64):
-            model(train_x[i:i + 64])
+    _batches(model, train_x, torch)
     model.eval()
-    with torch.no_grad():
-        features = torch.cat([model(train_x[i:i + 64]) for i in range(0, len(train_x), 64)])
+    features = _batches(model, train_x, torch)
     scale = features.std(dim=0, keepdim=True).mean() + 1e-6
     optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
-    for _ in range(int(payload.get("epochs", 300))):
+    for _ in range(epochs):
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(features / scale), train_y)
-        loss.backward()
+        torch.nn.functional.cross_entropy(head(features / scale), train_y).backward()
         optimizer.step()
     with torch.no_grad():
         head.weight /= scale
     model.fc = head
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(test_x[i:i + 64]) for i in range(0, len(test_x), 64)])
-    accuracy = float((predicted.argmax(1).numpy() == data["test_y"]).mean())
-    sample = test_x[:1]
-    # the normalisation travels with the model, where convert-model reads it
+
+
+def _export(model: Any, sample: Any, out: Path, torch: Any) -> None:
+    """.pt2 and .onnx, each carrying its normalisation, where convert-model reads it."""
+    import onnx
+
     normalization = json.dumps({"mean": list(MEAN), "std": list(STD)})
     program = torch.export.export(model, (sample,))
     torch.export.save(program, str(out / "resnet18.pt2"),
@@ -83,14 +80,28 @@ def resnet18(payload: dict[str, Any]) -> dict[str, Any]:
     onnx_path = out / "resnet18.onnx"
     torch.onnx.export(model, (sample,), str(onnx_path), opset_version=17,
                       dynamo=False, input_names=["input"], output_names=["logits"])
-    import onnx
-
     exported = onnx.load(str(onnx_path))
     entry = exported.metadata_props.add()
     entry.key, entry.value = "normalization.json", normalization
     onnx.save(exported, str(onnx_path))
+
+
+def resnet18(payload: dict[str, Any]) -> dict[str, Any]:
+    """torchvision's resnet18 (weights=None), its head fine-tuned on the digits."""
+    import torch
+    import torchvision
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    out = Path(payload["out"])
+    train_x, train_y, test_x, test_y = _digits(torch)
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    _fit_head(model, train_x, train_y, int(payload.get("epochs", 300)), torch)
+    model.eval()
+    accuracy = float((_batches(model, test_x, torch).argmax(1).numpy() == test_y).mean())
+    _export(model, test_x[:1], out, torch)
     np.savez(out / "rep.npz", x=train_x[:200].numpy())
-    np.savez(out / "val.npz", x=test_x.numpy(), y=data["test_y"].astype(np.int64))
+    np.savez(out / "val.npz", x=test_x.numpy(), y=test_y)
     return {"accuracy": accuracy, "samples": len(test_x)}
 
 
