@@ -4,6 +4,7 @@ float32, accuracy or agreement against the source framework, host latency, conve
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 import time
@@ -60,7 +61,7 @@ def bench_foreign(progress: Progress) -> list[dict[str, Any]]:
                     validation_data=None if is_yolo else work / "val.npz",
                     labels=work / "coco.txt" if is_yolo else None,
                     mean=None if is_yolo else MEAN, std=None if is_yolo else STD,
-                    max_accuracy_loss=1.0), say=progress.log)
+                    max_accuracy_loss=1.0), Progress(4, stream=io.StringIO()))
                 seconds = time.monotonic() - began
                 sample = np.load(yolo_rep)["x"].transpose(0, 2, 3, 1) if is_yolo else x_val
                 ms, runtime = isolated.latency_ms(out, sample)

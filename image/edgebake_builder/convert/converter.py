@@ -3,13 +3,10 @@ dynamic, float16, int8), a model card, and an accuracy gate against the source f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +15,7 @@ import numpy as np
 from edgebake_runtime.card import card_path_for
 
 from ..errors import BuildError
+from ..progress import Progress
 from . import isolated
 from .dataset import Dataset, load_dataset
 from .gate import Accuracy, measure
@@ -49,23 +47,6 @@ class ConvertResult:
     size_bytes: int
     accuracy: Accuracy
     card: dict[str, Any]
-
-
-class Steps:
-    """`[n/total] step` lines with their times: a conversion can take minutes."""
-
-    def __init__(self, total: int, say: Any) -> None:
-        self.total, self.say, self.index = total, say, 0
-        self.began = time.monotonic()
-
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        self.index += 1
-        began = time.monotonic()
-        self.say(f"[{self.index}/{self.total}] {what}")
-        yield
-        self.say(f"      done in {time.monotonic() - began:.1f}s "
-                 f"(total {time.monotonic() - self.began:.1f}s)")
 
 
 class Source(Protocol):
@@ -118,9 +99,10 @@ def open_source(options: ConvertOptions, say: Any = print) -> Source:
     return KerasSource(options.model)
 
 
-def convert_model(options: ConvertOptions, say: Any = print) -> ConvertResult:
+def convert_model(options: ConvertOptions, progress: Progress | None = None) -> ConvertResult:
     check_options(options)
-    steps = Steps(4, say)
+    steps = progress or Progress(4)
+    say = steps.say
     with steps.step(f"reading {options.model.name} and its data"):
         source = open_source(options, say)
         options = _with_normalization(options, source)

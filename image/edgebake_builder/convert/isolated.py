@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,22 +17,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import BuildError
+from .jsonchild import run_json_child
 
 
 def _child(action: str, payload: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "edgebake_builder.convert.isolated", action,
-                           json.dumps(payload)], capture_output=True, text=True, env=env,
-                          timeout=1800, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        tail = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("INFO:")]
-        raise BuildError(f"{action} in a child process failed (exit {proc.returncode}): "
-                         + (tail[-1] if tail else "no output"))
-    result: dict[str, Any] = json.loads(lines[-1])
-    if "error" in result:
-        raise BuildError(str(result["error"]))
-    return result
+    return run_json_child([sys.executable, "-m", "edgebake_builder.convert.isolated", action,
+                           json.dumps(payload)], env, f"{action} in a child process", 1800)
 
 
 def predict(model: Path, x: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], str]:

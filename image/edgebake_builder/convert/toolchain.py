@@ -27,6 +27,7 @@ import edgebake_builder
 
 from ..cache import cache_root
 from ..errors import BuildError
+from .jsonchild import run_json_child
 
 REQUIREMENTS = Path(__file__).resolve().parent / "toolchains"
 TOOLCHAINS = ("torch", "onnx2tf")
@@ -104,14 +105,5 @@ def call(name: str, module: str, action: str, payload: dict[str, Any],
            "PYTHONPATH": os.pathsep.join(str(root) for root in _source_roots()),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "YOLO_OFFLINE": "1"}
-    proc = subprocess.run([str(python), "-m", module, action, json.dumps(payload)],
-                          capture_output=True, text=True, env=env, check=False, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:]
-        raise BuildError(f"{action} in the {name} toolchain failed (exit {proc.returncode}): "
-                         + (tail[0][:300] if tail else "no output"))
-    answer: dict[str, Any] = json.loads(lines[-1])
-    if "error" in answer:
-        raise BuildError(str(answer["error"]))
-    return answer
+    return run_json_child([str(python), "-m", module, action, json.dumps(payload)], env,
+                          f"{action} in the {name} toolchain", 3600)
