@@ -142,7 +142,6 @@ def convert_model(options: ConvertOptions, progress: Progress | None = None) -> 
         with steps.step("the card: device runtimes and golden outputs"):
             tmp_card = card_path_for(tmp_model)
             card = isolated.write_card(tmp_model, tmp_card, options.output.stem, extra)
-        card["tools"].update(source.card_fields().get("tools", {}))
         final_card = card_path_for(options.output)
         golden = work / card["golden"]["file"]
         tmp_card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
