@@ -85,3 +85,51 @@ def test_a_build_stopped_by_sigterm_cleans_up_and_says_so(tmp_path: Path) -> Non
     assert "Traceback" not in stderr
     left = sorted(p.name for p in tmp_path.iterdir()) + sorted(p.name for p in out.iterdir())
     assert left == ["out", "build.log"], left
+
+
+def test_base_phases_add_up_from_mmdebstrap_output(tmp_path: Path) -> None:
+    """Seconds per phase come from the `I:` lines; initramfs runs are counted apart, and
+    the install phase resumes after each."""
+    from edgebake_builder.steps import basephases
+
+    now = [0.0]
+    clock = basephases.PhaseClock(lambda: now[0])
+    for seconds, line in [(1, "I: running apt-get update..."),
+                          (10, "I: downloading packages with apt..."),
+                          (40, "I: extracting archives..."),
+                          (45, "I: installing remaining packages inside the chroot..."),
+                          (100, "update-initramfs: Generating /boot/initrd.img-6.1"),
+                          (130, "Setting up raspi-firmware (1.2)"),
+                          (140, "update-initramfs: Generating /boot/initrd.img-6.1"),
+                          (150, "Processing triggers for libc-bin"),
+                          (160, "I: creating tarball..."),
+                          (170, "I: success in 170 seconds")]:
+        now[0] = float(seconds)
+        clock.feed(line + "\n")
+    tarball = tmp_path / "bookworm-arm64-key.tar"
+    seconds = basephases.save(tarball, clock)
+    assert seconds == {"setup": 1.0, "package lists": 9.0, "download": 30.0, "unpack": 5.0,
+                       "install and configure the rest (qemu-user)": 75.0,
+                       "initramfs (qemu-user)": 40.0, "tarball": 10.0}
+    assert basephases.load(tarball) == seconds
+    assert "initramfs (qemu-user) 40s" in basephases.describe(seconds)
+    assert basephases.load(tmp_path / "other.tar") == {}
+    assert basephases.load(tarball, "slowest_packages") == {"raspi-firmware": 10.0}
+
+
+def test_only_the_newest_bases_are_kept_with_their_side_files(tmp_path: Path) -> None:
+    import os
+
+    from edgebake_builder.steps.bootstrap import prune_bases
+
+    for age, name in enumerate(["d", "c", "b", "a"]):
+        for suffix in (".tar", ".phases.json"):
+            path = tmp_path / f"{name}{suffix}"
+            path.write_text(name)
+            os.utime(path, (1000 - age, 1000 - age))
+    (tmp_path / ".a.tar.lock").write_text("")
+    removed = prune_bases(tmp_path / "a.tar", count=2)
+    assert [p.name for p in removed] == ["b.tar"]  # a is older, but it is the one in use
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".a.tar.lock", "a.tar", "a.phases.json", "c.tar", "c.phases.json", "d.tar",
+         "d.phases.json"])

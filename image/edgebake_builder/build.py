@@ -6,6 +6,7 @@ once (`variants`); the steps below call them and never branch on which kind they
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,14 +147,20 @@ def start(options: BuildOptions) -> BuildContext:
     return ctx
 
 
-def build_image(options: BuildOptions) -> dict[str, Any]:
+def build_image(options: BuildOptions, step_seconds: dict[str, float] | None = None
+                ) -> dict[str, Any]:
+    """Build the target; `step_seconds`, when given, gets each step's time by its name."""
     ctx = start(options)
     try:
         ctx.progress.say(f"edgebake {__version__}: target {options.target}, recipe "
                          f"{ctx.recipe.sha256()[:12]}, SOURCE_DATE_EPOCH {ctx.epoch}")
         for title, run in plan(ctx):
+            began = time.monotonic()
             with ctx.progress.step(title):
                 run(ctx)
+            if step_seconds is not None:
+                name = title.split(":")[0].split(" (")[0]
+                step_seconds[name] = round(time.monotonic() - began, 1)
         ctx.progress.say(ctx.output.summary(ctx))
         return ctx.manifest
     finally:

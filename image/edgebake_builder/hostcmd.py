@@ -6,7 +6,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from .errors import BuildError
@@ -16,8 +16,10 @@ HEARTBEAT_SECONDS = 20.0
 
 
 def run(cmd: Sequence[str | Path], progress: Progress, *, env: Mapping[str, str] | None = None,
-        cwd: Path | None = None, what: str | None = None) -> str:
-    """Run `cmd`, log every output line, and return its stdout+stderr; fail with the log's tail."""
+        cwd: Path | None = None, what: str | None = None,
+        on_line: Callable[[str], None] | None = None) -> str:
+    """Run `cmd`, log every output line (and hand it to `on_line`), and return its
+    stdout+stderr; fail with the log's tail."""
     argv = [str(part) for part in cmd]
     progress.log("$ " + " ".join(argv))
     full_env = dict(os.environ)
@@ -41,6 +43,8 @@ def run(cmd: Sequence[str | Path], progress: Progress, *, env: Mapping[str, str]
         for line in proc.stdout:
             lines.append(line)
             progress.log(line)
+            if on_line is not None:
+                on_line(line)
             if line.strip():
                 last_line[0] = line.strip()
         code = proc.wait()

@@ -1,21 +1,20 @@
 """Kernel modules: prune what an appliance never loads, but never a module a kept one needs.
 
 dpkg path excludes cannot follow module dependencies, which is how usb-storage once shipped
-without scsi_mod. This prunes after the kernel is unpacked and keeps the dependency closure,
-then `check_closure` proves every remaining module's `depends=` is present.
-
-Run on the host by mmdebstrap's customize hook: `python -m edgebake_builder.kmods ROOTFS SPEC`.
+without scsi_mod. This prunes the assembled root (not the cached base, so a recipe can keep
+more without a new base), keeps the dependency closure, and then proves that every remaining
+module's `depends=` is present.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import lzma
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import BuildError
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
@@ -106,33 +105,34 @@ def missing_dependencies(tree: ModuleTree) -> dict[str, list[str]]:
     return missing
 
 
-def prune(rootfs: Path, exclude: list[str], keep: list[str]) -> dict[str, int]:
-    """Delete pruned modules in every kernel tree, rerun depmod, and prove the closure."""
+@dataclass(frozen=True)
+class PruneReport:
+    kept: int
+    removed: int
+    removed_bytes: int
+
+
+def prune(rootfs: Path, exclude: list[str], keep: list[str]) -> dict[str, PruneReport]:
+    """Delete pruned modules in every kernel tree, rerun depmod (in the target, under
+    qemu-user), and prove the closure."""
     report = {}
     for root in kernel_trees(rootfs):
         tree = ModuleTree.scan(root)
         doomed = plan_prune(tree, exclude, keep)
+        freed = 0
         for name in doomed:
+            freed += tree.files[name].stat().st_size
             tree.files[name].unlink()
         for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
             if not any(folder.iterdir()):
                 folder.rmdir()
-        subprocess.run(["chroot", str(rootfs), "depmod", "-a", root.name], check=True)
+        result = subprocess.run(["chroot", str(rootfs), "depmod", "-a", root.name],
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise BuildError(f"depmod {root.name} failed: {result.stderr.strip()[-300:]}")
         left = ModuleTree.scan(root)
         broken = missing_dependencies(left)
         if broken:
-            raise SystemExit(f"{root}: modules with missing dependencies: {broken}")
-        report[root.name] = len(left.files)
+            raise BuildError(f"{root}: modules with missing dependencies: {broken}")
+        report[root.name] = PruneReport(len(left.files), len(doomed), freed)
     return report
-
-
-def main(argv: list[str]) -> int:
-    rootfs, spec = Path(argv[0]), json.loads(argv[1])
-    report = prune(rootfs, list(spec["exclude"]), list(spec["keep"]))
-    for version, count in report.items():
-        print(f"kernel modules {version}: {count} kept, dependency closure complete")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

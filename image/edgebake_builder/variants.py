@@ -136,6 +136,8 @@ class DiskImage(Output):
         overlays.make_data_tree(ctx.rootfs, uid, gid)
 
     def assemble(self, ctx: BuildContext) -> None:
+        prune.prune_modules(ctx.rootfs, ctx.recipe["kernel.modules_exclude"],
+                            ctx.recipe["kernel.modules_keep"], ctx.progress)
         prune.prune(ctx.rootfs, ctx.recipe["prune"], ctx.recipe["prune_keep"], ctx.progress)
         assemble.compile_python(ctx.rootfs, ctx.epoch, ctx.progress)
         self.installed = rootfs_tree.installed_packages(ctx.rootfs)

@@ -66,9 +66,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Exceptions to prune."),
     Setting("kernel.modules_exclude", StrList(MODULE_GLOB), [],
             "Kernel modules pruned from the image (globs under /lib/modules/<version>/); a module "
-            "a kept one depends on always stays.", base=True),
+            "a kept one depends on always stays. Pruned at assembly: no new base."),
     Setting("kernel.modules_keep", StrList(MODULE_GLOB), [],
-            "Exceptions to kernel.modules_exclude.", base=True),
+            "Exceptions to kernel.modules_exclude."),
     Setting("kernel.cmdline", StrList(Str(r"[^\s\"']+", "that is one argument without spaces, "
                                           "quotes or newlines")), ["rootwait", "fsck.repair=yes"],
             "Extra kernel command line arguments."),

@@ -24,6 +24,7 @@ from ..ext4tree import copy_out
 from ..hostcmd import run
 from ..progress import Progress
 from ..validate import diskimage
+from .bootstrap import prune_bases
 
 IMPORT_FORMAT = 2  # bumped when the import changes what it makes
 
@@ -61,9 +62,12 @@ class VendorInfo:
         return cls(**json.loads(path.read_text()))
 
 
+KEEP_IMPORTS = 2
+
+
 def cached_paths(base: BaseImage) -> tuple[Path, Path]:
     stem = f"image-{base.sha256[:20]}-f{IMPORT_FORMAT}"
-    folder = cache_root() / "base"
+    folder = cache_root() / "imports"  # apart from the bases: each folder keeps its own few
     return folder / f"{stem}.tar", folder / f"{stem}.json"
 
 
@@ -154,4 +158,6 @@ def import_base(base: BaseImage, progress: Progress, no_cache: bool = False
         shutil.rmtree(tree, ignore_errors=True)
     progress.say(f"      imported {info.release} ({entries} files, "
                  f"{len(packages)} packages)")
+    for old in prune_bases(tarball, KEEP_IMPORTS):
+        progress.say(f"      removed an old cached import: {old.name}")
     return tarball, info

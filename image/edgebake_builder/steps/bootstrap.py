@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -13,9 +12,12 @@ from ..cache import atomic_path, cache_root, entry_lock
 from ..hostcmd import run
 from ..progress import Progress
 from ..recipe import Recipe
+from . import basephases
 
+# mmdebstrap's own hooks that run dpkg under eatmydata (downloaded for the target)
+EATMYDATA_HOOKS = "/usr/share/mmdebstrap/hooks/eatmydata"
 # Bump when the way the base is made changes, so old cache entries stop matching.
-BOOTSTRAP_FORMAT = 3
+BOOTSTRAP_FORMAT = 5
 
 
 def essential_hook(recipe: Recipe) -> str:
@@ -36,14 +38,6 @@ def essential_hook(recipe: Recipe) -> str:
     ])
 
 
-def prune_hook(recipe: Recipe) -> str:
-    """Shell run on the host after every package is in: prune modules, keep their closure."""
-    spec = json.dumps({"exclude": recipe["kernel.modules_exclude"],
-                       "keep": recipe["kernel.modules_keep"]}, sort_keys=True)
-    return (f"{shlex.quote(sys.executable)} "
-            f'-m edgebake_builder.kmods "$1" {shlex.quote(spec)}')
-
-
 def base_key(recipe: Recipe) -> str:
     """Hash of everything that determines the base rootfs, and nothing else."""
     blob = json.dumps({"format": BOOTSTRAP_FORMAT, "settings": recipe.base_values(),
@@ -58,12 +52,15 @@ def base_tarball(recipe: Recipe) -> Path:
 def mmdebstrap_command(recipe: Recipe, output: Path) -> list[str]:
     cmd = ["mmdebstrap", f"--arch={recipe['arch']}", f"--variant={recipe['variant']}",
            "--mode=root", "--format=tar",
+           # dpkg's own lines in the log: the phase clock sees each initramfs run
+           "--verbose",
            f"--components={','.join(recipe['components'])}",
            f"--include={','.join(recipe['packages'])}",
            # the hook pre-writes /etc/default/raspi-firmware: keep it, don't prompt
            "--dpkgopt=force-confold", "--dpkgopt=force-confdef",
-           f"--essential-hook={essential_hook(recipe)}",
-           f"--customize-hook={prune_hook(recipe)}"]
+           # a half-made base is thrown away whole, never resumed: dpkg's fsyncs buy nothing
+           f"--hook-dir={EATMYDATA_HOOKS}", "--dpkgopt=force-unsafe-io",
+           f"--essential-hook={essential_hook(recipe)}"]
     cmd += [f"--dpkgopt=path-exclude={p}" for p in recipe["dpkg.exclude"]]
     cmd += [f"--dpkgopt=path-include={p}" for p in recipe["dpkg.include"]]
     cmd += [recipe["suite"], str(output), recipe["mirror"]]
@@ -74,11 +71,15 @@ KEEP_BASES = 3
 
 
 def prune_bases(keep: Path, count: int = KEEP_BASES) -> list[Path]:
-    """Delete all but the `count` most recently used base tarballs (never `keep`)."""
+    """Delete all but the `count` most recently used tarballs in `keep`'s folder (never
+    `keep`), with the files kept beside each one (same stem)."""
     bases = sorted(keep.parent.glob("*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
     removed = [p for p in bases[count:] if p != keep]
     for path in removed:
         path.unlink(missing_ok=True)
+        for beside in path.parent.glob(f"{path.stem}.*"):
+            if not beside.name.endswith(".lock"):
+                beside.unlink(missing_ok=True)
     return removed
 
 
@@ -100,9 +101,13 @@ def bootstrap_base(recipe: Recipe, progress: Progress, no_cache: bool = False) -
             return tarball
         progress.say(f"      building base rootfs with mmdebstrap ({len(recipe['packages'])} "
                      "packages, maintainer scripts under qemu-user; several minutes)")
+        clock = basephases.PhaseClock()
         with atomic_path(tarball) as tmp:
             tmp.unlink()  # mmdebstrap writes the file itself
-            run(mmdebstrap_command(recipe, tmp), progress, what="mmdebstrap")
+            run(mmdebstrap_command(recipe, tmp), progress, what="mmdebstrap",
+                on_line=clock.feed)
+        phases = basephases.save(tarball, clock)
+        progress.say(f"      mmdebstrap phases: {basephases.describe(phases)}")
     for old in prune_bases(tarball):
         progress.say(f"      removed an old cached base: {old.name}")
     return tarball

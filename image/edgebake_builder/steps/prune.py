@@ -9,6 +9,7 @@ import fnmatch
 import os
 from pathlib import Path
 
+from .. import kmods
 from ..progress import Progress
 
 
@@ -29,3 +30,16 @@ def prune(rootfs: Path, patterns: list[str], keep: list[str], progress: Progress
                 os.unlink(path)
     progress.say(f"      pruned {count} files, {removed / 2**20:.1f} MiB (recipe: prune)")
     return removed
+
+
+def prune_modules(rootfs: Path, exclude: list[str], keep: list[str], progress: Progress) -> int:
+    """Kernel modules a unit never loads (recipe `kernel.modules_exclude`/`_keep`), with the
+    dependency closure of the kept ones; returns the bytes removed."""
+    if not exclude:
+        return 0
+    freed = 0
+    for version, report in kmods.prune(rootfs, exclude, keep).items():
+        freed += report.removed_bytes
+        progress.say(f"      kernel {version}: {report.kept} modules kept, {report.removed} "
+                     f"pruned ({report.removed_bytes / 2**20:.1f} MiB), dependencies complete")
+    return freed

@@ -42,6 +42,7 @@ class ImageTestResult:
 def run_checks(phase: str, junit: Path, hosts: str, env: dict[str, str], progress: Progress,
             extra: list[str]) -> int:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
+           "--durations=30",
            f"--rootdir={CHECKS_DIR}", "-c", str(CHECKS_DIR / "pytest.ini"),
            f"--junitxml={junit}", f"--hosts={hosts}", *extra, str(CHECKS_DIR / phase)]
     progress.log("$ " + " ".join(cmd))
@@ -180,9 +181,9 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
     broker = LocalBroker.start_if_available(tmp)
     # an RTSP camera on the host, seen by the guest through QEMU's user network
     # (small and slow: QEMU emulates the unit's CPU, and H.264 is decoded in full)
-    stream = make_h264(tmp / "stream.h264", fps=5, width=320, height=320,
+    stream = make_h264(tmp / "stream.h264", fps=2, width=320, height=320,
                        picture=stream_picture())
-    rtsp = RtspServer(stream, fps=5).start()
+    rtsp = RtspServer(stream, fps=2).start()
     env["EDGEBAKE_RTSP_SOURCE"] = "rtsp"
     seed = _test_seed(tmp, key, rtsp.url(QEMU_HOST_ADDRESS), broker, trials.public_key, env)
     # a "card" larger than the image: the data partition must grow into it at first boot
@@ -212,10 +213,12 @@ def _test_seed(tmp: Path, key: Path, rtsp_url: str, broker: LocalBroker | None,
                update_key: str, env: dict[str, str]) -> bytes:
     """The test unit's seed, saved as UTF-16 with a byte-order mark, as Windows editors do."""
     app: dict[str, Any] = {"sources": [
-        # vivid (loaded from the kernel command line) must be found by itself
-        {"name": "cameras", "kind": "v4l2-auto", "fps": 5, "width": 640, "height": 480,
+        # vivid (loaded from the kernel command line) must be found by itself. Low rates:
+        # QEMU emulates the unit's CPU, and the checks' own commands (an update's golden
+        # test, SSH) must not queue behind the inference the checks only need to see going.
+        {"name": "cameras", "kind": "v4l2-auto", "fps": 2, "width": 320, "height": 240,
          "max_age_sec": 10},
-        {"name": "rtsp", "kind": "rtsp", "url": rtsp_url, "fps": 2, "max_age_sec": 20}],
+        {"name": "rtsp", "kind": "rtsp", "url": rtsp_url, "fps": 1, "max_age_sec": 20}],
         # QEMU emulates the CPU: a generous latency budget; a window past the reboot check
         "update": {"max_latency_ms": 20000, "window_sec": 3600}}
     if broker is not None:
