@@ -490,3 +490,43 @@ def test_root_follows_no_link_the_service_planted_in_its_model_folder(
     assert (victim_dir / "shadow").stat().st_uid == 0, "root chowned through a link"
     assert (store / "slots" / "2.0" / "model.tflite").stat().st_uid == 4242
     assert ModelStore(store).state()["current"] == "2.0"
+
+
+def test_threads_are_measured_at_start_kept_and_measured_again_for_a_new_model(
+        tmp_path: Path, default_model: Path, bundles: dict[str, Path]) -> None:
+    """inference.num_threads: 0 (the default): 1, 2 and all cores are measured before the
+    cameras start, the choice is kept on /data and reused by the next start, and a new model
+    is measured again at its switch; each camera process runs with the chosen threads."""
+    from edgebake_runtime.cameras import cores
+    from edgebake_runtime.threadtune import STORE_NAME, candidates
+
+    store = tmp_path / "models" / STORE_NAME
+    with RunningApp(update_app(tmp_path, default_model, inference={"num_threads": 0})
+                    ) as running:
+        wait_for(lambda: running.app.metrics.results >= 5, 30, "results")
+        shown = running.health()["inference"]["threads"]
+        assert shown["chosen_by"] == "measurement", shown
+        assert sorted(int(n) for n in shown["results_per_sec"]) == candidates(cores())
+        assert all(rate > 0 for rate in shown["results_per_sec"].values()), shown
+        assert shown["threads"] in candidates(cores()) and not shown["measured_while_serving"]
+        assert {p["threads"] for p in running.health()["inference"]["processes"]} == \
+            {min(shown["threads"], cores())}
+        first = json.loads(store.read_text())
+    with RunningApp(update_app(tmp_path, default_model, inference={"num_threads": 0})
+                    ) as running:  # the same model, cameras and cores: not measured again
+        wait_for(lambda: running.app.metrics.results >= 5, 30, "results after a restart")
+        assert json.loads(store.read_text()) == first
+        install(running.app, bundles["v2"], bundles["keys"])
+        wait_for(lambda: running.health()["model"]["version"] == "2.0", 30, "the switch")
+        again = json.loads(store.read_text())
+        assert again["model_sha256"] != first["model_sha256"]
+        assert again["measured_while_serving"] is True
+        shown = running.health()["inference"]["threads"]
+        assert shown["model_sha256"] == again["model_sha256"][:16]
+        wait_for(lambda: {p["threads"] for p in running.health()["inference"]["processes"]}
+                 == {again["threads"]}, 10, "the camera processes on the new threads")
+    with RunningApp(update_app(tmp_path, default_model, inference={"num_threads": 3})
+                    ) as running:  # a number in the config wins and nothing is measured
+        wait_for(lambda: running.app.metrics.results >= 5, 30, "results, threads fixed")
+        assert running.health()["inference"]["threads"] == {
+            "chosen_by": "inference.num_threads", "configured": 3}

@@ -158,7 +158,7 @@ def test_invalid_yaml_and_missing_files(tmp_path: Path) -> None:
 def test_app_settings_are_checked_before_building(tmp_path: Path) -> None:
     from edgebake_builder.build import check_app_config
 
-    recipe = load_recipe("pi4", write(tmp_path, "app:\n  inference:\n    num_threads: 0\n"))
+    recipe = load_recipe("pi4", write(tmp_path, "app:\n  inference:\n    num_threads: 17\n"))
     with pytest.raises(BuildError,
                        match=r"recipe: app: inference.num_threads: expected an integer"):
         check_app_config(recipe)

@@ -184,5 +184,5 @@ def test_the_unit_prints_every_setting_it_takes() -> None:
             for key in values:
                 if not isinstance(values[key], dict):
                     assert f"{section}.{key} " in out, (section, key)
-    assert "inference.num_threads            an integer between 1 and 16; default 2" in out
+    assert "inference.num_threads            an integer between 0 and 16; default 0" in out
     assert "sources[].url" in out and "inference.workers" not in out

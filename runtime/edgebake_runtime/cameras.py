@@ -11,7 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from . import threadtune
 from .camera.host import CameraProcess
 from .card import Card
 from .config import AppConfig, SourceConfig
@@ -24,6 +26,8 @@ log = logging.getLogger("edgebake.cameras")
 
 # New cameras are looked for this often (udev's /dev/v4l links; a replug takes effect within it).
 CAMERA_SCAN_SEC = 2.0
+# Threads per camera with inference.num_threads: 0 until the measurement has chosen.
+UNTUNED_THREADS = 2
 
 
 def cores() -> int:
@@ -63,13 +67,48 @@ class Cameras:
         self.model = config.model_path
         self.card: Card | None = None
         self.switching = threading.Lock()  # held while every camera switches models
+        self.tuning: threadtune.Tuning | None = None  # inference.num_threads: 0 (auto)
+        self.tuning_error = ""
         self.scanner: Supervised | None = None
+
+    def _threads(self, cameras: int) -> int:
+        """Threads per camera process: the configured number, or when it is 0 (auto) the
+        measured choice (2 until there is one), each time within the camera's share."""
+        wanted = self.config.inference.num_threads
+        if wanted == 0:
+            wanted = self.tuning.threads if self.tuning is not None else UNTUNED_THREADS
+        return threads_per_camera(wanted, cameras)
+
+    def _tune(self, model: Path, cameras: int, serving: bool) -> None:
+        """Measure the threads for `model` (inference.num_threads: 0); a failed measurement
+        keeps the last choice and says why in /health."""
+        if self.config.inference.num_threads != 0:
+            return
+        try:
+            self.tuning = threadtune.tune_in_child(
+                model, max(1, cameras), cores(),
+                Path(self.config.update.dir) / threadtune.STORE_NAME, serving)
+            self.tuning_error = ""
+        except Exception as exc:  # the model's own load reports a broken model
+            self.tuning_error = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("measuring interpreter threads failed: %s", self.tuning_error)
+
+    def threads_health(self) -> dict[str, Any]:
+        """How the cameras' interpreter threads were chosen, for /health."""
+        configured = self.config.inference.num_threads
+        if configured != 0:
+            return {"chosen_by": "inference.num_threads", "configured": configured}
+        shown: dict[str, Any] = {"chosen_by": "measurement"}
+        if self.tuning is not None:
+            shown.update(self.tuning.health())
+        if self.tuning_error:
+            shown["error"] = self.tuning_error
+        return shown
 
     def _new(self, index: int, source: SourceConfig, cameras: int) -> CameraProcess:
         """A camera process, launched; `cameras`: how many there will be with this one."""
         assert self.card is not None
-        camera = CameraProcess(index, source, self.model, self.card,
-                               threads_per_camera(self.config.inference.num_threads, cameras),
+        camera = CameraProcess(index, source, self.model, self.card, self._threads(cameras),
                                self.config.queue.depth, self.config.inference.score_threshold,
                                self.config.inference.top_k, self.write_lines, self.metrics)
         camera.decode_beside = core_free(cameras)
@@ -79,6 +118,7 @@ class Cameras:
     def load(self, model: Path, card: Card) -> None:
         """At start: a process per configured camera, all loading the model at once."""
         self.model, self.card = model, card
+        self._tune(model, len(self.configured), serving=False)  # before any camera runs
         launched: list[CameraProcess] = []
         try:
             for index, source in enumerate(self.configured):
@@ -110,15 +150,22 @@ class Cameras:
         with self.switching:
             began = time.monotonic()
             old_model, old_card = self.model, self.card
+            old_tuning = self.tuning
+            # measured with the old model's cameras still running (said so, and measured
+            # again quietly at the next start)
+            self._tune(model, len(self.processes), serving=True)
+            threads = self._threads(len(self.processes))
             switched: list[CameraProcess] = []
             try:
                 for camera in self.processes:
-                    camera.switch(model, card)
+                    camera.switch(model, card, threads)
                     switched.append(camera)
             except Exception as exc:
+                self.tuning = old_tuning
                 for camera in switched:
                     with contextlib.suppress(Exception):
-                        camera.switch(old_model, old_card)  # type: ignore[arg-type]
+                        camera.switch(old_model, old_card,  # type: ignore[arg-type]
+                                      self._threads(len(self.processes)))
                 raise StartupError(f"model {model}: {exc}") from None
             self.model, self.card = model, card
             for camera in self.processes:  # stalls are judged from the switch on

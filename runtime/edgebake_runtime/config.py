@@ -80,8 +80,10 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    num_threads: int = setting(2, Int(1, 16), "Interpreter threads of each camera process "
-                               "(at most its share of the cores).")
+    num_threads: int = setting(0, Int(0, 16), "Interpreter threads of each camera process "
+                               "(at most its share of the cores); 0: measured on the unit "
+                               "(1, 2 or all cores, for all cameras at once) at start and "
+                               "at each model switch.")
     score_threshold: float | None = setting(None, Optional(Float(0.0, 1.0)),
                                             "Detections below it are dropped; null: the card's.")
     top_k: int = setting(3, Int(1, 100), "Classes reported per frame by classifiers.")

@@ -146,7 +146,8 @@ class Service:
                                     self.store.state().get("trial"),
                                     rollout.last_swap_gap_sec, self.runtime),
             "sources": snapshot.sources(cameras, now),
-            "inference": snapshot.inference(cameras, self.metrics),
+            "inference": {**snapshot.inference(cameras, self.metrics),
+                          "threads": self.cameras.threads_health()},
             "journal": self.journal.stats(),
             "update": rollout.stats(),
         }

@@ -60,19 +60,57 @@ def bench_runtime(model: Path, replay: Path, seconds: float, threads: int,
                 "two": _child(["pipeline", *common, "2", str(replay), str(work / "r2")])})
         results.update(_median_round(results["rounds"]))
         results["rtsp"] = _child(["rtsp", *common, "1", str(replay), str(work / "r3")])
+        big_model = _with_card(heavier, work) if heavier is not None else local
         if heavier is not None:  # where inference, not Python, is most of each frame's cost
-            big = [str(_with_card(heavier, work)), str(seconds), str(threads)]
+            big = [str(big_model), str(seconds), str(threads)]
             results["heavier"] = {
                 "name": heavier.stem,
                 "raw": _child(["raw", *big, "1", str(replay), str(work / "h0")]),
                 "raw_pair": _child(["raw-pair", *big, "2", str(replay), str(work / "h0")]),
                 "one": _child(["pipeline", *big, "1", str(replay), str(work / "h1")]),
                 "two": _child(["pipeline", *big, "2", str(replay), str(work / "h2")])}
+        results["threads"] = _thread_choice(
+            {"default": local, **({"heavier": big_model} if heavier is not None else {})},
+            work, rounds, progress)
     results["model_mb"] = model.stat().st_size / 2**20
     return results
 
 
+# threads per camera before they were measured on the unit (inference.num_threads: 2)
+FIXED_THREADS = 2
+
+
+def _thread_choice(models: dict[str, Path], work: Path, rounds: int,
+                   progress: Progress | None) -> list[dict[str, Any]]:
+    """What the unit's own measurement (runtime threadtune) picks for 1 and 2 cameras on
+    this host, and its results per second against the fixed 2 threads per camera; medians
+    of `rounds` measurements made one after another."""
+    import statistics
+
+    from edgebake_runtime.cameras import cores, threads_per_camera
+    from edgebake_runtime.threadtune import tune_in_child
+
+    rows = []
+    for label, path in models.items():
+        for cameras in (1, 2):
+            if progress is not None:
+                progress.say(f"threads: {label} model, {cameras} camera(s), {rounds} rounds")
+            runs = [tune_in_child(path, cameras, cores(), work / f"t{label}{cameras}{n}.json",
+                                  False).results_per_sec for n in range(rounds)]
+            rates = {n: statistics.median(r[n] for r in runs) for n in runs[0]}
+            tuned = max(rates, key=lambda n: (rates[n], -int(n)))
+            fixed = str(threads_per_camera(FIXED_THREADS, cameras))
+            rows.append({"model": label, "cameras": cameras, "rates": rates, "tuned": tuned,
+                         "fixed": fixed, "ratio": rates[tuned] / rates[fixed]})
+    return rows
+
+
 def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
+    for row in results.get("threads", []):
+        rates = ", ".join(f"{n} thread(s) {rate:.0f}" for n, rate in row["rates"].items())
+        progress.say(f"threads measured on this host, {row['model']} model, {row['cameras']} "
+                     f"camera(s): results/s {rates}; tuned {row['tuned']} against fixed "
+                     f"{row['fixed']}: ratio {row['ratio']:.2f}")
     raw, pair, one, two = results["raw"], results["raw_pair"], results["one"], results["two"]
     for number, r in enumerate(results["rounds"], 1):
         progress.say(f"round {number}: raw {r['raw']['fps']:.1f} fps, two raw "

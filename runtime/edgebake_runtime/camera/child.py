@@ -286,9 +286,10 @@ class Camera:
 
     def switch_model(self, order: dict[str, Any]) -> None:
         """Load the new model beside the running one, then switch frames over to it."""
+        threads = int(order.get("threads") or self.threads)
         try:
             new = LoadedModel.load(Path(order["model"]), Path(order["card"]), order["version"],
-                                   self.threads, self.model.generation + 1)
+                                   threads, self.model.generation + 1)
         except Exception as exc:  # the old model keeps running; the service decides
             self.send(wire.MODEL_DONE + json.dumps(
                 {"error": f"{type(exc).__name__}: {exc}"[:2000]}).encode())
@@ -296,6 +297,7 @@ class Camera:
         self.source.size_for = new.preprocessor.native_size
         self.clock.typical = new.first_invoke_sec  # it learns the new model's from there
         self.model = new  # frames prepared from now on are for the new model
+        self.threads = threads
         self.send(wire.MODEL_DONE + json.dumps({"error": ""}).encode())
 
     def status(self) -> wire.CameraStatus:

@@ -223,20 +223,25 @@ class CameraProcess(ChildLink):
             self.last_error = status.last_error
 
     # --- model switch ------------------------------------------------------------------
-    def switch(self, model: Path, card: Card, timeout: float = MODEL_TIMEOUT_SEC) -> None:
-        """Have the process load `model` beside the running one and switch to it; raises
-        WorkerStartError (the old model still running) when the model does not load.
+    def switch(self, model: Path, card: Card, threads: int | None = None,
+               timeout: float = MODEL_TIMEOUT_SEC) -> None:
+        """Have the process load `model` (with `threads` interpreter threads, or as many as
+        now) beside the running one and switch to it; raises WorkerStartError (the old model
+        still running) when the model does not load.
 
         A process that is hung (silent, or stuck in an invoke) cannot switch, and a model
         rolled back is often the reason it hangs: it is replaced by a process that starts
         with the new model."""
         with self._order_lock:
+            old_threads = self.num_threads
+            self.num_threads = threads or self.num_threads  # also for a replacement process
             sock = self._sock
             if sock is None or not self._ready or not self._responsive():
                 self._replace(model, card, "hung or gone at a model switch")
                 return
             self._answered.clear()
-            order = {"model": str(model), "card": str(card.path), "version": card.version}
+            order = {"model": str(model), "card": str(card.path), "version": card.version,
+                     "threads": self.num_threads}
             try:
                 sock.send(wire.MODEL + json.dumps(order).encode())
             except OSError:
@@ -247,6 +252,7 @@ class CameraProcess(ChildLink):
                 return
             answer = self._answer or {}
             if answer.get("error"):
+                self.num_threads = old_threads
                 raise WorkerStartError(f"camera {self.name}: {answer['error']}")
             self.model, self.card = model, card
 
