@@ -133,6 +133,12 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
     runtime = manifest["model"]["runtime"]
     assert snap["model"]["runtime"] == runtime["name"]
     assert snap["model"]["runtime_version"] == runtime["version"]
+    # the interpreter threads were measured on this unit, for the model it serves
+    threads = snap["inference"]["threads"]
+    assert threads["chosen_by"] == "measurement" and "error" not in threads, threads
+    assert threads["model_sha256"] == manifest["model"]["sha256"][:16], threads
+    assert set(threads["results_per_sec"]) == {"1", "2"} and threads["threads"] in (1, 2)
+    assert host.file("/data/models/threads.json").user == "edgebake"
     record = json.loads(host.run(f"tail -n 1 $(ls {RESULTS}/results-*.jsonl | tail -n 1)")
                         .stdout)
     assert len(record["id"].split("-")) == 2  # run id and number: unique across restarts
