@@ -26,6 +26,7 @@ BUILD_TOOLS: dict[str, str] = {
     "chroot": "coreutils",
     "faketime": "faketime",
     "zstd": "zstd",
+    "aarch64-linux-gnu-strip": "binutils-aarch64-linux-gnu",
 }
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
