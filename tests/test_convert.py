@@ -264,12 +264,14 @@ def _build_trixie_int8(digits: dict[str, Path], tmp_path: Path) -> None:
                for p in manifest["packages"]), "trixie's python3 is 3.13"
 
 
+# in `invoke test --long`: its base alone is 12-16 minutes of emulated dpkg on a cold cache
 @pytest.mark.image
+@pytest.mark.long
 def test_trixie_int8_model_built_and_verified_in_the_target(digits: dict[str, Path],
                                                             tmp_path: Path) -> None:
     """A Keras 3 model -> int8 -> pi4-trixie image, the model verified inside its root under
-    qemu-user (CI); booting it is in `invoke test --long`, as the same units and code boot
-    on the pi4 image in CI."""
+    qemu-user; the boot after it is the next check. Both are in `invoke test --long`: the
+    same units and code boot on the pi4 image in CI."""
     _build_trixie_int8(digits, tmp_path)
 
 
