@@ -89,6 +89,9 @@ class Cameras:
                 model, max(1, cameras), cores(),
                 Path(self.config.update.dir) / threadtune.STORE_NAME, serving)
             self.tuning_error = ""
+            log.info("interpreter threads per camera: %d (results/s of %d camera(s) by "
+                     "threads: %s)", self.tuning.threads, self.tuning.cameras,
+                     self.tuning.results_per_sec)
         except Exception as exc:  # the model's own load reports a broken model
             self.tuning_error = f"{type(exc).__name__}: {exc}"[:300]
             log.warning("measuring interpreter threads failed: %s", self.tuning_error)
@@ -118,7 +121,9 @@ class Cameras:
     def load(self, model: Path, card: Card) -> None:
         """At start: a process per configured camera, all loading the model at once."""
         self.model, self.card = model, card
-        self._tune(model, len(self.configured), serving=False)  # before any camera runs
+        # before any camera runs, for the cameras there will be (those found by themselves too)
+        found = len(find_cameras()) if self.template is not None else 0
+        self._tune(model, len(self.configured) + found, serving=False)
         launched: list[CameraProcess] = []
         try:
             for index, source in enumerate(self.configured):
