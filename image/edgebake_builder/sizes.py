@@ -3,16 +3,18 @@ each decision to drop or keep something can cite its figure.
 
 Components are folders that mean one thing on a unit (kernel modules, firmware, Python's
 standard library, FFmpeg's libraries, perl, gconv, the model), plus each installed wheel by
-its RECORD and each Debian package by dpkg's Installed-Size. A file counts once, in the first
-component whose pattern matches it; what no component matches is "other".
+its RECORD and each Debian package by its list, both as the files are in the finished root.
+A file counts once, in the first component whose pattern matches it; what no component
+matches is "other".
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
-import re
+from collections.abc import Iterable
 from pathlib import Path
+from stat import S_ISREG
 
 from .steps.install import MODEL_DIR, SITE_DIR
 
@@ -22,12 +24,14 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("firmware", ("usr/lib/firmware/*", "lib/firmware/*")),
     ("boot partition files", ("boot/*",)),
     ("model", (f"{MODEL_DIR.as_posix().lstrip('/')}/*",)),
+    # PyAV's wheel brings its own FFmpeg build and codec libraries
+    ("ffmpeg and codecs", (f"{SITE_DIR.as_posix().lstrip('/')}/av.libs/*",
+                           "usr/lib/*/libav*", "usr/lib/*/libsw*", "usr/lib/*/libx26*",
+                           "usr/lib/*/libvpx*", "usr/lib/*/libdav1d*", "usr/lib/*/libaom*")),
     ("python wheels", (f"{SITE_DIR.as_posix().lstrip('/')}/*",)),
     ("python stdlib", ("usr/lib/python3*/*",)),
     ("perl", ("usr/lib/*/perl*/*", "usr/share/perl*/*", "usr/bin/perl*")),
     ("gconv", ("usr/lib/*/gconv/*",)),
-    ("ffmpeg and codecs", ("usr/lib/*/libav*", "usr/lib/*/libsw*", "usr/lib/*/libx26*",
-                           "usr/lib/*/libvpx*", "usr/lib/*/libdav1d*", "usr/lib/*/libaom*")),
     ("shared libraries", ("usr/lib/*/*.so*",)),
     ("documentation and locales", ("usr/share/doc/*", "usr/share/man/*",
                                    "usr/share/locale/*", "usr/share/i18n/*")),
@@ -60,31 +64,41 @@ def _component(relative: str) -> str:
 
 
 def package_sizes(rootfs: Path) -> dict[str, int]:
-    """Debian packages by installed size in bytes (dpkg's Installed-Size), largest first."""
-    status = rootfs / "var/lib/dpkg/status"
+    """Debian packages by the bytes of their files left in the finished root (dpkg's lists;
+    pruned files no longer count), largest first."""
     found: dict[str, int] = {}
-    if not status.is_file():
-        return found
-    for stanza in status.read_text(errors="replace").split("\n\n"):
-        name = re.search(r"^Package: (\S+)", stanza, re.M)
-        size = re.search(r"^Installed-Size: (\d+)", stanza, re.M)
-        if name and size and "install ok installed" in stanza:
-            found[name.group(1)] = int(size.group(1)) * 1024
-    return dict(sorted(found.items(), key=lambda item: -item[1]))
+    for listing in sorted((rootfs / "var/lib/dpkg/info").glob("*.list")):
+        found[listing.stem.split(":")[0]] = _bytes_of(
+            rootfs, (line.strip() for line in listing.read_text(errors="replace").splitlines()))
+    return dict(sorted(((k, v) for k, v in found.items() if v), key=lambda item: -item[1]))
 
 
 def wheel_sizes(rootfs: Path) -> dict[str, int]:
-    """Installed wheels by the sizes their RECORD lists, largest first."""
+    """Installed wheels by the bytes of the files their RECORD lists, as installed (shared
+    objects are stripped at install), largest first."""
     site = rootfs / SITE_DIR.as_posix().lstrip("/")
     found: dict[str, int] = {}
     for record in sorted(site.glob("*.dist-info/RECORD")):
-        total = 0
-        for line in record.read_text(errors="replace").splitlines():
-            fields = line.rsplit(",", 2)
-            if len(fields) == 3 and fields[2].isdigit():
-                total += int(fields[2])
-        found[record.parent.name.split("-")[0]] = total
+        names = (line.rsplit(",", 2)[0]
+                 for line in record.read_text(errors="replace").splitlines())
+        found[record.parent.name.split("-")[0]] = _bytes_of(
+            rootfs, (f"{SITE_DIR.as_posix()}/{name}" for name in names if name))
     return dict(sorted(found.items(), key=lambda item: -item[1]))
+
+
+def _bytes_of(rootfs: Path, absolute_paths: Iterable[str]) -> int:
+    """Sizes of the regular files among the paths, each inode once."""
+    total = 0
+    seen: set[int] = set()
+    for absolute in absolute_paths:
+        try:
+            stat = os.lstat(rootfs / absolute.lstrip("/"))
+        except OSError:
+            continue
+        if S_ISREG(stat.st_mode) and stat.st_ino not in seen:
+            seen.add(stat.st_ino)
+            total += stat.st_size
+    return total
 
 
 def size_table(rootfs: Path, top: int = 25) -> dict[str, dict[str, int]]:
