@@ -14,10 +14,16 @@ from ..progress import Progress
 from ..recipe import Recipe
 from . import basephases
 
-# mmdebstrap's own hooks that run dpkg under eatmydata (downloaded for the target)
+# mmdebstrap's own hooks: dpkg under eatmydata (downloaded for the target), and /usr merged
+# by directory links where the suite has usr-is-merged, as debootstrap does (the usrmerge
+# package instead converts the tree under qemu-user and pulls in perl)
 EATMYDATA_HOOKS = "/usr/share/mmdebstrap/hooks/eatmydata"
+MERGED_USR_HOOKS = "/usr/share/mmdebstrap/hooks/maybe-merged-usr"
 # Bump when the way the base is made changes, so old cache entries stop matching.
-BOOTSTRAP_FORMAT = 5
+BOOTSTRAP_FORMAT = 6
+# openssh-server's postinst makes host keys under qemu-user when none exist; every unit makes
+# its own at first boot (overlays remove these), so empty files stand in while it installs
+SSH_HOST_KEYS = ("rsa", "ecdsa", "ed25519")
 
 
 def essential_hook(recipe: Recipe) -> str:
@@ -30,18 +36,38 @@ def essential_hook(recipe: Recipe) -> str:
                          + f'CONSOLES="{recipe["kernel.console"]}"\n')
     return "; ".join([
         'mkdir -p "$1/etc/initramfs-tools/conf.d" "$1/usr/share/initramfs-tools/modules.d" '
-        '"$1/etc/default"',
+        '"$1/etc/default" "$1/etc/ssh"',
         'printf "MODULES=list\\n" > "$1/etc/initramfs-tools/conf.d/edgebake.conf"',
         f'printf %s {shlex.quote(modules + chr(10))} > '
         '"$1/usr/share/initramfs-tools/modules.d/edgebake"',
         f'printf %s {shlex.quote(firmware_defaults)} > "$1/etc/default/raspi-firmware"',
+        *(ONE_INITRAMFS if "initramfs-tools" in recipe["packages"] else []),
+        *(f': > "$1/etc/ssh/ssh_host_{kind}_key"' for kind in SSH_HOST_KEYS),
     ])
+
+
+# One initramfs: the kernel's postinst makes it (-c); the updates (-u) that firmware and other
+# packages trigger afterwards would only make the same one again under qemu-user (~37 s each).
+# zstd first, so that the one run compresses as initramfs.conf says.
+ONE_INITRAMFS = (
+    'printf "update_initramfs=no\\n" > "$1/etc/initramfs-tools/update-initramfs.conf"',
+    'APT_CONFIG="$MMDEBSTRAP_APT_CONFIG" apt-get --yes install -oDPkg::Chroot-Directory="$1" zstd',
+)
+
+
+# after every package: the package's own update-initramfs.conf (kept aside by force-confold)
+CUSTOMIZE_HOOK = ('if [ -f "$1/etc/initramfs-tools/update-initramfs.conf.dpkg-dist" ]; then '
+                  'mv "$1/etc/initramfs-tools/update-initramfs.conf.dpkg-dist" '
+                  '"$1/etc/initramfs-tools/update-initramfs.conf"; fi; '
+                  + "; ".join(f'rm -f "$1/etc/ssh/ssh_host_{kind}_key"'
+                              for kind in SSH_HOST_KEYS))
 
 
 def base_key(recipe: Recipe) -> str:
     """Hash of everything that determines the base rootfs, and nothing else."""
     blob = json.dumps({"format": BOOTSTRAP_FORMAT, "settings": recipe.base_values(),
-                       "hook": essential_hook(recipe)}, sort_keys=True)
+                       "hook": essential_hook(recipe), "customize": CUSTOMIZE_HOOK},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -60,7 +86,9 @@ def mmdebstrap_command(recipe: Recipe, output: Path) -> list[str]:
            "--dpkgopt=force-confold", "--dpkgopt=force-confdef",
            # a half-made base is thrown away whole, never resumed: dpkg's fsyncs buy nothing
            f"--hook-dir={EATMYDATA_HOOKS}", "--dpkgopt=force-unsafe-io",
-           f"--essential-hook={essential_hook(recipe)}"]
+           f"--hook-dir={MERGED_USR_HOOKS}",
+           f"--essential-hook={essential_hook(recipe)}",
+           f"--customize-hook={CUSTOMIZE_HOOK}"]
     cmd += [f"--dpkgopt=path-exclude={p}" for p in recipe["dpkg.exclude"]]
     cmd += [f"--dpkgopt=path-include={p}" for p in recipe["dpkg.include"]]
     cmd += [recipe["suite"], str(output), recipe["mirror"]]
