@@ -87,7 +87,18 @@ def test_sshd_is_key_only(host: Any) -> None:
     assert "PasswordAuthentication no" in config
     assert "KbdInteractiveAuthentication no" in config
     assert "PermitRootLogin prohibit-password" in config
-    assert not host.file("/etc/ssh/ssh_host_ed25519_key").exists
+    # each unit makes its own at first boot: none from the build (nor its stand-ins)
+    for kind in ("rsa", "ecdsa", "ed25519"):
+        assert not host.file(f"/etc/ssh/ssh_host_{kind}_key").exists, kind
+
+
+def test_the_initramfs_settings_are_the_packages_own(host: Any) -> None:
+    """The base skips initramfs updates only while its packages install (one initramfs, not
+    three); the image keeps initramfs-tools' own setting."""
+    conf = host.file("/etc/initramfs-tools/update-initramfs.conf")
+    if conf.exists:
+        assert "update_initramfs=no" not in conf.content_string
+        assert not host.file("/etc/initramfs-tools/update-initramfs.conf.dpkg-dist").exists
 
 
 @pytest.mark.parametrize("directive", [
