@@ -543,7 +543,9 @@ def make_key(c: Context, out: str = "signing.key") -> None:
     print(f"{out} (keep it secret) and {out}.pub (goes into recipes: update.public_keys)")
 
 
-@task(help={"model": ".tflite model to ship (default: the project's default model)",
+@task(help={"model": ".tflite model to ship (default: the project's default model), or "
+                     "models:/<name>@<alias> or models:/<name>/<version> with --registry",
+            "registry": "the MLflow server's URL, for a models:/ reference",
             "key": "private key from make-key",
             "version": "bundle version, e.g. 1.4.2 (units only move forward)",
             "target": "recipe target the bundle is for (default pi4)",
@@ -555,12 +557,14 @@ def make_key(c: Context, out: str = "signing.key") -> None:
        iterable=["revoke"])
 @fails_cleanly
 def make_bundle(c: Context, key: str, version: str, out: str, model: str = "",
-                target: str = "pi4", card: str = "", fleet: str = "default",
-                revoke: list[str] | None = None, min_runtime: str = "") -> None:
+                registry: str = "", target: str = "pi4", card: str = "",
+                fleet: str = "default", revoke: list[str] | None = None,
+                min_runtime: str = "") -> None:
     """A signed model bundle: model, card and golden outputs, manifest, ed25519 signature."""
     import tempfile
 
     from edgebake_builder.progress import Progress
+    from edgebake_builder.registry.models import resolve
     from edgebake_builder.signing import build_bundle, read_private_key
     from edgebake_builder.steps.model import prepare_model
     from edgebake_runtime.atomic import write_atomic
@@ -568,16 +572,63 @@ def make_bundle(c: Context, key: str, version: str, out: str, model: str = "",
     private = read_private_key(Path(key))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            prepared = prepare_model(model, Path(tmp), Progress(1))
+            progress = Progress(1)
+            source = resolve(model, registry, Path(tmp), progress)
+            prepared = prepare_model(source.path, Path(tmp), progress, source.registry)
             card_path = Path(card) if card else prepared.card_path
             data = build_bundle({"model.tflite": prepared.model.read_bytes(),
                                  "model.card.json": card_path.read_bytes(),
                                  "model.golden.npz": prepared.golden_path.read_bytes()},
-                                private, version, target, min_runtime, fleet, revoke or [])
+                                private, version, target, min_runtime, fleet, revoke or [],
+                                source.registry)
         write_atomic(Path(out), data)
     except (OSError, ValueError) as exc:
         raise Exit(f"error: {exc}", code=1) from None
-    print(f"{out}: version {version} for {target} in fleet {fleet}, {len(data)} bytes, signed")
+    origin = f" from {model} (version {source.registry['version']})" if source.registry \
+        else ""
+    print(f"{out}: version {version} for {target} in fleet {fleet}{origin}, {len(data)} "
+          "bytes, signed")
+
+
+@task(help={"model": "the converted .tflite (its card from convert-model goes with it)",
+            "registry": "the MLflow server's URL",
+            "name": "the registered model's name",
+            "alias": "alias to point at the new version (repeatable; default champion)",
+            "no_alias": "set no alias"},
+      iterable=["alias"])
+@fails_cleanly
+def register_model(c: Context, model: str, registry: str, name: str,
+                   alias: list[str] | None = None, no_alias: bool = False) -> None:
+    """Log a converted model as a new registry version: card, golden outputs, and figures."""
+    import tempfile
+
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.registry.models import register_converted
+
+    aliases = [] if no_alias else (alias or ["champion"])
+    with tempfile.TemporaryDirectory() as tmp:
+        answer = register_converted(Path(model), registry, name, aliases, Path(tmp),
+                                    Progress(1))
+    tagged = f", alias {', '.join(aliases)}" if aliases else ""
+    print(f"registered {name} version {answer['version']} (run {answer['run_id']}){tagged}: "
+          f"models:/{name}/{answer['version']} on {registry}")
+
+
+@task(help={"port": "port on 127.0.0.1", "dir": "folder for its database and artifacts"})
+@fails_cleanly
+def registry_serve(c: Context, port: int = 5000, dir: str = "registry") -> None:
+    """Run an MLflow model registry on 127.0.0.1 (SQLite, local artifacts) until Ctrl-C."""
+    import time
+
+    from edgebake_builder.registry.server import RegistryServer
+
+    with RegistryServer.start(Path(dir), port) as server:
+        print(f"MLflow registry on {server.uri} (data in {dir}/, log {server.log}); Ctrl-C "
+              "stops it", flush=True)
+        while server.proc.poll() is None:
+            time.sleep(1)
+        raise Exit(f"error: the MLflow server exited ({server.proc.returncode}); see "
+                   f"{server.log}", code=1)
 
 
 @task(help={"bundle": ".ebundle to check", "public_key": "trusted public key file(s)",

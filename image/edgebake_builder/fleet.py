@@ -23,6 +23,9 @@ class UnitView:
     healthy: bool | None = None
     model: str = ""
     sha256: str = ""
+    registry: str = ""  # name/version of the registered model it runs
+    group: str = ""
+    trial: bool = False
     last_result_ts: float | None = None
     published_age_sec: float | None = None
     status: str = ""
@@ -138,6 +141,11 @@ def _read_health(view: UnitView, payload: bytes) -> None:
     model = snap.get("model") or {}
     view.model = str(model.get("version", ""))
     view.sha256 = str(model.get("sha256", ""))[:12]
+    registry = model.get("registry")
+    if isinstance(registry, dict):
+        view.registry = f"{registry.get('name', '?')}/{registry.get('version', '?')}"
+    view.trial = bool(model.get("trial"))
+    view.group = str(snap.get("group") or "")
     journal = snap.get("journal") or {}
     stamp = journal.get("last_written_ts")
     view.last_result_ts = float(stamp) if isinstance(stamp, (int, float)) else None
@@ -148,14 +156,16 @@ def _read_health(view: UnitView, payload: bytes) -> None:
 
 
 def table(units: dict[str, UnitView]) -> str:
-    rows = [("device", "link", "health", "model", "sha256", "last result", "status")]
+    rows = [("device", "link", "health", "model", "sha256", "registry", "last result",
+             "status")]
     now = time.time()
     for name in sorted(units):
         u = units[name]
         health = "?" if u.healthy is None else ("healthy" if u.healthy else "UNHEALTHY")
         last = "never" if u.last_result_ts is None else \
             f"{_age(now - u.last_result_ts)} ago"
-        rows.append((name, u.online, health, u.model or "?", u.sha256 or "?", last, u.status))
+        rows.append((name, u.online, health, u.model or "?", u.sha256 or "?",
+                     u.registry or "-", last, u.status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  "
              + r[-1] for r in rows]

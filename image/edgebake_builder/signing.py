@@ -82,9 +82,10 @@ def _signer(private_raw: bytes) -> tuple[Any, str]:
 
 def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, target: str,
                  min_runtime: str = "", fleet: str = DEFAULT_FLEET,
-                 revokes: Sequence[str] = ()) -> bytes:
+                 revokes: Sequence[str] = (), registry: dict[str, str] | None = None) -> bytes:
     """The bundle's bytes, signed with the 32-byte private key. `revokes`: key ids the
-    units stop trusting once they take this bundle (not the key signing it)."""
+    units stop trusting once they take this bundle (not the key signing it). `registry`:
+    the registered model version it was made from."""
     version_key(version)
     if min_runtime:
         version_key(min_runtime)
@@ -98,6 +99,7 @@ def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, targ
     manifest = {"format": BUNDLE_FORMAT, "version": version, "target": target,
                 "fleet": fleet, "created": created, "min_runtime": min_runtime,
                 "revokes": sorted(revokes), "key_id": signer,
+                **({"registry": registry} if registry else {}),
                 "members": {name: {"sha256": hashlib.sha256(data).hexdigest(),
                                    "size": len(data)} for name, data in sorted(files.items())}}
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()

@@ -4,10 +4,12 @@ Topics: `edgebake/<device>/update` and, with `update.mqtt_group`, `edgebake/grou
 An order is signed (`invoke send-order`, see `update.accept_order`): `EBORDER1 <signature>`, a
 newline, and the JSON it signs, which names the key, a number larger than any order's before
 (a recorded order cannot be replayed), the fleet and the topic's device or group, and either
-`url` of a bundle or the bundle itself in base64 (up to MAX_INLINE_BYTES). Nothing in it is
-parsed before the signature checks out. The bundle then goes through every check of
-`edgebake-update apply`. Each step is reported, retained, on `edgebake/<device>/update/status`
-as JSON {at, step, detail}.
+`url` of a bundle, the bundle itself in base64 (up to MAX_INLINE_BYTES), or `rollback` with the
+version to leave. Nothing in it is parsed before the signature checks out. The bundle then goes
+through every check of `edgebake-update apply`. Each step is reported, retained, on
+`edgebake/<device>/update/status` as JSON {at, step, detail, seq, version}: `seq` is the number
+of the order it answers, so a rollout tells its own answers from older ones. A model taken on
+trial gets its verdict there too (`confirmed` or `rolled-back`, with the order's number).
 
 Orders are taken only over TLS from an authenticated broker (the config refuses
 `update.mqtt_commands` otherwise), a URL only from `update.allowed_origins` (and the pull URL's
@@ -44,21 +46,24 @@ MAX_ORDERS = 6
 RATE_WINDOW_SEC = 3600.0
 URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
 
-ApplyBundle = Callable[[Path], str]
+ApplyBundle = Callable[[Path, int], str]  # (bundle, the order's number)
+RollBack = Callable[[str], str]  # (version to leave) -> what runs now
 AcceptOrder = Callable[[str, bytes], dict[str, Any]]  # (device or group/<name>, payload)
-Publish = Callable[[str, str], None]  # (step, detail)
+Publish = Callable[[str, str, int, str], None]  # (step, detail, order number, version)
 
 
 class UpdateCommands:
     def __init__(self, folder: Path, accept: AcceptOrder, apply: ApplyBundle, user_agent: str,
-                 origins: tuple[str, ...] = ()) -> None:
+                 origins: tuple[str, ...] = (), rollback: RollBack | None = None) -> None:
         self.folder = folder
         self.accept = accept
         self.origins = origins  # where an ordered URL may point
         self._handled: collections.deque[float] = collections.deque()  # when, for the rate
         self.apply = apply
+        self.rollback = rollback
         self.user_agent = user_agent
-        self.publish: Publish = lambda step, detail: None
+        self.publish: Publish = lambda step, detail, seq, version: None
+        self.seq = 0  # the number of the order being worked on
         self._pending: tuple[str, bytes] | None = None  # (topic, payload)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -91,6 +96,7 @@ class UpdateCommands:
     def handle(self, topic: str, payload: bytes) -> str:
         """Check, fetch or unpack, apply, report; returns the step it ended on."""
         target = self.folder / "incoming" / "ordered.ebundle"
+        self.seq = 0
         try:
             try:  # the signature first: unsigned orders never count against the rate
                 order = self.accept(topic.removeprefix("edgebake/").removesuffix("/update"),
@@ -98,6 +104,8 @@ class UpdateCommands:
             except BundleError as exc:
                 self.refused += 1
                 return self._report("refused", f"{topic}: {exc}")
+            seq = order.get("seq")
+            self.seq = seq if isinstance(seq, int) else 0
             now = time.monotonic()
             while self._handled and now - self._handled[0] > RATE_WINDOW_SEC:
                 self._handled.popleft()
@@ -106,11 +114,13 @@ class UpdateCommands:
                 return self._report("refused", f"{topic}: more than {MAX_ORDERS} orders in "
                                     f"{RATE_WINDOW_SEC / 60:.0f} min; try again later")
             self._handled.append(now)
+            if "rollback" in order:
+                return self._roll_back(topic, order.get("rollback"))
             if not self._fetch(topic, order, target):
                 return "refused"
             self._report("checking", f"{target.stat().st_size} bytes")
             try:
-                line = self.apply(target)
+                line = self.apply(target, self.seq)
             except (BundleError, ModelError) as exc:
                 self.refused += 1
                 return self._report("refused", str(exc))
@@ -120,6 +130,22 @@ class UpdateCommands:
             return self._report("error", f"{type(exc).__name__}: {exc}")
         finally:
             target.unlink(missing_ok=True)
+
+    def _roll_back(self, topic: str, version: Any) -> str:
+        """A signed order to leave `version` for the model before it (a rollout's abort)."""
+        if not isinstance(version, str) or self.rollback is None:
+            self.refused += 1
+            return self._report("refused", f"{topic}: rollback: expected the version to leave")
+        try:
+            line = self.rollback(version)
+        except BundleError as exc:
+            self.refused += 1
+            return self._report("refused", str(exc), version)
+        return self._report("rolled-back", line, version)
+
+    def verdict(self, step: str, detail: str, seq: int, version: str) -> None:
+        """A trial's end (confirmed or rolled-back), answering the order that began it."""
+        self._report(step, detail, version, seq)
 
     def _fetch(self, topic: str, order: dict[str, Any], target: Path) -> bool:
         """The ordered bundle into `target`: downloaded from an allowed origin, or decoded."""
@@ -148,12 +174,13 @@ class UpdateCommands:
         target.write_bytes(data)
         return True
 
-    def _report(self, step: str, detail: str) -> str:
+    def _report(self, step: str, detail: str, version: str = "", seq: int | None = None
+                ) -> str:
         detail = redact_text(detail)
         self.last = f"{step}: {detail}"[:300]
         log.info("update order: %s", self.last)
         try:
-            self.publish(step, detail[:500])
+            self.publish(step, detail[:500], self.seq if seq is None else seq, version)
         except Exception as exc:  # a lost report must not lose the update itself
             log.warning("update status not published: %s", exc)
         return step

@@ -147,12 +147,13 @@ class ModelStore:
         assert slot is not None
         return slot
 
-    def start_trial(self, version: str, window_sec: float) -> None:
+    def start_trial(self, version: str, window_sec: float, order_seq: int = 0) -> None:
         with self.changing:
             state = self.state()
             self._write_state({**state, "current": version, "previous": state.get("current"),
                                "trial": {"version": version, "started": time.time(),
-                                         "boot_id": boot_id(), "window_sec": window_sec}})
+                                         "boot_id": boot_id(), "window_sec": window_sec,
+                                         "order": order_seq}})
 
     def confirm(self) -> None:
         """The model on trial passed its window; its version becomes the floor no update may

@@ -100,9 +100,10 @@ class MqttPublisher:
         if self.on_command is not None and message.topic in self.command_topics:
             self.on_command(message.topic, bytes(message.payload))
 
-    def publish_update_status(self, step: str, detail: str) -> None:
+    def publish_update_status(self, step: str, detail: str, seq: int, version: str) -> None:
         """Each step of an ordered update, retained, for whoever ordered it."""
-        body = json.dumps({"at": round(time.time(), 3), "step": step, "detail": detail})
+        body = json.dumps({"at": round(time.time(), 3), "step": step, "detail": detail,
+                           "seq": seq, "version": version})
         self.client.publish(f"edgebake/{self.device}/update/status", body, qos=1, retain=True)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,

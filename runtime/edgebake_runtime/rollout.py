@@ -51,6 +51,7 @@ class Rollout:
         self.threads: list[Supervised] = []
         self.puller: Any = None  # BundlePuller when update.pull_url is set
         self.commands: Any = None  # UpdateCommands when update.mqtt_commands is on
+        self._untold: tuple[dict[str, Any], str] | None = None  # a verdict from before MQTT
 
     # --- at start ----------------------------------------------------------------------
     def load_first(self) -> Card:
@@ -65,9 +66,11 @@ class Rollout:
             except StartupError as exc:
                 if slot is None:
                     raise
-                self.store.audit("rollback", reason=f"model {slot.version} does not load: "
-                                 f"{exc}")
-                self.store.rollback()  # the previous slot, at last the image's own model
+                trial = self.store.state().get("trial")
+                reason = f"model {slot.version} does not load: {exc}"
+                if trial and trial.get("version") == slot.version:
+                    self._untold = (trial, reason)
+                self._roll_back(slot.version, reason)  # at last the image's own model
         self.running_version = slot.version if slot else None
         return card
 
@@ -93,9 +96,8 @@ class Rollout:
         """A model still on trial from an earlier boot did not survive its window."""
         trial = self.store.state().get("trial")
         if trial and trial.get("boot_id") != boot_id():
-            self.store.audit("rollback", version=trial.get("version"),
-                             reason="the unit rebooted inside the health window")
-            self.store.rollback()
+            self._untold = (trial, "the unit rebooted inside the health window")
+            self._roll_back(trial.get("version"), self._untold[1])
 
     def start(self, mqtt: Any) -> None:
         self._supervise("model-watch", self._watch_models)
@@ -124,19 +126,43 @@ class Rollout:
                                                 else []))
         self.commands = UpdateCommands(self.store.root, self.updates.accept_order,
                                        self.apply_bundle,
-                                       f"edgebake/{mqtt.device}", origins)
+                                       f"edgebake/{mqtt.device}", origins, self.leave)
         self.commands.publish = mqtt.publish_update_status
+        if self._untold is not None:  # sent once the broker connects (QoS 1)
+            self._tell("rolled-back", *self._untold)
         mqtt.command_topics = [f"edgebake/{mqtt.device}/update"]
         if self.config.update.mqtt_group:
             mqtt.command_topics.append(f"edgebake/group/{self.config.update.mqtt_group}/update")
         mqtt.on_command = self.commands.order
         self._supervise("update-orders", partial(self.commands.run, self.stop))
 
-    def apply_bundle(self, bundle: Path) -> str:
+    def apply_bundle(self, bundle: Path, order_seq: int = 0) -> str:
         """A pulled or ordered bundle through every check of `edgebake-update apply`; the
         model watch then switches to it like to any other."""
         with self._apply_lock:  # a pulled and an ordered bundle never install at once
-            return self.updates.apply(bundle)
+            return self.updates.apply(bundle, order_seq=order_seq)
+
+    def leave(self, version: str) -> str:
+        """An ordered rollback (a rollout's abort): back to the model before `version`, only
+        while `version` is the one that should run."""
+        with self._apply_lock:
+            current = self.store.state().get("current")
+            if current != version:
+                raise BundleError(f"rollback of {version} refused: this unit runs "
+                                  f"{current or 'the image model'}")
+            now = self._roll_back(version, "ordered")
+        return f"left {version}; running {now or 'the image model'}"
+
+    def _roll_back(self, version: Any, reason: str) -> str | None:
+        self.store.audit("rollback", version=version, reason=reason)
+        return self.store.rollback()
+
+    def _tell(self, step: str, trial: dict[str, Any] | None, detail: str) -> None:
+        """A trial's verdict on the update status topic, for the rollout that ordered it."""
+        if self.commands is not None and trial:
+            seq = trial.get("order")
+            self.commands.verdict(step, detail, seq if isinstance(seq, int) else 0,
+                                  str(trial.get("version")))
 
     # --- the switch ----------------------------------------------------------------------
     def swap_to(self, slot: Slot | None) -> None:
@@ -184,8 +210,9 @@ class Rollout:
                 self.store.audit("serving", version=wanted or "image model",
                                  switch_sec=round(self.last_swap_gap_sec or 0, 3))
             except StartupError as exc:
-                self.store.audit("rollback", version=wanted, reason=str(exc))
-                self.store.rollback()
+                trial = self.store.state().get("trial")
+                self._roll_back(wanted, str(exc))
+                self._tell("rolled-back", trial, str(exc))
 
     # --- the trial -----------------------------------------------------------------------
     def judge_trial(self, serving: str, healthy: bool, restart_helps: bool,
@@ -205,13 +232,14 @@ class Rollout:
         elif new_results + new_errors >= 20 and rate > limit:
             reason = f"inference errors {rate:.0%} in the health window (limit {limit:.0%})"
         if reason:
-            self.store.audit("rollback", version=trial["version"], reason=reason)
             log.error("model %s rolled back: %s", trial["version"], reason)
-            self.store.rollback()
+            self._roll_back(trial["version"], reason)
+            self._tell("rolled-back", trial, reason)
         elif healthy and time.time() - float(trial["started"]) >= float(trial["window_sec"]):
             self.store.confirm()
             self.store.audit("confirmed", version=trial["version"])
             log.info("model %s confirmed after its health window", trial["version"])
+            self._tell("confirmed", trial, f"healthy for {float(trial['window_sec']):g} s")
 
     def stats(self) -> dict[str, Any]:
         pull = next((t for t in self.threads if t.name == "update-pull"), None)

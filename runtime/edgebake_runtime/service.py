@@ -142,6 +142,7 @@ class Service:
             "status": status if self.ready or healthy else f"starting: {status}",
             "uptime_sec": round(now - self.started, 1),
             "device_id": self.config.device_id,
+            "group": self.config.update.mqtt_group,
             "model": snapshot.model(self.card, str(self.cameras.model), rollout.swaps,
                                     self.store.state().get("trial"),
                                     rollout.last_swap_gap_sec, self.runtime),

@@ -45,5 +45,6 @@ def inference(cameras: list[CameraProcess], metrics: Metrics) -> dict[str, Any]:
 def model(card: Card, path: str, swaps: int, trial: Any, last_switch_sec: float | None,
           runtime: tuple[str, str]) -> dict[str, Any]:
     return {"version": card.version, "sha256": card.sha256, "task": card.task, "path": path,
+            "registry": card.data.get("registry"),
             "swaps": swaps, "trial": trial, "last_switch_sec": last_switch_sec,
             "runtime": runtime[0], "runtime_version": runtime[1]}

@@ -74,8 +74,10 @@ def measure_latency_ms(model: Path, card_path: Path) -> float:
 
 
 def apply(bundle_path: Path, store: ModelStore, keys: dict[str, Any], made_for: tuple[str, str],
-          current_version: str, settings: UpdateSettings, allow_rollback: bool) -> str:
-    """All checks, then the slot and the trial; returns the line to print."""
+          current_version: str, settings: UpdateSettings, allow_rollback: bool,
+          order_seq: int = 0) -> str:
+    """All checks, then the slot and the trial; returns the line to print. `order_seq`: the
+    number of the MQTT order that brought the bundle, kept with the trial for its verdict."""
     store.audit("received", bundle=str(bundle_path))
     trial = store.state().get("trial")
     if trial:  # its `previous` would become an unconfirmed model
@@ -110,7 +112,7 @@ def apply(bundle_path: Path, store: ModelStore, keys: dict[str, Any], made_for: 
                               f"update.max_latency_ms {budget:g}")
         store.audit("latency ok", version=bundle.version, p50_ms=round(latency, 3))
     store.write_slot(bundle)
-    store.start_trial(bundle.version, settings.window_sec)
+    store.start_trial(bundle.version, settings.window_sec, order_seq)
     store.audit("trial started", version=bundle.version, window_sec=settings.window_sec)
     return (f"model {bundle.version} installed and on trial for {settings.window_sec:g}s "
             f"(golden ok, latency {latency:.1f} ms); the service switches to it without a "
@@ -170,10 +172,10 @@ class UnitUpdates:
         return trusted_keys(Path(self.settings.keys_dir), self.store.state().get("revoked")
                             or ())
 
-    def apply(self, bundle: Path, allow_rollback: bool = False) -> str:
+    def apply(self, bundle: Path, allow_rollback: bool = False, order_seq: int = 0) -> str:
         return apply(bundle, self.store, self.keys(), unit_target(self.settings),
                      current_version(self.store, self.baked_card), self.settings,
-                     allow_rollback)
+                     allow_rollback, order_seq)
 
     def accept_order(self, to: str, payload: bytes) -> dict[str, Any]:
         """An order's fields, once it is signed by a trusted key for this fleet and for `to`

@@ -1,8 +1,9 @@
-"""Converter toolchains that cannot share the main venv, each in a venv of its own.
+"""Toolchains that cannot share the main venv, each in a venv of its own.
 
-litert-torch needs numpy 2 where tflite-runtime 2.14 needs numpy 1, and onnx2tf pins
-TensorFlow 2.19 exactly. Each toolchain is a venv under the cache, keyed by its pinned
-requirements, made on first use (minutes, shown as it goes) and reused after that. The
+litert-torch needs numpy 2 where tflite-runtime 2.14 needs numpy 1, onnx2tf pins
+TensorFlow 2.19 exactly, and MLflow (the model registry) brings a web and database stack.
+Each toolchain is a venv under the cache, keyed by its pinned requirements, made on first use
+(minutes, shown as it goes) and reused after that. The
 project's own packages reach a toolchain's processes through their PYTHONPATH, from the
 checkout that runs them: an install there would drag the main venv's pins in, and one
 toolchain serves every checkout on the machine.
@@ -30,7 +31,7 @@ from ..errors import BuildError
 from .jsonchild import run_json_child
 
 REQUIREMENTS = Path(__file__).resolve().parent / "toolchains"
-TOOLCHAINS = ("torch", "onnx2tf")
+TOOLCHAINS = ("torch", "onnx2tf", "mlflow")
 READY = ".edgebake-ready"
 
 
@@ -72,8 +73,8 @@ def _make(name: str, target: Path, say: Any) -> None:
     leaves no venv that looks ready."""
     target.parent.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    say(f"      installing the {name} converter toolchain into {target} (once; a few minutes, "
-        "2-8 GB)")
+    say(f"      installing the {name} toolchain into {target} (once; a few minutes, "
+        "1-8 GB)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         _run([sys.executable, "-m", "venv", str(tmp)], name)
@@ -93,7 +94,7 @@ def _run(cmd: list[str], name: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
-        raise BuildError(f"installing the {name} converter toolchain failed: {tail[0][:300]}")
+        raise BuildError(f"installing the {name} toolchain failed: {tail[0][:300]}")
 
 
 def call(name: str, module: str, action: str, payload: dict[str, Any],

@@ -78,8 +78,11 @@ def fetch_locked_model(locked: LockedModel, progress: Progress) -> Path:
     return target
 
 
-def prepare_model(model_arg: str, workdir: Path, progress: Progress) -> PreparedModel:
-    """Resolve the model, copy it into the work dir and give it a card and golden outputs."""
+def prepare_model(model_arg: str, workdir: Path, progress: Progress,
+                  registry: dict[str, str] | None = None) -> PreparedModel:
+    """Resolve the model, copy it into the work dir and give it a card and golden outputs.
+    `registry`: where a registered model came from (uri, name, version, run id, source
+    sha256), kept in the card for /health and the fleet."""
     if model_arg:
         source = Path(model_arg)
         if not source.is_file():
@@ -96,6 +99,8 @@ def prepare_model(model_arg: str, workdir: Path, progress: Progress) -> Prepared
     shutil.copyfile(source, model)
     card_path = card_path_for(model)
     extra = _user_card_fields(source, model)
+    if registry:
+        extra = {**(extra or {}), "registry": registry}
     card = write_card(model, card_path, name=name, extra=extra)
     progress.say(f"      model {model.name}: task {card['task']}, {card['size_bytes']} bytes, "
                  f"ops {len(card['ops'])}, sha256 {card['sha256'][:16]}…")
@@ -117,7 +122,7 @@ def _user_card_fields(source: Path, copied: Path) -> dict[str, Any] | None:
         raise BuildError(f"{existing}: sha256 does not match {source}; regenerate the card "
                          "(invoke convert-model) or delete it")
     keep = ("task", "labels", "preprocessing", "postprocessing", "accuracy", "tools", "version",
-            "source", "source_model", "quantization")
+            "source", "source_model", "quantization", "registry")
     return {k: data[k] for k in keep if k in data}
 
 
