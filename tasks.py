@@ -171,6 +171,48 @@ def fleet_status(c: Context, broker: str, port: int = 1883, wait: float = 2.0,
     print(table(units))
 
 
+@task(help={**BROKER_HELP, "bundle": "the signed .ebundle to roll out",
+            "key": "private key that signed it (the orders are signed with it too)",
+            "group": "every unit that reports this update.mqtt_group",
+            "units": "or these device ids, comma-separated",
+            "stages": "units by the end of each stage: counts or percentages",
+            "max_failures": "stop once more units than this have failed",
+            "health_window": "seconds each unit runs the model on trial before it confirms",
+            "deadline": "seconds a unit may stay silent (offline) before it counts as failed",
+            "target": "the units' target; the bundle must be made for it",
+            "url": "where units download the bundle (default: inside the order, up to 4 MiB)",
+            "state": "the rollout's state file (default <bundle>.rollout.json)",
+            "resume": "go on with the rollout in the state file",
+            "status": "print the state file's table and exit",
+            "abort": "roll the units that took it back to their previous model"})
+@fails_cleanly
+def rollout(c: Context, bundle: str, broker: str = "", key: str = "signing.key",
+            group: str = "", units: str = "", stages: str = "1,10%,50%,100%",
+            max_failures: int = 0, health_window: float = 600.0, deadline: float = 3600.0,
+            target: str = "pi4", url: str = "", state: str = "", resume: bool = False,
+            status: bool = False, abort: bool = False, port: int = 8883, username: str = "",
+            password: str = "", ca_file: str = "") -> None:
+    """Roll a bundle out in stages over MQTT, stopping at the failure threshold."""
+    from edgebake_builder.fleet import Broker
+    from edgebake_builder.rollout.run import Rollout, RolloutRequest
+    from edgebake_builder.rollout.state import default_state_path, load_state, table
+
+    state_path = Path(state) if state else default_state_path(Path(bundle))
+    if status:
+        print(table(load_state(state_path)))
+        return
+    if not broker:
+        raise Exit("error: --broker: expected the fleet's MQTT broker host", code=1)
+    request = RolloutRequest(Path(bundle), Broker(broker, port, username, password, ca_file),
+                             Path(key), stages, group, units, max_failures, health_window,
+                             deadline, target, url, state_path, resume or abort)
+    engine = Rollout(request)
+    done = engine.abort() if abort else engine.run()
+    print(table(done))
+    if done.phase == "stopped":
+        raise Exit(f"error: rollout {done.note}", code=1)
+
+
 @task(help={**BROKER_HELP, "to": "a unit's device id, or group/<name>",
             "key": "private key from make-key (one the units trust)",
             "url": "the bundle's URL (its origin in the units' update.allowed_origins)",
@@ -273,6 +315,25 @@ def toolchain(c: Context, name: str = "torch") -> None:
     if name not in TOOLCHAINS:
         raise BuildError(f"--name: expected one of {', '.join(TOOLCHAINS)}, found {name!r}")
     print(python_for(name, say=lambda line: print(line, file=sys.stderr)))
+
+
+@task(help={"units": "how many unit processes (each about 60 MiB)",
+            "max_failures": "the bad bundle's failure threshold"})
+@fails_cleanly
+def bench_rollout(c: Context, units: int = 10, max_failures: int = 1) -> None:
+    """A fleet of real unit processes on one broker: a good staged rollout, then a bad one."""
+    from edgebake_builder.bench.rollout import bench_rollout as run_bench
+    from edgebake_builder.progress import Progress
+
+    if not 1 <= units <= 500:
+        raise Exit("error: --units: expected 1 to 500", code=1)
+    result = run_bench(units, max_failures, Progress(5))
+    print(f"memory per unit: {result.memory_mib_per_unit:.0f} MiB (service and camera "
+          "process, proportional set size)")
+    print(result.line())
+    if result.confirmed != units or result.left_on_bad:
+        raise Exit("error: the rollouts did not end as they must (all confirmed, none left "
+                   "on the bad bundle)", code=1)
 
 
 @task(help={"seconds": "measuring time per case", "threads": "interpreter num_threads",

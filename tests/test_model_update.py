@@ -334,8 +334,12 @@ def test_mqtt_orders_for_a_group_and_for_one_unit(tmp_path: Path, default_model:
                 assert running.health()["model"]["version"] == "2.0"
                 wait_for(lambda: running.health()["healthy"], 30, "a healthy unit")
         steps = [s["step"] for s in statuses]
-        assert steps == ["downloading", "checking", "applied", "refused", "refused", "refused",
-                         "checking", "refused"], steps
+        assert steps == ["downloading", "checking", "applied", "confirmed", "refused",
+                         "refused", "refused", "checking", "refused"], steps
+        # the verdict answers the order that began the trial, by its number
+        ordered_seq = json.loads(ordered.partition(b"\n")[2])["seq"]
+        assert [s["seq"] for s in statuses[:4]] == [ordered_seq] * 4, statuses[:4]
+        assert statuses[3]["version"] == "2.0", statuses[3]
         details = [s["detail"] for s in statuses if s["step"] == "refused"]
         assert "a replayed order" in details[0], details
         assert "not a signed order" in details[1], details
@@ -373,10 +377,10 @@ def test_orders_go_only_to_allowed_origins_never_elsewhere_and_are_rate_limited(
     try:
         # orders taken as signed (the signature's own checks are the MQTT test's)
         orders = commands.UpdateCommands(tmp_path, lambda to, payload: json.loads(payload),
-                                         lambda p: applied.append(p) or "ok", "test",
-                                         (allowed,))
+                                         lambda p, seq, window: applied.append(p) or "ok",
+                                         "test", (allowed,))
         reports: list[tuple[str, str]] = []
-        orders.publish = lambda step, detail: reports.append((step, detail))
+        orders.publish = lambda step, detail, seq, version: reports.append((step, detail))
         assert orders.handle("t", json.dumps({"url": "https://evil.example/b"}).encode()) \
             == "refused"
         assert "not in update.allowed_origins" in reports[-1][1], reports

@@ -51,7 +51,7 @@ def _paho() -> Any:
     return mqtt
 
 
-def _connected(broker: Broker, on_message: Any = None,
+def connect(broker: Broker, on_message: Any = None,
                topics: tuple[str, ...] = ()) -> Any:
     """A client with its network loop running, connected (and subscribed to `topics`);
     BuildError with one line when the broker is out of reach or refuses."""
@@ -102,7 +102,7 @@ def collect(broker: Broker, wait_sec: float) -> dict[str, UnitView]:
             else:
                 _read_health(view, message.payload)
 
-    client = _connected(broker, on_message, ("edgebake/+/status", "edgebake/+/health"))
+    client = connect(broker, on_message, ("edgebake/+/status", "edgebake/+/health"))
     try:
         time.sleep(wait_sec)  # retained messages come at once; live ones within the wait
     finally:
@@ -115,7 +115,7 @@ def send_order(broker: Broker, to: str, order: bytes) -> str:
     """Publish a signed order (QoS 1) on the topic of a unit or `group/<name>`; returns the
     topic once the broker has it."""
     topic = f"edgebake/{to}/update"
-    client = _connected(broker)
+    client = connect(broker)
     try:
         sent = client.publish(topic, order, qos=1)
         sent.wait_for_publish(30)

@@ -80,6 +80,12 @@ def _signer(private_raw: bytes) -> tuple[Any, str]:
     return private, key_id(public)
 
 
+def public_key_of(private_raw: bytes) -> tuple[Any, str]:
+    """The public key object and key id that go with a private key."""
+    private, signer = _signer(private_raw)
+    return private.public_key(), signer
+
+
 def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, target: str,
                  min_runtime: str = "", fleet: str = DEFAULT_FLEET,
                  revokes: Sequence[str] = (), registry: dict[str, str] | None = None) -> bytes:
@@ -116,19 +122,25 @@ def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, targ
 
 
 def sign_order(private_raw: bytes, to: str, fleet: str = DEFAULT_FLEET, url: str = "",
-               bundle: bytes = b"", seq: int | None = None) -> bytes:
+               bundle: bytes = b"", seq: int | None = None, window_sec: float | None = None,
+               rollback: str = "") -> bytes:
     """An MQTT update order for one unit (`to` = its device id) or a group (`group/<name>`):
-    a bundle's URL or the bundle itself, numbered (by default microseconds since 1970, so
-    each order is above the last) and signed, as `edgebake_runtime.update` checks it."""
-    if bool(url) == bool(bundle):
-        raise BundleError("an order holds either a url or a bundle")
+    a bundle's URL or the bundle itself (with the trial's health window, if given), or the
+    version to roll back from; numbered (by default microseconds since 1970, so each order
+    is above the last) and signed, as `edgebake_runtime.update` checks it."""
+    if sum(map(bool, (url, bundle, rollback))) != 1:
+        raise BundleError("an order holds one of a url, a bundle or a rollback")
     private, signer = _signer(private_raw)
     order: dict[str, Any] = {"key_id": signer, "to": to, "fleet": fleet,
                              "seq": time.time_ns() // 1000 if seq is None else seq}
-    if url:
+    if rollback:
+        order["rollback"] = rollback
+    elif url:
         order["url"] = url
     else:
         order["bundle"] = base64.b64encode(bundle).decode("ascii")
+    if window_sec is not None and not rollback:
+        order["window_sec"] = window_sec
     text = json.dumps(order, sort_keys=True).encode()
     signature: bytes = private.sign(text)
     return ORDER_TAG + signature.hex().encode("ascii") + b"\n" + text

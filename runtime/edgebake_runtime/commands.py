@@ -4,8 +4,9 @@ Topics: `edgebake/<device>/update` and, with `update.mqtt_group`, `edgebake/grou
 An order is signed (`invoke send-order`, see `update.accept_order`): `EBORDER1 <signature>`, a
 newline, and the JSON it signs, which names the key, a number larger than any order's before
 (a recorded order cannot be replayed), the fleet and the topic's device or group, and either
-`url` of a bundle, the bundle itself in base64 (up to MAX_INLINE_BYTES), or `rollback` with the
-version to leave. Nothing in it is parsed before the signature checks out. The bundle then goes
+`url` of a bundle or the bundle itself in base64 (up to MAX_INLINE_BYTES), with an optional
+`window_sec` for its trial (the rollout's health window), or `rollback` with the version to
+leave. Nothing in it is parsed before the signature checks out. The bundle then goes
 through every check of `edgebake-update apply`. Each step is reported, retained, on
 `edgebake/<device>/update/status` as JSON {at, step, detail, seq, version}: `seq` is the number
 of the order it answers, so a rollout tells its own answers from older ones. A model taken on
@@ -46,7 +47,8 @@ MAX_ORDERS = 6
 RATE_WINDOW_SEC = 3600.0
 URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
 
-ApplyBundle = Callable[[Path, int], str]  # (bundle, the order's number)
+ApplyBundle = Callable[[Path, int, float | None], str]  # (bundle, order number, window)
+MAX_WINDOW_SEC = 86400.0
 RollBack = Callable[[str], str]  # (version to leave) -> what runs now
 AcceptOrder = Callable[[str, bytes], dict[str, Any]]  # (device or group/<name>, payload)
 Publish = Callable[[str, str, int, str], None]  # (step, detail, order number, version)
@@ -118,9 +120,16 @@ class UpdateCommands:
                 return self._roll_back(topic, order.get("rollback"))
             if not self._fetch(topic, order, target):
                 return "refused"
+            window = order.get("window_sec")
+            if window is not None and (not isinstance(window, (int, float)) or
+                                       isinstance(window, bool) or
+                                       not 0 <= window <= MAX_WINDOW_SEC):
+                self.refused += 1
+                return self._report("refused", f"{topic}: window_sec: expected seconds from 0 "
+                                    f"to {MAX_WINDOW_SEC:g}")
             self._report("checking", f"{target.stat().st_size} bytes")
             try:
-                line = self.apply(target, self.seq)
+                line = self.apply(target, self.seq, None if window is None else float(window))
             except (BundleError, ModelError) as exc:
                 self.refused += 1
                 return self._report("refused", str(exc))

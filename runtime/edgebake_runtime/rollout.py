@@ -136,11 +136,12 @@ class Rollout:
         mqtt.on_command = self.commands.order
         self._supervise("update-orders", partial(self.commands.run, self.stop))
 
-    def apply_bundle(self, bundle: Path, order_seq: int = 0) -> str:
+    def apply_bundle(self, bundle: Path, order_seq: int = 0,
+                     window_sec: float | None = None) -> str:
         """A pulled or ordered bundle through every check of `edgebake-update apply`; the
         model watch then switches to it like to any other."""
         with self._apply_lock:  # a pulled and an ordered bundle never install at once
-            return self.updates.apply(bundle, order_seq=order_seq)
+            return self.updates.apply(bundle, order_seq=order_seq, window_sec=window_sec)
 
     def leave(self, version: str) -> str:
         """An ordered rollback (a rollout's abort): back to the model before `version`, only

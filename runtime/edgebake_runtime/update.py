@@ -75,9 +75,11 @@ def measure_latency_ms(model: Path, card_path: Path) -> float:
 
 def apply(bundle_path: Path, store: ModelStore, keys: dict[str, Any], made_for: tuple[str, str],
           current_version: str, settings: UpdateSettings, allow_rollback: bool,
-          order_seq: int = 0) -> str:
+          order_seq: int = 0, window_sec: float | None = None) -> str:
     """All checks, then the slot and the trial; returns the line to print. `order_seq`: the
-    number of the MQTT order that brought the bundle, kept with the trial for its verdict."""
+    number of the MQTT order that brought the bundle, kept with the trial for its verdict;
+    `window_sec`: the order's health window instead of update.window_sec."""
+    window = settings.window_sec if window_sec is None else window_sec
     store.audit("received", bundle=str(bundle_path))
     trial = store.state().get("trial")
     if trial:  # its `previous` would become an unconfirmed model
@@ -112,9 +114,9 @@ def apply(bundle_path: Path, store: ModelStore, keys: dict[str, Any], made_for: 
                               f"update.max_latency_ms {budget:g}")
         store.audit("latency ok", version=bundle.version, p50_ms=round(latency, 3))
     store.write_slot(bundle)
-    store.start_trial(bundle.version, settings.window_sec, order_seq)
-    store.audit("trial started", version=bundle.version, window_sec=settings.window_sec)
-    return (f"model {bundle.version} installed and on trial for {settings.window_sec:g}s "
+    store.start_trial(bundle.version, window, order_seq)
+    store.audit("trial started", version=bundle.version, window_sec=window)
+    return (f"model {bundle.version} installed and on trial for {window:g}s "
             f"(golden ok, latency {latency:.1f} ms); the service switches to it without a "
             "restart")
 
@@ -172,10 +174,11 @@ class UnitUpdates:
         return trusted_keys(Path(self.settings.keys_dir), self.store.state().get("revoked")
                             or ())
 
-    def apply(self, bundle: Path, allow_rollback: bool = False, order_seq: int = 0) -> str:
+    def apply(self, bundle: Path, allow_rollback: bool = False, order_seq: int = 0,
+              window_sec: float | None = None) -> str:
         return apply(bundle, self.store, self.keys(), unit_target(self.settings),
                      current_version(self.store, self.baked_card), self.settings,
-                     allow_rollback, order_seq)
+                     allow_rollback, order_seq, window_sec)
 
     def accept_order(self, to: str, payload: bytes) -> dict[str, Any]:
         """An order's fields, once it is signed by a trusted key for this fleet and for `to`

@@ -106,3 +106,23 @@ def make_trial_bundles(folder: Path, target: str, progress: Progress) -> TrialBu
         paths[name] = folder / f"{name}-{VERSIONS[name]}.ebundle"
         paths[name].write_bytes(data)
     return TrialBundles(public.strip(), paths)
+
+
+def make_rollout_bundles(folder: Path, private: bytes, target: str, progress: Progress,
+                         good: str = "2.0", bad: str = "2.1") -> dict[str, Path]:
+    """A good bundle (BlazeFace full range) and a newer bad one (golden outputs its model
+    does not give, refused on every unit), signed with `private`."""
+    from edgebake_builder.signing import build_bundle
+
+    from ..steps.model import fetch_locked_model, prepare_model, read_models_lock
+
+    full = prepare_model(str(fetch_locked_model(read_models_lock()["face_detection_full_range"],
+                                                progress)), folder / "full", progress)
+    members = _members(full.model, full.card_path, full.golden_path)
+    contents = {good: members,
+                bad: _with_golden(members, full.card_path, _shifted_golden(full.golden_path))}
+    paths = {}
+    for version, files in contents.items():
+        paths[version] = folder / f"bundle-{version}.ebundle"
+        paths[version].write_bytes(build_bundle(files, private, version, target))
+    return paths
