@@ -73,12 +73,12 @@ class Rollout:
                                  f"({state.bundle_path}, version {state.version}); give that "
                                  "bundle, or --abort that rollout")
             return state
-        if path.exists():
-            raise BuildError(f"{path}: a rollout of this bundle is on record; --resume it, "
-                             "see it with --status, or move the file away")
         stages = parse_stages(request.stages)
         if request.max_failures < 0:
             raise BuildError("--max-failures: expected 0 or more")
+        if path.exists():
+            raise BuildError(f"{path}: a rollout of this bundle is on record; --resume it, "
+                             "see it with --status, or move the file away")
         devices = unit_list(request.units) if request.units else self._group()
         ends = stage_ends(stages, len(devices))
         records = [UnitRecord(d, next(i for i, end in enumerate(ends) if n < end))
