@@ -217,12 +217,13 @@ def rollout(c: Context, bundle: str, broker: str = "", key: str = "signing.key",
             "key": "private key from make-key (one the units trust)",
             "url": "the bundle's URL (its origin in the units' update.allowed_origins)",
             "bundle": "or the .ebundle itself, sent in the order (up to 4 MiB)",
+            "samples": "or keep the next N frames of every camera as samples (1-100)",
             "fleet": "the units' fleet (recipe update.fleet)"})
 @fails_cleanly
 def send_order(c: Context, broker: str, to: str, key: str, url: str = "", bundle: str = "",
-               fleet: str = "default", port: int = 8883, username: str = "",
+               samples: int = 0, fleet: str = "default", port: int = 8883, username: str = "",
                password: str = "", ca_file: str = "") -> None:
-    """Order units over MQTT to install a bundle: a signed, numbered order (never replayable)."""
+    """Order units over MQTT: install a bundle, or keep samples (signed, never replayable)."""
     from edgebake_builder.fleet import Broker
     from edgebake_builder.fleet import send_order as publish
     from edgebake_builder.signing import read_private_key, sign_order
@@ -231,7 +232,7 @@ def send_order(c: Context, broker: str, to: str, key: str, url: str = "", bundle
         data = Path(bundle).read_bytes() if bundle else b""
     except OSError as exc:
         raise Exit(f"error: {bundle}: {exc.strerror}", code=1) from None
-    order = sign_order(read_private_key(Path(key)), to, fleet, url, data)
+    order = sign_order(read_private_key(Path(key)), to, fleet, url, data, samples=samples)
     topic = publish(Broker(broker, port, username, password, ca_file), to, order)
     print(f"order sent on {topic}; each unit reports on edgebake/<device>/update/status")
 
@@ -673,6 +674,45 @@ def register_model(c: Context, model: str, registry: str, name: str,
     tagged = f", alias {', '.join(aliases)}" if aliases else ""
     print(f"registered {name} version {answer['version']} (run {answer['run_id']}){tagged}: "
           f"models:/{name}/{answer['version']} on {registry}")
+
+
+@task(help={"host": "the unit's address", "out": "folder the samples go to (with "
+            "manifest.jsonl)", "since": "only samples taken after this Unix time",
+            "port": "SSH port", "user": "SSH user", "identity": "SSH private key file"})
+@fails_cleanly
+def collect_samples(c: Context, host: str, out: str, since: float = 0.0, port: int = 22,
+                    user: str = "root", identity: str = "") -> None:
+    """Fetch a unit's field samples over SSH, resumably and without duplicates."""
+    from edgebake_builder.samples.collect import collect_samples as run_collect
+
+    done = run_collect(host, Path(out), since, port, user, identity)
+    print(f"{host}: {done.fetched} sample(s) fetched, {done.already} already in {out}, in "
+          f"{done.seconds:.0f} s")
+
+
+@task(help={"samples": "folder of collected samples", "out": "the .npz to write",
+            "labels": "CSV of name,label rows (then y holds class indices)",
+            "size": "width,height of x (default: the --card's model input)",
+            "card": "the model's card, for its input size",
+            "registry": "also log the .npz to this MLflow server", "name": "its run's name"})
+@fails_cleanly
+def samples_to_dataset(c: Context, samples: str, out: str, labels: str = "", size: str = "",
+                       card: str = "", registry: str = "", name: str = "field-samples"
+                       ) -> None:
+    """Collected samples as the .npz convert-model takes (representative/validation data)."""
+    from edgebake_builder.samples.dataset import samples_to_dataset as run_dataset
+    from edgebake_builder.samples.dataset import size_from
+
+    made = run_dataset(Path(samples), Path(out), size_from(size, card),
+                       Path(labels) if labels else None)
+    classes = f", classes {', '.join(made.classes)}" if made.classes else " (no labels)"
+    print(f"{out}: {made.samples} samples of {made.size[0]}x{made.size[1]}{classes}")
+    if registry:
+        from edgebake_builder.registry.client import log_dataset
+
+        run_id = log_dataset(registry, name, Path(out),
+                             {"samples": str(made.samples), "classes": ",".join(made.classes)})
+        print(f"logged to {registry} as run {run_id} (artifact dataset/{Path(out).name})")
 
 
 @task(help={"port": "port on 127.0.0.1", "dir": "folder for its database and artifacts"})

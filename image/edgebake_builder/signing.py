@@ -123,23 +123,26 @@ def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, targ
 
 def sign_order(private_raw: bytes, to: str, fleet: str = DEFAULT_FLEET, url: str = "",
                bundle: bytes = b"", seq: int | None = None, window_sec: float | None = None,
-               rollback: str = "") -> bytes:
+               rollback: str = "", samples: int = 0) -> bytes:
     """An MQTT update order for one unit (`to` = its device id) or a group (`group/<name>`):
     a bundle's URL or the bundle itself (with the trial's health window, if given), or the
-    version to roll back from; numbered (by default microseconds since 1970, so each order
-    is above the last) and signed, as `edgebake_runtime.update` checks it."""
-    if sum(map(bool, (url, bundle, rollback))) != 1:
-        raise BundleError("an order holds one of a url, a bundle or a rollback")
+    version to roll back from, or how many frames to keep as samples; numbered (by default
+    microseconds since 1970, so each order is above the last) and signed, as
+    `edgebake_runtime.update` checks it."""
+    if sum(map(bool, (url, bundle, rollback, samples))) != 1:
+        raise BundleError("an order holds one of a url, a bundle, a rollback or samples")
     private, signer = _signer(private_raw)
     order: dict[str, Any] = {"key_id": signer, "to": to, "fleet": fleet,
                              "seq": time.time_ns() // 1000 if seq is None else seq}
     if rollback:
         order["rollback"] = rollback
+    elif samples:
+        order["samples"] = samples
     elif url:
         order["url"] = url
     else:
         order["bundle"] = base64.b64encode(bundle).decode("ascii")
-    if window_sec is not None and not rollback:
+    if window_sec is not None and (url or bundle):
         order["window_sec"] = window_sec
     text = json.dumps(order, sort_keys=True).encode()
     signature: bytes = private.sign(text)

@@ -115,6 +115,11 @@ class Cameras:
                                self.config.queue.depth, self.config.inference.score_threshold,
                                self.config.inference.top_k, self.write_lines, self.metrics)
         camera.decode_beside = core_free(cameras)
+        samples = self.config.samples
+        if samples.enabled:
+            camera.samples_spec = {"settings": {f.name: getattr(samples, f.name)
+                                                for f in dataclasses.fields(samples)},
+                                   "device": self.config.device_id}
         camera.launch()
         return camera
 

@@ -63,6 +63,7 @@ class UpdateCommands:
         self._handled: collections.deque[float] = collections.deque()  # when, for the rate
         self.apply = apply
         self.rollback = rollback
+        self.take_samples: Callable[[int], str] | None = None  # set while samples are on
         self.user_agent = user_agent
         self.publish: Publish = lambda step, detail, seq, version: None
         self.seq = 0  # the number of the order being worked on
@@ -118,6 +119,8 @@ class UpdateCommands:
             self._handled.append(now)
             if "rollback" in order:
                 return self._roll_back(topic, order.get("rollback"))
+            if "samples" in order:
+                return self._samples(topic, order.get("samples"))
             if not self._fetch(topic, order, target):
                 return "refused"
             window = order.get("window_sec")
@@ -151,6 +154,17 @@ class UpdateCommands:
             self.refused += 1
             return self._report("refused", str(exc), version)
         return self._report("rolled-back", line, version)
+
+    def _samples(self, topic: str, count: Any) -> str:
+        """A signed order to keep the next frames of every camera as samples."""
+        if self.take_samples is None:
+            self.refused += 1
+            return self._report("refused", f"{topic}: samples are off on this unit "
+                                "(samples.enabled)")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100:
+            self.refused += 1
+            return self._report("refused", f"{topic}: samples: expected 1 to 100 frames")
+        return self._report("samples", self.take_samples(count))
 
     def verdict(self, step: str, detail: str, seq: int, version: str) -> None:
         """A trial's end (confirmed or rolled-back), answering the order that began it."""

@@ -15,6 +15,7 @@ from typing import Any
 from .merge import deep_merge
 from .validators import (
     Address,
+    Band,
     Bool,
     Enum,
     Float,
@@ -186,6 +187,20 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class SampleSettings:
+    enabled: bool = setting(False, Bool(), "Keep field samples (images may be private).")
+    dir: str = setting("/data/samples", WritablePath(), "Where samples are kept.")
+    low_confidence: tuple[float, float] = setting([0.3, 0.6], Band(),
+                                                  "Keep frames whose best score is in here.")
+    every_sec: float = setting(3600.0, Float(0.0, 604800.0),
+                               "Also keep one frame this often (0: never).")
+    min_gap_sec: float = setting(10.0, Float(0.0, 86400.0),
+                                 "At most one uncertain frame per camera this often.")
+    max_files: int = setting(2000, Int(1, 1000000), "Oldest samples go past this many.")
+    max_mb: float = setting(200.0, Float(1.0, 1000000.0), "Oldest samples go past this size.")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     device_id: str = setting("", DEVICE_ID, "This unit's name (from the seed).")
     model: ModelSettings = section(ModelSettings, "The model the image ships.")
@@ -197,6 +212,7 @@ class AppConfig:
     http: HttpSettings = section(HttpSettings, "/health and /metrics.")
     watchdog: WatchdogSettings = section(WatchdogSettings, "What counts as stuck.")
     update: UpdateSettings = section(UpdateSettings, "Signed model updates.")
+    samples: SampleSettings = section(SampleSettings, "Field samples for retraining.")
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property

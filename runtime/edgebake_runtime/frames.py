@@ -23,6 +23,7 @@ class Frame:
     image: np.ndarray[Any, Any]
     placement: Any = None  # set when the source thread already prepared the frame
     generation: int = 0  # which loaded model prepared it (a model switch changes it)
+    captured: Any = None  # the image as captured, kept only while samples are on
 
 
 class LatestFrameQueue:

@@ -7,6 +7,7 @@ import logging
 import sys
 import threading
 import time
+from functools import partial
 from typing import Any
 
 from . import health, snapshot
@@ -21,6 +22,7 @@ from .metrics import Metrics
 from .modelstore import ModelStore
 from .results import ResultSink
 from .rollout import Rollout
+from .samplestore import SampleStore
 from .sdnotify import Notifier, watchdog_interval_sec
 from .supervise import Supervised
 
@@ -52,6 +54,8 @@ class Service:
         self.mqtt: Any = None
         self.http: HealthServer | None = None
         self._health_published = 0.0
+        self.samples: SampleStore | None = None
+        self.samples_thread: Supervised | None = None
 
     @property
     def card(self) -> Card:
@@ -88,8 +92,21 @@ class Service:
                                       self.config.device_id)
             self.journal.delivered = self.mqtt.cursor.position
         self.rollout.start(self.mqtt)
+        if self.config.samples.enabled:
+            self.samples = SampleStore(self.config.samples, self.config.journal.min_free_percent)
+            self.samples_thread = Supervised("samples", partial(self.samples.run, self._stop),
+                                             self._stop)
+            self.samples_thread.start()
+            if self.rollout.commands is not None:
+                self.rollout.commands.take_samples = self.take_samples
         if self.mqtt is not None:
             self.mqtt.start()
+
+    def take_samples(self, count: int) -> str:
+        """An order's request: every camera keeps its next `count` frames."""
+        for camera in list(self.cameras.processes):
+            camera.request_samples(count)
+        return f"the next {count} frame(s) of {len(self.cameras.processes)} camera(s) kept"
 
     def stop(self) -> None:
         """Cameras first (their last lines still arrive), then the sinks."""
@@ -108,7 +125,8 @@ class Service:
     # --- health ------------------------------------------------------------------------
     def _threads(self) -> list[Supervised]:
         scanner = [self.cameras.scanner] if self.cameras.scanner is not None else []
-        return [*self.rollout.threads, *scanner]
+        samples = [self.samples_thread] if self.samples_thread is not None else []
+        return [*self.rollout.threads, *scanner, *samples]
 
     def verdict(self, now: float) -> health.Verdict:
         return health.judge(health.Observed(
@@ -151,10 +169,21 @@ class Service:
                           "threads": self.cameras.threads_health()},
             "journal": self.journal.stats(),
             "update": rollout.stats(),
+            "samples": self._samples_health(),
         }
         if self.mqtt is not None:
             snap["mqtt"] = self.mqtt.stats()
         return snap
+
+    def _samples_health(self) -> dict[str, Any]:
+        if self.samples is None:
+            return {"enabled": False}
+        kept: dict[str, Any] = {}
+        for camera in list(self.cameras.processes):
+            for key, value in camera.samples.items():
+                kept[key] = kept.get(key, 0) + value if isinstance(value, int) else \
+                    (value or kept.get(key, ""))
+        return {"enabled": True, **self.samples.stats(), **kept}
 
     # --- the watchdog loop ---------------------------------------------------------------
     def run(self) -> None:

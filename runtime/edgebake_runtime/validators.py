@@ -97,6 +97,22 @@ class Float:
 
 
 @dataclass(frozen=True)
+class Band:
+    """[low, high]: two numbers from 0 to 1, the first not above the second."""
+
+    def validate(self, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise Invalid(self.describe())
+        low, high = (Float(0.0, 1.0).validate(v) for v in value)
+        if low > high:
+            raise Invalid(self.describe())
+        return (low, high)
+
+    def describe(self) -> str:
+        return "[low, high]: two scores from 0 to 1, low not above high"
+
+
+@dataclass(frozen=True)
 class Optional:
     """A value, or null for "not set"."""
 
@@ -215,4 +231,4 @@ class WritablePath:
 
 
 Validator = Str | Int | Bool | Enum | Float | Optional | Url | Origins | Address | Networks | \
-    WritablePath
+    WritablePath | Band

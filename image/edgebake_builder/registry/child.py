@@ -93,7 +93,22 @@ def fetch(payload: dict[str, Any]) -> dict[str, Any]:
             "source": found.source, "path": local}
 
 
-ACTIONS = {"register": register, "fetch": fetch}
+def log_dataset(payload: dict[str, Any]) -> dict[str, Any]:
+    """A run in the `edgebake` experiment holding a dataset file under `dataset/`."""
+    client = _client(payload["uri"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else \
+        client.create_experiment(EXPERIMENT)
+    run = client.create_run(experiment_id, run_name=payload["name"],
+                            tags={"edgebake.kind": "field-samples"})
+    client.log_artifact(run.info.run_id, payload["file"], "dataset")
+    for key, value in payload.get("params", {}).items():
+        client.log_param(run.info.run_id, key, str(value)[:500])
+    client.set_terminated(run.info.run_id)
+    return {"run_id": run.info.run_id}
+
+
+ACTIONS = {"register": register, "fetch": fetch, "log_dataset": log_dataset}
 
 
 def main() -> None:

@@ -82,6 +82,16 @@ def register(uri: str, name: str, files: list[Path], metrics: dict[str, float],
                 say)
 
 
+def log_dataset(uri: str, name: str, file: Path, params: dict[str, str],
+                say: Any = print) -> str:
+    """The dataset file as an artifact of a new run; returns the run id."""
+    uri = checked_uri(uri)
+    check_answers(uri)
+    answer = call("mlflow", "edgebake_builder.registry.child", "log_dataset",
+                  {"uri": uri, "name": name, "file": str(file), "params": params}, say)
+    return str(answer["run_id"])
+
+
 @dataclass(frozen=True)
 class FetchedModel:
     """A registered version's model file (a .tflite, or a source convert-model takes) and

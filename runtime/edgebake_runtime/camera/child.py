@@ -49,10 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import SourceConfig
+from ..config import SampleSettings, SourceConfig
 from ..frames import Frame, LatestFrameQueue
 from ..invokeclock import SMOOTHING, InvokeClock
 from ..records import journal_line
+from ..samples import SampleKeeper
 from ..sources import make_source
 from ..supervise import essential
 from . import wire
@@ -111,6 +112,7 @@ class Camera:
         self.batch = LineBatch()
         # Prepare and decode beside the running invoke only while a core is free for it
         self.beside = bool(spec["decode_beside"])
+        self.samples = _sample_keeper(spec.get("samples"), self.source.config.name)
 
     def send(self, message: bytes) -> None:
         with self._send_lock:  # a status and a batch of lines never interleave mid-call
@@ -121,6 +123,8 @@ class Camera:
 
     # --- the source thread ------------------------------------------------------------
     def on_frame(self, frame: Frame) -> None:
+        if self.samples is not None:  # preparing replaces the image with the model's input
+            frame.captured = frame.image
         if self.source.can_wait:
             self._await_room()
         if not self.beside:  # the main thread prepares it
@@ -211,8 +215,11 @@ class Camera:
         frame, model, outputs, seconds, error = item
         if not error:
             try:
-                result = self._encode(model.decode(model.card, outputs, frame.placement,
-                                                   self.threshold, self.top_k))
+                decoded = model.decode(model.card, outputs, frame.placement, self.threshold,
+                                       self.top_k)
+                if self.samples is not None:
+                    self.samples.offer(frame, decoded, model.card.version)
+                result = self._encode(decoded)
                 line = journal_line(model.card.version, frame, result, seconds,
                                     time.monotonic() - frame.captured_at, self.index)
                 error = self.batch.add((frame.captured_at, frame.wall_time, seconds), line)
@@ -279,6 +286,8 @@ class Camera:
                                      name="model-load", daemon=True).start()
                 elif message.startswith(wire.DECODE_BESIDE):
                     self.beside = message[len(wire.DECODE_BESIDE):] == b"1"
+                elif message.startswith(wire.SAMPLES) and self.samples is not None:
+                    self.samples.request(int(message[len(wire.SAMPLES):] or b"0"))
             now = time.monotonic()
             if now - last_status >= STATUS_SEC:
                 last_status = now
@@ -308,7 +317,18 @@ class Camera:
             size=st.frame_size, depth=len(self.queue), drops=self.queue.dropped,
             busy_since=self.busy_since, processed=self.processed, errors=self.batch.errors,
             last_error=self.last_error, switch_drops=self.switch_drops,
-            version=self.model.card.version)
+            version=self.model.card.version,
+            samples=self.samples.stats() if self.samples is not None else {})
+
+
+def _sample_keeper(spec: dict[str, Any] | None, camera: str) -> SampleKeeper | None:
+    """The camera's sample keeper, its writer thread started (None when samples are off)."""
+    if not spec:
+        return None
+    keeper = SampleKeeper(SampleSettings(**spec["settings"]), camera, spec["device"])
+    threading.Thread(target=essential(keeper.writer_loop), name="samples",
+                     daemon=True).start()
+    return keeper
 
 
 def main(argv: list[str]) -> int:

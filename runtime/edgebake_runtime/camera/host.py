@@ -81,6 +81,8 @@ class CameraProcess(ChildLink):
         self.write_lines = write_lines
         self.metrics = metrics
         self.decode_beside = False  # the service sets it: True while a core is free for it
+        self.samples_spec: dict[str, Any] | None = None  # the service sets it when samples are on
+        self.samples: dict[str, Any] = {}  # the sample keepers' counters, over every process
         self.stats = SourceStats()
         self.queue = QueueMirror()
         self.last_done = time.monotonic()
@@ -107,7 +109,7 @@ class CameraProcess(ChildLink):
                 "model": str(self.model), "card": str(self.card.path),
                 "version": self.card.version, "threads": self.num_threads,
                 "threshold": self.threshold, "top_k": self.top_k, "depth": self.depth,
-                "decode_beside": self.decode_beside}
+                "decode_beside": self.decode_beside, "samples": self.samples_spec}
         self._launch("edgebake_runtime.camera.child", [json.dumps(spec)])
 
     def await_ready(self) -> None:
@@ -218,6 +220,12 @@ class CameraProcess(ChildLink):
         self._busy_reported = status.busy_since
         self.serving = status.version
         self.metrics.switch_drops += self._grown("switch_drops", status.switch_drops)
+        for key, value in status.samples.items():
+            if isinstance(value, int):
+                self.samples[key] = self.samples.get(key, 0) + self._grown(f"samples.{key}",
+                                                                           value)
+            else:
+                self.samples[key] = value
         self.metrics.inference_errors += self._grown("errors", status.errors)
         if status.last_error:
             self.last_error = status.last_error
@@ -279,6 +287,13 @@ class CameraProcess(ChildLink):
         if sock is not None and self._ready:
             with contextlib.suppress(OSError):  # a broken pipe is the reader's to handle
                 sock.send(wire.DECODE_BESIDE + (b"1" if beside else b"0"))
+
+    def request_samples(self, count: int) -> None:
+        """Keep the next `count` frames of this camera as samples."""
+        sock = self._sock
+        if sock is not None and self._ready:
+            with contextlib.suppress(OSError):
+                sock.send(wire.SAMPLES + str(count).encode())
 
     def process_stats(self) -> dict[str, Any]:
         return {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,

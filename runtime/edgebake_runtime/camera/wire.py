@@ -28,6 +28,7 @@ STATUS = b"S"  # camera -> service: a CameraStatus as JSON
 MODEL = b"M"  # service -> camera: load this model (JSON: model, card, version) and switch
 DECODE_BESIDE = b"D"  # service -> camera: b"D1" decode in a thread of its own, b"D0" inline
 MODEL_DONE = b"m"  # camera -> service: JSON {"error": "" or why the model was refused}
+SAMPLES = b"P"  # service -> camera: keep the next N frames as samples (N as text)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class CameraStatus:
     last_error: str
     switch_drops: int
     version: str
+    samples: dict[str, Any]  # the sample keeper's counters; empty when samples are off
 
     def encode(self) -> bytes:
         return STATUS + json.dumps(dataclasses.asdict(self)).encode()
