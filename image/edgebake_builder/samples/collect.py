@@ -41,12 +41,13 @@ class Collected:
 
 def collect_samples(host: str, out: Path, since: float = 0.0, port: int = 22,
                     user: str = "root", identity: str = "", batch: int = BATCH,
-                    say: object = print) -> Collected:
+                    say: object = print, extra_options: list[str] | None = None) -> Collected:
     began = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"
     have = _recorded(manifest, host)
-    target = ["ssh", "-p", str(port), *ssh_options(port, identity), f"{user}@{host}"]
+    target = ["ssh", "-p", str(port), *ssh_options(port, identity), *(extra_options or []),
+              f"{user}@{host}"]
     names = [n for n in _remote_names(target, host) if _stamp(n) >= since]
     wanted = [n for n in names if n not in have]
     shown = say if callable(say) else print

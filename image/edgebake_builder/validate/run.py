@@ -220,7 +220,9 @@ def _test_seed(tmp: Path, key: Path, rtsp_url: str, broker: LocalBroker | None,
          "max_age_sec": 10},
         {"name": "rtsp", "kind": "rtsp", "url": rtsp_url, "fps": 1, "max_age_sec": 20}],
         # QEMU emulates the CPU: a generous latency budget; a window past the reboot check
-        "update": {"max_latency_ms": 20000, "window_sec": 3600}}
+        "update": {"max_latency_ms": 20000, "window_sec": 3600},
+        # field samples: a periodic frame of each camera, for collect-samples to fetch
+        "samples": {"enabled": True, "every_sec": 10, "max_files": 200}}
     if broker is not None:
         # QEMU's user network shows the host's loopback to the guest as 10.0.2.2
         app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port}

@@ -300,6 +300,37 @@ def test_a_model_whose_every_decode_fails_is_rolled_back_on_the_unit(host: Any) 
     assert snap["model"]["version"] != "1.7"
 
 
+def test_field_samples_are_kept_and_collected_over_ssh(host: Any, tmp_path: Path) -> None:
+    """The seed turned samples on: each camera keeps a periodic frame on /data/samples, and
+    collect-samples fetches them over SSH; a second run fetches only the new ones."""
+    from edgebake_builder.samples.collect import collect_samples
+
+    def on_unit() -> int:
+        return int(host.run("ls /data/samples/ | grep -c '[.]jpg$'").stdout.strip() or 0)
+
+    wait(lambda: on_unit() >= 2, 180, "two samples on the unit")
+    options = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
+               "LogLevel=ERROR"]
+    args = {"port": int(os.environ["EDGEBAKE_SSH_PORT"]),
+            "identity": os.environ["EDGEBAKE_SSH_KEY"], "extra_options": options,
+            "say": lambda line: None}
+    first = collect_samples("127.0.0.1", tmp_path, **args)
+    assert first.fetched >= 2 and first.already == 0, first
+    wait(lambda: on_unit() > first.fetched, 120, "a newer sample")
+    second = collect_samples("127.0.0.1", tmp_path, **args)
+    assert second.already == first.fetched and second.fetched >= 1, second
+    entries = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    names = [e["name"] for e in entries]
+    assert len(names) == len(set(names)) == first.fetched + second.fetched
+    for name in names:
+        sidecar = json.loads((tmp_path / f"{name}.json").read_text())
+        assert sidecar["unit"] == "qemu-test-unit" and sidecar["reason"] == "periodic"
+        assert (tmp_path / f"{name}.jpg").read_bytes()[:2] == b"\xff\xd8"
+    assert host.file("/data/samples/.collected").content_string.strip() == max(names)
+    snap = health()["samples"]
+    assert snap["enabled"] and snap["kept"] >= len(names) and snap["write_errors"] == 0, snap
+
+
 def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
     """edgebake-update on the unit: signature (a key from the seed), golden test and latency
     with the unit's runtime, then the running service switches to the new model (BlazeFace
