@@ -676,18 +676,38 @@ def register_model(c: Context, model: str, registry: str, name: str,
           f"models:/{name}/{answer['version']} on {registry}")
 
 
-@task(help={"host": "the unit's address", "out": "folder the samples go to (with "
-            "manifest.jsonl)", "since": "only samples taken after this Unix time",
-            "port": "SSH port", "user": "SSH user", "identity": "SSH private key file"})
+@task(help={**BROKER_HELP, "host": "the unit's address (over SSH)",
+            "out": "folder the samples go to (with manifest.jsonl)",
+            "since": "only samples taken after this Unix time",
+            "port": "SSH port (with --host), or the broker's (with --broker)",
+            "user": "SSH user", "identity": "SSH private key file",
+            "to": "with --broker: a unit's device id, or group/<name>",
+            "key": "with --broker: private key the units trust (signs the share order)",
+            "fleet": "the units' fleet", "wait": "seconds to wait for units to answer"})
 @fails_cleanly
-def collect_samples(c: Context, host: str, out: str, since: float = 0.0, port: int = 22,
-                    user: str = "root", identity: str = "") -> None:
-    """Fetch a unit's field samples over SSH, resumably and without duplicates."""
+def collect_samples(c: Context, out: str, host: str = "", since: float = 0.0, port: int = 0,
+                    user: str = "root", identity: str = "", broker: str = "", to: str = "",
+                    key: str = "signing.key", fleet: str = "default", wait: float = 30.0,
+                    username: str = "", password: str = "", ca_file: str = "") -> None:
+    """Fetch units' field samples (SSH, or MQTT then HTTP), resumably, without duplicates."""
     from edgebake_builder.samples.collect import collect_samples as run_collect
 
-    done = run_collect(host, Path(out), since, port, user, identity)
-    print(f"{host}: {done.fetched} sample(s) fetched, {done.already} already in {out}, in "
-          f"{done.seconds:.0f} s")
+    if bool(host) == bool(broker):
+        raise Exit("error: expected --host UNIT (SSH) or --broker HOST --to UNIT|group/G",
+                   code=1)
+    if host:
+        done = run_collect(host, Path(out), since, port or 22, user, identity)
+        print(f"{host}: {done.fetched} sample(s) fetched, {done.already} already in {out}, "
+              f"in {done.seconds:.0f} s")
+        return
+    from edgebake_builder.fleet import Broker
+    from edgebake_builder.samples.pull import describe, pull_samples
+
+    if not to:
+        raise Exit("error: --to: expected a unit's device id or group/<name>", code=1)
+    results = pull_samples(Broker(broker, port or 8883, username, password, ca_file),
+                           Path(key), to, Path(out), fleet, since, wait_sec=wait)
+    print("\n".join(describe(results, Path(out))) or f"no unit of {to} shared its samples")
 
 
 @task(help={"samples": "folder of collected samples", "out": "the .npz to write",

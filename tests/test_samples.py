@@ -109,9 +109,21 @@ def test_a_full_disk_never_holds_up_inference(tmp_path: Path, default_model: Pat
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def test_a_signed_order_asks_for_frames(tmp_path: Path, default_model: Path) -> None:
-    """`invoke send-order --samples 3` over a TLS broker: the next frames are kept as
-    `requested`, whatever their score (the band here holds none)."""
+def broker_args(broker: Any) -> list[str]:
+    return ["--broker", "127.0.0.1", "--port", str(broker.port), "--username",
+            broker.tls.username, "--password", broker.tls.password, "--ca-file",
+            str(broker.tls.ca_file)]
+
+
+def test_signed_orders_ask_for_frames_and_share_them_over_http(
+        tmp_path: Path, default_model: Path) -> None:
+    """`invoke send-order --samples 3` over a TLS broker keeps the next frames (whatever
+    their score: the band here holds none); `collect-samples --broker` then pulls them from
+    the unit's HTTP server with a token only its sha256 of which crossed the broker, and a
+    second pull fetches nothing twice. Without the token the unit refuses."""
+    import urllib.error
+    import urllib.request
+
     from edgebake_builder.validate.broker import LocalBroker
 
     broker = LocalBroker.start_tls()
@@ -121,6 +133,7 @@ def test_a_signed_order_asks_for_frames(tmp_path: Path, default_model: Path) -> 
     assert invoke("make-key", "--out", str(tmp_path / "ops.key")).returncode == 0
     (keys / "ops.pub").write_bytes((tmp_path / "ops.key.pub").read_bytes())
     (tmp_path / "target").write_text("pi4\n")
+    out = tmp_path / "collected"
     try:
         app = sample_app(tmp_path, default_model, low_confidence=[1.0, 1.0], every_sec=0.0)
         raw = dict(app.config.raw)
@@ -133,14 +146,35 @@ def test_a_signed_order_asks_for_frames(tmp_path: Path, default_model: Path) -> 
             wait_for(lambda: running.app.mqtt is not None and
                      running.app.mqtt.connected.is_set() and running.app.metrics.results > 0,
                      30, "the unit on the broker")
-            sent = invoke("send-order", "--broker", "127.0.0.1", "--port", str(broker.port),
-                          "--to", "pole-7", "--key", str(tmp_path / "ops.key"), "--samples",
-                          "3", "--username", broker.tls.username, "--password",
-                          broker.tls.password, "--ca-file", str(broker.tls.ca_file))
+            sent = invoke("send-order", *broker_args(broker), "--to", "pole-7", "--key",
+                          str(tmp_path / "ops.key"), "--samples", "3")
             assert sent.returncode == 0, sent.stderr
             wait_for(lambda: len(kept(tmp_path / "samples")) >= 3, 60, "three samples")
+            assert running.app.http is not None
+            url = f"http://127.0.0.1:{running.app.http.port}/samples?token=guess"
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url, timeout=10)
+            assert refused.value.code == 403
+            pulled = invoke("collect-samples", *broker_args(broker), "--to", "pole-7",
+                            "--key", str(tmp_path / "ops.key"), "--out", str(out))
+            assert pulled.returncode == 0, pulled.stderr
+            assert "pole-7: 3 sample(s) fetched, 0 already" in pulled.stdout, pulled.stdout
+            again = invoke("collect-samples", *broker_args(broker), "--to", "pole-7",
+                           "--key", str(tmp_path / "ops.key"), "--out", str(out))
+            assert "pole-7: 0 sample(s) fetched, 3 already" in again.stdout, again.stdout
+            with pytest.raises(urllib.error.HTTPError) as still:
+                urllib.request.urlopen(url, timeout=10)  # a guess stays refused
+            assert still.value.code == 403
+            health = running.health()["samples"]
         reasons = [s["reason"] for s in kept(tmp_path / "samples")]
         assert reasons == ["requested"] * 3, reasons
+        fetched = sorted(p.name for p in out.glob("*.jp*"))
+        assert fetched == sorted(p.name for p in (tmp_path / "samples").glob("*.jpg"))
+        manifest = [json.loads(line) for line in
+                    (out / "manifest.jsonl").read_text().splitlines()]
+        assert [m["unit_host"] for m in manifest] == ["pole-7"] * 3
+        assert health["collected_up_to"] == max(m["name"] for m in manifest)
+        assert health["shared"]["refused"] >= 2
     finally:
         broker.stop()
 
@@ -201,8 +235,8 @@ def test_dataset_mistakes_are_one_line(collected: Path, tmp_path: Path, args: li
 
 
 def test_the_collector_reads_the_names_units_make() -> None:
-    from edgebake_builder.samples.collect import NAME, _stamp
+    from edgebake_builder.samples.collect import NAME, stamp
 
     name = f"{1796356551.5:.3f}-front-door.2-17".replace(".", "_", 1)
-    assert NAME.fullmatch(name) and _stamp(name) == pytest.approx(1796356551.5)
+    assert NAME.fullmatch(name) and stamp(name) == pytest.approx(1796356551.5)
     assert not NAME.fullmatch("../etc/passwd")

@@ -123,14 +123,17 @@ def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, targ
 
 def sign_order(private_raw: bytes, to: str, fleet: str = DEFAULT_FLEET, url: str = "",
                bundle: bytes = b"", seq: int | None = None, window_sec: float | None = None,
-               rollback: str = "", samples: int = 0) -> bytes:
+               rollback: str = "", samples: int = 0,
+               share: dict[str, Any] | None = None) -> bytes:
     """An MQTT update order for one unit (`to` = its device id) or a group (`group/<name>`):
     a bundle's URL or the bundle itself (with the trial's health window, if given), or the
-    version to roll back from, or how many frames to keep as samples; numbered (by default
+    version to roll back from, how many frames to keep as samples, or a samples share;
+    numbered (by default
     microseconds since 1970, so each order is above the last) and signed, as
     `edgebake_runtime.update` checks it."""
-    if sum(map(bool, (url, bundle, rollback, samples))) != 1:
-        raise BundleError("an order holds one of a url, a bundle, a rollback or samples")
+    if sum(map(bool, (url, bundle, rollback, samples, share))) != 1:
+        raise BundleError("an order holds one of a url, a bundle, a rollback, samples or a "
+                          "share")
     private, signer = _signer(private_raw)
     order: dict[str, Any] = {"key_id": signer, "to": to, "fleet": fleet,
                              "seq": time.time_ns() // 1000 if seq is None else seq}
@@ -138,6 +141,8 @@ def sign_order(private_raw: bytes, to: str, fleet: str = DEFAULT_FLEET, url: str
         order["rollback"] = rollback
     elif samples:
         order["samples"] = samples
+    elif share:
+        order["share_samples"] = share
     elif url:
         order["url"] = url
     else:

@@ -64,6 +64,7 @@ class UpdateCommands:
         self.apply = apply
         self.rollback = rollback
         self.take_samples: Callable[[int], str] | None = None  # set while samples are on
+        self.share_samples: Callable[[Any], str] | None = None  # ... and HTTP serves them
         self.user_agent = user_agent
         self.publish: Publish = lambda step, detail, seq, version: None
         self.seq = 0  # the number of the order being worked on
@@ -121,6 +122,8 @@ class UpdateCommands:
                 return self._roll_back(topic, order.get("rollback"))
             if "samples" in order:
                 return self._samples(topic, order.get("samples"))
+            if "share_samples" in order:
+                return self._share(topic, order.get("share_samples"))
             if not self._fetch(topic, order, target):
                 return "refused"
             window = order.get("window_sec")
@@ -165,6 +168,18 @@ class UpdateCommands:
             self.refused += 1
             return self._report("refused", f"{topic}: samples: expected 1 to 100 frames")
         return self._report("samples", self.take_samples(count))
+
+    def _share(self, topic: str, wanted: Any) -> str:
+        """A signed order to let a collector pull the samples over HTTP for a while."""
+        if self.share_samples is None:
+            self.refused += 1
+            return self._report("refused", f"{topic}: samples are not shared here (samples "
+                                "and http must be enabled)")
+        try:
+            return self._report("samples-shared", self.share_samples(wanted))
+        except ValueError as exc:
+            self.refused += 1
+            return self._report("refused", f"{topic}: {exc}")
 
     def verdict(self, step: str, detail: str, seq: int, version: str) -> None:
         """A trial's end (confirmed or rolled-back), answering the order that began it."""

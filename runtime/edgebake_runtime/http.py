@@ -179,6 +179,9 @@ class HealthServer:
     def __init__(self, bind: str, port: int, snapshot: Snapshot, max_connections: int = 8,
                  timeout_sec: float = 5.0, allow: list[str] | None = None) -> None:
         get_snapshot = snapshot
+        owner = self
+        # more paths (shared samples), answered by whoever set it; None: not theirs either
+        self.extra: Callable[[str], tuple[int, str, bytes] | None] | None = None
 
         class Handler(BaseHTTPRequestHandler):
             timeout = timeout_sec  # applies to every read and write on the connection
@@ -210,7 +213,9 @@ class HealthServer:
                     body = prometheus_text(get_snapshot()).encode()
                     self._reply(200, "text/plain; version=0.0.4", body)
                 else:
-                    self._reply(404, "text/plain", b"not found: try /health or /metrics\n")
+                    answer = owner.extra(self.path) if owner.extra is not None else None
+                    self._reply(*(answer or (404, "text/plain",
+                                             b"not found: try /health or /metrics\n")))
 
             def _reply(self, code: int, kind: str, body: bytes) -> None:
                 self.send_response(code)

@@ -100,6 +100,14 @@ class MqttPublisher:
         if self.on_command is not None and message.topic in self.command_topics:
             self.on_command(message.topic, bytes(message.payload))
 
+    def local_address(self) -> str:
+        """This unit's address on the way to the broker (where the fleet can reach it)."""
+        try:
+            sock: Any = self.client.socket()
+            return str(sock.getsockname()[0]) if sock is not None else ""
+        except OSError:
+            return ""
+
     def publish_update_status(self, step: str, detail: str, seq: int, version: str) -> None:
         """Each step of an ordered update, retained, for whoever ordered it."""
         body = json.dumps({"at": round(time.time(), 3), "step": step, "detail": detail,

@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .modelstore import ModelStore
 from .results import ResultSink
 from .rollout import Rollout
+from .sampleshare import SampleShare
 from .samplestore import SampleStore
 from .sdnotify import Notifier, watchdog_interval_sec
 from .supervise import Supervised
@@ -56,6 +57,7 @@ class Service:
         self._health_published = 0.0
         self.samples: SampleStore | None = None
         self.samples_thread: Supervised | None = None
+        self.share: SampleShare | None = None
 
     @property
     def card(self) -> Card:
@@ -97,10 +99,21 @@ class Service:
             self.samples_thread = Supervised("samples", partial(self.samples.run, self._stop),
                                              self._stop)
             self.samples_thread.start()
+            if self.http is not None:
+                self.share = SampleShare(self.samples, self._reached_at)
+                self.http.extra = self.share.answer
             if self.rollout.commands is not None:
                 self.rollout.commands.take_samples = self.take_samples
+                if self.share is not None:
+                    self.rollout.commands.share_samples = self.share.open
         if self.mqtt is not None:
             self.mqtt.start()
+
+    def _reached_at(self) -> str:
+        """http://<address>:<port> of this unit's HTTP server, as the broker sees the unit."""
+        address = (self.mqtt.local_address() if self.mqtt is not None else "") or "127.0.0.1"
+        port = self.http.port if self.http is not None else 0
+        return f"http://{f'[{address}]' if ':' in address else address}:{port}"
 
     def take_samples(self, count: int) -> str:
         """An order's request: every camera keeps its next `count` frames."""
@@ -183,7 +196,8 @@ class Service:
             for key, value in camera.samples.items():
                 kept[key] = kept.get(key, 0) + value if isinstance(value, int) else \
                     (value or kept.get(key, ""))
-        return {"enabled": True, **self.samples.stats(), **kept}
+        shared = {"shared": self.share.stats()} if self.share is not None else {}
+        return {"enabled": True, **self.samples.stats(), **kept, **shared}
 
     # --- the watchdog loop ---------------------------------------------------------------
     def run(self) -> None:

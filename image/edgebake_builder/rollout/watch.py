@@ -45,8 +45,15 @@ class UnitAnswers:
         with self._lock:
             return self._answers.get((device, seq))
 
+    def answering(self, seq: int) -> dict[str, dict[str, Any]]:
+        """Every unit's newest answer to the order numbered `seq`, by device."""
+        with self._lock:
+            return {device: answer for (device, number), answer in self._answers.items()
+                    if number == seq}
+
     def send(self, device: str, order: bytes, timeout: float = 30.0) -> bool:
-        """Publish an order (QoS 1) to one unit's topic; True once the broker has it."""
+        """Publish an order (QoS 1) to a unit's (or `group/<name>`) topic; True once the
+        broker has it."""
         with self._publish_lock:
             sent = self.client.publish(f"edgebake/{device}/update", order, qos=1)
         sent.wait_for_publish(timeout)

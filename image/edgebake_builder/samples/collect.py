@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,25 +42,25 @@ class Collected:
 
 def collect_samples(host: str, out: Path, since: float = 0.0, port: int = 22,
                     user: str = "root", identity: str = "", batch: int = BATCH,
-                    say: object = print, extra_options: list[str] | None = None) -> Collected:
+                    say: Callable[[str], None] = print,
+                    extra_options: list[str] | None = None) -> Collected:
     began = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.jsonl"
-    have = _recorded(manifest, host)
+    have = recorded(manifest, host)
     target = ["ssh", "-p", str(port), *ssh_options(port, identity), *(extra_options or []),
               f"{user}@{host}"]
-    names = [n for n in _remote_names(target, host) if _stamp(n) >= since]
+    names = [n for n in _remote_names(target, host) if stamp(n) >= since]
     wanted = [n for n in names if n not in have]
-    shown = say if callable(say) else print
-    shown(f"{host}: {len(names)} sample(s) since {since:g}, {len(names) - len(wanted)} "
+    say(f"{host}: {len(names)} sample(s) since {since:g}, {len(names) - len(wanted)} "
           f"already here, {len(wanted)} to fetch")
     fetched = 0
     for start in range(0, len(wanted), batch):
         names_now = wanted[start:start + batch]
         for name, files in _fetch_batch(target, host, names_now, out):
-            _record(manifest, host, name, files)
+            record(manifest, host, name, files)
             fetched += 1
-        shown(f"      {fetched}/{len(wanted)} fetched ({time.monotonic() - began:.0f} s)")
+        say(f"      {fetched}/{len(wanted)} fetched ({time.monotonic() - began:.0f} s)")
     if names:
         newest = max(names)
         subprocess.run([*target, f"echo {shlex.quote(newest)} > {SAMPLES_DIR}/.collected"],
@@ -67,7 +68,7 @@ def collect_samples(host: str, out: Path, since: float = 0.0, port: int = 22,
     return Collected(fetched, len(names) - len(wanted), time.monotonic() - began)
 
 
-def _stamp(name: str) -> float:
+def stamp(name: str) -> float:
     return float(name.split("-", 1)[0].replace("_", "."))
 
 
@@ -122,7 +123,7 @@ def _fetch_batch(target: list[str], host: str, names: list[str], out: Path
     return done
 
 
-def _recorded(manifest: Path, host: str) -> set[str]:
+def recorded(manifest: Path, host: str) -> set[str]:
     if not manifest.is_file():
         return set()
     found = set()
@@ -136,7 +137,8 @@ def _recorded(manifest: Path, host: str) -> set[str]:
     return found
 
 
-def _record(manifest: Path, host: str, name: str, files: list[Path]) -> None:
+def record(manifest: Path, host: str, name: str, files: list[Path]) -> None:
+    """One fetched sample in the manifest, after its files are in place (fsynced)."""
     entry = {"unit_host": host, "name": name, "collected": round(time.time(), 3),
              "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
     with manifest.open("a") as handle:
