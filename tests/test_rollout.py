@@ -47,7 +47,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                                    Progress(1))
     model = prepare_model(str(fetch_locked_model(read_models_lock()[DEFAULT_MODEL],
                                                  Progress(1))), folder, Progress(1)).model
-    units = HostUnits(folder / "units", broker, public, model, group="north")
+    units = HostUnits(folder / "units", broker.port, broker.tls, public, model, group="north")
     units.start(2)
     try:
         yield {"broker": broker, "key": key, "bundles": bundles, "units": units,

@@ -53,6 +53,7 @@ def test_valid_seed_is_applied(tmp_path: Path) -> None:
     ("hostname: one\nhostname: two\n", "key 'hostname' appears twice"),
     ("hostname: [\n", "not valid YAML"),
     ("update_public_keys: [ssh-ed25519 AAAA]\n", "update_public_keys: expected a list of keys"),
+    ("mqtt_ca: not a certificate\n", "mqtt_ca: expected the broker's CA certificate(s) in PEM"),
 ])
 def test_invalid_seed_changes_nothing(tmp_path: Path, text: str, message: str) -> None:
     etc = make_etc(tmp_path)
@@ -74,6 +75,25 @@ def test_update_keys_from_the_seed_join_the_recipe_keys(tmp_path: Path) -> None:
     assert "1 update key(s)" in apply_seed(seed, etc)
     written = (etc / "edgebake" / "update-keys" / "seed.pub").read_text()
     assert written.splitlines()[-1] == key
+
+
+def test_the_brokers_ca_from_the_seed_is_written_and_used(tmp_path: Path) -> None:
+    """A fleet's own broker CA travels in the seed: written beside the app config, and
+    mqtt.tls.ca_file points at it unless the seed says otherwise."""
+    from edgebake_builder.validate.broker import _certificates
+
+    ca_file = _certificates(tmp_path, ("127.0.0.1",))[0]
+    etc = make_etc(tmp_path)
+    seed = tmp_path / "edgebake-seed.yaml"
+    seed.write_text(render_seed("pole-19", [KEY], app={"mqtt": {
+        "enabled": True, "host": "broker.lan", "tls": {"enabled": True}}},
+        mqtt_ca=ca_file.read_text()))
+    apply_seed(seed, etc)
+    written = etc / "edgebake" / "mqtt-ca.pem"
+    assert written.read_text().strip() == ca_file.read_text().strip()
+    assert (written.stat().st_mode & 0o777) == 0o644
+    overrides = (etc / "edgebake" / "seed-overrides.yaml").read_text()
+    assert "ca_file: /etc/edgebake/mqtt-ca.pem" in overrides
 
 
 def test_wifi_seed_writes_a_private_supplicant_file_and_enables_it(tmp_path: Path) -> None:

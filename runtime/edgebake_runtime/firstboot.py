@@ -160,6 +160,9 @@ def apply_seed(seed: Path, etc: Path | None = None) -> str:
         text = "# written at first boot from the unit's seed\n" + "\n".join(
             plan["update_keys"]) + "\n"
         staged.append((_write(target, text, 0o644), target))
+    if plan["mqtt_ca"]:  # the fleet broker's CA: public, like the update keys
+        target = etc / "edgebake" / "mqtt-ca.pem"
+        staged.append((_write(target, plan["mqtt_ca"], 0o644), target))
     if plan["wifi"]:
         target = etc / "wpa_supplicant" / "wpa_supplicant-wlan0.conf"
         staged.append((_write(target, wpa_supplicant_conf(plan["wifi"]), 0o600), target))

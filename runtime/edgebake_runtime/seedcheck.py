@@ -15,7 +15,11 @@ from .redact import redact_url
 
 REMOVED = "(removed after first boot)"
 SEED_KEYS = {"hostname", "device_id", "ssh_authorized_keys", "app", "wifi",
-             "update_public_keys"}
+             "update_public_keys", "mqtt_ca"}
+# the fleet broker's CA from the seed, where first boot writes it (mqtt.tls.ca_file's default)
+MQTT_CA = "/etc/edgebake/mqtt-ca.pem"
+PEM_CERTS = re.compile(r"(\s*-----BEGIN CERTIFICATE-----\s+[A-Za-z0-9+/=\s]+"
+                       r"-----END CERTIFICATE-----\s*)+")
 UPDATE_KEY = re.compile(r"ed25519 [0-9a-f]{64}")
 WIFI_KEYS = {"ssid", "psk", "country"}
 HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -49,6 +53,16 @@ def check_seed(data: dict[str, Any], source: str, app_yaml: Path) -> dict[str, A
     overrides = dict(app)
     if device_id:
         overrides["device_id"] = device_id
+    mqtt_ca = data.get("mqtt_ca")
+    if mqtt_ca is not None:
+        if not isinstance(mqtt_ca, str) or len(mqtt_ca) > 65536 or \
+                not PEM_CERTS.fullmatch(mqtt_ca):
+            raise SeedError(f"{source}: mqtt_ca: expected the broker's CA certificate(s) in "
+                            "PEM (-----BEGIN CERTIFICATE----- …), at most 64 KiB")
+        mqtt = dict(overrides.get("mqtt") or {})
+        tls = dict(mqtt.get("tls") or {})
+        tls.setdefault("ca_file", MQTT_CA)
+        overrides["mqtt"] = {**mqtt, "tls": tls}
     base = read_yaml_mapping(app_yaml) if app_yaml.is_file() else dict(DEFAULTS)
     try:
         validate(deep_merge(base, overrides), f"{source}: app")
@@ -61,7 +75,8 @@ def check_seed(data: dict[str, Any], source: str, app_yaml: Path) -> dict[str, A
         raise SeedError(f"{source}: update_public_keys: expected a list of keys like "
                         "`ed25519 <64 hex digits>` (from `invoke make-key`)")
     return {"hostname": hostname, "keys": [k.strip() for k in keys], "overrides": overrides,
-            "wifi": wifi, "update_keys": [k.strip() for k in update_keys]}
+            "wifi": wifi, "update_keys": [k.strip() for k in update_keys],
+            "mqtt_ca": mqtt_ca.strip() + "\n" if mqtt_ca else ""}
 
 
 def check_wifi(wifi: Any, source: str) -> dict[str, str] | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..validate.broker import LocalBroker
+from ..validate.broker import BrokerTls
 
 UNIT_FPS = 1.0
 
@@ -48,7 +48,8 @@ class HostUnit:
 @dataclass
 class HostUnits:
     folder: Path
-    broker: LocalBroker
+    broker_port: int  # a TLS broker on 127.0.0.1 with a login: orders come only over one
+    tls: BrokerTls
     public_key: str
     model: Path
     group: str = "bench"
@@ -68,8 +69,7 @@ class HostUnits:
             self.units.append(unit)
 
     def _write(self, unit: HostUnit) -> None:
-        tls = self.broker.tls
-        assert tls is not None, "units take orders only from a TLS broker with a login"
+        tls = self.tls
         data = unit.folder / "data"
         keys = unit.folder / "update-keys"
         keys.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ class HostUnits:
             "journal": {"dir": str(data / "results")},
             "http": {"enabled": False},
             "inference": {"num_threads": 1},
-            "mqtt": {"enabled": True, "host": "127.0.0.1", "port": self.broker.port,
+            "mqtt": {"enabled": True, "host": "127.0.0.1", "port": self.broker_port,
                      "username": tls.username, "password": tls.password,
                      "tls": {"enabled": True, "ca_file": str(tls.ca_file)}},
             "update": {"dir": str(data / "models"), "keys_dir": str(keys),

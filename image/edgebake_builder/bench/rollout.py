@@ -60,7 +60,7 @@ def bench_rollout(count: int, max_failures: int, progress: Progress) -> RolloutB
             model = prepare_model(str(fetch_locked_model(read_models_lock()[DEFAULT_MODEL],
                                                          progress)), folder, progress).model
         with progress.step(f"starting {count} unit processes"):
-            fleet = HostUnits(folder / "units", broker, public, model)
+            fleet = HostUnits(folder / "units", broker.port, broker.tls, public, model)
             fleet.start(count)
             _wait_for_reports(fleet, _broker(broker), count, progress)
             memory = sum(u.memory_kib() for u in fleet.units) / count / 1024

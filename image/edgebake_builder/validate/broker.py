@@ -43,13 +43,15 @@ class LocalBroker:
         return cls(cls._run(conf), port)
 
     @classmethod
-    def start_tls(cls, username: str = "unit", password: str = "unit-pass") -> LocalBroker:
-        """TLS with a certificate for 127.0.0.1 from a CA made here, and one login. Its files
-        go into a folder of their own that mosquitto can read once it has dropped root for
-        its own user; stop() removes it."""
+    def start_tls(cls, username: str = "unit", password: str = "unit-pass",
+                  addresses: tuple[str, ...] = ("127.0.0.1",)) -> LocalBroker:
+        """TLS on 127.0.0.1 with a certificate for `addresses` (the host's loopback, and the
+        address a QEMU guest reaches it at) from a CA made here, and one login. Its files go
+        into a folder of their own that mosquitto can read once it has dropped root for its
+        own user; stop() removes it."""
         folder = Path(tempfile.mkdtemp(prefix="edgebake-broker-"))
         folder.chmod(0o755)
-        ca_file, cert_file, key_file = _certificates(folder)
+        ca_file, cert_file, key_file = _certificates(folder, addresses)
         passwords = folder / "mosquitto.passwd"
         subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), username, password],
                        check=True, capture_output=True)
@@ -78,8 +80,8 @@ class LocalBroker:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _certificates(folder: Path) -> tuple[Path, Path, Path]:
-    """(CA certificate, server certificate for 127.0.0.1, server key), written to folder."""
+def _certificates(folder: Path, addresses: tuple[str, ...]) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate for `addresses`, server key), written to folder."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -102,7 +104,7 @@ def _certificates(folder: Path) -> tuple[Path, Path, Path]:
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=2))
             .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
     paths = folder / "ca.pem", folder / "broker.pem", folder / "broker.key"

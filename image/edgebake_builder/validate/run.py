@@ -178,7 +178,10 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
                                                     trials.paths.items()})
     if supervision_trials:  # kill -9, SIGSTOP and a camera unplug on the running unit
         env["EDGEBAKE_SUPERVISION_TRIALS"] = "1"
-    broker = LocalBroker.start_if_available(tmp)
+    env["EDGEBAKE_ORDER_KEY"] = str(trials.private_key)
+    # the fleet's broker: TLS with a login (the unit takes orders only so), its CA in the seed
+    broker = LocalBroker.start_tls(addresses=("127.0.0.1", QEMU_HOST_ADDRESS)) \
+        if shutil.which("mosquitto") else None
     # an RTSP camera on the host, seen by the guest through QEMU's user network
     # (small and slow: QEMU emulates the unit's CPU, and H.264 is decoded in full)
     stream = make_h264(tmp / "stream.h264", fps=2, width=320, height=320,
@@ -223,13 +226,21 @@ def _test_seed(tmp: Path, key: Path, rtsp_url: str, broker: LocalBroker | None,
         "update": {"max_latency_ms": 20000, "window_sec": 3600},
         # field samples: a periodic frame of each camera, for collect-samples to fetch
         "samples": {"enabled": True, "every_sec": 10, "max_files": 200}}
-    if broker is not None:
+    mqtt_ca = ""
+    if broker is not None and broker.tls is not None:
         # QEMU's user network shows the host's loopback to the guest as 10.0.2.2
-        app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port}
-        env["EDGEBAKE_MQTT_PORT"] = str(broker.port)
+        app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port,
+                       "username": broker.tls.username, "password": broker.tls.password,
+                       "tls": {"enabled": True}}
+        app["update"].update({"mqtt_commands": True, "mqtt_group": "qemu"})
+        mqtt_ca = broker.tls.ca_file.read_text()
+        env.update({"EDGEBAKE_MQTT_PORT": str(broker.port),
+                    "EDGEBAKE_MQTT_CA": str(broker.tls.ca_file),
+                    "EDGEBAKE_MQTT_USER": broker.tls.username,
+                    "EDGEBAKE_MQTT_PASSWORD": broker.tls.password})
     return render_seed(TEST_HOSTNAME, [key.with_suffix(".pub").read_text().strip()],
-                       app=app, device_id="qemu-test-unit",
-                       update_keys=[update_key]).encode("utf-16")
+                       app=app, device_id="qemu-test-unit", update_keys=[update_key],
+                       mqtt_ca=mqtt_ca).encode("utf-16")
 
 
 def _boot(machine: QemuMachine, image: Path, manifest: dict[str, Any], seed: bytes, key: Path,

@@ -17,8 +17,11 @@ CHUNK = 64 * 1024
 
 
 def render_seed(hostname: str, keys: list[str], app: dict[str, Any] | None = None,
-                device_id: str = "", update_keys: list[str] | None = None) -> str:
+                device_id: str = "", update_keys: list[str] | None = None,
+                mqtt_ca: str = "") -> str:
     data: dict[str, Any] = {"hostname": hostname, "ssh_authorized_keys": keys}
+    if mqtt_ca:
+        data["mqtt_ca"] = mqtt_ca
     if device_id:
         data["device_id"] = device_id
     if update_keys:

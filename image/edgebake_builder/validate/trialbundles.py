@@ -31,6 +31,7 @@ VERSIONS = {"tampered": "1.5", "golden": "1.6", "undecodable": "1.7", "good": "2
 class TrialBundles:
     public_key: str  # the line a unit's update-keys file (or a seed) holds
     paths: dict[str, Path]  # by the names in VERSIONS
+    private_key: Path  # the key file that signed them, for orders to the unit
 
 
 def _members(model: Path, card: Path, golden: Path) -> dict[str, bytes]:
@@ -80,12 +81,15 @@ def _tampered(bundle: bytes) -> bytes:
 
 def make_trial_bundles(folder: Path, target: str, progress: Progress) -> TrialBundles:
     """Sign the four bundles with a key made here, for a unit of `target`."""
-    from edgebake_builder.signing import build_bundle, make_keypair
+    from edgebake_builder.signing import build_bundle, read_private_key, write_private_key
 
     from ..steps.model import DEFAULT_MODEL, fetch_locked_model, prepare_model, read_models_lock
 
     folder.mkdir(parents=True, exist_ok=True)
-    private, public = make_keypair()
+    key_file = folder / "trial.key"
+    key_file.unlink(missing_ok=True)
+    public = write_private_key(key_file)
+    private = read_private_key(key_file)
     lock = read_models_lock()
     full = prepare_model(str(fetch_locked_model(lock["face_detection_full_range"], progress)),
                          folder / "full", progress)
@@ -105,7 +109,7 @@ def make_trial_bundles(folder: Path, target: str, progress: Progress) -> TrialBu
             data = _tampered(data)
         paths[name] = folder / f"{name}-{VERSIONS[name]}.ebundle"
         paths[name].write_bytes(data)
-    return TrialBundles(public.strip(), paths)
+    return TrialBundles(public.strip(), paths, key_file)
 
 
 def make_rollout_bundles(folder: Path, private: bytes, target: str, progress: Progress,

@@ -365,14 +365,25 @@ def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
             json.dump(figures, handle)
 
 
+def broker_client(mqtt: Any) -> Any:
+    """A client of the test's broker (TLS with a login, as the unit's seed has it)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"edgebake-test-image-{time.time_ns()}")
+    client.tls_set(ca_certs=os.environ["EDGEBAKE_MQTT_CA"])
+    client.username_pw_set(os.environ["EDGEBAKE_MQTT_USER"],
+                           os.environ["EDGEBAKE_MQTT_PASSWORD"])
+    return client
+
+
 def test_results_arrive_over_mqtt() -> None:
-    """Through QEMU's user network to a mosquitto on the host's loopback, QoS 1."""
+    """Through QEMU's user network to a mosquitto on the host's loopback, over TLS with the
+    CA the seed carried, QoS 1."""
     port = os.environ.get("EDGEBAKE_MQTT_PORT")
     if not port:
         pytest.skip("no mosquitto on the host (apt-get install mosquitto)")
     mqtt = pytest.importorskip("paho.mqtt.client")
     received: list[dict[str, Any]] = []
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edgebake-test-image")
+    client = broker_client(mqtt)
     client.on_connect = lambda c, *a: c.subscribe("edgebake/qemu-test-unit/results", qos=1)
     client.on_message = lambda c, u, m: received.append(json.loads(m.payload))
     client.connect("127.0.0.1", int(port))
@@ -581,3 +592,57 @@ def test_a_model_on_trial_rolls_back_after_a_reboot(host: Any) -> None:
     assert any("rebooted inside the health window" in str(e.get("reason"))
                and e.get("version") == TRIAL_AT_REBOOT.get("version") for e in rollbacks), \
         entries[-8:]
+
+
+def test_a_rollout_of_two_units_takes_in_the_booted_one(host: Any, tmp_path: Path) -> None:
+    """`invoke rollout`'s engine over the test's broker: the booted unit and one unit process
+    on the host, in two stages; each takes the bundle from a signed order, runs it through
+    its trial window and confirms it. Last: it leaves the unit on a newer model."""
+    port = os.environ.get("EDGEBAKE_MQTT_PORT")
+    if not port:
+        pytest.skip("no mosquitto on the host (apt-get install mosquitto)")
+    import tarfile
+
+    from edgebake_builder.bench.hostunits import HostUnits
+    from edgebake_builder.fleet import Broker
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.rollout.run import Rollout, RolloutRequest
+    from edgebake_builder.signing import build_bundle, read_private_key
+    from edgebake_builder.steps.model import (
+        DEFAULT_MODEL,
+        fetch_locked_model,
+        prepare_model,
+        read_models_lock,
+    )
+    from edgebake_builder.validate.broker import BrokerTls
+
+    key = Path(os.environ["EDGEBAKE_ORDER_KEY"])
+    with tarfile.open(os.environ["EDGEBAKE_BUNDLE"]) as tar:
+        members = {n: tar.extractfile(n).read()  # type: ignore[union-attr]
+                   for n in ("model.tflite", "model.card.json", "model.golden.npz")}
+    bundle = tmp_path / "rollout-5.0.ebundle"
+    bundle.write_bytes(build_bundle(members, read_private_key(key), "5.0", "pi4"))
+    tls = BrokerTls(Path(os.environ["EDGEBAKE_MQTT_CA"]), os.environ["EDGEBAKE_MQTT_USER"],
+                    os.environ["EDGEBAKE_MQTT_PASSWORD"])
+    model = prepare_model(str(fetch_locked_model(read_models_lock()[DEFAULT_MODEL],
+                                                 Progress(1))), tmp_path, Progress(1)).model
+    public = Path(f"{key}.pub").read_text().strip()
+    units = HostUnits(tmp_path / "units", int(port), tls, public, model, group="qemu")
+    units.start(1, prefix="host")
+    # the booted unit must not be inside another model's trial when the order comes
+    wait(lambda: health()["model"]["trial"] is None, 900, "no model on trial on the unit")
+    lines: list[str] = []
+    try:
+        request = RolloutRequest(bundle, Broker("127.0.0.1", int(port), tls.username,
+                                                tls.password, str(tls.ca_file)), key,
+                                 "1,100%", units="qemu-test-unit,host-000", window_sec=20.0,
+                                 deadline_sec=900.0, state_path=tmp_path / "state.json")
+        state = Rollout(request, lines.append).run()
+    finally:
+        units.stop()
+    assert state.phase == "done", "\n".join(lines)
+    assert [u.outcome for u in state.units] == ["confirmed", "confirmed"], state.units
+    assert units.units[0].store_state.get("current") == "5.0"
+    snap = wait(lambda: (h := health()) and h["model"]["version"] == "5.0" and h, 120,
+                "the booted unit serving 5.0")
+    assert snap["model"]["trial"] is None
