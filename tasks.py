@@ -152,27 +152,34 @@ def bench_fsopts(c: Context, seconds: float = 60.0, rate: float = 60.0) -> None:
         print(line)
 
 
-BROKER_HELP = {"broker": "MQTT broker host of the fleet", "port": "broker port",
-               "username": "broker user", "password": "broker password",
-               "ca_file": "CA certificate for TLS (TLS when given)"}
+BROKER_HELP = {"broker": "MQTT broker host of the fleet",
+               "port": "broker port (default $EDGEBAKE_MQTT_PORT, else 8883 with TLS, 1883 "
+                       "without)",
+               "username": "broker user (default $EDGEBAKE_MQTT_USERNAME)",
+               "password": "broker password (default $EDGEBAKE_MQTT_PASSWORD, which keeps it "
+                           "out of the process list)",
+               "ca_file": "CA certificate for TLS, TLS when given (default "
+                          "$EDGEBAKE_MQTT_CA_FILE)"}
 
 
 @task(help={**BROKER_HELP, "wait": "seconds to listen (retained topics arrive at once)"})
 @fails_cleanly
-def fleet_status(c: Context, broker: str, port: int = 1883, wait: float = 2.0,
+def fleet_status(c: Context, broker: str, port: int = 0, wait: float = 2.0,
                  username: str = "", password: str = "", ca_file: str = "") -> None:
     """The units seen on MQTT: link, health, model version and sha256, last result time."""
-    from edgebake_builder.fleet import Broker, collect, table
+    from edgebake_builder.fleet import broker_of, collect, table
 
-    units = collect(Broker(broker, port, username, password, ca_file), wait)
+    where = broker_of(broker, port, username, password, ca_file)
+    units = collect(where, wait)
     if not units:
-        print(f"no units seen on {broker}:{port} (topics edgebake/+/status and /health)")
+        print(f"no units seen on {broker}:{where.port} (topics edgebake/+/status and /health)")
         return
     print(table(units))
 
 
 @task(help={**BROKER_HELP, "bundle": "the signed .ebundle to roll out",
-            "key": "private key that signed it (the orders are signed with it too)",
+            "key": "private key that signed it (the orders are signed with it too; default: "
+                   "the *.key here that did)",
             "group": "every unit that reports this update.mqtt_group",
             "units": "or these device ids, comma-separated",
             "stages": "units by the end of each stage: counts or percentages",
@@ -186,14 +193,14 @@ def fleet_status(c: Context, broker: str, port: int = 1883, wait: float = 2.0,
             "status": "print the state file's table and exit",
             "abort": "roll the units that took it back to their previous model"})
 @fails_cleanly
-def rollout(c: Context, bundle: str, broker: str = "", key: str = "signing.key",
+def rollout(c: Context, bundle: str, broker: str = "", key: str = "",
             group: str = "", units: str = "", stages: str = "1,10%,50%,100%",
             max_failures: int = 0, health_window: float = 600.0, deadline: float = 3600.0,
             target: str = "pi4", url: str = "", state: str = "", resume: bool = False,
-            status: bool = False, abort: bool = False, port: int = 8883, username: str = "",
+            status: bool = False, abort: bool = False, port: int = 0, username: str = "",
             password: str = "", ca_file: str = "") -> None:
     """Roll a bundle out in stages over MQTT, stopping at the failure threshold."""
-    from edgebake_builder.fleet import Broker
+    from edgebake_builder.fleet import broker_of
     from edgebake_builder.rollout.run import Rollout, RolloutRequest
     from edgebake_builder.rollout.state import default_state_path, load_state, table
 
@@ -203,8 +210,11 @@ def rollout(c: Context, bundle: str, broker: str = "", key: str = "signing.key",
         return
     if not broker:
         raise Exit("error: --broker: expected the fleet's MQTT broker host", code=1)
-    request = RolloutRequest(Path(bundle), Broker(broker, port, username, password, ca_file),
-                             Path(key), stages, group, units, max_failures, health_window,
+    from edgebake_builder.rollout.plan import find_key
+
+    signer = Path(key) if key else find_key(Path(bundle), Path.cwd())
+    request = RolloutRequest(Path(bundle), broker_of(broker, port, username, password, ca_file),
+                             signer, stages, group, units, max_failures, health_window,
                              deadline, target, url, state_path, resume or abort)
     engine = Rollout(request)
     done = engine.abort() if abort else engine.run()
@@ -221,10 +231,10 @@ def rollout(c: Context, bundle: str, broker: str = "", key: str = "signing.key",
             "fleet": "the units' fleet (recipe update.fleet)"})
 @fails_cleanly
 def send_order(c: Context, broker: str, to: str, key: str, url: str = "", bundle: str = "",
-               samples: int = 0, fleet: str = "default", port: int = 8883, username: str = "",
+               samples: int = 0, fleet: str = "default", port: int = 0, username: str = "",
                password: str = "", ca_file: str = "") -> None:
     """Order units over MQTT: install a bundle, or keep samples (signed, never replayable)."""
-    from edgebake_builder.fleet import Broker
+    from edgebake_builder.fleet import broker_of
     from edgebake_builder.fleet import send_order as publish
     from edgebake_builder.signing import read_private_key, sign_order
 
@@ -233,7 +243,7 @@ def send_order(c: Context, broker: str, to: str, key: str, url: str = "", bundle
     except OSError as exc:
         raise Exit(f"error: {bundle}: {exc.strerror}", code=1) from None
     order = sign_order(read_private_key(Path(key)), to, fleet, url, data, samples=samples)
-    topic = publish(Broker(broker, port, username, password, ca_file), to, order)
+    topic = publish(broker_of(broker, port, username, password, ca_file), to, order)
     print(f"order sent on {topic}; each unit reports on edgebake/<device>/update/status")
 
 
@@ -700,12 +710,12 @@ def collect_samples(c: Context, out: str, host: str = "", since: float = 0.0, po
         print(f"{host}: {done.fetched} sample(s) fetched, {done.already} already in {out}, "
               f"in {done.seconds:.0f} s")
         return
-    from edgebake_builder.fleet import Broker
+    from edgebake_builder.fleet import broker_of
     from edgebake_builder.samples.pull import describe, pull_samples
 
     if not to:
         raise Exit("error: --to: expected a unit's device id or group/<name>", code=1)
-    results = pull_samples(Broker(broker, port or 8883, username, password, ca_file),
+    results = pull_samples(broker_of(broker, port, username, password, ca_file),
                            Path(key), to, Path(out), fleet, since, wait_sec=wait)
     print("\n".join(describe(results, Path(out))) or f"no unit of {to} shared its samples")
 

@@ -106,11 +106,24 @@ def test_a_rollout_in_stages_then_status_then_abort(fleet: dict[str, Any]) -> No
     """The acceptance's shape: --group north --stages 1,50%,100% --max-failures 1; each
     unit confirms 2.0 after its window; --status reads the state file; --abort takes both
     back to the image's model."""
+    import os
+    import subprocess
+
+    from helpers import INVOKE, ROOT
+
     wait_until_reported(fleet)
     bundle, key = fleet["bundles"]["2.0"], fleet["key"]
-    result = invoke("rollout", "--bundle", str(bundle), "--key", str(key), "--group", "north",
-                    "--stages", "1,50%,100%", "--max-failures", "1", "--health-window", WINDOW,
-                    *broker_args(fleet["broker"]))
+    tls = fleet["broker"].tls
+    # as typed in the issue: the key found beside the operator (the *.key that signed the
+    # bundle), the broker's port and login from the environment
+    env = {**os.environ, "EDGEBAKE_MQTT_PORT": str(fleet["broker"].port),
+           "EDGEBAKE_MQTT_USERNAME": tls.username, "EDGEBAKE_MQTT_PASSWORD": tls.password,
+           "EDGEBAKE_MQTT_CA_FILE": str(tls.ca_file)}
+    result = subprocess.run([*INVOKE, "--search-root", str(ROOT), "rollout", "--bundle",
+                             str(bundle), "--broker", "127.0.0.1", "--group", "north",
+                             "--stages", "1,50%,100%", "--max-failures", "1",
+                             "--health-window", WINDOW], cwd=key.parent, env=env,
+                            capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "stage 1/2 (1): 1 unit(s), 1 of 2 in all" in result.stdout, result.stdout
     assert "stage 2/2 (50%)" in result.stdout, result.stdout

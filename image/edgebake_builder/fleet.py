@@ -42,6 +42,20 @@ class Broker:
     ca_file: str = ""
 
 
+def broker_of(host: str, port: int, username: str, password: str, ca_file: str,
+              tls_port: int = 8883) -> Broker:
+    """The broker from a task's options, each left empty taken from the environment
+    (EDGEBAKE_MQTT_PORT, _USERNAME, _PASSWORD, _CA_FILE): a password given there stays out
+    of the process list. Port 0: the environment's, else 8883 with TLS and 1883 without."""
+    import os
+
+    env = os.environ.get
+    ca_file = ca_file or env("EDGEBAKE_MQTT_CA_FILE", "")
+    port = port or int(env("EDGEBAKE_MQTT_PORT", "0") or 0) or (tls_port if ca_file else 1883)
+    return Broker(host, port, username or env("EDGEBAKE_MQTT_USERNAME", ""),
+                  password or env("EDGEBAKE_MQTT_PASSWORD", ""), ca_file)
+
+
 def _paho() -> Any:
     try:
         import paho.mqtt.client as mqtt

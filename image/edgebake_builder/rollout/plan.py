@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import re
 import tarfile
@@ -94,6 +95,26 @@ def read_bundle(path: Path, target: str, public_key: Any, key_id: str) -> Bundle
                          f"rollout is for {target!r} (--target)")
     return BundleFacts(path, hashlib.sha256(data).hexdigest(), str(manifest["version"]),
                        str(manifest.get("target")), str(manifest.get("fleet")), data)
+
+
+def find_key(bundle: Path, folder: Path) -> Path:
+    """The private key in `folder` (`*.key`) that signed `bundle`, for a rollout given no
+    --key: its orders must be signed by a key the units trust, and that one is."""
+    from ..signing import public_key_of, read_private_key
+
+    try:
+        with tarfile.open(bundle) as tar:
+            wanted = json.loads(_member(tar, "manifest.json")).get("key_id")
+    except (OSError, tarfile.TarError, ValueError) as exc:
+        raise BuildError(f"--bundle {bundle}: not a readable bundle: {exc}") from None
+    for candidate in sorted(folder.glob("*.key")):
+        try:
+            if public_key_of(read_private_key(candidate))[1] == wanted:
+                return candidate
+        except BundleError:
+            continue
+    raise BuildError(f"--key: no *.key in {folder} signed {bundle} (key id {wanted}); give "
+                     "--key with the key that did")
 
 
 def _member(tar: tarfile.TarFile, name: str) -> bytes:
