@@ -722,7 +722,8 @@ def collect_samples(c: Context, out: str, host: str = "", since: float = 0.0, po
 
 @task(help={"samples": "folder of collected samples", "out": "the .npz to write",
             "labels": "CSV of name,label rows (then y holds class indices)",
-            "size": "width,height of x (default: the --card's model input)",
+            "size": "width,height of x (default: the --card's model input, else the first "
+                    "sample's size)",
             "card": "the model's card, for its input size",
             "registry": "also log the .npz to this MLflow server", "name": "its run's name"})
 @fails_cleanly

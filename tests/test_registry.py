@@ -169,3 +169,27 @@ def test_registry_mistakes_are_one_line_and_write_nothing(registry: dict[str, An
     wrong = invoke("register-model", "--model", str(notes), "--registry", registry["uri"],
                    "--name", "faces")
     assert wrong.returncode == 1 and "expected a .tflite" in wrong.stderr, wrong.stderr
+
+
+def test_collected_samples_go_to_the_registry_as_a_dataset(registry: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for number in range(3):
+        name = f"1796356551_{number:03d}-cam-{number}"
+        Image.fromarray(np.full((24, 32, 3), number * 60, np.uint8)).save(samples / f"{name}.jpg")
+        (samples / f"{name}.json").write_text("{}")
+    made = invoke("samples-to-dataset", "--samples", str(samples), "--out",
+                  str(tmp_path / "data.npz"), "--registry", registry["uri"], "--name",
+                  "north-week-49")
+    assert made.returncode == 0, made.stderr
+    run_id = made.stdout.strip().splitlines()[-1].split(" as run ")[1].split()[0]
+    import urllib.request
+
+    with urllib.request.urlopen(f"{registry['uri']}/api/2.0/mlflow/artifacts/list?run_id="
+                                f"{run_id}&path=dataset", timeout=30) as reply:
+        listed = json.loads(reply.read())
+    assert [f["path"] for f in listed["files"]] == ["dataset/data.npz"], listed

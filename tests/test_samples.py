@@ -211,15 +211,16 @@ def test_samples_become_the_npz_convert_model_takes(collected: Path, tmp_path: P
     data = load_dataset(out, (1, 24, 32, 3), "validation")
     assert data.x.shape == (4, 24, 32, 3) and data.x.min() >= 0.0 and data.x.max() <= 1.0
     assert data.y is not None and list(data.y) == [0, 1, 0, 1]
+    # as typed in the issue: no size given, the samples' own (64x48 here)
     unlabelled = invoke("samples-to-dataset", "--samples", str(collected), "--out",
-                        str(tmp_path / "rep.npz"), "--size", "32,24")
-    assert unlabelled.returncode == 0 and "6 samples" in unlabelled.stdout
+                        str(tmp_path / "rep.npz"))
+    assert unlabelled.returncode == 0 and "6 samples of 64x48" in unlabelled.stdout
     assert "y" not in np.load(tmp_path / "rep.npz").files
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--size", "32"], "--size '32': expected width,height"),
-    ([], "expected --size W,H or --card"),
+    (["--card", "{bad}"], "cannot read the model's input size"),
     (["--size", "8,8", "--labels", "{bad}"], "bad.csv:2: expected name,label"),
 ])
 def test_dataset_mistakes_are_one_line(collected: Path, tmp_path: Path, args: list[str],

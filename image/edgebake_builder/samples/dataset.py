@@ -25,8 +25,9 @@ class SampleDataset:
     size: tuple[int, int]
 
 
-def size_from(text: str, card: str) -> tuple[int, int]:
-    """(width, height) from `--size W,H`, else from a model card's input."""
+def size_from(text: str, card: str) -> tuple[int, int] | None:
+    """(width, height) from `--size W,H`, else from a model card's input; None: neither
+    was given (the first sample's own size is used)."""
     if text:
         parts = text.split(",")
         if len(parts) != 2 or not all(p.strip().isdigit() and 0 < int(p) <= 4096
@@ -34,7 +35,7 @@ def size_from(text: str, card: str) -> tuple[int, int]:
             raise BuildError(f"--size {text!r}: expected width,height like 224,224")
         return int(parts[0]), int(parts[1])
     if not card:
-        raise BuildError("expected --size W,H or --card with the model's card")
+        return None
     try:
         data = json.loads(Path(card).read_text())
         shape = data["inputs"][0]["shape"]
@@ -62,7 +63,7 @@ def read_labels(path: Path) -> dict[str, str]:
     return labels
 
 
-def samples_to_dataset(folder: Path, out: Path, size: tuple[int, int],
+def samples_to_dataset(folder: Path, out: Path, size: tuple[int, int] | None,
                        labels_csv: Path | None = None) -> SampleDataset:
     images = sorted(folder.glob("*.jpg"))
     if not images:
@@ -73,6 +74,12 @@ def samples_to_dataset(folder: Path, out: Path, size: tuple[int, int],
         if not images:
             raise BuildError(f"--labels {labels_csv}: names none of the samples in {folder}")
     classes = sorted(set(labels[p.stem] for p in images)) if labels else []
+    if size is None:
+        try:
+            with Image.open(images[0]) as first:
+                size = first.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise BuildError(f"{images[0]}: not a readable image: {exc}") from None
     xs: list[np.ndarray[Any, Any]] = []
     for path in images:
         try:
