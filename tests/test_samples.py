@@ -155,12 +155,25 @@ def test_signed_orders_ask_for_frames_and_share_them_over_http(
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(url, timeout=10)
             assert refused.value.code == 403
-            pulled = invoke("collect-samples", *broker_args(broker), "--to", "pole-7",
-                            "--key", str(tmp_path / "ops.key"), "--out", str(out))
+            pull = ["collect-samples", *broker_args(broker), "--to", "pole-7", "--key",
+                    str(tmp_path / "ops.key"), "--out", str(out)]
+            # the transfer breaks after the listing and three files (the unit stops
+            # answering): what is whole is kept, nothing half, and the next run resumes
+            from edgebake_runtime import sampleshare
+
+            sampleshare.MAX_REQUESTS = 4
+            try:
+                broken = invoke(*pull)
+            finally:
+                sampleshare.MAX_REQUESTS = 20000
+            assert broken.returncode == 1, broken.stdout
+            assert "HTTP 403" in broken.stderr and "run it again to resume" in broken.stderr
+            assert len((out / "manifest.jsonl").read_text().splitlines()) == 1
+            assert not list(out.glob(".*.part"))
+            pulled = invoke(*pull)
             assert pulled.returncode == 0, pulled.stderr
-            assert "pole-7: 3 sample(s) fetched, 0 already" in pulled.stdout, pulled.stdout
-            again = invoke("collect-samples", *broker_args(broker), "--to", "pole-7",
-                           "--key", str(tmp_path / "ops.key"), "--out", str(out))
+            assert "pole-7: 2 sample(s) fetched, 1 already" in pulled.stdout, pulled.stdout
+            again = invoke(*pull)
             assert "pole-7: 0 sample(s) fetched, 3 already" in again.stdout, again.stdout
             with pytest.raises(urllib.error.HTTPError) as still:
                 urllib.request.urlopen(url, timeout=10)  # a guess stays refused
