@@ -89,6 +89,7 @@ def make_trial_bundles(folder: Path, target: str, progress: Progress) -> TrialBu
     key_file = folder / "trial.key"
     key_file.unlink(missing_ok=True)
     public = write_private_key(key_file)
+    key_file.with_name("trial.key.pub").write_text(public)
     private = read_private_key(key_file)
     lock = read_models_lock()
     full = prepare_model(str(fetch_locked_model(lock["face_detection_full_range"], progress)),
