@@ -94,6 +94,18 @@ def test_a_stage_list_that_does_not_grow_or_passes_100_percent_is_one_line(
         parse_stages(stages)
 
 
+def test_a_deadline_inside_the_health_window_is_one_line(tmp_path: Path) -> None:
+    key = tmp_path / "k.key"
+    write_private_key(key)
+    bundle = make_rollout_bundles(tmp_path, read_private_key(key), "pi4", Progress(1))["2.0"]
+    request = RolloutRequest(bundle, Broker("127.0.0.1", 1), key, units="a,b",
+                             window_sec=600.0, deadline_sec=300.0)
+    with pytest.raises(BuildError, match="--deadline 300: expected more seconds than "
+                                         "--health-window 600"):
+        Rollout(request)
+    assert not request.state_file.exists()
+
+
 def test_every_stage_adds_units() -> None:
     stages = parse_stages("1,10%,50%,100%")
     assert stage_ends(stages, 10) == [1, 2, 5, 10]
@@ -170,12 +182,12 @@ def test_a_silent_unit_fails_at_its_deadline(fleet: dict[str, Any], tmp_path: Pa
     deadline, then failed; the threshold then stops the rollout."""
     request = RolloutRequest(fleet["bundles"]["2.0"], broker_of(fleet["broker"]),
                              fleet["key"], "1,100%", units="ghost-1,unit-000",
-                             max_failures=0, window_sec=float(WINDOW), deadline_sec=3.0,
+                             max_failures=0, window_sec=float(WINDOW), deadline_sec=4.0,
                              state_path=tmp_path / "state.json")
     lines: list[str] = []
     state = Rollout(request, lines.append).run()
     assert state.phase == "stopped", lines
-    assert state.units[0].outcome == "failed" and "no verdict in 3 s" in \
+    assert state.units[0].outcome == "failed" and "no verdict in 4 s" in \
         state.units[0].reason, state.units[0]
     assert state.units[1].outcome == "waiting"
 
@@ -251,7 +263,8 @@ def test_operator_mistakes_are_one_line_and_touch_no_unit(
         other = tmp_path / "other.json"
         first = invoke("rollout", "--bundle", str(fleet["bundles"]["2.1"]), "--key",
                        str(fleet["key"]), "--units", "ghost-2", "--state", str(other),
-                       "--deadline", "0.5", *broker_args(fleet["broker"]))
+                       "--health-window", "0.1", "--deadline", "0.5",
+                       *broker_args(fleet["broker"]))
         assert first.returncode == 1, first.stdout
         cases.append((["--bundle", str(good), "--state", str(other), "--resume"],
                       "is the rollout of another bundle"))

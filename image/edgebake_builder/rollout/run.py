@@ -76,6 +76,10 @@ class Rollout:
         stages = parse_stages(request.stages)
         if request.max_failures < 0:
             raise BuildError("--max-failures: expected 0 or more")
+        if not 0 <= request.window_sec < request.deadline_sec:
+            raise BuildError(f"--deadline {request.deadline_sec:g}: expected more seconds than "
+                             f"--health-window {request.window_sec:g} (a unit confirms only "
+                             "after its window)")
         if path.exists():
             raise BuildError(f"{path}: a rollout of this bundle is on record; --resume it, "
                              "see it with --status, or move the file away")
