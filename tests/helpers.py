@@ -22,3 +22,11 @@ def partition_table(image: Path) -> dict[str, Any]:
     out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True,
                          check=True).stdout
     return dict(json.loads(out)["partitiontable"])
+
+
+def broker_args(broker: Any) -> list[str]:
+    """A TLS LocalBroker's address and login as the broker tasks take them."""
+    assert broker.tls is not None
+    return ["--broker", "127.0.0.1", "--port", str(broker.port), "--username",
+            broker.tls.username, "--password", broker.tls.password, "--ca-file",
+            str(broker.tls.ca_file)]

@@ -28,7 +28,7 @@ from edgebake_builder.steps.model import (
 )
 from edgebake_builder.validate.broker import LocalBroker
 from edgebake_builder.validate.trialbundles import make_rollout_bundles
-from helpers import invoke
+from helpers import broker_args, invoke
 from runtime_helpers import wait_for
 
 WINDOW = "3"
@@ -55,13 +55,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     finally:
         units.stop()
         broker.stop()
-
-
-def broker_args(broker: LocalBroker) -> list[str]:
-    assert broker.tls is not None
-    return ["--broker", "127.0.0.1", "--port", str(broker.port), "--username",
-            broker.tls.username, "--password", broker.tls.password, "--ca-file",
-            str(broker.tls.ca_file)]
 
 
 def broker_of(broker: LocalBroker) -> Broker:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from edgebake_runtime.config import validate
 from edgebake_runtime.service import Service
-from helpers import invoke
+from helpers import broker_args, invoke
 from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
 
 
@@ -109,12 +109,6 @@ def test_a_full_disk_never_holds_up_inference(tmp_path: Path, default_model: Pat
         subprocess.run(["umount", str(mount)], check=False)
 
 
-def broker_args(broker: Any) -> list[str]:
-    return ["--broker", "127.0.0.1", "--port", str(broker.port), "--username",
-            broker.tls.username, "--password", broker.tls.password, "--ca-file",
-            str(broker.tls.ca_file)]
-
-
 def test_signed_orders_ask_for_frames_and_share_them_over_http(
         tmp_path: Path, default_model: Path) -> None:
     """`invoke send-order --samples 3` over a TLS broker keeps the next frames (whatever
@@ -169,7 +163,7 @@ def test_signed_orders_ask_for_frames_and_share_them_over_http(
             assert broken.returncode == 1, broken.stdout
             assert "HTTP 403" in broken.stderr and "run it again to resume" in broken.stderr
             assert len((out / "manifest.jsonl").read_text().splitlines()) == 1
-            assert not list(out.glob(".*.part"))
+            assert not list(out.glob(".*"))  # no half-written file
             pulled = invoke(*pull)
             assert pulled.returncode == 0, pulled.stderr
             assert "pole-7: 2 sample(s) fetched, 1 already" in pulled.stdout, pulled.stdout
@@ -249,7 +243,8 @@ def test_dataset_mistakes_are_one_line(collected: Path, tmp_path: Path, args: li
 
 
 def test_the_collector_reads_the_names_units_make() -> None:
-    from edgebake_builder.samples.collect import NAME, stamp
+    from edgebake_builder.samples.collect import stamp
+    from edgebake_runtime.samples import NAME
 
     name = f"{1796356551.5:.3f}-front-door.2-17".replace(".", "_", 1)
     assert NAME.fullmatch(name) and stamp(name) == pytest.approx(1796356551.5)

@@ -121,6 +121,11 @@ def build_bundle(files: dict[str, bytes], private_raw: bytes, version: str, targ
 
 
 
+def order_seq(order: bytes) -> int:
+    """The number of an order `sign_order` made (unit answers carry it)."""
+    return int(json.loads(order.partition(b"\n")[2])["seq"])
+
+
 def sign_order(private_raw: bytes, to: str, fleet: str = DEFAULT_FLEET, url: str = "",
                bundle: bytes = b"", seq: int | None = None, window_sec: float | None = None,
                rollback: str = "", samples: int = 0,

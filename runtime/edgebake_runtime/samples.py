@@ -12,17 +12,23 @@ folder within its bounds (`samplestore`).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .config import SampleSettings
 from .frames import Frame
 
 JPEG_QUALITY = 90
+# A sample's name: capture time (seconds_milliseconds), camera, frame number; names sort
+# oldest first, and collectors take nothing else from a unit.
+NAME = re.compile(r"[0-9]{10,11}_[0-9]{3}-[A-Za-z0-9._-]{1,64}-[0-9]{1,12}")
 # Free space below this share of the filesystem: no sample is written (the journal's
 # results come first); the service's pruning makes room again.
 MIN_FREE_FRACTION = 0.10
@@ -111,13 +117,14 @@ class SampleKeeper:
             from PIL import Image
 
             image = self.folder / f"{name}.jpg"
-            _write_new(image, lambda handle: Image.fromarray(frame.captured).save(
-                handle, "JPEG", quality=JPEG_QUALITY))
+            jpeg = io.BytesIO()
+            Image.fromarray(frame.captured).save(jpeg, "JPEG", quality=JPEG_QUALITY)
+            write_atomic(image, jpeg.getvalue(), 0o640)
             sidecar = {"reason": reason, "result": result, "model": version,
                        "source": frame.source, "ts": round(frame.wall_time, 3),
                        "unit": self.device, "seq": frame.seq, "image": image.name}
-            _write_new(self.folder / f"{name}.json",
-                       lambda handle: handle.write(json.dumps(sidecar, sort_keys=True).encode()))
+            write_atomic(self.folder / f"{name}.json",
+                         json.dumps(sidecar, sort_keys=True).encode(), 0o640)
             self.kept += 1
         except (OSError, ValueError) as exc:
             self.write_errors += 1
@@ -128,13 +135,3 @@ class SampleKeeper:
                 "write_errors": self.write_errors, "low_space": self.low_space,
                 "last_error": self.last_error}
 
-
-def _write_new(path: Path, fill: Any) -> None:
-    """Write to a hidden temp name, then rename: a cut leaves no half sample behind."""
-    temp = path.with_name(f".{path.name}.part")
-    try:
-        with temp.open("wb") as handle:
-            fill(handle)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)

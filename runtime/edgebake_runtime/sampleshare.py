@@ -21,12 +21,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from .samples import NAME
 from .samplestore import SampleStore
 
 MAX_MINUTES = 60
 MAX_REQUESTS = 20000
 MAX_FILE_BYTES = 16 * 2**20
-NAME = re.compile(r"[0-9]{10,11}_[0-9]{3}-[A-Za-z0-9._-]{1,64}-[0-9]{1,12}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 Reply = tuple[int, str, bytes]
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .config import SampleSettings
 
 log = logging.getLogger("edgebake.samples")
@@ -47,7 +48,7 @@ class SampleStore:
         groups: dict[str, list[Path]] = {}
         for path in self.folder.iterdir():
             if path.name.startswith("."):
-                if path.name.endswith(".part") and time.time() - _mtime(path) > 600:
+                if path.name.endswith(".tmp") and time.time() - _mtime(path) > 600:
                     path.unlink(missing_ok=True)  # left by a power cut mid-write
                 continue
             if path.suffix in (".jpg", ".json"):
@@ -62,9 +63,7 @@ class SampleStore:
 
     def mark_collected(self, name: str) -> None:
         if name > self.collected():
-            temp = self.folder / f".{COLLECTED}.part"
-            temp.write_text(name + "\n")
-            os.replace(temp, self.folder / COLLECTED)
+            write_atomic(self.folder / COLLECTED, (name + "\n").encode())
 
     def prune(self) -> None:
         try:

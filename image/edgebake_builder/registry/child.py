@@ -35,6 +35,11 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+def _experiment_id(client: Any) -> str:
+    found = client.get_experiment_by_name(EXPERIMENT)
+    return str(found.experiment_id) if found else str(client.create_experiment(EXPERIMENT))
+
+
 def register(payload: dict[str, Any]) -> dict[str, Any]:
     """A run holding the files under `model/`, with the gate's figures as metrics, and a
     new version of the registered model whose source is that folder."""
@@ -42,10 +47,7 @@ def register(payload: dict[str, Any]) -> dict[str, Any]:
 
     client = _client(payload["uri"])
     name = payload["name"]
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else \
-        client.create_experiment(EXPERIMENT)
-    run = client.create_run(experiment_id, run_name=payload.get("run_name") or name,
+    run = client.create_run(_experiment_id(client), run_name=payload.get("run_name") or name,
                             tags={"edgebake.kind": "converted-model"})
     run_id = run.info.run_id
     for path in payload["files"]:
@@ -96,10 +98,7 @@ def fetch(payload: dict[str, Any]) -> dict[str, Any]:
 def log_dataset(payload: dict[str, Any]) -> dict[str, Any]:
     """A run in the `edgebake` experiment holding a dataset file under `dataset/`."""
     client = _client(payload["uri"])
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else \
-        client.create_experiment(EXPERIMENT)
-    run = client.create_run(experiment_id, run_name=payload["name"],
+    run = client.create_run(_experiment_id(client), run_name=payload["name"],
                             tags={"edgebake.kind": "field-samples"})
     client.log_artifact(run.info.run_id, payload["file"], "dataset")
     for key, value in payload.get("params", {}).items():

@@ -10,23 +10,23 @@ last will), so any 3.1.1/5 broker does."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgebake_runtime.commands import MAX_INLINE_BYTES
+
 from ..errors import BuildError
 from ..fleet import Broker, collect
-from ..signing import public_key_of, read_private_key, sign_order
+from ..signing import order_seq, public_key_of, read_private_key, sign_order
 from .plan import BundleFacts, parse_stages, read_bundle, stage_ends, unit_list
 from .state import UNDECIDED, RolloutState, UnitRecord, default_state_path, load_state
 from .watch import UnitAnswers
 
 Say = Callable[[str], None]
 PROGRESS_EVERY_SEC = 30.0
-MAX_INLINE_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Rollout:
         bundle = b"" if self.request.url else self.bundle.data
         order = sign_order(self.private, unit.device, self.bundle.fleet, self.request.url,
                            bundle, window_sec=self.state.window_sec)
-        unit.seq = _seq_of(order)
+        unit.seq = order_seq(order)
         unit.ordered_at = time.time()
         unit.outcome = "ordered"
         self.state.save(self.request.state_file)  # an order on record before it is sent
@@ -211,7 +211,7 @@ class Rollout:
             for unit in touched:
                 order = sign_order(self.private, unit.device, self.bundle.fleet,
                                    rollback=state.version)
-                unit.seq, unit.ordered_at, unit.outcome = _seq_of(order), time.time(), "ordered"
+                unit.seq, unit.ordered_at, unit.outcome = order_seq(order), time.time(), "ordered"
                 unit.reason = "abort ordered"
                 state.save(self.request.state_file)
                 if not answers.send(unit.device, order):
@@ -231,8 +231,4 @@ class Rollout:
             self._decide(unit, "rolled-back", detail)
         elif step in ("refused", "error"):
             self._decide(unit, "failed", f"abort {step}: {detail}")
-
-
-def _seq_of(order: bytes) -> int:
-    return int(json.loads(order.partition(b"\n")[2])["seq"])
 

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shlex
 import subprocess
 import tarfile
@@ -23,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgebake_runtime.atomic import write_atomic
+from edgebake_runtime.samples import NAME
+
 from ..errors import BuildError
 from ..flashing.push import ssh_options
 
 SAMPLES_DIR = "/data/samples"
-NAME = re.compile(r"[0-9]{10,11}_[0-9]{3}-[A-Za-z0-9._-]{1,64}-[0-9]{1,12}")
 BATCH = 16
 MAX_BATCH_BYTES = 256 * 2**20
 SSH_TIMEOUT_SEC = 600
@@ -114,11 +115,8 @@ def _fetch_batch(target: list[str], host: str, names: list[str], out: Path
             continue  # pruned on the unit meanwhile
         paths = []
         for member in pair:
-            final = out / member
-            temp = out / f".{member}.part"
-            temp.write_bytes(contents[member])
-            os.replace(temp, final)
-            paths.append(final)
+            write_atomic(out / member, contents[member])
+            paths.append(out / member)
         done.append((name, paths))
     return done
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgebake_runtime.atomic import write_atomic
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import BuildError
@@ -94,8 +95,7 @@ def samples_to_dataset(folder: Path, out: Path, size: tuple[int, int] | None,
         index = {name: i for i, name in enumerate(classes)}
         arrays["y"] = np.asarray([index[labels[p.stem]] for p in images], np.int64)
         arrays["classes"] = np.asarray(classes)
-    temp = out.with_name(f".{out.name}.part")
-    with temp.open("wb") as handle:
-        np.savez(handle, **arrays)
-    temp.replace(out)
+    packed = io.BytesIO()
+    np.savez(packed, **arrays)
+    write_atomic(out, packed.getvalue())
     return SampleDataset(len(images), len(images) if labels else 0, classes, size)

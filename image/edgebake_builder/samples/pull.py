@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import time
 import urllib.error
@@ -20,11 +19,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from edgebake_runtime.atomic import write_atomic
+from edgebake_runtime.samples import NAME
+
 from ..errors import BuildError
 from ..fleet import Broker
 from ..rollout.watch import UnitAnswers
-from ..signing import read_private_key, sign_order
-from .collect import NAME, Collected, record, recorded, stamp
+from ..signing import order_seq, read_private_key, sign_order
+from .collect import Collected, record, recorded, stamp
 
 MAX_FILE_BYTES = 16 * 2**20
 HTTP_TIMEOUT_SEC = 30
@@ -37,7 +39,7 @@ def pull_samples(broker: Broker, key: Path, to: str, out: Path, fleet: str = "de
     token = secrets.token_urlsafe(32)
     share = {"minutes": minutes, "token_sha256": hashlib.sha256(token.encode()).hexdigest()}
     order = sign_order(read_private_key(key), to, fleet, share=share)
-    seq = int(json.loads(order.partition(b"\n")[2])["seq"])
+    seq = order_seq(order)
     answers = UnitAnswers(broker)
     try:
         if not answers.send(to, order):
@@ -81,9 +83,7 @@ def _pull_one(device: str, url: str, token: str, out: Path, since: float,
         paths = []
         for suffix in (".jpg", ".json"):  # the sidecar last: it marks the sample collected
             final = out / f"{name}{suffix}"
-            temp = out / f".{final.name}.part"
-            temp.write_bytes(_get(f"{url}/{name}{suffix}?token={token}", device))
-            os.replace(temp, final)
+            write_atomic(final, _get(f"{url}/{name}{suffix}?token={token}", device))
             paths.append(final)
         record(manifest, device, name, paths)
         if count % 16 == 0 or count == len(wanted):
