@@ -52,12 +52,14 @@ def fails_cleanly(body: Body) -> Body:
             "xz": "publish .img.xz (for balenaEtcher and older Imager) instead of .img.zst",
             "xz_level": "with --xz: xz preset (0-9; 1 is fast, 6 is smaller and slower)",
             "base": "a Raspberry Pi OS Lite image (.img or .img.xz) to build on",
-            "base_sha256": "the sha256 published with --base (checked before any work)"})
+            "base_sha256": "the sha256 published with --base (checked before any work)",
+            "version": "the system version (default: the recipe's `version`)"})
 @fails_cleanly
 def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = "",
                 out: str = "", no_cache: bool = False, xz: bool = False, xz_level: int = 1,
-                base: str = "", base_sha256: str = "") -> None:
-    """Build a flashable image: recipe + model -> .img, .img.zst, .bmap, SHA256SUMS, manifest."""
+                base: str = "", base_sha256: str = "", version: str = "") -> None:
+    """Build a flashable image: recipe + model -> .img, .img.zst, .bmap, SHA256SUMS, manifest
+    (and, with an A/B layout and an OS key in keys/, the signed system bundle)."""
     from edgebake_builder.build import BuildOptions
     from edgebake_builder.build import build_image as run_build
 
@@ -65,7 +67,8 @@ def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = 
                            model=model, out_dir=Path(out) if out else None,
                            no_cache=no_cache, compression="xz" if xz else "zst",
                            xz_level=xz_level,
-                           base_image=Path(base) if base else None, base_sha256=base_sha256)
+                           base_image=Path(base) if base else None, base_sha256=base_sha256,
+                           version=version)
     run_build(options)
 
 
@@ -257,6 +260,30 @@ def push_model(c: Context, host: str, bundle: str, port: int = 22, user: str = "
     from edgebake_builder.flashing.push import push_bundle
 
     print(push_bundle(host, Path(bundle), port, user, identity, allow_rollback))
+
+
+@task(help={"host": "the unit's address", "bundle": "the system bundle (.raucb) from build-image",
+            "port": "SSH port", "user": "SSH user (root: RAUC writes the other slot)",
+            "identity": "SSH private key file",
+            "window": "seconds the new system must stay healthy before it is kept",
+            "wait": "wait for the unit's verdict (confirmed or rolled back) and print it"})
+@fails_cleanly
+def push_os(c: Context, host: str, bundle: str, port: int = 22, user: str = "root",
+            identity: str = "", window: int = 300, wait: bool = False) -> None:
+    """Install a signed system bundle on a unit over SSH (RAUC), reboot it into the new slot."""
+    from edgebake_builder.flashing.pushos import push_os as run_push
+    from edgebake_builder.flashing.pushos import wait_for_verdict
+    from edgebake_builder.steps.osbundle import bundle_version
+
+    print(run_push(host, Path(bundle), port, user, identity, window), flush=True)
+    if wait:
+        status = wait_for_verdict(host, bundle_version(Path(bundle)), window + 900, port,
+                                  user, identity)
+        update = status.get("update") or {}
+        print(f"{host}: system {update.get('version')} {update.get('state')} "
+              f"(slot {status.get('booted')}): {update.get('reason', '')}".rstrip(": "))
+        if update.get("state") != "confirmed":
+            raise Exit(code=1)
 
 
 @task(help={"model": "Keras .keras/.h5, SavedModel directory, PyTorch .pt2 (torch.export) or .onnx",
@@ -613,6 +640,19 @@ def make_key(c: Context, out: str = "signing.key") -> None:
 
     Path(f"{out}.pub").write_text(write_private_key(Path(out)))
     print(f"{out} (keep it secret) and {out}.pub (goes into recipes: update.public_keys)")
+
+
+@task(help={"out": "folder for os-ca.crt (the units' keyring), os-ca.key, os.crt, os.key"})
+@fails_cleanly
+def make_os_key(c: Context, out: str = "keys") -> None:
+    """Write the X.509 CA and signing key that system (RAUC) bundles are signed with."""
+    from edgebake_builder.oskeys import make_os_keys
+
+    ca, ca_key, cert, key = make_os_keys(Path(out))
+    print(f"{ca}: the keyring images trust (recipe update.os_keyring, default "
+          "keys/os-ca.crt)")
+    print(f"{key} and {cert}: sign system bundles (build-image finds them beside it)")
+    print(f"{ca_key}: issues new signing certificates; keep it offline")
 
 
 @task(help={"model": ".tflite model to ship (default: the project's default model), or "

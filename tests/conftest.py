@@ -32,7 +32,12 @@ collect_ignore = ["image_checks"]
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """`invoke build-image --target pi4` into out/pi4, exactly as the README says."""
+    """`invoke make-os-key --out keys` (once) and `invoke build-image --target pi4` into
+    out/pi4, exactly as the README says."""
+    if not (ROOT / "keys" / "os-ca.crt").is_file():
+        keys = subprocess.run([*INVOKE, "make-os-key", "--out", "keys"], cwd=ROOT, text=True,
+                              check=False)
+        assert keys.returncode == 0, "invoke make-os-key --out keys failed"
     result = subprocess.run([*INVOKE, "build-image", "--target", "pi4"], cwd=ROOT, text=True,
                             check=False)
     assert result.returncode == 0, "invoke build-image --target pi4 failed (see output above)"

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def test_partition_table(built: dict[str, Any]) -> None:
     table = built["partitions"]
     assert table["label"] == "dos"
     parts = table["partitions"]
-    assert [p["type"] for p in parts] == ["c", "83", "83"]
+    # boot, root A, root B (empty, a hole in the file), data
+    assert [p["type"] for p in parts] == ["c", "83", "83", "83"]
+    assert built["manifest"]["system"]["layout"] == "ab"
     assert parts[0].get("bootable") is True
     assert parts[0]["start"] * SECTOR == 4 * 2**20
     assert parts[0]["size"] * SECTOR == 256 * 2**20
@@ -52,7 +55,9 @@ def test_partition_table(built: dict[str, Any]) -> None:
         assert first["start"] + first["size"] <= second["start"]
 
 
-def test_boot_partition_holds_firmware_kernel_and_config(built: dict[str, Any]) -> None:
+def test_boot_partition_holds_firmware_uboot_and_its_script(built: dict[str, Any]) -> None:
+    """The Pi firmware loads U-Boot; U-Boot runs boot.scr, which boots a slot's own kernel
+    (QEMU cannot run the Pi firmware: this is what a Pi 4 needs on its card)."""
     offset = built["partitions"]["partitions"][0]["start"] * SECTOR
     target = f"{built['image']}@@{offset}"
     listing = subprocess.run(["mdir", "-b", "-i", target, "::/"], capture_output=True,
@@ -60,21 +65,54 @@ def test_boot_partition_holds_firmware_kernel_and_config(built: dict[str, Any]) 
     names = {line.rsplit("/", 1)[-1] for line in listing.split()}
     config = subprocess.run(["mtype", "-i", target, "::/config.txt"], capture_output=True,
                             text=True, check=True).stdout
-    kernel = next(ln.split("=", 1)[1] for ln in config.splitlines() if ln.startswith("kernel="))
-    initrd = next(ln.split()[1] for ln in config.splitlines() if ln.startswith("initramfs "))
-    assert kernel.startswith("vmlinuz-") and initrd.startswith("initrd.img-")
-    for required in ("config.txt", "cmdline.txt", "bcm2711-rpi-4-b.dtb", "start4.elf",
-                     "fixup4.dat", kernel, initrd):
+    kernels = [ln.split("=", 1)[1] for ln in config.splitlines() if ln.startswith("kernel=")]
+    assert kernels == ["u-boot.bin"], config
+    assert not [ln for ln in config.splitlines() if ln.startswith("initramfs ")], config
+    assert "arm_64bit=1" in config
+    for required in ("config.txt", "u-boot.bin", "boot.scr", "boot-state.env",
+                     "bcm2711-rpi-4-b.dtb", "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4-io.dtb",
+                     "start4.elf", "fixup4.dat"):
         assert required in names, f"{required} missing from the boot partition: {sorted(names)}"
-    cmdline = subprocess.run(["mtype", "-i", target, "::/cmdline.txt"], capture_output=True,
-                             text=True, check=True).stdout
-    root = built["manifest"]["partitions"]["partuuids"]["root"]
-    assert f"root=PARTUUID={root}" in cmdline.split() and "console=ttyS1,115200" in cmdline
-    assert "ro" in cmdline.split() and "rw" not in cmdline.split()  # the root stays read-only
+    assert not [n for n in names if n.startswith(("vmlinuz", "initrd"))], names  # in the slots
+    uboot = subprocess.run(["mtype", "-i", target, "::/u-boot.bin"], capture_output=True,
+                           check=True).stdout
+    assert b"U-Boot" in uboot and b"rpi" in uboot.lower()  # Debian's rpi_arm64 build
+    script = subprocess.run(["mtype", "-i", target, "::/boot.cmd"], capture_output=True,
+                            text=True, check=True).stdout
+    for needed in ("BOOT_ORDER", "BOOT_A_LEFT", "BOOT_B_LEFT", "booti", "rauc.slot=",
+                   "console=ttyS1,115200", "/boot/vmlinuz", "/boot/initrd.img", "fatwrite"):
+        assert needed in script, needed
+    state = subprocess.run(["mtype", "-i", target, "::/boot-state.env"], capture_output=True,
+                           check=True).stdout
+    assert len(state) == 0x4000 and zlib.crc32(state[4:]) == int.from_bytes(state[:4], "little")
+    assert b"BOOT_ORDER=A B\0" in state and b"BOOT_B_LEFT=0\0" in state
     assert "enable_uart=1" in config and "dtparam=watchdog=on" in config
     fsinfo = subprocess.run(["minfo", "-i", target, "::"], capture_output=True, text=True,
                             check=True).stdout
     assert "FAT32" in fsinfo or "fat32" in fsinfo.lower()
+
+
+def test_system_bundle_is_signed_and_holds_the_root(built: dict[str, Any]) -> None:
+    system = built["manifest"]["system"]
+    bundle = built["out"] / system["bundle"]
+    assert bundle.name == f"edgebake-pi4-{system['version']}.raucb"
+    info = subprocess.run(["rauc", "info", "--keyring", str(ROOT / "keys" / "os-ca.crt"),
+                           "--output-format=json", str(bundle)], capture_output=True,
+                          text=True, check=False)
+    assert info.returncode == 0, info.stderr
+    data = json.loads(info.stdout)
+    assert data["compatible"] == "edgebake-pi4" and data["version"] == system["version"]
+    assert [next(iter(i)) for i in data["images"]] == ["rootfs"]
+    # another CA's keyring refuses it: the signature is what is checked
+    other = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "/dev/null",
+                            "-out", str(built["out"].parent / "other-ca.crt"), "-days", "1",
+                            "-subj", "/CN=other"], capture_output=True, check=False)
+    assert other.returncode == 0
+    refused = subprocess.run(["rauc", "info", "--keyring",
+                              str(built["out"].parent / "other-ca.crt"), str(bundle)],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "signature" in refused.stderr.lower(), refused.stderr
 
 
 def test_root_fs_has_app_unit_and_model(built: dict[str, Any], root_fs: Path) -> None:
@@ -128,7 +166,7 @@ def test_checksums_and_bmap(built: dict[str, Any], tmp_path: Path) -> None:
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True,
                            text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.count(": OK") == 4
+    assert check.stdout.count(": OK") == 5  # image, .zst, bmap, system bundle, manifest
     copy = tmp_path / "flashed.img"
     flash = subprocess.run(["bmaptool", "copy", "--bmap", str(out / built["manifest"]["bmap"]),
                             str(built["image"]), str(copy)], capture_output=True, text=True,
@@ -148,10 +186,18 @@ def test_rebuild_is_bit_identical(built: dict[str, Any], tmp_path: Path) -> None
     again = json.loads((tmp_path / "again" / "manifest.json").read_text())
     assert again["image_sha256"] == built["manifest"]["image_sha256"]
     # the compressed copy too: zstd's output does not depend on its threads
+    # the manifest holds the build's time, and the system bundle's signature its signing
+    # time: the root inside the bundle is what must match
     sums = [[line for line in (folder / "SHA256SUMS").read_text().splitlines()
-             if not line.endswith("manifest.json")]  # it holds the build's time
+             if not line.endswith(("manifest.json", ".raucb"))]
             for folder in (built["out"], tmp_path / "again")]
     assert sums[0] == sums[1] and len(sums[0]) == 3, sums
+    roots = [json.loads(subprocess.run(
+        ["rauc", "info", "--no-verify", "--output-format=json",
+         str(folder / built["manifest"]["system"]["bundle"])], capture_output=True, text=True,
+        check=True).stdout)["images"][0]["rootfs"]["checksum"]
+        for folder in (built["out"], tmp_path / "again")]
+    assert roots[0] == roots[1], roots
     assert "cached base rootfs" in result.stdout
 
 

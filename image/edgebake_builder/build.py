@@ -18,7 +18,7 @@ from .context import BuildContext, BuildOptions, default_source_date_epoch
 from .errors import BuildError
 from .progress import Progress
 from .recipe import Recipe, load_recipe
-from .steps import assemble, install, model, overlays, verify, wheels
+from .steps import install, model, overlays, verify, wheels
 from .steps import rootfs as rootfs_tree
 
 __all__ = ["BuildOptions", "build_image", "check_app_config", "load_recipe"]
@@ -48,6 +48,8 @@ def check_app_config(recipe: Recipe) -> None:
 def check_host(ctx: BuildContext) -> None:
     preflight.require_root()
     preflight.require_tools()
+    if ctx.recipe["layout.kind"] == "ab":
+        preflight.require_tools(preflight.AB_TOOLS)
     preflight.require_binfmt()
     preflight.require_disk_space(ctx.workdir, MIN_FREE_BYTES)
 
@@ -97,8 +99,7 @@ def render_overlays(ctx: BuildContext) -> None:
                "model": ctx.model.card,
                "model_path": str(ctx.model_path), "card_path": str(ctx.card_path),
                "app_config": app_config_for(recipe, ctx.model_path, ctx.card_path),
-               "partuuids": {name: ctx.disk_ids.partuuid(name)
-                             for name in assemble.PARTITION_NUMBERS},
+               "partuuids": ctx.disk_ids.partuuids(),
                "state_binds": overlays.state_binds(ctx.rootfs)}
     overlays.apply_overlays(recipe["overlays"], ctx.rootfs, context)
     units.check_units(ctx.rootfs, ["edgebake"], recipe["systemd.version"])
@@ -135,6 +136,8 @@ def start(options: BuildOptions) -> BuildContext:
     """Everything checked that can be before any work, and the build's folders made."""
     vendor = variants.vendor_image(options.base_image, options.base_sha256)
     recipe = load_recipe(options.target, options.recipe_file, base_image=vendor is not None)
+    if options.version:
+        recipe = recipe.with_setting("version", options.version, "--version")
     check_app_config(recipe)
     out_dir, workdir, staging = BuildContext.make_dirs(options)
     ctx = BuildContext(options=options, recipe=recipe,

@@ -38,6 +38,7 @@ class BuildOptions:
     source_date_epoch: int | None = None
     base_image: Path | None = None  # a vendor image (Raspberry Pi OS Lite) to build on
     base_sha256: str = ""
+    version: str = ""  # the system version, over the recipe's `version`
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,15 +117,18 @@ class BuildContext:
     @property
     def disk_ids(self) -> DiskIds:
         """This build's disk signature and filesystem ids (from its inputs)."""
-        return DiskIds.for_build(self.recipe.sha256(), str(self.model.card["sha256"]),
-                                 self.epoch)
+        keys = (self.recipe.sha256(), str(self.model.card["sha256"]), self.epoch)
+        if self.recipe["layout.kind"] == "ab":
+            return DiskIds.for_ab(self.recipe["name"], *keys)
+        return DiskIds.for_build(*keys)
 
     @property
     def root_spec(self) -> str:
         """How the kernel finds the root: `kernel.root`, or by default (`auto`) this image's
         own root partition by its PARTUUID."""
         root = str(self.recipe["kernel.root"])
-        return f"PARTUUID={self.disk_ids.partuuid('root')}" if root == "auto" else root
+        first = "root_a" if self.recipe["layout.kind"] == "ab" else "root"  # ab: U-Boot's
+        return f"PARTUUID={self.disk_ids.partuuid(first)}" if root == "auto" else root
 
     def seconds(self) -> float:
         return round(time.monotonic() - self.started, 1)

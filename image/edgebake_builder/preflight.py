@@ -28,6 +28,9 @@ BUILD_TOOLS: dict[str, str] = {
     "zstd": "zstd",
     "aarch64-linux-gnu-strip": "binutils-aarch64-linux-gnu",
 }
+# what an A/B image adds: the boot script, and the system bundle
+AB_TOOLS: dict[str, str] = {"mkimage": "u-boot-tools", "rauc": "rauc",
+                            "mksquashfs": "squashfs-tools", "openssl": "openssl"}
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_FIX = ("apt-get install qemu-user-static binfmt-support && "

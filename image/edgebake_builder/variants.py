@@ -15,9 +15,11 @@ from .cache import sha256_file
 from .context import BuildContext
 from .errors import BuildError
 from .steps import (
+    abboot,
     assemble,
     baseimage,
     bootstrap,
+    osbundle,
     overlayout,
     overlays,
     packages,
@@ -43,6 +45,8 @@ class Base:
     def boot_config(self, ctx: BuildContext) -> None:
         """Write what the boot partition needs."""
         overlays.write_boot_config(ctx.recipe, ctx.rootfs, ctx.root_spec)
+        if ctx.recipe["layout.kind"] == "ab":
+            abboot.switch_to_uboot(ctx.recipe, ctx.rootfs, ctx.epoch, ctx.progress)
 
     def manifest_fields(self, ctx: BuildContext, installed: list[dict[str, Any]]
                         ) -> dict[str, Any]:
@@ -123,6 +127,7 @@ class Output:
 
 
 class DiskImage(Output):
+    os_keys: osbundle.OsKeys | None = None
     assemble_title = "assemble: genimage (MBR: FAT32 boot, ext4 root, ext4 data)"
     publish_title = "publish: zstd (or xz), bmap, SHA256SUMS, manifest.json"
 
@@ -133,6 +138,8 @@ class DiskImage(Output):
         overlays.configure_services(ctx.recipe, ctx.rootfs, ctx.progress)
         overlays.prepare_first_boot(ctx.recipe, ctx.rootfs)
         ctx.base.boot_config(ctx)
+        self.os_keys = (osbundle.install_keyring(ctx.recipe, ctx.rootfs, ctx.progress)
+                        if ctx.recipe["layout.kind"] == "ab" else None)
         overlays.make_data_tree(ctx.rootfs, uid, gid)
 
     def assemble(self, ctx: BuildContext) -> None:
@@ -153,22 +160,40 @@ class DiskImage(Output):
                                   ctx.progress)
         bmap = publish.make_bmap(image, ctx.progress)
         image_sha = sha256_file(image)
+        system = self.system_bundle(ctx)
+        artifacts = [image, packed, bmap] + ([system] if system else [])
         ctx.manifest = manifest.build(ctx, {
             "image": image.name, "image_compressed": packed.name, "bmap": bmap.name,
             "image_sha256": image_sha, "image_bytes": image.stat().st_size,
             "image_compressed_bytes": packed.stat().st_size,
             **ctx.base.manifest_fields(ctx, self.installed),
             "packages": self.installed,
+            "system": {"layout": ctx.recipe["layout.kind"], "version": ctx.recipe["version"],
+                       "bundle": system.name if system else None,
+                       "bundle_sha256": sha256_file(system) if system else None,
+                       "bundle_bytes": system.stat().st_size if system else None,
+                       "compatible": ctx.recipe["name"]},
             "partitions": {"labels": assemble.PARTITION_LABELS,
-                           "partuuids": {name: ctx.disk_ids.partuuid(name)
-                                         for name in assemble.PARTITION_NUMBERS},
+                           "partuuids": ctx.disk_ids.partuuids(),
                            **ctx.disk_ids.__dict__}})
-        publish.publish(ctx.staging, ctx.out_dir, [image, packed, bmap], ctx.manifest,
+        publish.publish(ctx.staging, ctx.out_dir, artifacts, ctx.manifest,
                         known={image.name: image_sha})
+        for stale in ctx.out_dir.glob("*.raucb"):  # an earlier build's system bundle
+            if system is None or stale.name != system.name:
+                stale.unlink()
         for other in ("zst", "xz"):  # an earlier build's copy in the other format is stale
             stale = ctx.out_dir / f"{image.name}.{other}"
             if stale.name != packed.name:
                 stale.unlink(missing_ok=True)
+
+    def system_bundle(self, ctx: BuildContext) -> Path | None:
+        """With an A/B layout and a signing key: this build's root as a RAUC bundle."""
+        if self.os_keys is None:
+            return None
+        name = f"{ctx.recipe['name']}-{ctx.recipe['version']}.raucb"
+        return osbundle.make_bundle(self.os_keys, ctx.recipe["name"], ctx.recipe["version"],
+                                    ctx.workdir / "root.ext4", ctx.workdir,
+                                    ctx.staging / name, ctx.progress)
 
     def summary(self, ctx: BuildContext) -> str:
         m = ctx.manifest

@@ -183,6 +183,7 @@ class Service:
             "journal": self.journal.stats(),
             "update": rollout.stats(),
             "samples": self._samples_health(),
+            "system": snapshot.system(),
         }
         if self.mqtt is not None:
             snap["mqtt"] = self.mqtt.stats()

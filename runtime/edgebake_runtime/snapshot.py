@@ -3,11 +3,18 @@ the fleet needs to see what a unit is doing, as plain JSON."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 from .camera.host import CameraProcess
 from .card import Card
 from .metrics import Metrics
+
+SYSTEM_STATUS = Path("/data/os/status.json")
+VERSION_FILE = Path("/etc/edgebake/version")
 
 
 def _ms(value: float | None) -> float | None:
@@ -48,3 +55,23 @@ def model(card: Card, path: str, swaps: int, trial: Any, last_switch_sec: float 
             "registry": card.data.get("registry"),
             "swaps": swaps, "trial": trial, "last_switch_sec": last_switch_sec,
             "runtime": runtime[0], "runtime_version": runtime[1]}
+
+
+def system(status_file: Path = SYSTEM_STATUS, version_file: Path = VERSION_FILE,
+           cmdline: Path = Path("/proc/cmdline")) -> dict[str, Any]:
+    """The system's version and, on an A/B unit, the booted slot, both slots' versions and
+    the system update in flight (edgebake-os keeps that file; the service only reads it)."""
+    data: Any = {}
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(status_file.read_text())
+    if not isinstance(data, dict):
+        data = {}
+    version = "unknown"
+    with contextlib.suppress(OSError):
+        version = version_file.read_text().strip()
+    booted = None
+    with contextlib.suppress(OSError):
+        found = re.search(r"\brauc\.slot=([AB])\b", cmdline.read_text())
+        booted = found.group(1) if found else None
+    return {"version": version, "layout": "ab" if booted else "single", "booted": booted,
+            "slots": data.get("slots", {}), "update": data.get("update") or None}

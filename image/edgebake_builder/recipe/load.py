@@ -36,6 +36,16 @@ class Recipe:
         blob = json.dumps(self.values, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def with_setting(self, path: str, value: Any, source: str) -> Recipe:
+        """This recipe with one setting replaced (a command-line option), checked like a
+        recipe file's."""
+        try:
+            checked = BY_PATH[path].validator.validate(value)
+        except Invalid as exc:
+            raise RecipeError(source, path, str(exc), value) from None
+        return Recipe(self.target, {**self.values, path: checked}, self.sources,
+                      self.base_image)
+
     def base_values(self) -> dict[str, Any]:
         """Only the settings that determine the bootstrapped base rootfs."""
         return {p: v for p, v in self.values.items() if BY_PATH[p].base}

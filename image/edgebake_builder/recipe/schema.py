@@ -78,6 +78,12 @@ SETTINGS: tuple[Setting, ...] = (
             [], "Files the base's boot partition must have (a vendor base is refused without "
             "them), e.g. the Pi 5's kernel_2712.img."),
     Setting("layout.boot_mib", Int(64, 2048), 256, "Size of the FAT boot partition in MiB."),
+    Setting("layout.kind", Enum(("single", "ab")), "single",
+            "single: one root; ab: root slots A and B, booted by U-Boot with boot counting, "
+            "so RAUC can update the whole system and fall back (docs/system-updates.md)."),
+    Setting("layout.slot_mib", Int(256, 65536), 1024,
+            "With layout.kind ab: the size of each root slot in MiB (a system update's root "
+            "must fit; slot B ships empty and sparse)."),
     Setting("layout.root_free_mib", Int(16, 65536), 256,
             "Free space in MiB added to the root filesystem beyond its contents."),
     Setting("layout.data_mib", Int(16, 65536), 128,
@@ -113,6 +119,13 @@ SETTINGS: tuple[Setting, ...] = (
                         "`invoke make-key`)")), [],
             "Keys whose signed model bundles the unit accepts (several: key rotation); "
             "without any, the unit takes no model updates."),
+    Setting("update.os_keyring", Str(r"\S*", "that is a path to a PEM file"), "keys/os-ca.crt",
+            "With layout.kind ab: the CA certificate (from `invoke make-os-key`) whose signed "
+            "system bundles the unit installs; relative to the current folder. Without the "
+            "file, the image takes no system updates and no bundle is made."),
+    Setting("version", Str(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}", "like 1.0 or 2026.12.1"),
+            "1.0", "The system version: in the image, its system bundle and /health "
+            "(build-image --version overrides it)."),
     Setting("update.fleet", Str(r"[a-z0-9][a-z0-9._-]{0,63}", "of lowercase letters, digits, "
                                 "'.', '_' or '-'"), "default",
             "The fleet a unit belongs to: it takes only bundles and orders signed for it "

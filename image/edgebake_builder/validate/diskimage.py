@@ -62,6 +62,12 @@ def read_fat_file(image: Path, part: Partition, name: str) -> bytes:
     return result.stdout
 
 
+def has_fat_file(image: Path, part: Partition, name: str) -> bool:
+    result = subprocess.run(["mdir", "-b", "-i", fat_target(image, part), f"::/{name}"],
+                            capture_output=True, check=False)
+    return result.returncode == 0
+
+
 def copy_fat_file(image: Path, part: Partition, name: str, dest: Path) -> Path:
     result = subprocess.run(["mcopy", "-o", "-i", fat_target(image, part), f"::/{name}",
                              str(dest)], capture_output=True, text=True, check=False)

@@ -101,7 +101,8 @@ class Unit:
         """A fresh overlay with the seed: the next boot is a first boot."""
         self.machine.stop()
         self.machine.prepare()
-        seed_overlay(self.image, self.machine.overlay, self.machine.boot, self.seed)
+        seed_overlay(self.image, self.machine.overlay, self.machine.boot, self.seed,
+                     self.machine.boot_files)
 
     def power_on(self) -> float:
         self.boots += 1

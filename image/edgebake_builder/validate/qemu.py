@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BuildError
+from ..steps import abboot
 from . import diskimage
+from .seed import seed_overlay
+
+UBOOT_QEMU = "/usr/lib/u-boot/qemu_arm64/u-boot.bin"  # Debian's u-boot-qemu
 
 
 def free_port() -> int:
@@ -59,26 +63,42 @@ class QemuMachine:
         self.initrd = self.workdir / "initrd.img"
         self.cmdline_txt = self.workdir / "cmdline.txt"
         self.boot = diskimage.boot_partition(self.image)
+        self.uboot = diskimage.has_fat_file(self.image, self.boot, "boot.scr")
         self.ssh_port = self.ssh_port or free_port()
         self.http_port = self.http_port or free_port()
 
+    @property
+    def boot_files(self) -> dict[str, bytes]:
+        """What QEMU adds to the boot partition (with the seed, when there is one): for an
+        A/B image, U-Boot's extra kernel arguments."""
+        if not self.uboot:
+            return {}
+        return {abboot.EXTRA_FILE: f"eb_extra={' '.join(self.extra_cmdline)}\n".encode()}
+
     def prepare(self) -> None:
-        """Overlay backed by the image, plus the kernel and initrd the image itself carries."""
+        """Overlay backed by the image, plus the kernel and initrd the image itself carries
+        (an A/B image: U-Boot as the firmware, which boots the slot's own)."""
         for tool, package in (("qemu-system-aarch64", "qemu-system-arm"),
                               ("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils"),
                               ("mcopy", "mtools"), ("ssh", "openssh-client")):
             if shutil.which(tool) is None:
                 raise BuildError(f"missing host tool {tool}; apt-get install {package}")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        kernel, initrd = diskimage.kernel_and_initrd_names(self.image, self.boot)
-        diskimage.copy_fat_file(self.image, self.boot, kernel, self.kernel)
-        diskimage.copy_fat_file(self.image, self.boot, initrd, self.initrd)
-        diskimage.copy_fat_file(self.image, self.boot, "cmdline.txt", self.cmdline_txt)
+        if not self.uboot:
+            kernel, initrd = diskimage.kernel_and_initrd_names(self.image, self.boot)
+            diskimage.copy_fat_file(self.image, self.boot, kernel, self.kernel)
+            diskimage.copy_fat_file(self.image, self.boot, initrd, self.initrd)
+            diskimage.copy_fat_file(self.image, self.boot, "cmdline.txt", self.cmdline_txt)
+        elif not Path(UBOOT_QEMU).is_file():
+            raise BuildError(f"missing {UBOOT_QEMU} (an A/B image boots through U-Boot); "
+                             "apt-get install u-boot-qemu")
         # the overlay may be larger than the image, like a card larger than the image
         size = [str(self.disk_bytes)] if self.disk_bytes else []
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
                         str(self.image.resolve()), "-F", "raw", str(self.overlay), *size],
                        check=True)
+        if self.boot_files:
+            seed_overlay(self.image, self.overlay, self.boot, None, self.boot_files)
 
     def imager_one_shot_args(self) -> list[str]:
         """Raspberry Pi Imager's first-boot arguments in the image's cmdline.txt. On a Pi,
@@ -86,20 +106,26 @@ class QemuMachine:
         the file again at the next boot; QEMU passes the same -append at every boot of the
         guest, so they would run a script that is gone and power the unit off. They are
         left out here (`test-image` says so): Imager's own script is not run under QEMU."""
+        if self.uboot:
+            return []
         return [arg for arg in self.cmdline_txt.read_text().split()
                 if arg.startswith(IMAGER_ONE_SHOT)]
 
-    def command(self) -> list[str]:
+    def firmware_args(self) -> list[str]:
+        if self.uboot:  # the same boot.scr a Pi runs after its firmware
+            return ["-bios", UBOOT_QEMU]
         dropped = self.imager_one_shot_args()
         own = [arg for arg in self.cmdline_txt.read_text().split()
                if not arg.startswith("console=") and arg not in dropped]
         cmdline = [*own, "net.ifnames=0", "console=ttyAMA0", *self.extra_cmdline]
+        return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                "-append", " ".join(cmdline)]
+
+    def command(self) -> list[str]:
         forwards = (f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22,"
                     f"hostfwd=tcp:127.0.0.1:{self.http_port}-:8080")
         return ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72",
-                "-smp", str(self.cpus), "-m", str(self.memory_mib),
-                "-kernel", str(self.kernel), "-initrd", str(self.initrd),
-                "-append", " ".join(cmdline),
+                "-smp", str(self.cpus), "-m", str(self.memory_mib), *self.firmware_args(),
                 # cache=unsafe: a guest flush still writes QEMU's own caches to the host's
                 # page cache (so a killed QEMU, the power-cut bench's plug, loses nothing the
                 # guest synced) but does not wait for the host's disk, whose flush on a busy

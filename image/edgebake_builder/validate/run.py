@@ -173,7 +173,11 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
                     "-f", str(key)], check=True)
     trials = make_trial_bundles(tmp / "bundles", str(manifest.get("target", "pi4")), progress)
     env["EDGEBAKE_BUNDLE"] = str(trials.paths["good"])
+    # system updates (A/B images): test bundles are signed with the build's own OS key
+    keyring = Path(str((manifest.get("recipe") or {}).get("update", {}).get("os_keyring", "")))
+    env["EDGEBAKE_OS_KEYS"] = str(keyring.resolve().parent)
     if update_trials:  # the bundles a unit must refuse or take back by itself
+        env["EDGEBAKE_UPDATE_TRIALS"] = "1"
         env["EDGEBAKE_TRIAL_BUNDLES"] = json.dumps({name: str(path) for name, path in
                                                     trials.paths.items()})
     if supervision_trials:  # kill -9, SIGSTOP and a camera unplug on the running unit
@@ -246,19 +250,23 @@ def _test_seed(tmp: Path, key: Path, rtsp_url: str, broker: LocalBroker | None,
 def _boot(machine: QemuMachine, image: Path, manifest: dict[str, Any], seed: bytes, key: Path,
           progress: Progress) -> None:
     machine.prepare()
-    kernel, _ = diskimage.kernel_and_initrd_names(image, machine.boot)
-    origin = "the image's own kernel"
-    if manifest.get("base_image"):
-        origin += (" (QEMU's virt machine cannot run a Raspberry Pi kernel: this works when "
-                   "the base carries a generic arm64 kernel, as the look-alike does with "
-                   "Debian's)")
-    progress.say(f"      kernel: {kernel} from the boot partition, {origin}")
+    if machine.uboot:
+        progress.say("      firmware: U-Boot (qemu_arm64) runs the image's boot.scr, which "
+                     "boots slot A's own kernel, as a Pi's U-Boot does after its firmware")
+    else:
+        kernel, _ = diskimage.kernel_and_initrd_names(image, machine.boot)
+        origin = "the image's own kernel"
+        if manifest.get("base_image"):
+            origin += (" (QEMU's virt machine cannot run a Raspberry Pi kernel: this works "
+                       "when the base carries a generic arm64 kernel, as the look-alike does "
+                       "with Debian's)")
+        progress.say(f"      kernel: {kernel} from the boot partition, {origin}")
     dropped = machine.imager_one_shot_args()
     if dropped:
         progress.say("      left out of QEMU's kernel command line (Imager's first-boot run, "
                      "which needs the Pi firmware to re-read cmdline.txt after it): "
                      f"{' '.join(dropped)}")
-    written = seed_overlay(image, machine.overlay, machine.boot, seed)
+    written = seed_overlay(image, machine.overlay, machine.boot, seed, machine.boot_files)
     progress.say(f"      seed written into the overlay ({written} bytes changed)")
     machine.start()
     waited = machine.wait_for_ssh(key, SSH_TIMEOUT_SEC)

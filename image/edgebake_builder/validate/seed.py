@@ -34,14 +34,19 @@ def render_seed(hostname: str, keys: list[str], app: dict[str, Any] | None = Non
 
 def put_seed_in_fat(fat_image: Path, seed_text: str | bytes, offset: int = 0) -> None:
     """Copy the seed onto the FAT; bytes go as they are (a test seed may be UTF-16)."""
+    put_file_in_fat(fat_image, SEED_NAME,
+                    seed_text if isinstance(seed_text, bytes) else seed_text.encode(), offset)
+
+
+def put_file_in_fat(fat_image: Path, name: str, data: bytes, offset: int = 0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        seed = Path(tmp) / SEED_NAME
-        seed.write_bytes(seed_text if isinstance(seed_text, bytes) else seed_text.encode())
+        source = Path(tmp) / name
+        source.write_bytes(data)
         result = subprocess.run(["mcopy", "-o", "-D", "o", "-i", f"{fat_image}@@{offset}",
-                                 str(seed), f"::/{SEED_NAME}"], capture_output=True, text=True,
+                                 str(source), f"::/{name}"], capture_output=True, text=True,
                                 check=False)
     if result.returncode != 0:
-        raise BuildError(f"cannot write the seed with mcopy: {result.stderr.strip()}")
+        raise BuildError(f"cannot write {name} with mcopy: {result.stderr.strip()}")
 
 
 def changed_chunks(before: Path, after: Path) -> list[tuple[int, int]]:
@@ -62,8 +67,10 @@ def changed_chunks(before: Path, after: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-def seed_overlay(image: Path, overlay: Path, boot: Partition, seed_text: str | bytes) -> int:
-    """Write the seed into the qcow2 overlay's boot partition; the image is only read.
+def seed_overlay(image: Path, overlay: Path, boot: Partition, seed_text: str | bytes | None,
+                 also: dict[str, bytes] | None = None) -> int:
+    """Write the seed (and the files in `also`) into the qcow2 overlay's boot partition;
+    the image is only read. Every call writes the whole set, over what an earlier one wrote.
 
     mtools edits a raw copy of the boot partition; only the changed 64 KiB chunks are written
     into the overlay with qemu-io. Returns the number of bytes written.
@@ -71,7 +78,10 @@ def seed_overlay(image: Path, overlay: Path, boot: Partition, seed_text: str | b
     with tempfile.TemporaryDirectory(prefix="edgebake-seed-") as tmp:
         original = extract(image, boot, Path(tmp) / "boot.orig")
         edited = extract(image, boot, Path(tmp) / "boot.vfat")
-        put_seed_in_fat(edited, seed_text)
+        if seed_text is not None:
+            put_seed_in_fat(edited, seed_text)
+        for name, data in (also or {}).items():
+            put_file_in_fat(edited, name, data)
         commands: list[str] = []
         total = 0
         with edited.open("rb") as src:

@@ -188,7 +188,7 @@ def test_a_stick_labelled_like_the_root_is_never_mounted(host: Any,
     assert any(a.startswith("root=PARTUUID=") for a in cmdline), cmdline
     if manifest.get("base_image"):
         return  # a vendor base keeps its own initramfs (Raspberry Pi OS builds it)
-    initrd = host.run("ls /boot/firmware/initrd.img-*").stdout.split()[0]
+    initrd = host.run("ls /boot/firmware/initrd.img-* /boot/initrd.img").stdout.split()[0]
     listing = host.run(f"lsinitramfs {initrd}").stdout
     assert "vfat" in listing or "ext4" in listing, "lsinitramfs listed nothing"
     assert "usb-storage.ko" not in listing and "uas.ko" not in listing, "USB storage in initramfs"
@@ -237,7 +237,7 @@ def test_a_bad_bundle_is_refused_on_the_unit(host: Any, name: str, refusal: str)
 
 # Where a compromised service would plant links for root to follow: the audit log, an incoming
 # bundle, a slot; their targets are root's files on a writable filesystem.
-PLANTED = {"/data/models/audit.log": "/boot/firmware/cmdline.txt",
+PLANTED = {"/data/models/audit.log": "/boot/firmware/config.txt",
            "/data/models/incoming/usb-planted.ebundle": "/var/lib/edgebake/firstboot.done",
            "/data/models/slots/9.9": "/var/lib/edgebake"}
 

@@ -233,15 +233,28 @@ def test_partitions_are_found_by_this_images_own_ids(host: Any,
     fields = {line.split()[1]: line.split()[0] for line in
               host.file("/etc/fstab").content_string.splitlines()
               if line.strip() and not line.startswith("#")}
-    for mount, name in (("/", "root"), ("/boot/firmware", "boot"), ("/data", "data")):
+    # an A/B root is the slot U-Boot booted: root= on its command line, checked when booted
+    mounts = (("/", "root"),) if "root" in ids else ()
+    for mount, name in (*mounts, ("/boot/firmware", "boot"), ("/data", "data")):
         assert fields[mount] == f"PARTUUID={ids[name]}", (mount, fields[mount])
+    if "root" not in ids:
+        assert "/" not in fields, fields
 
 
-def test_root_is_mounted_read_only_with_state_bound_from_data(host: Any) -> None:
+def test_root_is_mounted_read_only_with_state_bound_from_data(host: Any,
+                                                            manifest: dict[str, Any]) -> None:
     fields = [line.split() for line in host.file("/etc/fstab").content_string.splitlines()
               if line.strip() and not line.startswith("#")]
     by_target = {f[1]: f for f in fields}
-    assert by_target["/"][3].split(",")[0] == "ro", by_target["/"]
+    if "/" in by_target:
+        assert by_target["/"][3].split(",")[0] == "ro", by_target["/"]
+    else:  # A/B: the boot script's command line mounts the slot read-only
+        from edgebake_builder.validate import diskimage
+        image = Path(os.environ["EDGEBAKE_MANIFEST"]).parent / manifest["image"]
+        script = diskimage.read_fat_file(image, diskimage.boot_partition(image),
+                                         "boot.cmd").decode()
+        bootargs = next(x for x in script.splitlines() if "setenv bootargs" in x)
+        assert " ro " in bootargs and " rw " not in bootargs, bootargs
     for target, name in (("/var/log", "log"), ("/var/lib/systemd", "systemd"),
                          ("/var/lib/edgebake", "edgebake")):
         assert by_target[target][0] == f"/data/state/{name}", by_target.get(target)

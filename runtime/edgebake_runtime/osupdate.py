@@ -1,0 +1,306 @@
+"""`edgebake-os`: system updates through RAUC, and the health-gated commit after the reboot.
+
+`install` hands a bundle to `rauc install` (RAUC checks its signature against the image's
+keyring before it reads anything in it, and writes the slot not running). The next boot
+runs the new slot on trial: `trial` (edgebake-os-trial.service, at every boot) watches the
+service's own health verdict on `/health` for the window, then runs `rauc status mark-good`,
+or `mark-bad` and a reboot into the old slot. A slot that never reaches this point is
+U-Boot's to drop after three tries; `trial` then finds the old slot booted and says so.
+Everything it decides goes to /data/os (state, audit lines, the status `/health` shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_atomic
+
+STATE_DIR = Path("/data/os")
+VERSION_FILE = Path("/etc/edgebake/version")
+HEALTH_URL = "http://127.0.0.1:8080/health"
+DEFAULT_WINDOW_SEC = 300
+POLL_SEC = 5.0
+SLOT = re.compile(r"\brauc\.slot=([AB])\b")
+# the unit's identity, copied into the slot an update wrote: who it is, how it is reached,
+# and what its seed set (docs/system-updates.md)
+IDENTITY = ("etc/machine-id", "etc/hostname", "etc/hosts", "etc/ssh/ssh_host_*",
+            "etc/ssh/authorized_keys.d/root", "etc/edgebake/seed-overrides.yaml",
+            "etc/edgebake/update-keys/seed.pub", "etc/edgebake/mqtt-ca.pem",
+            "etc/wpa_supplicant/wpa_supplicant-wlan0.conf",
+            "etc/systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service")
+
+
+class OsUpdateError(Exception):
+    """One line for the caller; nothing was changed."""
+
+
+class OsState:
+    """What /data/os holds: the update in flight (`update.json`), the audit lines, and the
+    status that `/health` shows (`status.json`)."""
+
+    def __init__(self, root: Path = STATE_DIR) -> None:
+        self.root = root
+
+    def update(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.root / "update.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def set_update(self, **fields: Any) -> dict[str, Any]:
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        data = {**fields, "at": round(time.time(), 1)}
+        write_atomic(self.root / "update.json", json.dumps(data, indent=1).encode())
+        return data
+
+    def audit(self, step: str, **fields: Any) -> None:
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        line = json.dumps({"ts": round(time.time(), 3), "step": step, **fields},
+                          sort_keys=True) + "\n"
+        with (self.root / "audit.jsonl").open("a") as out:
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+
+    def audit_tail(self, lines: int = 5) -> list[dict[str, Any]]:
+        try:
+            text = (self.root / "audit.jsonl").read_text().splitlines()[-lines:]
+        except OSError:
+            return []
+        return [json.loads(x) for x in text if x.startswith("{")]
+
+    def publish_status(self, status: dict[str, Any]) -> None:
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        write_atomic(self.root / "status.json", json.dumps(status, indent=1).encode(), 0o644)
+
+
+def booted_slot(cmdline: Path = Path("/proc/cmdline")) -> str:
+    found = SLOT.search(cmdline.read_text())
+    if not found:
+        raise OsUpdateError("this system was not booted from an A/B slot (no rauc.slot= on "
+                            "the kernel command line); it takes no system updates")
+    return found.group(1)
+
+
+def other(slot: str) -> str:
+    return "B" if slot == "A" else "A"
+
+
+def rauc(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rauc", *args], capture_output=True, text=True, check=False,
+                          timeout=timeout)
+
+
+def last_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [x.strip() for x in (result.stderr + "\n" + result.stdout).splitlines()
+             if x.strip()]
+    return lines[-1] if lines else f"rauc exited {result.returncode}"
+
+
+def slot_versions() -> dict[str, str]:
+    """The version RAUC recorded for each slot it installed (a factory slot has none)."""
+    result = rauc("status", "--detailed", "--output-format=json", timeout=60)
+    versions: dict[str, str] = {}
+    if result.returncode != 0:
+        return versions
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        for entry in json.loads(result.stdout).get("slots", []):
+            for slot in entry.values():
+                bundle = (slot.get("slot_status") or {}).get("bundle") or {}
+                if slot.get("bootname") and bundle.get("version"):
+                    versions[slot["bootname"]] = str(bundle["version"])
+    return versions
+
+
+def own_version() -> str:
+    try:
+        return VERSION_FILE.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def status(state: OsState) -> dict[str, Any]:
+    """Both slots, which one runs, and the update in flight; kept for `/health`."""
+    booted = booted_slot()
+    previous: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads((state.root / "status.json").read_text())
+    versions = {**previous.get("slots", {}), **slot_versions(), booted: own_version()}
+    return {"layout": "ab", "booted": booted, "version": own_version(), "slots": versions,
+            "update": state.update()}
+
+
+def install(bundle: Path, state: OsState, window_sec: int) -> str:
+    """Check, then install into the other slot; the caller reboots into it."""
+    booted = booted_slot()
+    current = state.update()
+    if current.get("state") in ("installed", "trial"):
+        raise OsUpdateError(f"refused: system {current.get('version')} is still on trial "
+                            f"({current.get('state')}); wait for its verdict "
+                            "(edgebake-os status)")
+    if not bundle.is_file():
+        raise OsUpdateError(f"{bundle}: no such bundle")
+    info = rauc("info", "--output-format=json", str(bundle), timeout=600)
+    if info.returncode != 0:  # signature, keyring, format: RAUC says which
+        state.audit("os-refused", bundle=bundle.name, reason=last_line(info))
+        raise OsUpdateError(f"refused: {last_line(info)}")
+    try:
+        version = str(json.loads(info.stdout)["version"])
+    except (ValueError, KeyError, TypeError):
+        version = "unknown"
+    state.set_update(state="installing", version=version, from_slot=booted,
+                     to_slot=other(booted), window_sec=window_sec)
+    state.audit("os-installing", version=version, slot=other(booted))
+    result = rauc("install", str(bundle))
+    if result.returncode != 0:
+        state.set_update(state="failed", version=version, from_slot=booted,
+                         to_slot=other(booted), reason=last_line(result))
+        state.audit("os-refused", version=version, reason=last_line(result))
+        raise OsUpdateError(f"install failed: {last_line(result)}")
+    state.set_update(state="installed", version=version, from_slot=booted,
+                     to_slot=other(booted), window_sec=window_sec)
+    state.audit("os-installed", version=version, slot=other(booted))
+    state.publish_status(status(state))
+    return (f"installed system {version} into slot {other(booted)}; it runs after a reboot, "
+            f"on trial for {window_sec} s")
+
+
+def read_health(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            data = json.loads(answer.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def judge_window(window_sec: float, url: str, started: float) -> tuple[bool, str]:
+    """Healthy at the window's end, and never stuck once it was ready (a camera gone or a
+    broker down is the world's fault, not the system's)."""
+    last = "the service never answered /health"
+    ready = False
+    while True:
+        health = read_health(url)
+        if health is not None:
+            last = str(health.get("status", ""))
+            ready = ready or bool(health.get("ready"))
+            if ready and last.startswith("stuck"):
+                return False, f"the service got stuck on trial: {last}"
+        elif ready:
+            last = "the service stopped answering /health"
+        if time.monotonic() - started >= window_sec:
+            if health is not None and health.get("ready") and health.get("healthy"):
+                return True, last
+            return False, f"not healthy at the end of the {window_sec:.0f} s window: {last}"
+        time.sleep(POLL_SEC)
+
+
+def trial(state: OsState, url: str = HEALTH_URL) -> str:
+    """At every boot: commit or roll back an update in flight, and publish the status."""
+    booted = booted_slot()
+    update = state.update()
+    phase = update.get("state")
+    version = update.get("version")
+    verdict = "no system update in flight"
+    if phase == "installing":
+        rauc("status", "mark-bad", "other")
+        state.set_update(**{**update, "state": "failed",
+                            "reason": "the install was cut off (power lost?); the old "
+                                      "system runs"})
+        state.audit("os-install-incomplete", version=version, slot=booted)
+        verdict = f"system {version}: install incomplete; slot {booted} runs"
+    elif phase in ("installed", "trial") and booted != update.get("to_slot"):
+        rauc("status", "mark-bad", "other")
+        reason = (f"the new system never came up; U-Boot went back to slot {booted} after "
+                  "its tries")
+        state.set_update(**{**update, "state": "rolled-back", "reason": reason})
+        state.audit("os-rolled-back", version=version, reason=reason)
+        verdict = f"system {version}: rolled back ({reason})"
+    elif phase in ("installed", "trial"):
+        state.set_update(**{**update, "state": "trial"})
+        state.publish_status(status(state))
+        window = float(update.get("window_sec") or DEFAULT_WINDOW_SEC)
+        good, why = judge_window(window, url, time.monotonic())
+        if good:
+            marked = rauc("status", "mark-good", timeout=120)
+            state.set_update(**{**update, "state": "confirmed", "reason": why})
+            state.audit("os-confirmed", version=version, slot=booted,
+                        marked=marked.returncode == 0)
+            verdict = f"system {version}: confirmed after {window:.0f} s healthy"
+        else:
+            rauc("status", "mark-bad", timeout=120)
+            state.set_update(**{**update, "state": "rolled-back", "reason": why})
+            state.audit("os-rolled-back", version=version, reason=why)
+            state.publish_status(status(state))
+            print(f"system {version}: {why}; back to slot {other(booted)}", flush=True)
+            subprocess.run(["systemctl", "reboot"], check=False)
+            return f"system {version}: rolled back ({why})"
+    state.publish_status(status(state))
+    return verdict
+
+
+def keep_identity(slot_device: str, old_root: Path = Path("/")) -> str:
+    """RAUC's post-install handler: the unit's identity into the slot just written, so an
+    update never changes who the unit is."""
+    with tempfile.TemporaryDirectory(prefix="edgebake-slot-", dir="/run") as mount:
+        subprocess.run(["mount", "-t", "ext4", slot_device, mount], check=True)
+        copied = 0
+        try:
+            for pattern in IDENTITY:
+                for source in sorted(old_root.glob(pattern)):
+                    target = Path(mount) / source.relative_to(old_root)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    subprocess.run(["cp", "-a", "--remove-destination", str(source),
+                                    str(target)], check=True)
+                    copied += 1
+        finally:
+            subprocess.run(["sync"], check=False)
+            subprocess.run(["umount", mount], check=False)
+    return f"kept the unit's identity in {slot_device} ({copied} files)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgebake-os", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    install_cmd = sub.add_parser("install", help="check and install a system bundle (.raucb)")
+    install_cmd.add_argument("bundle", type=Path)
+    install_cmd.add_argument("--window", type=int, default=DEFAULT_WINDOW_SEC,
+                             help="seconds the new system must stay healthy after its boot")
+    install_cmd.add_argument("--reboot", action="store_true", help="reboot into it at once")
+    sub.add_parser("status", help="both slots, the booted one, the update in flight")
+    sub.add_parser("trial", help="at boot: commit or roll back the update in flight")
+    sub.add_parser("keep-identity", help="RAUC post-install handler")
+    args = parser.parse_args(argv)
+    state = OsState()
+    try:
+        if args.command == "install":
+            print(install(args.bundle, state, args.window), flush=True)
+            if args.reboot:
+                subprocess.run(["systemctl", "reboot"], check=False)
+        elif args.command == "trial":
+            print(trial(state), flush=True)
+        elif args.command == "keep-identity":
+            for number in os.environ.get("RAUC_TARGET_SLOTS", "").split():
+                print(keep_identity(os.environ[f"RAUC_SLOT_DEVICE_{number}"]), flush=True)
+        else:
+            print(json.dumps({**status(state), "audit": state.audit_tail()}, indent=1))
+    except (OsUpdateError, OSError, subprocess.SubprocessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
