@@ -131,6 +131,58 @@ def bench_powercut(c: Context, cycles: int = 10, target: str = "pi4", image: str
         raise Exit(code=1)
 
 
+@task(help={"cycles": "how many good system updates to install (each ~5 min under QEMU)",
+            "target": "recipe target whose image boots", "image": "image to boot",
+            "second": "a second build's .raucb to install first (default: out-v2/*.raucb)"})
+@fails_cleanly
+def bench_osupdate(c: Context, cycles: int = 1, target: str = "pi4", image: str = "",
+                   second: str = "") -> None:
+    """System updates under QEMU: good ones timed, failed ones rolled back, bad ones refused."""
+    from edgebake_builder.bench.osupdate import run_bench
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.steps.osbundle import CERT_NAME, KEY_NAME, OsKeys
+    from edgebake_builder.validate.run import find_image
+
+    if cycles < 1:
+        raise Exit("error: --cycles: expected 1 or more", code=2)
+    started = time.monotonic()
+    image_path, out_dir, manifest = find_image(ROOT / "out" / target, target,
+                                               Path(image) if image else None)
+    if not (manifest.get("system") or {}).get("bundle"):
+        raise Exit(f"error: {out_dir / 'manifest.json'}: system.bundle: expected an A/B image "
+                   "built with an OS key (invoke make-os-key --out keys/, then build-image)",
+                   code=1)
+    keyring = Path(manifest["recipe"]["update"]["os_keyring"]).resolve()
+    keys = OsKeys(keyring, keyring.parent / KEY_NAME, keyring.parent / CERT_NAME)
+    found = sorted((ROOT / "out-v2").glob("*.raucb")) if not second else [Path(second)]
+    progress = Progress(1, log_path=out_dir / "bench-osupdate.log")
+    with progress.step(f"system updates on {image_path.name} under QEMU"):
+        outcome = run_bench(image_path, out_dir, manifest, keys, cycles, progress,
+                            found[-1] if found else None)
+    print(f"bench time: {time.monotonic() - started:.0f} s")
+    for problem in outcome.problems:
+        print(f"problem: {problem}")
+    print(outcome.line())
+    if outcome.problems:
+        raise Exit(code=1)
+
+
+@task(help={"from_": "the SBOM of what runs now (<name>.spdx.json beside an image)",
+            "to": "the SBOM of the update"})
+@fails_cleanly
+def sbom_diff(c: Context, from_: str = "", to: str = "") -> None:
+    """What a system update changes: packages added, removed and changed, from two SBOMs."""
+    from edgebake_builder.sbom import diff
+
+    if not from_ or not to:
+        raise Exit("error: give both --from A.spdx.json and --to B.spdx.json", code=2)
+
+    lines, summary = diff(Path(from_), Path(to))
+    for line in lines:
+        print(line)
+    print(summary)
+
+
 @task(help={"examples": "cases per loader"})
 def bench_fuzz(c: Context, examples: int = 10000) -> None:
     """Hypothesis on the recipe loader, the seed checker and the app-config validator."""

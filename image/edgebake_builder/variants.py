@@ -7,10 +7,11 @@ tarball). The build's steps call them and never ask which kind they have.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
-from . import manifest
+from . import manifest, sbom
 from .cache import sha256_file
 from .context import BuildContext
 from .errors import BuildError
@@ -128,7 +129,7 @@ class Output:
 
 class DiskImage(Output):
     os_keys: osbundle.OsKeys | None = None
-    assemble_title = "assemble: genimage (MBR: FAT32 boot, ext4 root, ext4 data)"
+    assemble_title = "assemble: SBOM, genimage (MBR: FAT32 boot, ext4 root or roots A and B, ext4 data)"
     publish_title = "publish: zstd (or xz), bmap, SHA256SUMS, manifest.json"
 
     def configure(self, ctx: BuildContext) -> None:
@@ -148,6 +149,7 @@ class DiskImage(Output):
         prune.prune(ctx.rootfs, ctx.recipe["prune"], ctx.recipe["prune_keep"], ctx.progress)
         assemble.compile_python(ctx.rootfs, ctx.epoch, ctx.progress)
         self.installed = rootfs_tree.installed_packages(ctx.rootfs)
+        self.sbom = bake_sbom(ctx)
         ctx.rootfs_bytes = rootfs_tree.tree_bytes(ctx.rootfs)
         assemble.clamp_mtimes(ctx.rootfs, ctx.epoch)
         self.image = assemble.assemble(ctx.recipe, ctx.disk_ids, ctx.rootfs,
@@ -161,13 +163,15 @@ class DiskImage(Output):
         bmap = publish.make_bmap(image, ctx.progress)
         image_sha = sha256_file(image)
         system = self.system_bundle(ctx)
-        artifacts = [image, packed, bmap] + ([system] if system else [])
+        artifacts = [image, packed, bmap, *self.sbom] + ([system] if system else [])
         ctx.manifest = manifest.build(ctx, {
             "image": image.name, "image_compressed": packed.name, "bmap": bmap.name,
             "image_sha256": image_sha, "image_bytes": image.stat().st_size,
             "image_compressed_bytes": packed.stat().st_size,
             **ctx.base.manifest_fields(ctx, self.installed),
             "packages": self.installed,
+            "sbom": {"spdx": self.sbom[0].name, "cyclonedx": self.sbom[1].name,
+                     "sha256": sha256_file(self.sbom[0])},
             "system": {"layout": ctx.recipe["layout.kind"], "version": ctx.recipe["version"],
                        "bundle": system.name if system else None,
                        "bundle_sha256": sha256_file(system) if system else None,
@@ -213,6 +217,7 @@ class Overlay(Output):
         overlays.make_data_tree(ctx.rootfs, 0, 0, state=False)
 
     def assemble(self, ctx: BuildContext) -> None:
+        self.sbom = bake_sbom(ctx)
         ctx.rootfs_bytes = rootfs_tree.tree_bytes(ctx.rootfs)
         assemble.clamp_mtimes(ctx.rootfs, ctx.epoch)
         self.overlay = overlayout.write_overlay(ctx.rootfs, ctx.staging, ctx.epoch,
@@ -223,14 +228,36 @@ class Overlay(Output):
         ctx.manifest = manifest.build(ctx, {
             "overlay": overlay.name, "overlay_sha256": sha256_file(overlay),
             "overlay_bytes": overlay.stat().st_size,
+            "sbom": {"spdx": self.sbom[0].name, "cyclonedx": self.sbom[1].name,
+                     "sha256": sha256_file(self.sbom[0])},
             "systemd_version": ctx.recipe["systemd.version"]})
-        publish.publish(ctx.staging, ctx.out_dir, [overlay], ctx.manifest)
+        publish.publish(ctx.staging, ctx.out_dir, [overlay, *self.sbom], ctx.manifest)
 
     def summary(self, ctx: BuildContext) -> str:
         m = ctx.manifest
         return (f"overlay: {ctx.out_dir / m['overlay']} ({m['overlay_bytes'] / 2**20:.1f} MiB, "
                 f"{ctx.rootfs_bytes / 2**20:.0f} MiB unpacked) in {m['build_seconds']:.0f}s; "
                 "apply it with `invoke apply-overlay --rootfs Linux_for_Tegra/rootfs`")
+
+
+def bake_sbom(ctx: BuildContext) -> tuple[Path, Path]:
+    """The tree's SBOM, into the tree (for the unit's /health and for the system bundle) and
+    beside the output as `<name>.spdx.json` and `<name>.cdx.json`."""
+    card = ctx.model.card
+    components = sbom.extras(ctx.wheels, ctx.model.model.name, str(card["version"]),
+                             str(card["sha256"]))
+    spdx, cdx = sbom.make_sbom(ctx.rootfs, ctx.recipe["name"], ctx.recipe["version"],
+                               components, ctx.workdir / "sbom", ctx.epoch, ctx.progress)
+    folder = rootfs_tree.inside(ctx.rootfs, sbom.IN_IMAGE)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spdx, folder / sbom.SPDX_NAME)
+    (folder / "sbom.sha256").write_text(sha256_file(spdx) + "\n")
+    published = []
+    for made, suffix in ((spdx, "spdx.json"), (cdx, "cdx.json")):
+        target = ctx.staging / f"{ctx.recipe['name']}.{suffix}"
+        shutil.copyfile(made, target)
+        published.append(target)
+    return published[0], published[1]
 
 
 def vendor_image(image: Path | None, sha256: str) -> baseimage.BaseImage | None:

@@ -31,6 +31,7 @@ VERSION_FILE = Path("/etc/edgebake/version")
 HEALTH_URL = "http://127.0.0.1:8080/health"
 DEFAULT_WINDOW_SEC = 300
 POLL_SEC = 5.0
+TRIES = 3  # U-Boot's tries per slot (boot.scr), given back by mark-good
 SLOT = re.compile(r"\brauc\.slot=([AB])\b")
 # the unit's identity, copied into the slot an update wrote: who it is, how it is reached,
 # and what its seed set (docs/system-updates.md)
@@ -186,9 +187,11 @@ def read_health(url: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def judge_window(window_sec: float, url: str, started: float) -> tuple[bool, str]:
+def judge_window(window_sec: float, url: str, started: float, patience: float = 0.0
+                 ) -> tuple[bool, str]:
     """Healthy at the window's end, and never stuck once it was ready (a camera gone or a
-    broker down is the world's fault, not the system's)."""
+    broker down is the world's fault, not the system's). With `patience`, the end waits
+    that much longer for a system that is still starting."""
     last = "the service never answered /health"
     ready = False
     while True:
@@ -200,10 +203,13 @@ def judge_window(window_sec: float, url: str, started: float) -> tuple[bool, str
                 return False, f"the service got stuck on trial: {last}"
         elif ready:
             last = "the service stopped answering /health"
-        if time.monotonic() - started >= window_sec:
+        elapsed = time.monotonic() - started
+        if elapsed >= window_sec:
             if health is not None and health.get("ready") and health.get("healthy"):
                 return True, last
-            return False, f"not healthy at the end of the {window_sec:.0f} s window: {last}"
+            if elapsed >= window_sec + patience:
+                return False, (f"not healthy at the end of the {window_sec + patience:.0f} s "
+                               f"window: {last}")
         time.sleep(POLL_SEC)
 
 
@@ -248,7 +254,24 @@ def trial(state: OsState, url: str = HEALTH_URL) -> str:
             subprocess.run(["systemctl", "reboot"], check=False)
             return f"system {version}: rolled back ({why})"
     state.publish_status(status(state))
+    if phase not in ("installed", "trial"):
+        verdict += "; " + renew_tries(booted, url)
     return verdict
+
+
+def renew_tries(booted: str, url: str) -> str:
+    """Each boot uses one of the slot's tries; once the running system is healthy it gets
+    them back (RAUC's mark-good), so only a system that keeps failing runs out of them."""
+    good, why = judge_window(0, url, time.monotonic(), patience=DEFAULT_WINDOW_SEC)
+    if not good:
+        return f"slot {booted} keeps its count of tries ({why})"
+    left = subprocess.run(["fw_printenv", "-n", f"BOOT_{booted}_LEFT"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    if left == str(TRIES):
+        return f"slot {booted} healthy, {left} tries left"
+    marked = rauc("status", "mark-good", timeout=120)
+    return (f"slot {booted} healthy: tries renewed ({left or '?'} -> {TRIES})"
+            if marked.returncode == 0 else f"mark-good failed: {last_line(marked)}")
 
 
 def keep_identity(slot_device: str, old_root: Path = Path("/")) -> str:

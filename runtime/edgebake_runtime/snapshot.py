@@ -58,7 +58,8 @@ def model(card: Card, path: str, swaps: int, trial: Any, last_switch_sec: float 
 
 
 def system(status_file: Path = SYSTEM_STATUS, version_file: Path = VERSION_FILE,
-           cmdline: Path = Path("/proc/cmdline")) -> dict[str, Any]:
+           cmdline: Path = Path("/proc/cmdline"),
+           sbom_file: Path = Path("/usr/share/edgebake/sbom.sha256")) -> dict[str, Any]:
     """The system's version and, on an A/B unit, the booted slot, both slots' versions and
     the system update in flight (edgebake-os keeps that file; the service only reads it)."""
     data: Any = {}
@@ -73,5 +74,9 @@ def system(status_file: Path = SYSTEM_STATUS, version_file: Path = VERSION_FILE,
     with contextlib.suppress(OSError):
         found = re.search(r"\brauc\.slot=([AB])\b", cmdline.read_text())
         booted = found.group(1) if found else None
+    sbom = None
+    with contextlib.suppress(OSError):
+        sbom = sbom_file.read_text().strip() or None
     return {"version": version, "layout": "ab" if booted else "single", "booted": booted,
-            "slots": data.get("slots", {}), "update": data.get("update") or None}
+            "slots": data.get("slots", {}), "update": data.get("update") or None,
+            "sbom_sha256": sbom}

@@ -51,7 +51,7 @@ def boot_script(recipe: Recipe) -> str:
     pi_console = f"console=tty0 console={recipe['kernel.console']}"
     here = "${devtype} ${devnum}:${distro_bootpart}"
     slot_args = f"rauc.slot=${{eb_slot}} {args} ${{eb_extra}}"
-    save = (f"env export -c ${{kernel_addr_r}} {STATE_BYTES:#x} BOOT_ORDER BOOT_A_LEFT "
+    save = (f"env export -c -s {STATE_BYTES:#x} ${{kernel_addr_r}} BOOT_ORDER BOOT_A_LEFT "
             f"BOOT_B_LEFT\nfatwrite {here} ${{kernel_addr_r}} {STATE_FILE} {STATE_BYTES:#x}")
     pick = "\n".join(f"""    if test "${{s}}" = "{slot}" && test -z "${{eb_slot}}"; then
       if test ${{BOOT_{slot}_LEFT}} -gt 0; then

@@ -141,7 +141,8 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         tmp = Path(tmp_name)
         manifest_path = tmp / "manifest.json"
         manifest_path.write_text(json.dumps(manifest))
-        env = {"EDGEBAKE_MANIFEST": str(manifest_path), "EDGEBAKE_TEST_DIR": str(test_dir)}
+        env = {"EDGEBAKE_MANIFEST": str(manifest_path), "EDGEBAKE_TEST_DIR": str(test_dir),
+               "EDGEBAKE_IMAGE": str(image.resolve())}
         with progress.step("static checks on the image's rootfs (testinfra, chroot)"):
             codes["static"] = _static_checks(image, tmp, junit_parts[0], env, progress)
         if codes["static"] != 0 and fail_fast:

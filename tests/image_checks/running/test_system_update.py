@@ -62,7 +62,7 @@ def test_a_new_system_is_installed_kept_and_keeps_the_unit(
     results = host.run("cat /data/results/results-*.jsonl | head -1").stdout.strip()
     assert results, "no results journaled before the update"
     version = f"{system['version']}.1-test"
-    status = install(Path(os.environ["EDGEBAKE_MANIFEST"]).parent, system, keys, version,
+    status = install(Path(os.environ["EDGEBAKE_IMAGE"]).parent, system, keys, version,
                      "good", tmp_path)
     assert status["update"]["state"] == "confirmed", status
     assert status["booted"] != booted, status
@@ -86,7 +86,7 @@ def test_a_system_that_never_gets_healthy_is_rolled_back(
         pytest.skip("update trials off (--no-update-trials)")
     was = json.loads(host.check_output("edgebake-os status"))
     version = f"{system['version']}.2-unhealthy"
-    status = install(Path(os.environ["EDGEBAKE_MANIFEST"]).parent, system, keys, version,
+    status = install(Path(os.environ["EDGEBAKE_IMAGE"]).parent, system, keys, version,
                      "unhealthy", tmp_path)
     assert status["update"]["state"] == "rolled-back", status
     assert "healthy" in status["update"]["reason"], status

@@ -250,7 +250,7 @@ def test_root_is_mounted_read_only_with_state_bound_from_data(host: Any,
         assert by_target["/"][3].split(",")[0] == "ro", by_target["/"]
     else:  # A/B: the boot script's command line mounts the slot read-only
         from edgebake_builder.validate import diskimage
-        image = Path(os.environ["EDGEBAKE_MANIFEST"]).parent / manifest["image"]
+        image = Path(os.environ["EDGEBAKE_IMAGE"])
         script = diskimage.read_fat_file(image, diskimage.boot_partition(image),
                                          "boot.cmd").decode()
         bootargs = next(x for x in script.splitlines() if "setenv bootargs" in x)
