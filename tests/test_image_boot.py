@@ -81,3 +81,32 @@ def test_the_unit_survives_power_cuts_and_a_frozen_pid1(built: dict[str, Any]) -
     ps = subprocess.run(["pgrep", "-f", "qemu-system-aarch64"], capture_output=True, text=True,
                         check=False)
     assert ps.stdout.strip() == "", "a QEMU process was left running"
+
+
+@pytest.mark.long
+def test_system_updates_install_and_every_failure_is_rolled_back(built: dict[str, Any],
+                                                                 tmp_path: Path) -> None:
+    """`invoke bench-osupdate --cycles 1` after a second build (`--version` and another
+    out): the second build's bundle is installed and kept; a service that never gets healthy,
+    a kernel that cannot boot and a power cut during the install each leave the old system
+    running and say so; a tampered bundle and another CA's are refused."""
+    second = tmp_path / "v2"
+    build = subprocess.run([*INVOKE, "build-image", "--target", "pi4", "--version",
+                            f"{built['manifest']['system']['version']}.9", "--out",
+                            str(second)], cwd=ROOT, capture_output=True, text=True,
+                           check=False)
+    assert build.returncode == 0, build.stdout[-3000:]
+    bundle = next(second.glob("*.raucb"))
+    sbom = subprocess.run([*INVOKE, "sbom-diff", "--from",
+                           str(built["out"] / built["manifest"]["sbom"]["spdx"]), "--to",
+                           str(second / "edgebake-pi4.spdx.json")], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    assert sbom.returncode == 0 and "1 changed" in sbom.stdout, sbom.stdout  # the version
+    result = subprocess.run([*INVOKE, "bench-osupdate", "--cycles", "1", "--second",
+                             str(bundle)], cwd=ROOT, capture_output=True, text=True,
+                            check=False)
+    print(result.stdout[-8000:], result.stderr[-3000:])
+    assert result.returncode == 0
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("os updates: installed 1/1, failed updates rolled back 3/3, "
+                           "refused 2/2,"), line

@@ -58,9 +58,10 @@ def make_disk(tmp: Path, state: dict[str, str], kernel_in: str = "") -> Path:
             out.write(part.read_bytes())
             at += part.stat().st_size
         out.truncate(at + MIB)
+    rows = enumerate(zip(offsets, parts, strict=True))
     table = "label: dos\n" + "".join(
         f"start={o // 512}, size={p.stat().st_size // 512}, type={'c' if i == 0 else '83'}"
-        f"{', bootable' if i == 0 else ''}\n" for i, (o, p) in enumerate(zip(offsets, parts)))
+        f"{', bootable' if i == 0 else ''}\n" for i, (o, p) in rows)
     subprocess.run(["sfdisk", "-q", str(disk)], input=table, text=True, check=True)
     return disk
 

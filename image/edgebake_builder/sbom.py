@@ -87,7 +87,8 @@ def make_sbom(rootfs: Path, name: str, version: str, components: list[Extra], de
         (scanned / "var/lib/dpkg").mkdir(parents=True, exist_ok=True)
         (scanned / "var/lib/dpkg/status").write_text("")
     space = hashlib.sha256(f"{name}:{version}:{[c.sha256 for c in components]}".encode())
-    run([tool, "generate", "-r", scanned, "--distro-arch", "arm64", "-t", "spdx", "-t", "cdx", "-o", stem,
+    run([tool, "generate", "-r", scanned, "--distro-arch", "arm64", "-t", "spdx", "-t", "cdx",
+         "-o", stem,
          "--timestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)),
          "--cdx-serialnumber", str(uuid.UUID(space.hexdigest()[:32])),
          "--distro-name", name, "--distro-version", version, "--distro-supplier", "edgebake",
@@ -118,9 +119,10 @@ def make_sbom(rootfs: Path, name: str, version: str, components: list[Extra], de
         raise BuildError(f"{spdx}: the SBOM is not valid SPDX: "
                          f"{problems[0].validation_message}")
     write_file(document, str(spdx), validate=False)
+    wheels = sum(1 for c in components if c.purpose == PackagePurpose.LIBRARY)
     progress.say(f"      SBOM: {len(document.packages)} packages (Debian packages with their "
-                 f"sources, {len(components) - 2} wheels, the model, edgebake); SPDX 2.3 "
-                 "and CycloneDX")
+                 f"sources, {wheels} wheels, {len(components) - wheels} more); SPDX 2.3 and "
+                 "CycloneDX")
     return spdx, stem.with_name(CDX_NAME)
 
 

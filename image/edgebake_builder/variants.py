@@ -129,7 +129,8 @@ class Output:
 
 class DiskImage(Output):
     os_keys: osbundle.OsKeys | None = None
-    assemble_title = "assemble: SBOM, genimage (MBR: FAT32 boot, ext4 root or roots A and B, ext4 data)"
+    assemble_title = ("assemble: SBOM, genimage (MBR: FAT32 boot, ext4 root or roots A and B, "
+                      "ext4 data)")
     publish_title = "publish: zstd (or xz), bmap, SHA256SUMS, manifest.json"
 
     def configure(self, ctx: BuildContext) -> None:

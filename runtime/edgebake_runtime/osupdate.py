@@ -12,6 +12,7 @@ Everything it decides goes to /data/os (state, audit lines, the status `/health`
 from __future__ import annotations
 
 import argparse
+import configparser
 import contextlib
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any
 from .atomic import write_atomic
 
 STATE_DIR = Path("/data/os")
+SYSTEM_CONF = Path("/etc/rauc/system.conf")
 VERSION_FILE = Path("/etc/edgebake/version")
 HEALTH_URL = "http://127.0.0.1:8080/health"
 DEFAULT_WINDOW_SEC = 300
@@ -158,9 +160,14 @@ def install(bundle: Path, state: OsState, window_sec: int) -> str:
         state.audit("os-refused", bundle=bundle.name, reason=last_line(info))
         raise OsUpdateError(f"refused: {last_line(info)}")
     try:
-        version = str(json.loads(info.stdout)["version"])
+        manifest = json.loads(info.stdout)
+        version = str(manifest["version"])
     except (ValueError, KeyError, TypeError):
-        version = "unknown"
+        raise OsUpdateError("refused: rauc info gave no manifest") from None
+    problem = unfit(manifest, other(booted))
+    if problem:
+        state.audit("os-refused", bundle=bundle.name, version=version, reason=problem)
+        raise OsUpdateError(f"refused: {problem}")
     state.set_update(state="installing", version=version, from_slot=booted,
                      to_slot=other(booted), window_sec=window_sec)
     state.audit("os-installing", version=version, slot=other(booted))
@@ -176,6 +183,38 @@ def install(bundle: Path, state: OsState, window_sec: int) -> str:
     state.publish_status(status(state))
     return (f"installed system {version} into slot {other(booted)}; it runs after a reboot, "
             f"on trial for {window_sec} s")
+
+
+def slot_devices(conf: Path = SYSTEM_CONF) -> dict[str, str]:
+    """bootname -> block device, from RAUC's system.conf."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(conf)
+    return {parser[s]["bootname"]: parser[s]["device"] for s in parser.sections()
+            if s.startswith("slot.") and "bootname" in parser[s] and "device" in parser[s]}
+
+
+def unfit(manifest: dict[str, Any], target: str, conf: Path = SYSTEM_CONF) -> str:
+    """Why a bundle cannot go into the `target` slot, in one line; "" when it can (RAUC
+    checks both again; saying it first leaves no failed install behind)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(conf)
+    ours = parser.get("system", "compatible", fallback="")
+    if manifest.get("compatible") != ours:
+        return (f"the bundle is for {manifest.get('compatible')!r}, this unit is {ours!r} "
+                "(compatible in /etc/rauc/system.conf)")
+    device = slot_devices(conf).get(target)
+    sizes = [int(next(iter(i.values())).get("size") or 0) for i in manifest.get("images", [])
+             if isinstance(i, dict) and i]
+    if device and sizes:
+        try:
+            with open(device, "rb") as slot:
+                room = slot.seek(0, os.SEEK_END)
+        except OSError:
+            return ""
+        if max(sizes) > room:
+            return (f"its root filesystem is {max(sizes) / 2**20:.0f} MiB, slot {target} "
+                    f"holds {room / 2**20:.0f} MiB")
+    return ""
 
 
 def read_health(url: str) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from ..validate.seed import render_seed
 WINDOW_SEC = 60
 VERDICT_DEADLINE_SEC = 1800
 BOOT_TIMEOUT_SEC = 600
+CARD_EXTRA_BYTES = 2**30  # a card larger than the image: /data grows and holds a bundle
 SSH_EXTRA = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
              "-o", "LogLevel=ERROR"]
 
@@ -163,7 +164,7 @@ class OsBench:
         after = self.status()
         same = (before["booted"], before["slots"]) == (after["booted"], after["slots"])
         self.say(f"{what}: {answer.split(': ', 1)[-1][:160]}")
-        if "refused" in answer and same:
+        if ("refused" in answer or "install failed" in answer) and same:
             self.outcome.refused += 1
         else:
             self.outcome.problems.append(f"{what}: {answer}")
@@ -195,6 +196,7 @@ def run_bench(image: Path, out_dir: Path, manifest: dict[str, Any], keys: OsKeys
         seed = render_seed("edgebake-osupdate", [key.with_suffix(".pub").read_text().strip()],
                            app=app, device_id="osupdate-unit")
         unit = Unit(image, tmp, logs, seed.encode(), key)
+        unit.machine.disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
         bench = OsBench(unit, keys, base, str(system["compatible"]), tmp, progress)
         try:
             unit.new_card()

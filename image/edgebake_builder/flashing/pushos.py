@@ -53,9 +53,16 @@ def push_os(host: str, bundle: Path, port: int = 22, user: str = "root", identit
     options = [*ssh_options(port, identity), *(extra_options or [])]
     target = f"{user}@{host}"
     partial = f"{INCOMING}.part"
-    made = _ssh(target, port, options, f"mkdir -p /data/os && rm -f {INCOMING} {partial}", 120)
+    made = _ssh(target, port, options, f"mkdir -p /data/os && rm -f {INCOMING} {partial} && "
+                "df --output=avail -B1 /data | tail -1", 120)
     if made.returncode != 0:
         raise BuildError(f"{host}: cannot reach the unit over SSH: {made.stderr.strip()[-300:]}")
+    free = int(made.stdout.split()[-1]) if made.stdout.split()[-1:] and \
+        made.stdout.split()[-1].isdigit() else 0
+    need = bundle.stat().st_size + 16 * 2**20  # and room for the journal meanwhile
+    if free < need:
+        raise BuildError(f"{host}: /data has {free / 2**20:.0f} MiB free, the bundle needs "
+                         f"{need / 2**20:.0f} MiB; nothing was copied")
     copy = subprocess.run(["scp", "-q", "-s", "-P", str(port), *options, str(bundle),
                            f"{target}:{partial}"], capture_output=True, text=True,
                           check=False, timeout=SSH_TIMEOUT_SEC)
