@@ -77,11 +77,14 @@ def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = 
             "fail_fast": "stop after the static checks if any of them fails",
             "update_trials": "also apply the bundles a unit must refuse or roll back "
                              "(tampered, failing golden test, undecodable; ~3 min)",
+            "os_rollback": "with the update trials, on an A/B image: also install a system "
+                           "that never gets healthy and see it rolled back (~5 min)",
             "supervision_trials": "also kill -9 and SIGSTOP the service and unplug the camera "
                                   "(the same units and runtime on every base; ~3 min)"})
 @fails_cleanly
 def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool = False,
-               update_trials: bool = True, supervision_trials: bool = True) -> None:
+               update_trials: bool = True, supervision_trials: bool = True,
+               os_rollback: bool = True) -> None:
     """Validate the exact image: static testinfra checks, then QEMU boot + checks over SSH."""
     from edgebake_builder.progress import Progress
     from edgebake_builder.validate.run import find_image
@@ -91,7 +94,7 @@ def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool
                                                Path(image) if image else None)
     progress = Progress(3, log_path=out_dir / "test-image.log")
     result = run_tests(image_path, out_dir, manifest, progress, fail_fast, update_trials,
-                       supervision_trials)
+                       supervision_trials, os_rollback)
     for name, value in result.figures.items():
         print(f"{name}: {value:.1f}" if name.startswith("exposure") else
               f"{name}: {value:.1f} s")

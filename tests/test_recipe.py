@@ -21,13 +21,15 @@ def test_pi4_resolves_with_all_layers() -> None:
     recipe = load_recipe("pi4")
     assert recipe["arch"] == "arm64"
     assert "non-free-firmware" in recipe["components"]
-    for package in ("linux-image-arm64", "raspi-firmware", "python3-numpy", "openssh-server"):
+    for package in ("linux-image-arm64", "raspi-firmware", "python3-numpy", "openssh-server",
+                    "u-boot-rpi", "rauc", "rauc-service", "libubootenv-tool"):
         assert package in recipe["packages"]
     assert "edgebake.service" in recipe["services.enable"]
+    assert recipe["layout.kind"] == "ab" and "panic=10" in recipe["kernel.cmdline"]
     assert recipe["wheels"] == ["paho-mqtt", "av", "cryptography", "cffi", "pycparser"]
     assert recipe["runtime"] == "auto" and recipe["python.version"] == "3.11"
     assert [Path(s).stem for s in recipe.sources] == [
-        "base", "kernel-pi4", "python", "app", "watchdog", "ssh", "slim", "pi4"]
+        "base", "kernel-pi4", "ab", "python", "app", "watchdog", "ssh", "slim", "pi4"]
 
 
 def test_trixie_differs_only_where_trixie_differs() -> None:

@@ -12,7 +12,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from edgebake_builder.errors import BuildError, RecipeError
@@ -94,7 +94,7 @@ def test_no_signing_key_means_no_bundle(keys: OsKeys, tmp_path: Path) -> None:
 
 
 def test_a_bad_version_gets_one_line() -> None:
-    with pytest.raises(RecipeError, match="--version.*version"):
+    with pytest.raises(RecipeError, match=r"--version.*version"):
         load_recipe("pi4").with_setting("version", "1.0 beta!", "--version")
     assert load_recipe("pi4").with_setting("version", "2026.12.1", "--version")["version"] \
         == "2026.12.1"
@@ -138,9 +138,9 @@ def test_sbom_lists_debian_sources_wheels_model_and_diff_says_what_changed(
 
 
 class Health(http.server.BaseHTTPRequestHandler):
-    answer: dict[str, Any] = {}
+    answer: ClassVar[dict[str, Any]] = {}
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = json.dumps(Health.answer).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

@@ -127,7 +127,7 @@ def find_image(default_out: Path, target: str, image: Path | None
 
 def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                progress: Progress, fail_fast: bool = False, update_trials: bool = True,
-               supervision_trials: bool = True) -> ImageTestResult:
+               supervision_trials: bool = True, os_rollback: bool = True) -> ImageTestResult:
     """Static checks on the image's rootfs, then the image booted in QEMU and checked over
     SSH; the checks' JUnit reports merged into test/junit.xml."""
     started = time.monotonic()
@@ -142,6 +142,8 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         manifest_path = tmp / "manifest.json"
         manifest_path.write_text(json.dumps(manifest))
         env = {"EDGEBAKE_MANIFEST": str(manifest_path), "EDGEBAKE_TEST_DIR": str(test_dir),
+               # an A/B image: a system that never gets healthy is rolled back (~5 min)
+               "EDGEBAKE_OS_ROLLBACK": "1" if os_rollback and update_trials else "",
                "EDGEBAKE_IMAGE": str(image.resolve())}
         with progress.step("static checks on the image's rootfs (testinfra, chroot)"):
             codes["static"] = _static_checks(image, tmp, junit_parts[0], env, progress)

@@ -264,3 +264,30 @@ def test_root_is_mounted_read_only_with_state_bound_from_data(host: Any,
         assert not host.file(f"/etc/systemd/system/timers.target.wants/{timer}").exists, timer
     link = host.run("readlink /etc/resolv.conf").stdout.strip()
     assert link == "../run/systemd/resolve/stub-resolv.conf", link  # not the build host's
+
+
+def test_rauc_knows_both_slots_and_trusts_the_keyring_a_bundle_was_signed_for(
+        host: Any, manifest: dict[str, Any]) -> None:
+    """An A/B image: RAUC's slots by this disk's PARTUUIDs, U-Boot's variables on the boot
+    partition, verity bundles only, the identity handler; and the keyring baked in exactly
+    when the build made a bundle (so a built bundle always installs on its own image)."""
+    system = manifest.get("system") or {}
+    if system.get("layout") != "ab":
+        pytest.skip("a single-root image")
+    ids = manifest["partitions"]["partuuids"]
+    conf = host.file("/etc/rauc/system.conf").content_string
+    assert f"compatible={manifest['name']}" in conf and "bootloader=uboot" in conf
+    assert "bundle-formats=-plain" in conf
+    for slot, name in (("A", "root_a"), ("B", "root_b")):
+        assert f"device=/dev/disk/by-partuuid/{ids[name]}\ntype=ext4\nbootname={slot}" in conf
+    assert host.file("/etc/fw_env.config").content_string.splitlines()[-1] == \
+        "/boot/firmware/boot-state.env 0x0 0x4000"
+    assert host.file("/usr/lib/edgebake/rauc-post-install").mode & 0o111
+    assert host.file("/etc/rauc/keyring.pem").exists == bool(system.get("bundle"))
+    assert host.file("/etc/edgebake/version").content_string.strip() == system["version"]
+    assert host.file("/boot/vmlinuz").size > 10 * 2**20  # the slot's own kernel and initrd
+    assert host.file("/boot/initrd.img").size > 2**20
+    sbom = host.file("/usr/share/edgebake/sbom.spdx.json")
+    assert hashlib.sha256(sbom.content).hexdigest() == \
+        host.file("/usr/share/edgebake/sbom.sha256").content_string.strip() == \
+        manifest["sbom"]["sha256"]
