@@ -166,7 +166,8 @@ def test_checksums_and_bmap(built: dict[str, Any], tmp_path: Path) -> None:
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True,
                            text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.count(": OK") == 5  # image, .zst, bmap, system bundle, manifest
+    # image, .zst, bmap, SPDX and CycloneDX SBOMs, system bundle, manifest
+    assert check.stdout.count(": OK") == 7
     copy = tmp_path / "flashed.img"
     flash = subprocess.run(["bmaptool", "copy", "--bmap", str(out / built["manifest"]["bmap"]),
                             str(built["image"]), str(copy)], capture_output=True, text=True,
@@ -191,7 +192,7 @@ def test_rebuild_is_bit_identical(built: dict[str, Any], tmp_path: Path) -> None
     sums = [[line for line in (folder / "SHA256SUMS").read_text().splitlines()
              if not line.endswith(("manifest.json", ".raucb"))]
             for folder in (built["out"], tmp_path / "again")]
-    assert sums[0] == sums[1] and len(sums[0]) == 3, sums
+    assert sums[0] == sums[1] and len(sums[0]) == 5, sums  # the SBOMs are the same too
     roots = [json.loads(subprocess.run(
         ["rauc", "info", "--no-verify", "--output-format=json",
          str(folder / built["manifest"]["system"]["bundle"])], capture_output=True, text=True,

@@ -114,6 +114,10 @@ def make_sbom(rootfs: Path, name: str, version: str, components: list[Extra], de
             primary_package_purpose=extra.purpose))
         document.relationships.append(Relationship(described, RelationshipType.CONTAINS,
                                                    spdx_id))
+    # debsbom lists packages in no fixed order: sorted, the same tree gives the same bytes
+    document.packages.sort(key=lambda p: p.spdx_id)
+    document.relationships.sort(key=lambda r: (r.spdx_element_id, r.relationship_type.name,
+                                               str(r.related_spdx_element_id)))
     problems = validate_full_spdx_document(document)
     if problems:
         raise BuildError(f"{spdx}: the SBOM is not valid SPDX: "

@@ -53,6 +53,7 @@ class HostUnits:
     public_key: str
     model: Path
     group: str = "bench"
+    target: str = "pi4"  # what /etc/edgebake/target says: a bundle must be made for it
     units: list[HostUnit] = field(default_factory=list)
 
     def start(self, count: int, prefix: str = "unit") -> None:
@@ -74,7 +75,7 @@ class HostUnits:
         keys = unit.folder / "update-keys"
         keys.mkdir(parents=True, exist_ok=True)
         (keys / "fleet.pub").write_text(self.public_key + "\n")
-        (unit.folder / "target").write_text("pi4\n")
+        (unit.folder / "target").write_text(f"{self.target}\n")
         config = {
             "device_id": unit.device,
             "model": {"path": str(self.model), "card": ""},

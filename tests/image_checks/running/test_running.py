@@ -598,7 +598,8 @@ def test_a_model_on_trial_rolls_back_after_a_reboot(host: Any) -> None:
         entries[-8:]
 
 
-def test_a_rollout_of_two_units_takes_in_the_booted_one(host: Any, tmp_path: Path) -> None:
+def test_a_rollout_of_two_units_takes_in_the_booted_one(host: Any, tmp_path: Path,
+                                                        manifest: dict[str, Any]) -> None:
     """`invoke rollout`'s engine over the test's broker: the booted unit and one unit process
     on the host, in two stages; each takes the bundle from a signed order, runs it through
     its trial window and confirms it. Last: it leaves the unit on a newer model."""
@@ -625,13 +626,15 @@ def test_a_rollout_of_two_units_takes_in_the_booted_one(host: Any, tmp_path: Pat
         members = {n: tar.extractfile(n).read()  # type: ignore[union-attr]
                    for n in ("model.tflite", "model.card.json", "model.golden.npz")}
     bundle = tmp_path / "rollout-5.0.ebundle"
-    bundle.write_bytes(build_bundle(members, read_private_key(key), "5.0", "pi4"))
+    target = str(manifest.get("target", "pi4"))  # host units say the same target
+    bundle.write_bytes(build_bundle(members, read_private_key(key), "5.0", target))
     tls = BrokerTls(Path(os.environ["EDGEBAKE_MQTT_CA"]), os.environ["EDGEBAKE_MQTT_USER"],
                     os.environ["EDGEBAKE_MQTT_PASSWORD"])
     model = prepare_model(str(fetch_locked_model(read_models_lock()[DEFAULT_MODEL],
                                                  Progress(1))), tmp_path, Progress(1)).model
     public = Path(f"{key}.pub").read_text().strip()
-    units = HostUnits(tmp_path / "units", int(port), tls, public, model, group="qemu")
+    units = HostUnits(tmp_path / "units", int(port), tls, public, model, group="qemu",
+                      target=target)
     units.start(1, prefix="host")
     # the booted unit must not be inside another model's trial when the order comes
     wait(lambda: health()["model"]["trial"] is None, 900, "no model on trial on the unit")
