@@ -171,8 +171,7 @@ class DiskImage(Output):
             "image_compressed_bytes": packed.stat().st_size,
             **ctx.base.manifest_fields(ctx, self.installed),
             "packages": self.installed,
-            "sbom": {"spdx": self.sbom[0].name, "cyclonedx": self.sbom[1].name,
-                     "sha256": sha256_file(self.sbom[0])},
+            "sbom": sbom_fields(self.sbom),
             "system": {"layout": ctx.recipe["layout.kind"], "version": ctx.recipe["version"],
                        "bundle": system.name if system else None,
                        "bundle_sha256": sha256_file(system) if system else None,
@@ -229,8 +228,7 @@ class Overlay(Output):
         ctx.manifest = manifest.build(ctx, {
             "overlay": overlay.name, "overlay_sha256": sha256_file(overlay),
             "overlay_bytes": overlay.stat().st_size,
-            "sbom": {"spdx": self.sbom[0].name, "cyclonedx": self.sbom[1].name,
-                     "sha256": sha256_file(self.sbom[0])},
+            "sbom": sbom_fields(self.sbom),
             "systemd_version": ctx.recipe["systemd.version"]})
         publish.publish(ctx.staging, ctx.out_dir, [overlay, *self.sbom], ctx.manifest)
 
@@ -239,6 +237,10 @@ class Overlay(Output):
         return (f"overlay: {ctx.out_dir / m['overlay']} ({m['overlay_bytes'] / 2**20:.1f} MiB, "
                 f"{ctx.rootfs_bytes / 2**20:.0f} MiB unpacked) in {m['build_seconds']:.0f}s; "
                 "apply it with `invoke apply-overlay --rootfs Linux_for_Tegra/rootfs`")
+
+
+def sbom_fields(made: tuple[Path, Path]) -> dict[str, str]:
+    return {"spdx": made[0].name, "cyclonedx": made[1].name, "sha256": sha256_file(made[0])}
 
 
 def bake_sbom(ctx: BuildContext) -> tuple[Path, Path]:

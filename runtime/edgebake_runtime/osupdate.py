@@ -185,10 +185,14 @@ def install(bundle: Path, state: OsState, window_sec: int) -> str:
             f"on trial for {window_sec} s")
 
 
-def slot_devices(conf: Path = SYSTEM_CONF) -> dict[str, str]:
-    """bootname -> block device, from RAUC's system.conf."""
+def read_conf(conf: Path = SYSTEM_CONF) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(conf)
+    return parser
+
+
+def slot_devices(parser: configparser.ConfigParser) -> dict[str, str]:
+    """bootname -> block device, from RAUC's system.conf."""
     return {parser[s]["bootname"]: parser[s]["device"] for s in parser.sections()
             if s.startswith("slot.") and "bootname" in parser[s] and "device" in parser[s]}
 
@@ -196,13 +200,12 @@ def slot_devices(conf: Path = SYSTEM_CONF) -> dict[str, str]:
 def unfit(manifest: dict[str, Any], target: str, conf: Path = SYSTEM_CONF) -> str:
     """Why a bundle cannot go into the `target` slot, in one line; "" when it can (RAUC
     checks both again; saying it first leaves no failed install behind)."""
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(conf)
+    parser = read_conf(conf)
     ours = parser.get("system", "compatible", fallback="")
     if manifest.get("compatible") != ours:
         return (f"the bundle is for {manifest.get('compatible')!r}, this unit is {ours!r} "
                 "(compatible in /etc/rauc/system.conf)")
-    device = slot_devices(conf).get(target)
+    device = slot_devices(parser).get(target)
     sizes = [int(next(iter(i.values())).get("size") or 0) for i in manifest.get("images", [])
              if isinstance(i, dict) and i]
     if device and sizes:

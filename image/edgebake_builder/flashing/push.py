@@ -25,14 +25,19 @@ def ssh_options(port: int, identity: str) -> list[str]:
     return options
 
 
+def connection(host: str, bundle: Path, port: int, user: str, identity: str,
+               extra_options: list[str] | None) -> tuple[list[str], str]:
+    """SSH options and user@host for sending `bundle`, which must exist."""
+    if not bundle.is_file():
+        raise BuildError(f"{bundle}: bundle not found")
+    return [*ssh_options(port, identity), *(extra_options or [])], f"{user}@{host}"
+
+
 def push_bundle(host: str, bundle: Path, port: int = 22, user: str = "root",
                 identity: str = "", allow_rollback: bool = False,
                 extra_options: list[str] | None = None) -> str:
     """Copy, then apply on the unit; returns the unit's one-line answer."""
-    if not bundle.is_file():
-        raise BuildError(f"{bundle}: bundle not found")
-    options = [*ssh_options(port, identity), *(extra_options or [])]
-    target = f"{user}@{host}"
+    options, target = connection(host, bundle, port, user, identity, extra_options)
     # a fixed name on the unit: the bundle's own file name never reaches a remote shell
     final = f"{INCOMING}/pushed.ebundle"
     partial = f"{final}.part"

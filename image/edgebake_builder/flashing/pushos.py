@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
-from .push import SSH_TIMEOUT_SEC, ssh_options
+from .push import SSH_TIMEOUT_SEC, connection, ssh_options
 
 INCOMING = "/data/os/incoming.raucb"
 DONE = ("confirmed", "rolled-back", "failed")
@@ -48,10 +48,7 @@ def push_os(host: str, bundle: Path, port: int = 22, user: str = "root", identit
             window_sec: int = 300, reboot: bool = True,
             extra_options: list[str] | None = None) -> str:
     """Copy, install, reboot; returns the unit's one-line answer."""
-    if not bundle.is_file():
-        raise BuildError(f"{bundle}: bundle not found")
-    options = [*ssh_options(port, identity), *(extra_options or [])]
-    target = f"{user}@{host}"
+    options, target = connection(host, bundle, port, user, identity, extra_options)
     partial = f"{INCOMING}.part"
     made = _ssh(target, port, options, f"mkdir -p /data/os && rm -f {INCOMING} {partial} && "
                 "df --output=avail -B1 /data | tail -1", 120)
