@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import mmap
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from .flatbuf import truncation
 
 TFLITE_MAGIC = b"TFL3"
 
@@ -55,7 +58,8 @@ def _interpreter_module(runtime: str | None = None) -> Any:
 
 
 def check_tflite_file(path: Path) -> None:
-    """Cheap checks before the interpreter sees the file: exists, readable, TFLite magic."""
+    """Cheap checks before the interpreter sees the file: exists, readable, TFLite magic, and
+    every top-level part within the file."""
     try:
         with path.open("rb") as handle:
             head = handle.read(8)
@@ -65,6 +69,11 @@ def check_tflite_file(path: Path) -> None:
         raise ModelError(f"{path}: cannot read model: {exc.strerror}") from None
     if len(head) < 8 or head[4:8] != TFLITE_MAGIC:
         raise ModelError(f"{path}: not a TFLite model (no TFL3 flatbuffer identifier)")
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        cut = truncation(data)
+    if cut is not None:
+        raise ModelError(f"{path}: the file is truncated or corrupt: {cut} lies past its end "
+                         f"({path.stat().st_size} bytes)")
 
 
 def load_interpreter(path: Path, num_threads: int = 1, plain_ops: bool = False,
