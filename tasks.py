@@ -286,11 +286,15 @@ def rollout(c: Context, bundle: str, broker: str = "", key: str = "",
             "url": "the bundle's URL (its origin in the units' update.allowed_origins)",
             "bundle": "or the .ebundle itself, sent in the order (up to 4 MiB)",
             "samples": "or keep the next N frames of every camera as samples (1-100)",
-            "fleet": "the units' fleet (recipe update.fleet)"})
+            "fleet": "the units' fleet (recipe update.fleet)",
+            "system": "the url is a system bundle (.raucb): install it on A/B units",
+            "window": "seconds the new model or system must stay healthy (the unit's default "
+                      "if not given)"})
 @fails_cleanly
 def send_order(c: Context, broker: str, to: str, key: str, url: str = "", bundle: str = "",
                samples: int = 0, fleet: str = "default", port: int = 0, username: str = "",
-               password: str = "", ca_file: str = "") -> None:
+               password: str = "", ca_file: str = "", system: bool = False,
+               window: float = -1) -> None:
     """Order units over MQTT: install a bundle, or keep samples (signed, never replayable)."""
     from edgebake_builder.fleet import broker_of
     from edgebake_builder.fleet import send_order as publish
@@ -300,8 +304,9 @@ def send_order(c: Context, broker: str, to: str, key: str, url: str = "", bundle
         data = Path(bundle).read_bytes() if bundle else b""
     except OSError as exc:
         raise Exit(f"error: {bundle}: {exc.strerror}", code=1) from None
-    order = sign_order(read_private_key(Path(key)), to, fleet, url, data, samples=samples)
-    topic = publish(broker_of(broker, port, username, password, ca_file), to, order)
+    order = sign_order(read_private_key(Path(key)), to, fleet, url, data, samples=samples,
+                       system=system, window_sec=None if window < 0 else window)
+    topic = publish(broker_of(broker, port, username, password, ca_file), to, order, system)
     print(f"order sent on {topic}; each unit reports on edgebake/<device>/update/status")
 
 

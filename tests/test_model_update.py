@@ -20,7 +20,7 @@ from edgebake_runtime.bundle import BundleError
 from edgebake_runtime.journal import read_lines
 from edgebake_runtime.modelstore import ModelStore
 from edgebake_runtime.service import Service
-from helpers import invoke
+from helpers import BundleServer, invoke
 from runtime_helpers import RunningApp, make_config, replay_folder, wait_for
 
 WINDOW_SEC = 3.0
@@ -168,50 +168,6 @@ def test_refused_updates_change_nothing(tmp_path: Path, default_model: Path,
         app.stop()
     slots = sorted(p.name for p in (tmp_path / "models" / "slots").iterdir())
     assert slots == ["2.0"], slots  # the refused attempts left nothing behind
-
-
-class BundleServer:
-    """A real HTTP server with one bundle behind an ETag, counting what it served."""
-
-    def __init__(self, bundle: Path, etag: str = '"v2"') -> None:
-        import http.server
-        import threading
-
-        self.bundle, self.etag = bundle, etag
-        self.served = self.not_modified = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.headers.get("If-None-Match") == outer.etag:
-                    outer.not_modified += 1
-                    self.send_response(304)
-                    self.end_headers()
-                    return
-                data = outer.bundle.read_bytes()
-                outer.served += 1
-                self.send_response(200)
-                self.send_header("ETag", outer.etag)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/fleet/current.ebundle"
-
-    def __enter__(self) -> BundleServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_http_pull_applies_a_new_bundle_once_and_then_asks_with_its_etag(

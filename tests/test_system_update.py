@@ -191,3 +191,139 @@ def test_a_bundle_for_another_unit_or_too_big_for_the_slot_is_refused_first(
         osupdate.unfit(other, "B", conf)
     big = {**fits, "images": [{"rootfs": {"size": 8192}}]}
     assert "slot B holds 0 MiB" in osupdate.unfit(big, "B", conf)
+
+
+def test_a_handed_over_bundle_carries_a_note_root_trusts_only_field_by_field(
+        tmp_path: Path) -> None:
+    from edgebake_runtime.osinbox import hand_over, read_note, waiting
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    bundle = tmp_path / "fetched.raucb.tmp"
+    bundle.write_bytes(b"x" * 1000)
+    line = hand_over(bundle, "mqtt", 45.0, 7, inbox=inbox, name="system-2.0.raucb")
+    assert "handed to the system updater" in line and not bundle.exists()
+    [waiting_bundle] = waiting(inbox)
+    assert read_note(waiting_bundle) == {"via": "mqtt", "seq": 7, "window_sec": 45,
+                                         "name": "system-2.0.raucb"}
+    # a note the service could have written to mislead root: every field falls back
+    waiting_bundle.with_suffix(".json").write_text(json.dumps(
+        {"via": "ssh; rm -rf /", "seq": -1, "window_sec": 10**9, "name": "../../etc/passwd"}))
+    assert read_note(waiting_bundle) == {"via": "inbox", "seq": 0, "window_sec": None,
+                                         "name": waiting_bundle.name}
+    waiting_bundle.with_suffix(".json").write_bytes(b"\xff" * 10000)
+    assert read_note(waiting_bundle)["via"] == "inbox"
+
+
+def test_the_os_pull_hands_a_new_bundle_over_once_and_never_fills_data(
+        tmp_path: Path) -> None:
+    """`update.os_pull_url`: a real HTTP server; the bundle goes whole into the inbox, the
+    next poll costs a 304; a download that would eat into the journal's free space is
+    refused in one line and leaves nothing behind."""
+    from edgebake_runtime.osinbox import hand_over, read_note, waiting
+    from edgebake_runtime.pull import BundlePuller, room_left
+    from helpers import BundleServer
+
+    fetch, inbox = tmp_path / "fetch", tmp_path / "inbox"
+    fetch.mkdir()
+    inbox.mkdir()
+    served = tmp_path / "served.raucb"
+    served.write_bytes(os.urandom(3 * 2**20))
+    with BundleServer(served, etag='"os-2.0"') as server:
+        puller = BundlePuller(server.url("edgebake-pi4.raucb"), 60.0, fetch,
+                              lambda b: hand_over(b, "pull", inbox=inbox), "edgebake/test",
+                              name="pulled.raucb", max_bytes=2**30, keep_free_percent=1.0)
+        assert puller.poll_once() == "applied", puller.stats()
+        assert puller.poll_once() == "not-modified"
+        [bundle] = waiting(inbox)
+        assert bundle.read_bytes() == served.read_bytes()
+        assert read_note(bundle)["via"] == "pull"
+        # a disk that cannot hold it beside the reserve
+        statvfs = os.statvfs(fetch)
+        free_percent = 100.0 * statvfs.f_bavail / statvfs.f_blocks
+        full = BundlePuller(server.url("edgebake-pi4.raucb"), 60.0, tmp_path / "full",
+                            lambda b: hand_over(b, "pull", inbox=inbox), "edgebake/test",
+                            name="pulled.raucb", max_bytes=2**30,
+                            keep_free_percent=free_percent)
+        with pytest.raises(ValueError, match="no room for 3 MiB") as caught:
+            full.poll_once()
+        assert "\n" not in str(caught.value)
+        assert room_left(fetch, free_percent) < served.stat().st_size
+        too_big = BundlePuller(server.url("edgebake-pi4.raucb"), 60.0, tmp_path / "big",
+                               lambda b: hand_over(b, "pull", inbox=inbox), "edgebake/test",
+                               name="pulled.raucb", max_bytes=2**20)
+        with pytest.raises(ValueError, match="takes at most"):
+            too_big.poll_once()
+    assert len(waiting(inbox)) == 1
+    assert not [p for p in tmp_path.rglob("*.part")]
+
+
+def test_a_system_order_goes_only_over_its_own_topic_and_hands_the_bundle_over(
+        tmp_path: Path) -> None:
+    """`edgebake/<device>/os-update`: a signed order with `system: true` and a URL; a model
+    order there, or a system order on the model topic, is refused; a unit that is not A/B
+    says it takes no system updates."""
+    from edgebake_builder.signing import sign_order
+    from edgebake_runtime import commands
+    from edgebake_runtime.osinbox import hand_over, read_note, waiting
+    from helpers import BundleServer
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    served = tmp_path / "served.raucb"
+    served.write_bytes(os.urandom(2**20))
+    with BundleServer(served, etag='"os"') as server:
+        url = server.url("system.raucb")
+        origin = url.split("/fleet/")[0]
+        orders = commands.UpdateCommands(
+            tmp_path / "models", lambda to, payload: json.loads(payload.partition(b"\n")[2]),
+            lambda p, seq, window: "model applied", "test", (origin,))
+        reports: list[tuple[str, str, int]] = []
+        orders.publish = lambda step, detail, seq, version: reports.append((step, detail, seq))
+        key = b"\x01" * 32
+        system_order = sign_order(key, "unit1", url=url, system=True, seq=41, window_sec=90)
+        model_order = sign_order(key, "unit1", url=url, seq=42)
+        assert orders.handle("edgebake/unit1/os-update", system_order) == "refused"
+        assert "takes no system updates" in reports[-1][1]
+        orders.hand_over_os = lambda b, seq, window: hand_over(b, "mqtt", window, seq,
+                                                               inbox=inbox)
+        orders.os_folder = tmp_path / "fetch"
+        assert orders.handle("edgebake/unit1/os-update", model_order) == "refused"
+        assert "a model order on the system update topic" in reports[-1][1]
+        assert orders.handle("edgebake/unit1/update", system_order) == "refused"
+        assert "a system order on the model update topic" in reports[-1][1]
+        assert orders.handle("edgebake/unit1/os-update", system_order) == "handed-over", \
+            reports
+    [bundle] = waiting(inbox)
+    assert bundle.read_bytes() == served.read_bytes()
+    assert read_note(bundle) == {"via": "mqtt", "seq": 41, "window_sec": 90,
+                                 "name": bundle.name}
+    assert reports[-1][0] == "handed-over" and reports[-1][2] == 41
+    assert not list((tmp_path / "fetch").rglob("*.raucb*"))
+
+
+def test_a_sticks_newest_system_bundle_goes_to_the_inbox_and_a_link_never(
+        tmp_path: Path) -> None:
+    from edgebake_runtime.osinbox import read_note, waiting
+    from edgebake_runtime.osupdate import OsState
+    from edgebake_runtime.usbupdate import system_from
+
+    stick, inbox = tmp_path / "stick", tmp_path / "inbox"
+    (stick / "edgebake").mkdir(parents=True)
+    inbox.mkdir()
+    for version in ("1.9", "1.10"):
+        (stick / "edgebake" / f"system-{version}.raucb").write_bytes(version.encode() * 5000)
+    state = OsState(tmp_path / "os")
+    [line] = system_from(stick, inbox, 1.0, state)
+    assert line.startswith("system-1.10.raucb: system bundle handed"), line
+    [bundle] = waiting(inbox)
+    assert bundle.read_bytes().startswith(b"1.10") and read_note(bundle)["via"] == "usb"
+    assert read_note(bundle)["name"] == "system-1.10.raucb"
+    bundle.unlink()
+    # a link on the stick (to the unit's own files, say) is refused, never followed
+    (stick / "edgebake" / "system-9.0.raucb").symlink_to("/etc/hostname")
+    [line] = system_from(stick, inbox, 1.0, state)
+    assert "refused" in line and not waiting(inbox), line
+    assert state.last_refused()["via"] == "usb"
+    assert system_from(stick, tmp_path / "no-inbox", 1.0, state)[0].endswith(
+        "takes no system updates (not an A/B system)")

@@ -125,10 +125,10 @@ def collect(broker: Broker, wait_sec: float) -> dict[str, UnitView]:
     return units
 
 
-def send_order(broker: Broker, to: str, order: bytes) -> str:
-    """Publish a signed order (QoS 1) on the topic of a unit or `group/<name>`; returns the
-    topic once the broker has it."""
-    topic = f"edgebake/{to}/update"
+def send_order(broker: Broker, to: str, order: bytes, system: bool = False) -> str:
+    """Publish a signed order (QoS 1) on the topic of a unit or `group/<name>` (its
+    `os-update` topic for a system bundle); returns the topic once the broker has it."""
+    topic = f"edgebake/{to}/{'os-update' if system else 'update'}"
     client = connect(broker)
     try:
         sent = client.publish(topic, order, qos=1)

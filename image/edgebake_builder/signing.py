@@ -129,16 +129,19 @@ def order_seq(order: bytes) -> int:
 def sign_order(private_raw: bytes, to: str, fleet: str = DEFAULT_FLEET, url: str = "",
                bundle: bytes = b"", seq: int | None = None, window_sec: float | None = None,
                rollback: str = "", samples: int = 0,
-               share: dict[str, Any] | None = None) -> bytes:
+               share: dict[str, Any] | None = None, system: bool = False) -> bytes:
     """An MQTT update order for one unit (`to` = its device id) or a group (`group/<name>`):
     a bundle's URL or the bundle itself (with the trial's health window, if given), or the
     version to roll back from, how many frames to keep as samples, or a samples share;
     numbered (by default
     microseconds since 1970, so each order is above the last) and signed, as
-    `edgebake_runtime.update` checks it."""
+    `edgebake_runtime.update` checks it. `system`: the url is a system bundle (.raucb), for
+    the unit's `os-update` topic."""
     if sum(map(bool, (url, bundle, rollback, samples, share))) != 1:
         raise BundleError("an order holds one of a url, a bundle, a rollback, samples or a "
                           "share")
+    if system and not url:
+        raise BundleError("a system update order holds the url of a .raucb bundle")
     private, signer = _signer(private_raw)
     order: dict[str, Any] = {"key_id": signer, "to": to, "fleet": fleet,
                              "seq": time.time_ns() // 1000 if seq is None else seq}
@@ -150,6 +153,8 @@ def sign_order(private_raw: bytes, to: str, fleet: str = DEFAULT_FLEET, url: str
         order["share_samples"] = share
     elif url:
         order["url"] = url
+        if system:
+            order["system"] = True
     else:
         order["bundle"] = base64.b64encode(bundle).decode("ascii")
     if window_sec is not None and (url or bundle):

@@ -6,7 +6,9 @@ newline, and the JSON it signs, which names the key, a number larger than any or
 (a recorded order cannot be replayed), the fleet and the topic's device or group, and either
 `url` of a bundle or the bundle itself in base64 (up to MAX_INLINE_BYTES), with an optional
 `window_sec` for its trial (the rollout's health window), or `rollback` with the version to
-leave. Nothing in it is parsed before the signature checks out. The bundle then goes
+leave. On `edgebake/<device>/os-update` (an A/B unit), an order with `system: true` and the
+`url` of a system bundle is downloaded and handed to root's installer (osinbox). Nothing in
+an order is parsed before the signature checks out. The bundle then goes
 through every check of `edgebake-update apply`. Each step is reported, retained, on
 `edgebake/<device>/update/status` as JSON {at, step, detail, seq, version}: `seq` is the number
 of the order it answers, so a rollout tells its own answers from older ones. A model taken on
@@ -35,6 +37,7 @@ from typing import Any
 
 from .bundle import BundleError
 from .interp import ModelError
+from .osinbox import MAX_OS_BUNDLE_BYTES
 from .pull import fetch_bundle, origin
 from .redact import redact_text
 
@@ -52,6 +55,24 @@ MAX_WINDOW_SEC = 86400.0
 RollBack = Callable[[str], str]  # (version to leave) -> what runs now
 AcceptOrder = Callable[[str, bytes], dict[str, Any]]  # (device or group/<name>, payload)
 Publish = Callable[[str, str, int, str], None]  # (step, detail, order number, version)
+HandOver = Callable[[Path, int, float | None], str]  # (system bundle, order number, window)
+SYSTEM_TOPIC = "os-update"
+WINDOW_EXPECTED = f"window_sec: expected seconds from 0 to {MAX_WINDOW_SEC:g}"
+
+
+def _kind(system: Any) -> str:
+    return "system" if system else "model"
+
+
+def _window(order: dict[str, Any]) -> float | bool | None:
+    """The order's trial window in seconds, None when it gives none, False when it is bad."""
+    window = order.get("window_sec")
+    if window is None:
+        return None
+    if not isinstance(window, (int, float)) or isinstance(window, bool) or \
+            not 0 <= window <= MAX_WINDOW_SEC:
+        return False
+    return float(window)
 
 
 class UpdateCommands:
@@ -77,6 +98,10 @@ class UpdateCommands:
         self.refused = 0
         self.limited = 0  # orders refused by the rate limit
         self.last = ""
+        # system orders (edgebake/<device>/os-update): set on an A/B unit
+        self.hand_over_os: HandOver | None = None
+        self.os_folder = Path("/data/os/fetch")
+        self.keep_free_percent = 0.0
 
     def order(self, topic: str, payload: bytes) -> None:
         """From the MQTT thread: keep the newest order, never block."""
@@ -103,8 +128,7 @@ class UpdateCommands:
         self.seq = 0
         try:
             try:  # the signature first: unsigned orders never count against the rate
-                order = self.accept(topic.removeprefix("edgebake/").removesuffix("/update"),
-                                    payload)
+                order = self.accept(topic.removeprefix("edgebake/").rsplit("/", 1)[0], payload)
             except BundleError as exc:
                 self.refused += 1
                 return self._report("refused", f"{topic}: {exc}")
@@ -118,6 +142,13 @@ class UpdateCommands:
                 return self._report("refused", f"{topic}: more than {MAX_ORDERS} orders in "
                                     f"{RATE_WINDOW_SEC / 60:.0f} min; try again later")
             self._handled.append(now)
+            system = topic.endswith("/" + SYSTEM_TOPIC)
+            if bool(order.get("system")) != system:
+                self.refused += 1
+                return self._report("refused", f"{topic}: a {_kind(order.get('system'))} "
+                                    f"order on the {_kind(system)} update topic")
+            if system:
+                return self._system(topic, order)
             if "rollback" in order:
                 return self._roll_back(topic, order.get("rollback"))
             if "samples" in order:
@@ -126,16 +157,13 @@ class UpdateCommands:
                 return self._share(topic, order.get("share_samples"))
             if not self._fetch(topic, order, target):
                 return "refused"
-            window = order.get("window_sec")
-            if window is not None and (not isinstance(window, (int, float)) or
-                                       isinstance(window, bool) or
-                                       not 0 <= window <= MAX_WINDOW_SEC):
+            window = _window(order)
+            if window is False:
                 self.refused += 1
-                return self._report("refused", f"{topic}: window_sec: expected seconds from 0 "
-                                    f"to {MAX_WINDOW_SEC:g}")
+                return self._report("refused", f"{topic}: {WINDOW_EXPECTED}")
             self._report("checking", f"{target.stat().st_size} bytes")
             try:
-                line = self.apply(target, self.seq, None if window is None else float(window))
+                line = self.apply(target, self.seq, window)
             except (BundleError, ModelError) as exc:
                 self.refused += 1
                 return self._report("refused", str(exc))
@@ -145,6 +173,42 @@ class UpdateCommands:
             return self._report("error", f"{type(exc).__name__}: {exc}")
         finally:
             target.unlink(missing_ok=True)
+
+    def _system(self, topic: str, order: dict[str, Any]) -> str:
+        """A signed order to install a system bundle from a URL: downloaded here (never
+        eating into the journal's free space), then handed to root's installer."""
+        if self.hand_over_os is None:
+            self.refused += 1
+            return self._report("refused", f"{topic}: this unit takes no system updates (not "
+                                "an A/B system)")
+        window = _window(order)
+        url = order.get("url")
+        if window is False or not isinstance(url, str):
+            self.refused += 1
+            return self._report("refused", f"{topic}: expected url of a system bundle "
+                                f"(.raucb){'' if window is not False else '; ' + WINDOW_EXPECTED}")
+        if not self._url_allowed(topic, url):
+            return "refused"
+        target = self.os_folder / "incoming" / "ordered.raucb"
+        try:
+            self._report("downloading", url)
+            fetch_bundle(url, target, self.user_agent, MAX_OS_BUNDLE_BYTES,
+                         self.keep_free_percent)
+            line = self.hand_over_os(target, self.seq, window)
+        finally:
+            target.unlink(missing_ok=True)
+        self.applied += 1
+        return self._report("handed-over", line)
+
+    def _url_allowed(self, topic: str, url: str) -> bool:
+        if not URL.fullmatch(url):
+            self._report("refused", f"{topic}: url: expected an http(s) URL")
+            return False
+        if origin(url) not in self.origins:
+            self._report("refused", f"{topic}: url: {origin(url)} is not in "
+                         "update.allowed_origins")
+            return False
+        return True
 
     def _roll_back(self, topic: str, version: Any) -> str:
         """A signed order to leave `version` for the model before it (a rollout's abort)."""
@@ -189,12 +253,7 @@ class UpdateCommands:
         """The ordered bundle into `target`: downloaded from an allowed origin, or decoded."""
         url, inline = order.get("url"), order.get("bundle")
         if isinstance(url, str):
-            if not URL.fullmatch(url):
-                self._report("refused", f"{topic}: url: expected an http(s) URL")
-                return False
-            if origin(url) not in self.origins:
-                self._report("refused", f"{topic}: url: {origin(url)} is not in "
-                             "update.allowed_origins")
+            if not self._url_allowed(topic, url):
                 return False
             self._report("downloading", url)
             fetch_bundle(url, target, self.user_agent)

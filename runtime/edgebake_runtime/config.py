@@ -168,6 +168,11 @@ class UpdateSettings:
     allowed_origins: tuple[str, ...] = setting([], Origins(), "Where ordered bundle URLs may "
                                                "point (pull_url's own origin is allowed).")
     mqtt_group: str = setting("", DEVICE_ID, "Also take the orders of this group.")
+    os_pull_url: str = setting("", Url(("http", "https"), optional=True),
+                               "A system bundle (.raucb) URL polled with If-None-Match (A/B "
+                               "units); empty: no pulling.")
+    os_pull_sec: float = setting(3600.0, Float(10.0, 604800.0), "How often os_pull_url is "
+                                 "asked.")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
+from .osinbox import INBOX, read_note, waiting
 
 STATE_DIR = Path("/data/os")
 SYSTEM_CONF = Path("/etc/rauc/system.conf")
@@ -83,6 +85,21 @@ class OsState:
         except OSError:
             return []
         return [json.loads(x) for x in text if x.startswith("{")]
+
+    def refuse(self, reason: str, **fields: Any) -> OsUpdateError:
+        """Audit a refusal and keep it for `/health` (`system.refused`); the error to raise."""
+        self.audit("os-refused", reason=reason, **fields)
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        write_atomic(self.root / "refused.json", json.dumps(
+            {**fields, "reason": reason, "at": round(time.time(), 1)}).encode(), 0o644)
+        return OsUpdateError(f"refused: {reason}")
+
+    def last_refused(self) -> dict[str, Any] | None:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads((self.root / "refused.json").read_text())
+            if isinstance(data, dict):
+                return data
+        return None
 
     def publish_status(self, status: dict[str, Any]) -> None:
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -142,47 +159,79 @@ def status(state: OsState) -> dict[str, Any]:
         previous = json.loads((state.root / "status.json").read_text())
     versions = {**previous.get("slots", {}), **slot_versions(), booted: own_version()}
     return {"layout": "ab", "booted": booted, "version": own_version(), "slots": versions,
-            "update": state.update()}
+            "update": state.update(), "refused": state.last_refused()}
 
 
-def install(bundle: Path, state: OsState, window_sec: int) -> str:
-    """Check, then install into the other slot; the caller reboots into it."""
+def install(bundle: Path, state: OsState, window_sec: int, via: str = "ssh", seq: int = 0,
+            name: str = "") -> str:
+    """Check, then install into the other slot; the caller reboots into it. Every refusal
+    is audited and shown in `/health` (`name`: the bundle's name where it came from)."""
     booted = booted_slot()
+    came = {"via": via, "seq": seq, "bundle": name or bundle.name}
     current = state.update()
     if current.get("state") in ("installed", "trial"):
-        raise OsUpdateError(f"refused: system {current.get('version')} is still on trial "
-                            f"({current.get('state')}); wait for its verdict "
-                            "(edgebake-os status)")
+        raise state.refuse(f"system {current.get('version')} is still on trial "
+                           f"({current.get('state')}); wait for its verdict "
+                           "(edgebake-os status)", **came)
     if not bundle.is_file():
         raise OsUpdateError(f"{bundle}: no such bundle")
     info = rauc("info", "--output-format=json", str(bundle), timeout=600)
     if info.returncode != 0:  # signature, keyring, format: RAUC says which
-        state.audit("os-refused", bundle=bundle.name, reason=last_line(info))
-        raise OsUpdateError(f"refused: {last_line(info)}")
+        raise state.refuse(last_line(info), **came)
     try:
         manifest = json.loads(info.stdout)
         version = str(manifest["version"])
     except (ValueError, KeyError, TypeError):
-        raise OsUpdateError("refused: rauc info gave no manifest") from None
+        raise state.refuse("rauc info gave no manifest", **came) from None
     problem = unfit(manifest, other(booted))
     if problem:
-        state.audit("os-refused", bundle=bundle.name, version=version, reason=problem)
-        raise OsUpdateError(f"refused: {problem}")
-    state.set_update(state="installing", version=version, from_slot=booted,
-                     to_slot=other(booted), window_sec=window_sec)
-    state.audit("os-installing", version=version, slot=other(booted))
+        raise state.refuse(problem, version=version, **came)
+    flight = {"version": version, "from_slot": booted, "to_slot": other(booted),
+              "window_sec": window_sec, "via": via, "seq": seq}
+    state.set_update(state="installing", **flight)
+    state.audit("os-installing", version=version, slot=other(booted), via=via)
     result = rauc("install", str(bundle))
     if result.returncode != 0:
-        state.set_update(state="failed", version=version, from_slot=booted,
-                         to_slot=other(booted), reason=last_line(result))
-        state.audit("os-refused", version=version, reason=last_line(result))
+        state.set_update(state="failed", reason=last_line(result), **flight)
+        state.audit("os-refused", version=version, reason=last_line(result), via=via)
         raise OsUpdateError(f"install failed: {last_line(result)}")
-    state.set_update(state="installed", version=version, from_slot=booted,
-                     to_slot=other(booted), window_sec=window_sec)
-    state.audit("os-installed", version=version, slot=other(booted))
+    state.set_update(state="installed", **flight)
+    state.audit("os-installed", version=version, slot=other(booted), via=via)
     state.publish_status(status(state))
     return (f"installed system {version} into slot {other(booted)}; it runs after a reboot, "
             f"on trial for {window_sec} s")
+
+
+def take(state: OsState, inbox: Path = INBOX) -> str:
+    """`edgebake-os take` (root, started by the inbox's path unit): the newest bundle out of
+    the service's reach and through `install`; older ones waiting are superseded."""
+    bundles = waiting(inbox)
+    if not bundles:
+        return "nothing in the system update inbox"
+    *older, newest = bundles
+    for old in older:
+        state.audit("os-superseded", bundle=old.name)
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+    note = read_note(newest)
+    newest.with_suffix(".json").unlink(missing_ok=True)
+    held = state.root / "incoming"
+    held.mkdir(mode=0o700, exist_ok=True)
+    taken = held / "taken.raucb"
+    os.replace(newest, taken)
+    try:
+        info = os.lstat(taken)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise state.refuse(f"{newest.name}: not a plain file with one name",
+                               via=note["via"], seq=note["seq"], bundle=note["name"])
+        os.chown(taken, 0, 0)  # from here on the service can neither rename nor replace it
+        os.chmod(taken, 0o600)
+        return install(taken, state, note["window_sec"] or DEFAULT_WINDOW_SEC,
+                       via=note["via"], seq=note["seq"], name=note["name"])
+    finally:
+        taken.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, OsUpdateError):
+            state.publish_status(status(state))
 
 
 def read_conf(conf: Path = SYSTEM_CONF) -> configparser.ConfigParser:
@@ -344,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     install_cmd.add_argument("--window", type=int, default=DEFAULT_WINDOW_SEC,
                              help="seconds the new system must stay healthy after its boot")
     install_cmd.add_argument("--reboot", action="store_true", help="reboot into it at once")
+    sub.add_parser("take", help="install the newest bundle in /data/os/inbox and reboot "
+                   "(its path unit runs this)")
     sub.add_parser("status", help="both slots, the booted one, the update in flight")
     sub.add_parser("trial", help="at boot: commit or roll back the update in flight")
     sub.add_parser("keep-identity", help="RAUC post-install handler")
@@ -353,6 +404,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "install":
             print(install(args.bundle, state, args.window), flush=True)
             if args.reboot:
+                subprocess.run(["systemctl", "reboot"], check=False)
+        elif args.command == "take":
+            try:
+                line = take(state)
+            except OsUpdateError as exc:  # audited and in /health; the path unit goes on
+                print(exc, flush=True)
+                return 0
+            print(line, flush=True)
+            if line.startswith("installed"):
                 subprocess.run(["systemctl", "reboot"], check=False)
         elif args.command == "trial":
             print(trial(state), flush=True)

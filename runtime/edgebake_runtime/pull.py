@@ -35,15 +35,32 @@ log = logging.getLogger("edgebake.pull")
 TIMEOUT_SEC = 30.0
 CHUNK = 256 * 1024
 FIRST_BACKOFF_SEC = 10.0
+ROOM_CHECK_BYTES = 16 * 2**20  # free space is looked at again after this much
 
 # apply(bundle path) -> the one line `edgebake-update apply` prints; raises on refusal
 ApplyBundle = Callable[[Path], str]
 
 
-def save_bundle(reply: Any, final: Path, what: str) -> tuple[Path, str]:
-    """Stream a bundle to a temp name (size-capped, fsynced), then rename; (path, sha256)."""
+def room_left(folder: Path, keep_free_percent: float) -> int:
+    """Bytes that may still be written to `folder`'s filesystem while `keep_free_percent` of
+    it stays free (the journal's own reserve: a download must never push results out)."""
+    fs = os.statvfs(folder)
+    return int(fs.f_bavail * fs.f_frsize - fs.f_blocks * fs.f_frsize * keep_free_percent / 100)
+
+
+def save_bundle(reply: Any, final: Path, what: str, max_bytes: int = MAX_BUNDLE_BYTES,
+                keep_free_percent: float = 0.0) -> tuple[Path, str]:
+    """Stream a bundle to a temp name (size-capped, fsynced, never eating into the free space
+    kept), then rename; (path, sha256)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
+    announced = int(reply.headers.get("Content-Length") or 0) if hasattr(reply, "headers") \
+        else 0
+    if announced > max_bytes:
+        raise ValueError(f"{what}: {announced} bytes; this unit takes at most {max_bytes}")
+    if keep_free_percent and announced > room_left(final.parent, keep_free_percent):
+        raise ValueError(f"{what}: /data has no room for {announced / 2**20:.0f} MiB beside "
+                         f"the {keep_free_percent:g} % kept free; nothing was written")
     digest = hashlib.sha256()
     size = 0
     try:
@@ -53,9 +70,14 @@ def save_bundle(reply: Any, final: Path, what: str) -> tuple[Path, str]:
                 if not chunk:
                     break
                 size += len(chunk)
-                if size > MAX_BUNDLE_BYTES:
-                    raise ValueError(f"{what}: more than {MAX_BUNDLE_BYTES} bytes; not a "
+                if size > max_bytes:
+                    raise ValueError(f"{what}: more than {max_bytes} bytes; not a "
                                      "bundle this unit takes")
+                if keep_free_percent and size % ROOM_CHECK_BYTES < len(chunk) and \
+                        room_left(final.parent, keep_free_percent) < CHUNK:
+                    raise ValueError(f"{what}: /data filled up during the download (the "
+                                     f"{keep_free_percent:g} % kept free is reached); "
+                                     "nothing was kept")
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()
@@ -88,20 +110,27 @@ class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
 OPENER = urllib.request.build_opener(SameOriginRedirects)
 
 
-def fetch_bundle(url: str, final: Path, user_agent: str) -> tuple[Path, str]:
+def fetch_bundle(url: str, final: Path, user_agent: str, max_bytes: int = MAX_BUNDLE_BYTES,
+                 keep_free_percent: float = 0.0) -> tuple[Path, str]:
     """GET a bundle from a URL into `final` (no ETag: an MQTT command asks for this one)."""
     request = urllib.request.Request(url, headers={"User-Agent": user_agent})
     try:
         with OPENER.open(request, timeout=TIMEOUT_SEC) as reply:
-            return save_bundle(reply, final, url)
+            return save_bundle(reply, final, url, max_bytes, keep_free_percent)
     except urllib.error.HTTPError as exc:
         raise OSError(f"HTTP {exc.code} from {url}") from None
 
 
 class BundlePuller:
     def __init__(self, url: str, every_sec: float, folder: Path, apply: ApplyBundle,
-                 user_agent: str) -> None:
+                 user_agent: str, name: str = "pulled.ebundle",
+                 max_bytes: int = MAX_BUNDLE_BYTES, keep_free_percent: float = 0.0) -> None:
+        """`name`, `max_bytes`, `keep_free_percent`: where in `folder`/incoming a download
+        goes, how large it may be, and how much of /data it must leave free."""
         self.url = url
+        self.name = name
+        self.max_bytes = max_bytes
+        self.keep_free_percent = keep_free_percent
         self.every_sec = every_sec
         self.folder = folder
         self.apply = apply
@@ -166,7 +195,8 @@ class BundlePuller:
 
     # --- helpers --------------------------------------------------------------------------
     def _download(self, reply: Any) -> tuple[Path, str]:
-        found = save_bundle(reply, self.folder / "incoming" / "pulled.ebundle", self.url)
+        found = save_bundle(reply, self.folder / "incoming" / self.name, self.url,
+                            self.max_bytes, self.keep_free_percent)
         self.downloads += 1
         return found
 

@@ -18,6 +18,7 @@ from typing import Any
 from .bundle import BundleError
 from .cameras import Cameras
 from .card import Card
+from .commands import SYSTEM_TOPIC
 from .config import AppConfig
 from .metrics import Metrics
 from .modelload import StartupError, load_checked_card
@@ -27,6 +28,7 @@ from .supervise import Supervised
 log = logging.getLogger("edgebake.rollout")
 # A switch waits this long for the new model's first result (the gap the frames saw).
 FIRST_RESULT_SEC = 10.0
+OS_FETCH = Path("/data/os/fetch")  # where the service downloads system bundles
 
 
 class Rollout:
@@ -50,6 +52,7 @@ class Rollout:
         self._apply_lock = threading.Lock()
         self.threads: list[Supervised] = []
         self.puller: Any = None  # BundlePuller when update.pull_url is set
+        self.os_puller: Any = None  # ... of system bundles, when update.os_pull_url is set
         self.commands: Any = None  # UpdateCommands when update.mqtt_commands is on
         self._untold: tuple[dict[str, Any], str] | None = None  # a verdict from before MQTT
 
@@ -109,8 +112,40 @@ class Rollout:
             self.puller = BundlePuller(update.pull_url, update.pull_sec, self.store.root,
                                        self.apply_bundle, agent)
             self._supervise("update-pull", partial(self.puller.run, self.stop))
+        if update.os_pull_url and self.takes_system_updates():
+            from .osinbox import MAX_OS_BUNDLE_BYTES
+            from .pull import BundlePuller
+
+            self.os_puller = BundlePuller(
+                update.os_pull_url, update.os_pull_sec, OS_FETCH, self._hand_over_pulled,
+                agent, name="pulled.raucb", max_bytes=MAX_OS_BUNDLE_BYTES,
+                keep_free_percent=self.config.journal.min_free_percent)
+            self._supervise("os-pull", partial(self.os_puller.run, self.stop))
         if mqtt is not None and update.mqtt_commands:
             self._listen_for_orders(mqtt)
+
+    @staticmethod
+    def takes_system_updates() -> bool:
+        """An A/B unit (booted from a slot) with the inbox root installs from."""
+        from .osinbox import INBOX
+
+        try:
+            booted = "rauc.slot=" in Path("/proc/cmdline").read_text()
+        except OSError:
+            return False
+        return booted and INBOX.is_dir() and OS_FETCH.is_dir()
+
+    @staticmethod
+    def _hand_over_pulled(bundle: Path) -> str:
+        from .osinbox import hand_over
+
+        return hand_over(bundle, "pull")
+
+    @staticmethod
+    def _hand_over_ordered(bundle: Path, seq: int, window_sec: float | None) -> str:
+        from .osinbox import hand_over
+
+        return hand_over(bundle, "mqtt", window_sec, seq)
 
     def _supervise(self, name: str, body: Callable[[], None]) -> None:
         thread = Supervised(name, body, self.stop)
@@ -122,17 +157,24 @@ class Rollout:
         from .pull import origin
 
         update = self.config.update
-        origins = (*update.allowed_origins, *([origin(update.pull_url)] if update.pull_url
-                                                else []))
+        origins = (*update.allowed_origins,
+                   *(origin(url) for url in (update.pull_url, update.os_pull_url) if url))
         self.commands = UpdateCommands(self.store.root, self.updates.accept_order,
                                        self.apply_bundle,
                                        f"edgebake/{mqtt.device}", origins, self.leave)
         self.commands.publish = mqtt.publish_update_status
         if self._untold is not None:  # sent once the broker connects (QoS 1)
             self._tell("rolled-back", *self._untold)
-        mqtt.command_topics = [f"edgebake/{mqtt.device}/update"]
+        kinds = ["update"]
+        if self.takes_system_updates():
+            self.commands.hand_over_os = self._hand_over_ordered
+            self.commands.os_folder = OS_FETCH
+            self.commands.keep_free_percent = self.config.journal.min_free_percent
+            kinds.append(SYSTEM_TOPIC)
+        mqtt.command_topics = [f"edgebake/{mqtt.device}/{kind}" for kind in kinds]
         if self.config.update.mqtt_group:
-            mqtt.command_topics.append(f"edgebake/group/{self.config.update.mqtt_group}/update")
+            mqtt.command_topics += [f"edgebake/group/{self.config.update.mqtt_group}/{kind}"
+                                    for kind in kinds]
         mqtt.on_command = self.commands.order
         self._supervise("update-orders", partial(self.commands.run, self.stop))
 
@@ -245,5 +287,6 @@ class Rollout:
     def stats(self) -> dict[str, Any]:
         pull = next((t for t in self.threads if t.name == "update-pull"), None)
         return {"pull": self.puller.stats() if self.puller is not None else None,
+                "os_pull": self.os_puller.stats() if self.os_puller is not None else None,
                 "pull_restarts": pull.restarts if pull else 0,
                 "orders": self.commands.stats() if self.commands is not None else None}

@@ -7,6 +7,10 @@ checks of `edgebake-update apply` on each, oldest version first, and unmounts. T
 itself stays unprivileged: it sees only the new slot, as after any other update. Results go to
 /data/models/audit.log (with `"via": "usb"`) and the journal. Exit 0 unless the stick could
 not be read at all.
+
+On an A/B unit a stick's `edgebake/*.raucb` (the newest by the version in its name) is
+copied into /data/os/inbox, where root's system updater takes it as from the other ways in
+(osinbox): checked by RAUC, installed, rebooted into, on trial.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .bundle import MAX_BUNDLE_BYTES, BundleError, version_key
-from .config import ConfigError
+from .config import ConfigError, load_config
 from .interp import ModelError
+from .osinbox import INBOX, MAX_OS_BUNDLE_BYTES, SUFFIX, hand_over
+from .osupdate import OsState
+from .pull import room_left, save_bundle
 from .update import UnitUpdates
 
 DEVICE = re.compile(r"sd[a-z]{1,2}[0-9]{0,3}")
@@ -58,6 +65,42 @@ def copy_from_stick(source: Path, folder: Path) -> Path:
     return local
 
 
+def copy_system_bundle(source: Path, inbox: Path, keep_free_percent: float) -> str:
+    """A stick's system bundle into the inbox: a regular file (no link followed), at most
+    MAX_OS_BUNDLE_BYTES, never eating into the journal's free space; then handed over."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{source.name}: not a regular file")
+        if info.st_size > room_left(inbox, keep_free_percent):
+            raise ValueError(f"{source.name}: /data has no room for {info.st_size / 2**20:.0f}"
+                             f" MiB beside the {keep_free_percent:g} % kept free")
+        part = inbox / f".usb-{os.getpid()}.part"
+        save_bundle(handle, part, source.name, MAX_OS_BUNDLE_BYTES, keep_free_percent)
+    try:
+        return hand_over(part, "usb", inbox=inbox, name=source.name)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def system_from(mounted: Path, inbox: Path, keep_free_percent: float, audit: OsState
+                ) -> list[str]:
+    """The newest `edgebake/*.raucb` on the stick to the system updater; one line."""
+    bundles = sorted((mounted / FOLDER).glob(f"*{SUFFIX}"),
+                     key=lambda p: (_version_of(p.name), p.name))
+    if not bundles:
+        return []
+    if not inbox.is_dir():
+        return [f"{bundles[-1].name}: this unit takes no system updates (not an A/B system)"]
+    try:
+        line = copy_system_bundle(bundles[-1], inbox, keep_free_percent)
+    except (OSError, ValueError) as exc:
+        audit.refuse(str(exc), via="usb", bundle=bundles[-1].name)
+        line = f"refused: {exc}"
+    return [f"{bundles[-1].name}: {line}"]
+
+
 def apply_from(mounted: Path, updates: UnitUpdates) -> list[str]:
     """Every bundle on the stick through the full checks; one line per bundle."""
     store = updates.store
@@ -86,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = f"/dev/{args[0]}"
     try:
-        updates = UnitUpdates.load(Path("/etc/edgebake/app.yaml"),
-                                   Path("/etc/edgebake/seed-overrides.yaml"))
+        config = load_config(Path("/etc/edgebake/app.yaml"),
+                             Path("/etc/edgebake/seed-overrides.yaml"))
+        updates = UnitUpdates.of(config)
+        journal_reserve = config.journal.min_free_percent
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -104,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         store.audit("usb: stick mounted", via="usb", device=device)
         try:
-            for line in apply_from(Path(mount_point), updates):
+            lines = apply_from(Path(mount_point), updates)
+            lines += system_from(Path(mount_point), INBOX, journal_reserve, OsState())
+            for line in lines:
                 print(f"{device}: {line}", flush=True)
         finally:
             subprocess.run(["umount", mount_point], capture_output=True, check=False)

@@ -28,7 +28,8 @@ LAUNCHERS = {
     "edgebake-selfcheck": ("edgebake_runtime.selfcheck", "model check with the shipped runtime"),
     "edgebake-growdata": ("edgebake_runtime.growdata", "data partition grows to fill the card"),
     "edgebake-update": ("edgebake_runtime.update", "signed model updates"),
-    "edgebake-usb-update": ("edgebake_runtime.usbupdate", "model bundles from a USB stick"),
+    "edgebake-usb-update": ("edgebake_runtime.usbupdate",
+                            "model and system bundles from a USB stick"),
     "edgebake-os": ("edgebake_runtime.osupdate", "system updates (RAUC) and their trial"),
 }
 

@@ -8,13 +8,15 @@ or an initrd that cannot boot) and signed again with the same key. A real second
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 from ..errors import BuildError
-from ..steps.osbundle import OsKeys, manifest_text
+from ..oskeys import make_os_keys
+from ..steps.osbundle import CA_NAME, CERT_NAME, KEY_NAME, OsKeys, manifest_text
 
 MARKER = "/etc/edgebake/os-test-marker"
 # what each kind of bundle changes in the root, beyond its version
@@ -76,6 +78,25 @@ def derive_bundle(base: Path, keys: OsKeys, compatible: str, version: str, dest:
         partial.unlink(missing_ok=True)
         _run(["rauc", "bundle", f"--cert={keys.cert}", f"--key={keys.key}",
               f"--keyring={keys.keyring}", "--mksquashfs-args=-comp zstd -Xcompression-level 1",
+              str(source), str(partial)], "rauc bundle")
+        partial.replace(dest)
+    return dest
+
+
+def foreign_bundle(dest: Path, compatible: str, version: str) -> Path:
+    """A small bundle for the unit's `compatible`, signed under a CA it has never seen: what
+    a stranger's stick or server offers. The unit must refuse it before anything is written."""
+    with tempfile.TemporaryDirectory(prefix="edgebake-foreign-", dir=dest.parent) as tmp:
+        work = Path(tmp)
+        make_os_keys(work / "keys", organisation="stranger")
+        source = work / "content"
+        source.mkdir()
+        (source / "rootfs.ext4").write_bytes(os.urandom(256 * 1024))  # squashfs > 4 KiB
+        (source / "manifest.raucm").write_text(manifest_text(compatible, version))
+        partial = dest.with_name(f".{dest.name}")
+        partial.unlink(missing_ok=True)
+        _run(["rauc", "bundle", f"--cert={work / 'keys' / CERT_NAME}",
+              f"--key={work / 'keys' / KEY_NAME}", f"--keyring={work / 'keys' / CA_NAME}",
               str(source), str(partial)], "rauc bundle")
         partial.replace(dest)
     return dest

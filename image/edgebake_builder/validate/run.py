@@ -20,6 +20,7 @@ from ..errors import BuildError
 from ..progress import Progress
 from . import diskimage
 from .broker import LocalBroker
+from .osbundles import foreign_bundle
 from .qemu import QemuMachine, console_tail
 from .rtsp import RtspServer, make_h264
 from .seed import render_seed, seed_overlay
@@ -200,7 +201,14 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
     disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
     env["EDGEBAKE_DISK_BYTES"] = str(disk_bytes)
     # a technician's USB stick with a bundle this unit must refuse (signed by another key)
-    stick = usb_stick(tmp / "stick.img", USB_BUNDLE, "model-9.9.ebundle")
+    on_stick = {"model-9.9.ebundle": USB_BUNDLE}
+    system = manifest.get("system") or {}
+    if system.get("layout") == "ab" and system.get("compatible") and shutil.which("rauc"):
+        # and a system bundle signed under a stranger's CA: root's updater must refuse it
+        on_stick[USB_OS_BUNDLE] = foreign_bundle(tmp / USB_OS_BUNDLE, system["compatible"],
+                                                 "99.0")
+        env["EDGEBAKE_USB_OS_BUNDLE"] = USB_OS_BUNDLE
+    stick = usb_stick(tmp / "stick.img", on_stick)
     # and one that claims to be the unit's root: it must never be mounted as it
     hostile = hostile_root_stick(tmp / "hostile-root.img", tmp / "hostile-tree")
     env["EDGEBAKE_USB_BUNDLE"] = "model-9.9.ebundle"
@@ -318,15 +326,18 @@ def _result(junit_parts: list[Path], codes: dict[str, int], test_dir: Path,
 
 QEMU_HOST_ADDRESS = "10.0.2.2"
 USB_BUNDLE = CHECKS_DIR.parent / "corpus" / "bundles" / "unknown-key.ebundle"
+USB_OS_BUNDLE = "system-99.0.raucb"
 
 
-def usb_stick(path: Path, bundle: Path, name: str) -> Path:
-    """A FAT-formatted stick image holding edgebake/<name>, made without mounting."""
+def usb_stick(path: Path, files: dict[str, Path]) -> Path:
+    """A FAT-formatted stick image holding edgebake/<name> for each file, made without
+    mounting."""
     subprocess.run(["mkfs.vfat", "-C", "-n", "EBSTICK", str(path), "8192"], check=True,
                    capture_output=True)
     subprocess.run(["mmd", "-i", str(path), "::/edgebake"], check=True, capture_output=True)
-    subprocess.run(["mcopy", "-i", str(path), str(bundle), f"::/edgebake/{name}"], check=True,
-                   capture_output=True)
+    for name, source in files.items():
+        subprocess.run(["mcopy", "-i", str(path), str(source), f"::/edgebake/{name}"],
+                       check=True, capture_output=True)
     return path
 
 

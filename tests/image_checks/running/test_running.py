@@ -402,12 +402,12 @@ def test_results_arrive_over_mqtt() -> None:
 # the seed in a sandbox; only its privileged remount and machine-id steps ("+") are outside.
 EXPOSURE_LIMITS = {"edgebake.service": 2.0, "edgebake-firstboot.service": 2.0,
                    "edgebake-growdata.service": 2.0, "edgebake-usb-update@sda.service": 2.0,
-                   "edgebake-os-trial.service": 2.0}
+                   "edgebake-os-trial.service": 2.0, "edgebake-os-take.service": 2.0}
 
 
 @pytest.mark.parametrize("unit", sorted(EXPOSURE_LIMITS))
 def test_service_hardening_exposure(host: Any, unit: str) -> None:
-    if unit == "edgebake-os-trial.service" and \
+    if unit.startswith("edgebake-os-") and \
             not host.file(f"/usr/lib/systemd/system/{unit}").exists:
         pytest.skip("a single-root image has no system update trial")
     out = host.run(f"systemd-analyze security {unit} --no-pager").stdout

@@ -57,6 +57,31 @@ def install(manifest_dir: Path, system: dict[str, Any], keys: OsKeys, version: s
     return wait_for_verdict("127.0.0.1", version, VERDICT_DEADLINE_SEC, **ssh_args())
 
 
+def test_a_strangers_system_bundle_on_a_stick_is_refused_and_shown(
+        host: Any, system: dict[str, Any]) -> None:
+    """The stick's edgebake/*.raucb went from the USB helper through the inbox to root's
+    updater (the path unit), which refused it on RAUC's signature check: in /health and the
+    audit log, nothing left in the inbox, no install begun, no unit failed."""
+    name = os.environ.get("EDGEBAKE_USB_OS_BUNDLE")
+    if not name:
+        pytest.skip("no system bundle on the test stick (rauc missing on the host)")
+    from test_running import health, wait
+
+    refused = wait(lambda: ((health().get("system") or {}).get("refused") or {}), 300,
+                   "the stick's system bundle refused in /health")
+    assert refused["via"] == "usb" and refused["bundle"] == name, refused
+    assert "signature" in refused["reason"], refused
+    audit = host.run("cat /data/os/audit.jsonl").stdout
+    assert '"os-refused"' in audit and name in audit, audit
+    assert '"os-installing"' not in audit, audit
+    assert not host.run("ls -A /data/os/inbox /data/os/incoming 2>/dev/null | grep -v :"
+                        ).stdout.strip()
+    failed = host.run("systemctl list-units --all --plain --no-legend --state=failed "
+                      "'edgebake-os-*'").stdout
+    assert not failed.strip(), failed
+    assert host.service("edgebake-os-inbox.path").is_running
+
+
 def test_a_new_system_is_installed_kept_and_keeps_the_unit(
         host: Any, system: dict[str, Any], keys: OsKeys, tmp_path: Path) -> None:
     before = identity(host)
