@@ -213,6 +213,18 @@ def test_a_handed_over_bundle_carries_a_note_root_trusts_only_field_by_field(
                                          "name": waiting_bundle.name}
     waiting_bundle.with_suffix(".json").write_bytes(b"\xff" * 10000)
     assert read_note(waiting_bundle)["via"] == "inbox"
+    # a link (to a root-only file) or a FIFO (to hang root) is never read
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"via": "usb"}))
+    waiting_bundle.with_suffix(".json").unlink()
+    waiting_bundle.with_suffix(".json").symlink_to(secret)
+    assert read_note(waiting_bundle)["via"] == "inbox"
+    waiting_bundle.with_suffix(".json").unlink()
+    os.mkfifo(waiting_bundle.with_suffix(".json"))
+    assert read_note(waiting_bundle)["via"] == "inbox"
+    # a dangling link named like a bundle does not stop the others being seen
+    (inbox / "gone.raucb").symlink_to(tmp_path / "nowhere")
+    assert waiting_bundle in waiting(inbox)
 
 
 def test_the_os_pull_hands_a_new_bundle_over_once_and_never_fills_data(

@@ -9,9 +9,11 @@ the bundle out of the service's reach and runs the one install path `push-os` us
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +49,12 @@ def read_note(bundle: Path) -> dict[str, Any]:
     """The note beside a bundle, checked field by field (the service wrote it: trust nothing
     in it beyond these values); missing or bad fields take their defaults."""
     note: dict[str, Any] = {"via": "inbox", "seq": 0, "window_sec": None, "name": bundle.name}
-    try:
-        with bundle.with_suffix(".json").open("rb") as handle:
+    try:  # never a link, a FIFO or a device: only a plain file is read
+        fd = os.open(bundle.with_suffix(".json"),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return note
             data = json.loads(handle.read(MAX_NOTE_BYTES))
     except (OSError, ValueError):
         return note
@@ -70,4 +76,8 @@ def read_note(bundle: Path) -> dict[str, Any]:
 
 def waiting(inbox: Path = INBOX) -> list[Path]:
     """Bundles in the inbox, oldest first (by the time in their names)."""
-    return sorted(inbox.glob(f"*{SUFFIX}"), key=lambda p: (p.stat().st_mtime, p.name))
+    found = []
+    for path in inbox.glob(f"*{SUFFIX}"):
+        with contextlib.suppress(OSError):  # gone meanwhile; a link is not followed
+            found.append((path.lstat().st_mtime, path.name, path))
+    return [path for _, _, path in sorted(found)]

@@ -218,7 +218,12 @@ def take(state: OsState, inbox: Path = INBOX) -> str:
     held = state.root / "incoming"
     held.mkdir(mode=0o700, exist_ok=True)
     taken = held / "taken.raucb"
-    os.replace(newest, taken)
+    try:
+        os.replace(newest, taken)
+    except OSError as exc:  # never left in the inbox: the path unit would start again
+        newest.unlink(missing_ok=True)
+        raise state.refuse(f"{newest.name}: cannot take it: {exc.strerror}",
+                           via=note["via"], bundle=note["name"]) from None
     try:
         info = os.lstat(taken)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:

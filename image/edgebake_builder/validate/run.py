@@ -20,6 +20,7 @@ from ..errors import BuildError
 from ..progress import Progress
 from . import diskimage
 from .broker import LocalBroker
+from .fileserver import FileServer
 from .osbundles import foreign_bundle
 from .qemu import QemuMachine, console_tail
 from .rtsp import RtspServer, make_h264
@@ -196,6 +197,10 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
                        picture=stream_picture())
     rtsp = RtspServer(stream, fps=2).start()
     env["EDGEBAKE_RTSP_SOURCE"] = "rtsp"
+    # the fleet's update server: what MQTT orders point to
+    served = FileServer(tmp / "served").start()
+    env["EDGEBAKE_SERVED_DIR"] = str(served.folder)
+    env["EDGEBAKE_SERVED_URL"] = served.origin(QEMU_HOST_ADDRESS)
     seed = _test_seed(tmp, key, rtsp.url(QEMU_HOST_ADDRESS), broker, trials.public_key, env)
     # a "card" larger than the image: the data partition must grow into it at first boot
     disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
@@ -223,6 +228,7 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
     finally:
         machine.stop()
         rtsp.stop()
+        served.stop()
         if broker is not None:
             broker.stop()
 
@@ -247,7 +253,8 @@ def _test_seed(tmp: Path, key: Path, rtsp_url: str, broker: LocalBroker | None,
         app["mqtt"] = {"enabled": True, "host": QEMU_HOST_ADDRESS, "port": broker.port,
                        "username": broker.tls.username, "password": broker.tls.password,
                        "tls": {"enabled": True}}
-        app["update"].update({"mqtt_commands": True, "mqtt_group": "qemu"})
+        app["update"].update({"mqtt_commands": True, "mqtt_group": "qemu",
+                              "allowed_origins": [env["EDGEBAKE_SERVED_URL"]]})
         mqtt_ca = broker.tls.ca_file.read_text()
         env.update({"EDGEBAKE_MQTT_PORT": str(broker.port),
                     "EDGEBAKE_MQTT_CA": str(broker.tls.ca_file),

@@ -107,14 +107,40 @@ def test_a_new_system_is_installed_kept_and_keeps_the_unit(
     assert snap["system"]["update"]["state"] == "confirmed"
 
 
+def order_over_mqtt(manifest_dir: Path, system: dict[str, Any], keys: OsKeys, version: str,
+                    kind: str) -> dict[str, Any]:
+    """The fleet's way: the bundle on the update server, a signed order on the unit's
+    `os-update` topic; the unit downloads it, hands it to root, installs and reboots."""
+    from edgebake_builder.fleet import Broker, send_order
+    from edgebake_builder.signing import read_private_key, sign_order
+
+    served = Path(os.environ["EDGEBAKE_SERVED_DIR"])
+    bundle = derive_bundle(manifest_dir / system["bundle"], keys, system["compatible"],
+                           version, served / f"{kind}.raucb", kind)
+    order = sign_order(read_private_key(Path(os.environ["EDGEBAKE_ORDER_KEY"])),
+                       "qemu-test-unit", url=f"{os.environ['EDGEBAKE_SERVED_URL']}/{bundle.name}",
+                       system=True, window_sec=WINDOW_SEC)
+    broker = Broker("127.0.0.1", int(os.environ["EDGEBAKE_MQTT_PORT"]),
+                    os.environ["EDGEBAKE_MQTT_USER"], os.environ["EDGEBAKE_MQTT_PASSWORD"],
+                    os.environ["EDGEBAKE_MQTT_CA"])
+    send_order(broker, "qemu-test-unit", order, system=True)
+    return wait_for_verdict("127.0.0.1", version, VERDICT_DEADLINE_SEC, **ssh_args())
+
+
 def test_a_system_that_never_gets_healthy_is_rolled_back(
         host: Any, system: dict[str, Any], keys: OsKeys, tmp_path: Path) -> None:
+    """Ordered over MQTT (the SSH way is the check above): the whole fleet path, from the
+    service's download through root's inbox to the trial's rollback."""
     if os.environ.get("EDGEBAKE_OS_ROLLBACK") != "1":
         pytest.skip("not asked for (--no-os-rollback or --no-update-trials)")
     was = json.loads(host.check_output("edgebake-os status"))
     version = f"{system['version']}.2-unhealthy"
-    status = install(Path(os.environ["EDGEBAKE_IMAGE"]).parent, system, keys, version,
-                     "unhealthy", tmp_path)
+    manifest_dir = Path(os.environ["EDGEBAKE_IMAGE"]).parent
+    if os.environ.get("EDGEBAKE_MQTT_PORT"):
+        status = order_over_mqtt(manifest_dir, system, keys, version, "unhealthy")
+        assert status["update"]["via"] == "mqtt", status
+    else:  # no mosquitto on the host
+        status = install(manifest_dir, system, keys, version, "unhealthy", tmp_path)
     assert status["update"]["state"] == "rolled-back", status
     assert "healthy" in status["update"]["reason"], status
     assert status["booted"] == was["booted"], status
