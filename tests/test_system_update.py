@@ -339,3 +339,17 @@ def test_a_sticks_newest_system_bundle_goes_to_the_inbox_and_a_link_never(
     assert state.last_refused()["via"] == "usb"
     assert system_from(stick, tmp_path / "no-inbox", 1.0, state)[0].endswith(
         "takes no system updates (not an A/B system)")
+
+
+def test_a_system_installs_only_when_newer_except_over_ssh() -> None:
+    """A stick left in must not install the same system at every boot; a downgrade is a
+    person's choice, so only SSH may make it."""
+    from edgebake_runtime.osupdate import same_or_older
+
+    assert "already runs" in same_or_older("1.1", "1.1", "usb")
+    assert "already runs" in same_or_older("1.1", "1.1", "ssh")
+    assert "older than the running 1.10" in same_or_older("1.9", "1.10", "usb")
+    assert "older" in same_or_older("1.0", "1.1", "mqtt")
+    assert same_or_older("1.0", "1.1", "ssh") == ""
+    assert same_or_older("1.10", "1.9", "pull") == ""
+    assert same_or_older("1.0.1-test", "1.0", "mqtt") == ""  # no order to judge

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
+from .bundle import BundleError, version_key
 from .osinbox import INBOX, read_note, waiting
 
 STATE_DIR = Path("/data/os")
@@ -183,7 +184,7 @@ def install(bundle: Path, state: OsState, window_sec: int, via: str = "ssh", seq
         version = str(manifest["version"])
     except (ValueError, KeyError, TypeError):
         raise state.refuse("rauc info gave no manifest", **came) from None
-    problem = unfit(manifest, other(booted))
+    problem = unfit(manifest, other(booted)) or same_or_older(version, own_version(), via)
     if problem:
         raise state.refuse(problem, version=version, **came)
     flight = {"version": version, "from_slot": booted, "to_slot": other(booted),
@@ -237,6 +238,22 @@ def take(state: OsState, inbox: Path = INBOX) -> str:
         taken.unlink(missing_ok=True)
         with contextlib.suppress(OSError, OsUpdateError):
             state.publish_status(status(state))
+
+
+def same_or_older(version: str, running: str, via: str) -> str:
+    """Why a bundle is not newer than the running system, or "": the same version never
+    installs again (a stick left in would otherwise install at every boot), and an older one
+    only over SSH, where someone chose it."""
+    if version == running:
+        return f"system {version} already runs here"
+    try:
+        older = version_key(version) < version_key(running)
+    except BundleError:  # not plain dotted numbers: no order to judge
+        older = False
+    if older and via != "ssh":
+        return (f"system {version} is older than the running {running}; a downgrade goes "
+                "over SSH (invoke push-os)")
+    return ""
 
 
 def read_conf(conf: Path = SYSTEM_CONF) -> configparser.ConfigParser:

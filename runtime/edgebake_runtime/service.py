@@ -165,7 +165,9 @@ class Service:
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
         cameras = list(self.cameras.processes)
-        # judged now, from the same source states the snapshot shows, not at the last tick
+        # the sources first, then the verdict, judged now: a source the snapshot shows down
+        # is down in the verdict too (a state changing between the two reads only moves on)
+        sources = snapshot.sources(cameras, now)
         healthy, _, status = self.evaluate(now)
         rollout = self.rollout
         snap: dict[str, Any] = {
@@ -177,7 +179,7 @@ class Service:
             "model": snapshot.model(self.card, str(self.cameras.model), rollout.swaps,
                                     self.store.state().get("trial"),
                                     rollout.last_swap_gap_sec, self.runtime),
-            "sources": snapshot.sources(cameras, now),
+            "sources": sources,
             "inference": {**snapshot.inference(cameras, self.metrics),
                           "threads": self.cameras.threads_health()},
             "journal": self.journal.stats(),
