@@ -247,6 +247,23 @@ def test_slow_clients_never_keep_monitoring_out() -> None:
         server.stop()
 
 
+def test_a_slow_snapshot_is_answered_not_cut() -> None:
+    """On a loaded unit building /health can take longer than a client may take to send its
+    request: the deadline is for the client's reading and writing, not the unit's own work."""
+    from edgebake_runtime.http import HealthServer
+
+    def slow() -> dict[str, bool]:
+        time.sleep(1.5)
+        return {"healthy": True}
+
+    server = HealthServer("127.0.0.1", 0, slow, timeout_sec=1.0)
+    server.start()
+    try:
+        assert _get(server.port) == 200
+    finally:
+        server.stop()
+
+
 def test_http_allow_list_refuses_other_networks() -> None:
     from edgebake_runtime.http import HealthServer
 

@@ -187,9 +187,14 @@ class HealthServer:
             timeout = timeout_sec  # applies to every read and write on the connection
 
             def setup(self) -> None:
-                """The whole request has `timeout_sec`, however slowly it trickles in."""
+                """The whole request has `timeout_sec`, however slowly it trickles in, and
+                so has the answer going out; the unit's own time building it (slow on a
+                loaded unit) is not the client's to be cut for."""
                 super().setup()
                 self.rfile = CappedReader(self.rfile, MAX_REQUEST_BYTES)  # type: ignore
+                self._start_deadline()
+
+            def _start_deadline(self) -> None:
                 self.deadline = threading.Timer(timeout_sec, self._cut)
                 self.deadline.daemon = True
                 self.deadline.start()
@@ -204,6 +209,7 @@ class HealthServer:
                     super().finish()
 
             def do_GET(self) -> None:
+                self.deadline.cancel()  # the request is in; _reply starts the answer's own
                 path = self.path.split("?")[0]
                 if path == "/health":
                     snap = get_snapshot()
@@ -218,6 +224,7 @@ class HealthServer:
                                              b"not found: try /health or /metrics\n")))
 
             def _reply(self, code: int, kind: str, body: bytes) -> None:
+                self._start_deadline()
                 self.send_response(code)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
