@@ -38,6 +38,8 @@ TOPIC = Str(r"([^$+#\x00-\x1f\x7f][^+#\x00-\x1f\x7f]{0,200})?",
             "that is an MQTT topic without '+', '#', control characters or a leading '$'")
 ABSOLUTE_PATH = Str(r"/[^\x00-\x1f\x7f]*", "that is an absolute path")
 OPTIONAL_PATH = Str(r"(/[^\x00-\x1f\x7f]*)?", "that is an absolute path, or empty")
+PAGE_TOKEN = Str(r"([A-Za-z0-9_-]{16,128})?",
+                 "of 16 to 128 letters, digits, '_' or '-' (it is typed into URLs), or empty")
 HOST = Str(r"[A-Za-z0-9.:_-]{1,253}", "that is a host name or address")
 # v4l2-auto: every V4L2 capture device present, found at start and while running
 # rpicam: a CSI camera module through the base's rpicam-vid (Raspberry Pi OS bases)
@@ -136,6 +138,12 @@ class HttpSettings:
     allow: tuple[str, ...] = setting([], Networks(), "Client networks let in; empty: all.")
     max_connections: int = setting(8, Int(1, 256), "Connections served at once.")
     timeout_sec: float = setting(5.0, Float(0.5, 120.0), "Per-connection timeout.")
+    token: str = setting("", PAGE_TOKEN, "Token for the unit's page and camera pictures "
+                         "(everything but /health and /metrics); empty: made at first start "
+                         "and kept in token_file.")
+    token_file: str = setting("/data/web/token", WritablePath(),
+                              "Where a token made on the unit is kept.")
+    max_viewers: int = setting(2, Int(0, 16), "Live camera streams served at once; 0: none.")
 
 
 @dataclass(frozen=True)

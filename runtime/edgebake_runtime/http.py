@@ -1,4 +1,5 @@
-"""HTTP /health (JSON) and /metrics (Prometheus text) on the standard library's server."""
+"""HTTP /health (JSON) and /metrics (Prometheus text) on the standard library's server;
+other paths (the unit's page, shared samples) are answered by the routes the service adds."""
 
 from __future__ import annotations
 
@@ -7,11 +8,36 @@ import ipaddress
 import json
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 Snapshot = Callable[[], dict[str, Any]]
+# Sent with every answer: nothing is cached or sniffed, framed or told where it came from.
+SAFE_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"))
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str
+    query: dict[str, list[str]]
+    headers: Any  # the request's header lines (an email.message.Message): .get(name)
+
+
+@dataclass
+class Reply:
+    code: int
+    kind: str
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    stream: Iterator[bytes] | None = None  # parts sent one by one, each within the timeout
+
+
+# Answers a request, or None: not this route's path
+Route = Callable[[Request], Reply | None]
 
 
 def _esc(value: str) -> str:
@@ -104,6 +130,8 @@ def _sink_metrics(out: list[str], snap: dict[str, Any]) -> None:
                 "Times the sender thread restarted.", [({}, mqtt["sender_restarts"])])
 
 
+# Kernel send buffer of a live stream's connection: a few pictures.
+STREAM_SEND_BUFFER = 128 * 1024
 # A request's line and headers together; /health and /metrics need a few hundred bytes.
 MAX_REQUEST_BYTES = 8192
 
@@ -180,8 +208,8 @@ class HealthServer:
                  timeout_sec: float = 5.0, allow: list[str] | None = None) -> None:
         get_snapshot = snapshot
         owner = self
-        # more paths (shared samples), answered by whoever set it; None: not theirs either
-        self.extra: Callable[[str], tuple[int, str, bytes] | None] | None = None
+        # more paths (the unit's page, shared samples), tried in turn
+        self.routes: list[Route] = []
 
         class Handler(BaseHTTPRequestHandler):
             timeout = timeout_sec  # applies to every read and write on the connection
@@ -208,30 +236,70 @@ class HealthServer:
                 with contextlib.suppress(OSError):
                     super().finish()
 
+            def parse_request(self) -> bool:
+                """A request line cut off by MAX_REQUEST_BYTES, or one without a version
+                (HTTP/0.9, whose answer would have no status line), gets a plain error."""
+                if not super().parse_request():
+                    return False  # answered already
+                line: bytes = getattr(self, "raw_requestline", b"")
+                cut = not line.endswith(b"\n")
+                if not cut and self.request_version != "HTTP/0.9":
+                    return True
+                self.request_version = "HTTP/1.0"
+                self.close_connection = True
+                self.send_error(414 if cut else 400,
+                                f"request line over {MAX_REQUEST_BYTES} bytes" if cut
+                                else "HTTP/1.0 or later expected")
+                return False
+
             def do_GET(self) -> None:
                 self.deadline.cancel()  # the request is in; _reply starts the answer's own
-                path = self.path.split("?")[0]
-                if path == "/health":
+                parts = urlsplit(self.path)
+                if parts.path == "/health":
                     snap = get_snapshot()
                     body = json.dumps(snap, sort_keys=True).encode()
-                    self._reply(200 if snap["healthy"] else 503, "application/json", body)
-                elif path == "/metrics":
+                    self._reply(Reply(200 if snap["healthy"] else 503, "application/json",
+                                      body))
+                elif parts.path == "/metrics":
                     body = prometheus_text(get_snapshot()).encode()
-                    self._reply(200, "text/plain; version=0.0.4", body)
+                    self._reply(Reply(200, "text/plain; version=0.0.4", body))
                 else:
-                    answer = owner.extra(self.path) if owner.extra is not None else None
-                    self._reply(*(answer or (404, "text/plain",
-                                             b"not found: try /health or /metrics\n")))
+                    request = Request(parts.path, parse_qs(parts.query), self.headers)
+                    answer = next((reply for route in owner.routes
+                                   if (reply := route(request)) is not None), None)
+                    self._reply(answer or Reply(404, "text/plain",
+                                                b"not found: try /, /health or /metrics\n"))
 
-            def _reply(self, code: int, kind: str, body: bytes) -> None:
+            def _reply(self, reply: Reply) -> None:
                 self._start_deadline()
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_response(reply.code)
+                self.send_header("Content-Type", reply.kind)
+                if reply.stream is None:
+                    self.send_header("Content-Length", str(len(reply.body)))
+                for name, value in (*SAFE_HEADERS, *reply.headers):
+                    self.send_header(name, value)
                 self.send_header("Connection", "close")
                 self.end_headers()
-                self.wfile.write(body)
                 self.close_connection = True
+                if reply.stream is None:
+                    self.wfile.write(reply.body)
+                    return
+                try:
+                    # a viewer's unread parts take at most this much of the unit's memory
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                               STREAM_SEND_BUFFER)
+                    self.deadline.cancel()
+                    for part in reply.stream:
+                        self._start_deadline()  # each part has the whole timeout to go out
+                        self.wfile.write(part)
+                        self.wfile.flush()
+                        self.deadline.cancel()
+                except OSError:
+                    pass  # the viewer left, or read too slowly: the stream ends here
+                finally:
+                    close = getattr(reply.stream, "close", None)
+                    if close is not None:
+                        close()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

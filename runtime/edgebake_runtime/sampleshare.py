@@ -19,8 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
+from .http import Reply, Request
 from .samples import NAME
 from .samplestore import SampleStore
 
@@ -28,7 +28,6 @@ MAX_MINUTES = 60
 MAX_REQUESTS = 20000
 MAX_FILE_BYTES = 16 * 2**20
 HEX64 = re.compile(r"[0-9a-f]{64}")
-Reply = tuple[int, str, bytes]
 
 
 class SampleShare:
@@ -55,12 +54,12 @@ class SampleShare:
             self._digest, self._until, self.requests = digest, time.monotonic() + minutes * 60, 0
         return f"{self.where()}/samples"
 
-    def answer(self, raw_path: str) -> Reply | None:
+    def answer(self, request: Request) -> Reply | None:
         """The HTTP reply for a /samples request (None: not one)."""
-        parts = urlsplit(raw_path)
-        if parts.path != "/samples" and not parts.path.startswith("/samples/"):
+        path = request.path
+        if path != "/samples" and not path.startswith("/samples/"):
             return None
-        token = (parse_qs(parts.query).get("token") or [""])[0]
+        token = (request.query.get("token") or [""])[0]
         with self._lock:
             allowed = bool(self._digest) and time.monotonic() < self._until and \
                 hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self._digest)
@@ -69,26 +68,26 @@ class SampleShare:
                 allowed = self.requests <= MAX_REQUESTS
         if not allowed:
             self.refused += 1
-            return 403, "text/plain", b"samples are not shared with this token now\n"
-        if parts.path == "/samples":
+            return Reply(403, "text/plain", b"samples are not shared with this token now\n")
+        if path == "/samples":
             names = [name for name, files in self.store.listing() if len(files) == 2]
-            return 200, "application/json", json.dumps({"samples": names}).encode()
-        match = re.fullmatch(r"/samples/(?P<name>[^/]+)\.(?P<kind>jpg|json)", parts.path)
+            return Reply(200, "application/json", json.dumps({"samples": names}).encode())
+        match = re.fullmatch(r"/samples/(?P<name>[^/]+)\.(?P<kind>jpg|json)", path)
         if match is None or not NAME.fullmatch(match["name"]):
-            return 404, "text/plain", b"no such sample\n"
-        path = self.store.folder / f"{match['name']}.{match['kind']}"
+            return Reply(404, "text/plain", b"no such sample\n")
+        file = self.store.folder / f"{match['name']}.{match['kind']}"
         try:
-            with path.open("rb") as handle:
+            with file.open("rb") as handle:
                 body = handle.read(MAX_FILE_BYTES + 1)
         except OSError:
-            return 404, "text/plain", b"no such sample\n"
+            return Reply(404, "text/plain", b"no such sample\n")
         if len(body) > MAX_FILE_BYTES:
-            return 413, "text/plain", b"sample too large\n"
+            return Reply(413, "text/plain", b"sample too large\n")
         if match["kind"] == "json":
             with contextlib.suppress(OSError):  # only the unseen count is less exact then
                 self.store.mark_collected(match["name"])
         kind = "image/jpeg" if match["kind"] == "jpg" else "application/json"
-        return 200, kind, body
+        return Reply(200, kind, body)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

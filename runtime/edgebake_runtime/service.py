@@ -20,12 +20,14 @@ from .interp import runtime_name_and_version
 from .journal import Journal
 from .metrics import Metrics
 from .modelstore import ModelStore
+from .pagetoken import page_token
 from .results import ResultSink
 from .rollout import Rollout
 from .sampleshare import SampleShare
 from .samplestore import SampleStore
 from .sdnotify import Notifier, watchdog_interval_sec
 from .supervise import Supervised
+from .unitpage import UnitPage
 
 log = logging.getLogger("edgebake")
 # Reader threads of the camera processes get the GIL back soon after they wake.
@@ -58,6 +60,8 @@ class Service:
         self.samples: SampleStore | None = None
         self.samples_thread: Supervised | None = None
         self.share: SampleShare | None = None
+        self.page: UnitPage | None = None
+        self.page_error = ""
 
     @property
     def card(self) -> Card:
@@ -86,6 +90,7 @@ class Service:
         if http.enabled:
             self.http = HealthServer(http.bind, http.port, self.snapshot, http.max_connections,
                                      http.timeout_sec, list(http.allow))
+            self._open_page()
             self.http.start()
         if self.config.mqtt.enabled:
             from .mqtt import MqttPublisher
@@ -101,13 +106,25 @@ class Service:
             self.samples_thread.start()
             if self.http is not None:
                 self.share = SampleShare(self.samples, self._reached_at)
-                self.http.extra = self.share.answer
+                self.http.routes.append(self.share.answer)
             if self.rollout.commands is not None:
                 self.rollout.commands.take_samples = self.take_samples
                 if self.share is not None:
                     self.rollout.commands.share_samples = self.share.open
         if self.mqtt is not None:
             self.mqtt.start()
+
+    def _open_page(self) -> None:
+        """The technician's page, unless its token cannot be kept (then /health says why)."""
+        assert self.http is not None
+        try:
+            token = page_token(self.config.http)
+        except OSError as exc:
+            self.page_error = f"no page: its token cannot be kept: {exc}"[:300]
+            log.error("%s", self.page_error)
+            return
+        self.page = UnitPage(self.config.http, token, lambda: list(self.cameras.processes))
+        self.http.routes.append(self.page.answer)
 
     def _reached_at(self) -> str:
         """http://<address>:<port> of this unit's HTTP server, as the broker sees the unit."""
@@ -129,6 +146,8 @@ class Service:
         if self.mqtt is not None:
             self.mqtt.stop()
         self.journal.close()
+        if self.page is not None:
+            self.page.closing.set()
         if self.http is not None:
             self.http.stop()
 
@@ -150,9 +169,10 @@ class Service:
             journal=self.journal, mqtt=self.mqtt,
             http_alive=self.http.alive() if self.http is not None else None))
 
-    def evaluate(self, now: float) -> tuple[bool, bool, str]:
+    def evaluate(self, now: float, verdict: health.Verdict | None = None
+                 ) -> tuple[bool, bool, str]:
         """(healthy, restart_helps, status)."""
-        verdict = self.verdict(now)
+        verdict = verdict or self.verdict(now)
         if not verdict.healthy:
             return False, verdict.restart_helps, verdict.status()
         cameras = list(self.cameras.processes)
@@ -168,11 +188,13 @@ class Service:
         # the sources first, then the verdict, judged now: a source the snapshot shows down
         # is down in the verdict too (a state changing between the two reads only moves on)
         sources = snapshot.sources(cameras, now)
-        healthy, _, status = self.evaluate(now)
+        verdict = self.verdict(now)
+        healthy, _, status = self.evaluate(now, verdict)
         rollout = self.rollout
         snap: dict[str, Any] = {
             "healthy": healthy, "ready": self.ready,
             "status": status if self.ready or healthy else f"starting: {status}",
+            "problems": verdict.stuck + verdict.degraded,
             "uptime_sec": round(now - self.started, 1),
             "device_id": self.config.device_id,
             "group": self.config.update.mqtt_group,
@@ -186,10 +208,19 @@ class Service:
             "update": rollout.stats(),
             "samples": self._samples_health(),
             "system": snapshot.system(),
+            "page": self._page_health(),
         }
         if self.mqtt is not None:
             snap["mqtt"] = self.mqtt.stats()
         return snap
+
+    def _page_health(self) -> dict[str, Any]:
+        page = self.page
+        if page is None:
+            return {"enabled": False, "error": self.page_error}
+        return {"enabled": True, "streams": page.streams, "watching": page.watching,
+                "refused": page.refused,
+                "viewers_max": self.config.http.max_viewers}
 
     def _samples_health(self) -> dict[str, Any]:
         if self.samples is None:

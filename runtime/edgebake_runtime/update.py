@@ -37,6 +37,7 @@ from .card import card_path_for, load_card
 from .config import AppConfig, ConfigError, UpdateSettings, load_config
 from .interp import ModelError, load_interpreter
 from .modelstore import ModelStore, Slot
+from .pagetoken import kept_page_token
 from .selfcheck import check_model
 
 LATENCY_RUNS = 20
@@ -164,11 +165,6 @@ class UnitUpdates:
         return cls(config.update, ModelStore(Path(config.update.dir)),
                    config.card_path or card_path_for(config.model_path))
 
-    @classmethod
-    def load(cls, config: Path, overrides: Path) -> UnitUpdates:
-        """From the unit's app.yaml and seed overrides; ConfigError when they are bad."""
-        return cls.of(load_config(config, overrides))
-
     def keys(self) -> dict[str, Any]:
         """The keys this unit trusts now: the image's and the seed's, less revoked ones."""
         return trusted_keys(Path(self.settings.keys_dir), self.store.state().get("revoked")
@@ -225,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("rollback", help="go back to the previous model now")
     args = parser.parse_args(argv)
     try:
-        updates = UnitUpdates.load(args.config, args.overrides)
+        config = load_config(args.config, args.overrides)
+        updates = UnitUpdates.of(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -241,8 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             state = store.state()
             lines = store.audit_path.read_text().splitlines()[-5:] \
                 if store.audit_path.is_file() else []
-            print(json.dumps({"state": state, "audit": [json.loads(x) for x in lines]},
-                             indent=1))
+            token = kept_page_token(config.http)
+            page = {"path": f"/?token={token}"} if token else \
+                {"path": "", "why": "no token yet: the service makes one at its first start"}
+            print(json.dumps({"state": state, "audit": [json.loads(x) for x in lines],
+                              "page": page}, indent=1))
     except (BundleError, ModelError, OSError, ValueError) as exc:
         store.audit("refused", reason=str(exc))
         print(f"error: {exc}", file=sys.stderr)

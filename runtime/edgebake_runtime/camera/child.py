@@ -59,6 +59,7 @@ from ..supervise import essential
 from . import wire
 from .batch import FLUSH_SEC, LineBatch
 from .model import READ_AHEAD, LoadedModel
+from .preview import PreviewMaker
 
 # While frames keep coming, inferred frames are decoded this many at a time: right after an
 # invoke the decoding code is out of the CPU's caches (a frame's decoding in place takes
@@ -113,6 +114,7 @@ class Camera:
         # Prepare and decode beside the running invoke only while a core is free for it
         self.beside = bool(spec["decode_beside"])
         self.samples = _sample_keeper(spec.get("samples"), self.source.config.name)
+        self.preview = PreviewMaker(self.send)
 
     def send(self, message: bytes) -> None:
         with self._send_lock:  # a status and a batch of lines never interleave mid-call
@@ -123,8 +125,8 @@ class Camera:
 
     # --- the source thread ------------------------------------------------------------
     def on_frame(self, frame: Frame) -> None:
-        if self.samples is not None:  # preparing replaces the image with the model's input
-            frame.captured = frame.image
+        if self.samples is not None or self.preview.active():
+            frame.captured = frame.image  # preparing replaces it with the model's input
         if self.source.can_wait:
             self._await_room()
         if not self.beside:  # the main thread prepares it
@@ -219,6 +221,8 @@ class Camera:
                                        self.top_k)
                 if self.samples is not None:
                     self.samples.offer(frame, decoded, model.card.version)
+                if self.preview.until:
+                    self.preview.offer(frame.captured, decoded)
                 result = self._encode(decoded)
                 line = journal_line(model.card.version, frame, result, seconds,
                                     time.monotonic() - frame.captured_at, self.index)
@@ -288,6 +292,8 @@ class Camera:
                     self.beside = message[len(wire.DECODE_BESIDE):] == b"1"
                 elif message.startswith(wire.SAMPLES) and self.samples is not None:
                     self.samples.request(int(message[len(wire.SAMPLES):] or b"0"))
+                elif message.startswith(wire.WANT_PREVIEW):
+                    self.preview.want(float(message[len(wire.WANT_PREVIEW):] or b"1"))
             now = time.monotonic()
             if now - last_status >= STATUS_SEC:
                 last_status = now
@@ -343,6 +349,7 @@ def main(argv: list[str]) -> int:
     control = threading.Thread(target=essential(camera.control_loop), name="control",
                                daemon=True)
     decoder.start()
+    threading.Thread(target=essential(camera.preview.loop), name="preview", daemon=True).start()
     camera.source.start(camera.on_frame)
     sock.send(wire.READY + str(os.getpid()).encode())
     control.start()

@@ -96,6 +96,10 @@ class CameraProcess(ChildLink):
         self._answer: dict[str, Any] | None = None
         self._answered = threading.Event()
         self._order_lock = threading.Lock()
+        self.preview = b""  # the newest preview JPEG the process sent
+        self.preview_at = 0.0  # when it came (time.monotonic()); 0: none yet
+        self._preview_arrived = threading.Condition()
+        self._preview_asked = (0.0, 0.0)  # (when, fps) of the last WANT_PREVIEW sent
 
     # --- the process ----------------------------------------------------------------
     def spawn(self) -> None:
@@ -178,6 +182,10 @@ class CameraProcess(ChildLink):
                 self._take_lines(message)
             elif kind == wire.STATUS:
                 self._take_status(wire.CameraStatus.decode(message))
+            elif kind == wire.PREVIEW:
+                with self._preview_arrived:
+                    self.preview, self.preview_at = message[len(wire.PREVIEW):], self._heard
+                    self._preview_arrived.notify_all()
             elif kind == wire.MODEL_DONE:
                 self._answer = json.loads(message[1:])
                 self._answered.set()
@@ -294,6 +302,31 @@ class CameraProcess(ChildLink):
         if sock is not None and self._ready:
             with contextlib.suppress(OSError):
                 sock.send(wire.SAMPLES + str(count).encode())
+
+    def want_preview(self, fps: float) -> None:
+        """Ask the process for previews (`fps` a second at most) for a while longer; asked
+        again at most once a second, or at once for a higher rate."""
+        now = time.monotonic()
+        asked_at, asked_fps = self._preview_asked
+        sock = self._sock
+        if sock is None or not self._ready or (now - asked_at < 1.0 and fps <= asked_fps):
+            return
+        self._preview_asked = (now, fps)
+        with contextlib.suppress(OSError):
+            sock.send(wire.WANT_PREVIEW + f"{fps:g}".encode())
+
+    def newer_preview(self, than: float, fps: float, timeout: float) -> tuple[bytes, float]:
+        """A preview that came after `than` (time.monotonic()), waiting up to `timeout`
+        for one: (jpeg, when), or (b"", 0.0) when none came."""
+        deadline = time.monotonic() + timeout
+        with self._preview_arrived:
+            while self.preview_at <= than:
+                self.want_preview(fps)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return b"", 0.0
+                self._preview_arrived.wait(min(left, 1.0))
+            return self.preview, self.preview_at
 
     def process_stats(self) -> dict[str, Any]:
         return {"pid": self.pid, "alive": self.alive(), "restarts": self.restarts,

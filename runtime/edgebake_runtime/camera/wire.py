@@ -29,6 +29,11 @@ MODEL = b"M"  # service -> camera: load this model (JSON: model, card, version) 
 DECODE_BESIDE = b"D"  # service -> camera: b"D1" decode in a thread of its own, b"D0" inline
 MODEL_DONE = b"m"  # camera -> service: JSON {"error": "" or why the model was refused}
 SAMPLES = b"P"  # service -> camera: keep the next N frames as samples (N as text)
+# service -> camera: send previews, at most N a second (N as text), for PREVIEW_HOLD_SEC;
+# the service repeats it while someone looks at the unit's page
+WANT_PREVIEW = b"W"
+PREVIEW_HOLD_SEC = 3.0
+PREVIEW = b"V"  # camera -> service: a JPEG of the newest decoded frame, results drawn on it
 
 
 @dataclass(frozen=True)
