@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from browser import artifacts, chromium, console_errors
+from edgebake_builder.validate.browser import artifacts, chromium, console_errors
 from edgebake_runtime.service import Service
 from PIL import Image
 from runtime_helpers import RunningApp, astronaut_path, make_config, wait_for

@@ -31,6 +31,8 @@ BUILD_TOOLS: dict[str, str] = {
 # what an A/B image adds: the boot script, and the system bundle
 AB_TOOLS: dict[str, str] = {"mkimage": "u-boot-tools", "rauc": "rauc",
                             "mksquashfs": "squashfs-tools", "openssl": "openssl"}
+# what checking the unit's page and the fleet page in a real browser needs
+BROWSER_TOOLS: dict[str, str] = {"chromium": "chromium", "chromedriver": "chromium-driver"}
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_FIX = ("apt-get install qemu-user-static binfmt-support && "

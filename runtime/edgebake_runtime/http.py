@@ -148,7 +148,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: Any, limit: int,
                  allow: list[str]) -> None:
         self.slots = threading.BoundedSemaphore(limit)
-        self.per_address = max(2, limit // 4)
+        # a browser on the unit's page opens a few at once (one of them a live stream)
+        self.per_address = max(4, limit // 2)
         self.open: dict[str, int] = {}  # connections being served, by client address
         self.open_lock = threading.Lock()
         self.allow = [ipaddress.ip_network(n, strict=False) for n in allow]

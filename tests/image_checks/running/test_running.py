@@ -144,6 +144,37 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
     assert len(record["id"].split("-")) == 2  # run id and number: unique across restarts
 
 
+def test_the_technicians_page_shows_every_camera_in_a_browser(host: Any) -> None:
+    """The page, with the token the unit made at its first start (the seed gives none), as
+    `edgebake-update status` prints it over SSH, in headless Chromium on the host."""
+    from edgebake_builder.validate.browser import chromium, console_errors
+
+    status = json.loads(host.run("edgebake-update status").stdout)
+    token_path = status["page"]["path"]
+    assert token_path.startswith("/?token="), status["page"]
+    assert host.file("/data/web/token").user == "edgebake"
+    assert host.file("/data/web/token").mode == 0o600
+    vivid = camera_name()
+    wait(lambda: all(s["state"] == "up" for s in health()["sources"].values()), 120,
+         "every camera up")
+    base = f"http://127.0.0.1:{os.environ['EDGEBAKE_HTTP_PORT']}"
+    with chromium() as browser:
+        browser.get(f"{base}/")
+        assert "needs its token" in browser.page_source
+        assert browser.find_elements("css selector", "img") == []
+        console_errors(browser)  # the 401 itself is logged; nothing after it may be
+        browser.get(base + token_path)
+        assert browser.current_url == f"{base}/"
+        for name in (vivid, "rtsp"):
+            wait(lambda n=name: browser.execute_script(
+                "const i = document.querySelector(`[data-camera='${arguments[0]}'] img`);"
+                "return i && i.complete && i.naturalWidth > 0;", n), 120,
+                 f"camera {name}'s picture on the page", interval=1.0)
+        browser.save_screenshot(str(Path(os.environ["EDGEBAKE_TEST_DIR"]) / "unit-page.png"))
+        assert console_errors(browser) == []
+    assert health()["page"]["refused"] >= 1
+
+
 def test_a_usb_stick_bundle_is_checked_and_the_stick_released(host: Any) -> None:
     """udev saw the stick at boot and started the privileged helper: it mounted the stick
     read-only in its own namespace, ran the full checks on edgebake/*.ebundle (this one is

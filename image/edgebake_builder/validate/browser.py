@@ -1,4 +1,5 @@
-"""Headless Chromium (Debian's `chromium` and `chromium-driver`) for the page tests."""
+"""Headless Chromium (Debian's `chromium` and `chromium-driver`): the unit's page and the fleet
+page are checked in a real browser, by the host tests and by `invoke test-image`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .. import preflight
 
 # A phone's screen: the unit's page must fit it.
 PHONE = (412, 915)
@@ -18,8 +21,8 @@ def chromium(size: tuple[int, int] = PHONE) -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    preflight.require_tools(preflight.BROWSER_TOOLS)
     driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    assert Path(driver_path).exists(), "chromium-driver is part of the test host's packages"
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -43,6 +46,6 @@ def console_errors(driver: Any) -> list[str]:
 
 def artifacts(target: str) -> Path:
     """Where a test keeps its screenshots: out/<target>/test/."""
-    folder = Path(__file__).resolve().parents[1] / "out" / target / "test"
+    folder = Path(__file__).resolve().parents[3] / "out" / target / "test"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
