@@ -220,19 +220,66 @@ BROKER_HELP = {"broker": "MQTT broker host of the fleet",
                           "$EDGEBAKE_MQTT_CA_FILE)"}
 
 
-@task(help={**BROKER_HELP, "wait": "seconds to listen (retained topics arrive at once)"})
+@task(help={**BROKER_HELP, "wait": "seconds to listen (retained topics arrive at once)",
+            "html": "write the fleet as one self-contained page to this file",
+            "serve": "serve the fleet page live on this port (0: any free one) until Ctrl-C",
+            "bind": "address the live page listens on (default 127.0.0.1: this machine only)",
+            "rollout": "a rollout's state file: each unit's stage goes on the page"})
 @fails_cleanly
 def fleet_status(c: Context, broker: str, port: int = 0, wait: float = 2.0,
-                 username: str = "", password: str = "", ca_file: str = "") -> None:
+                 username: str = "", password: str = "", ca_file: str = "", html: str = "",
+                 serve: int = -1, bind: str = "127.0.0.1", rollout: str = "") -> None:
     """The units seen on MQTT: link, health, model version and sha256, last result time."""
     from edgebake_builder.fleet import broker_of, collect, table
 
     where = broker_of(broker, port, username, password, ca_file)
+    state = _rollout_state(rollout)
+    if serve >= 0:
+        _serve_fleet_page(where, serve, bind, state)
+        return
     units = collect(where, wait)
+    if html:
+        from edgebake_builder.fleetpage import render
+        from edgebake_runtime.atomic import write_atomic
+
+        write_atomic(Path(html), render(units, state).encode())
+        print(f"fleet page: {html} ({len(units)} unit(s))")
+        return
     if not units:
         print(f"no units seen on {broker}:{where.port} (topics edgebake/+/status and /health)")
         return
     print(table(units))
+
+
+def _rollout_state(path: str) -> Any:
+    if not path:
+        return None
+    from edgebake_builder.rollout.state import load_state
+
+    return load_state(Path(path))
+
+
+def _serve_fleet_page(where: Any, port: int, bind: str, state: Any) -> None:
+    """The live fleet page, from a subscription kept open, until Ctrl-C."""
+    import threading
+
+    from edgebake_builder.fleet import FLEET_TOPICS, FleetWatch, connect
+    from edgebake_builder.fleetpage import render, serve
+
+    watch = FleetWatch()
+    client = connect(where, watch.on_message, FLEET_TOPICS)
+    stop = threading.Event()
+    try:
+        serve(port, bind, lambda: render(watch.units(), state, refresh_sec=5),
+              lambda p: print(f"fleet page: http://{bind}:{p}/ (Ctrl-C ends it)", flush=True),
+              stop)
+    except KeyboardInterrupt:
+        stop.set()
+    except OSError as exc:
+        raise BuildError(f"cannot serve the fleet page on {bind}:{port}: {exc}") from None
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 @task(help={**BROKER_HELP, "bundle": "the signed .ebundle to roll out",

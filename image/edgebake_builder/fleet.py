@@ -7,10 +7,12 @@ subscription lists the whole fleet at once, including units that are off.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BuildError
@@ -29,6 +31,9 @@ class UnitView:
     last_result_ts: float | None = None
     published_age_sec: float | None = None
     status: str = ""
+    problems: list[str] = field(default_factory=list)
+    os_version: str = ""
+    page_url: str = ""  # the unit's own page, as the unit is reached from its broker
 
 
 @dataclass(frozen=True)
@@ -100,29 +105,42 @@ def connect(broker: Broker, on_message: Any = None,
     return client
 
 
-def collect(broker: Broker, wait_sec: float) -> dict[str, UnitView]:
-    """Subscribe to every unit's retained topics and gather what arrives within wait_sec."""
-    units: dict[str, UnitView] = {}
-    lock = threading.Lock()
+FLEET_TOPICS = ("edgebake/+/status", "edgebake/+/health")
 
-    def on_message(client: Any, userdata: Any, message: Any) -> None:
+
+class FleetWatch:
+    """The fleet as its units' retained and live messages describe it, kept up to date."""
+
+    def __init__(self) -> None:
+        self._units: dict[str, UnitView] = {}
+        self._lock = threading.Lock()
+
+    def on_message(self, client: Any, userdata: Any, message: Any) -> None:
         parts = message.topic.split("/")
         if len(parts) != 3:
             return
-        with lock:
-            view = units.setdefault(parts[1], UnitView(parts[1]))
+        with self._lock:
+            view = self._units.setdefault(parts[1], UnitView(parts[1]))
             if parts[2] == "status":
                 view.online = message.payload.decode(errors="replace")[:20]
             else:
                 _read_health(view, message.payload)
 
-    client = connect(broker, on_message, ("edgebake/+/status", "edgebake/+/health"))
+    def units(self) -> dict[str, UnitView]:
+        with self._lock:
+            return {name: dataclasses.replace(view) for name, view in self._units.items()}
+
+
+def collect(broker: Broker, wait_sec: float) -> dict[str, UnitView]:
+    """Subscribe to every unit's retained topics and gather what arrives within wait_sec."""
+    watch = FleetWatch()
+    client = connect(broker, watch.on_message, FLEET_TOPICS)
     try:
         time.sleep(wait_sec)  # retained messages come at once; live ones within the wait
     finally:
         client.loop_stop()
         client.disconnect()
-    return units
+    return watch.units()
 
 
 def send_order(broker: Broker, to: str, order: bytes, system: bool = False) -> str:
@@ -167,6 +185,13 @@ def _read_health(view: UnitView, payload: bytes) -> None:
     if isinstance(published, (int, float)):
         view.published_age_sec = max(0.0, time.time() - float(published))
     view.status = str(snap.get("status", ""))[:80]
+    problems = snap.get("problems")
+    view.problems = [str(p)[:300] for p in problems[:20]] if isinstance(problems, list) else []
+    system = snap.get("system")
+    view.os_version = str(system.get("version", ""))[:64] if isinstance(system, dict) else ""
+    page = snap.get("page")
+    url = str(page.get("url", "")) if isinstance(page, dict) else ""
+    view.page_url = url if re.fullmatch(r"https?://[A-Za-z0-9.:\[\]_-]{1,300}/", url) else ""
 
 
 def table(units: dict[str, UnitView]) -> str:
@@ -177,7 +202,7 @@ def table(units: dict[str, UnitView]) -> str:
         u = units[name]
         health = "?" if u.healthy is None else ("healthy" if u.healthy else "UNHEALTHY")
         last = "never" if u.last_result_ts is None else \
-            f"{_age(now - u.last_result_ts)} ago"
+            f"{age_text(now - u.last_result_ts)} ago"
         rows.append((name, u.online, health, u.model or "?", u.sha256 or "?",
                      u.registry or "-", last, u.status))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -186,7 +211,7 @@ def table(units: dict[str, UnitView]) -> str:
     return "\n".join(lines)
 
 
-def _age(seconds: float) -> str:
+def age_text(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 120:
         return f"{seconds:.0f} s"

@@ -218,7 +218,8 @@ class Service:
         page = self.page
         if page is None:
             return {"enabled": False, "error": self.page_error}
-        return {"enabled": True, "streams": page.streams, "watching": page.watching,
+        return {"enabled": True, "url": f"{self._reached_at()}/",
+                "streams": page.streams, "watching": page.watching,
                 "refused": page.refused,
                 "viewers_max": self.config.http.max_viewers}
 
