@@ -80,11 +80,14 @@ def build_image(c: Context, target: str = "pi4", recipe: str = "", model: str = 
             "os_rollback": "with the update trials, on an A/B image: also install a system "
                            "that never gets healthy and see it rolled back (~5 min)",
             "supervision_trials": "also kill -9 and SIGSTOP the service and unplug the camera "
-                                  "(the same units and runtime on every base; ~3 min)"})
+                                  "(the same units and runtime on every base; ~3 min)",
+            "runtime_checks": "also the runtime's own logic over SSH: a model update, a "
+                              "rollout, samples, the page in a browser (the same runtime on "
+                              "every base; ~6 min)"})
 @fails_cleanly
 def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool = False,
                update_trials: bool = True, supervision_trials: bool = True,
-               os_rollback: bool = True) -> None:
+               os_rollback: bool = True, runtime_checks: bool = True) -> None:
     """Validate the exact image: static testinfra checks, then QEMU boot + checks over SSH."""
     from edgebake_builder.progress import Progress
     from edgebake_builder.validate.run import find_image
@@ -94,7 +97,7 @@ def test_image(c: Context, target: str = "pi4", image: str = "", fail_fast: bool
                                                Path(image) if image else None)
     progress = Progress(3, log_path=out_dir / "test-image.log")
     result = run_tests(image_path, out_dir, manifest, progress, fail_fast, update_trials,
-                       supervision_trials, os_rollback)
+                       supervision_trials, os_rollback, runtime_checks)
     for name, value in result.figures.items():
         print(f"{name}: {value:.1f}" if name.startswith("exposure") else
               f"{name}: {value:.1f} s")

@@ -51,13 +51,15 @@ def bench_runtime(model: Path, replay: Path, seconds: float, threads: int,
         for number in range(1, rounds + 1):
             if progress is not None:
                 progress.say(f"round {number} of {rounds}: raw loop, two raw loops, pipeline "
-                             "with 1 and 2 sources")
+                             "with 1 and 2 sources, 1 source with a viewer on its live stream")
             results["rounds"].append({
                 "raw": _child(["raw", *common, "1", str(replay), str(work / "r0")]),
                 "raw_pair": _child(["raw-pair", *common, "2", str(replay),
                                     str(work / "r0")]),
                 "one": _child(["pipeline", *common, "1", str(replay), str(work / "r1")]),
-                "two": _child(["pipeline", *common, "2", str(replay), str(work / "r2")])})
+                "two": _child(["pipeline", *common, "2", str(replay), str(work / "r2")]),
+                "viewer": _child(["pipeline-viewer", *common, "1", str(replay),
+                                  str(work / "r4")])})
         results.update(_median_round(results["rounds"]))
         results["rtsp"] = _child(["rtsp", *common, "1", str(replay), str(work / "r3")])
         big_model = _with_card(heavier, work) if heavier is not None else local
@@ -127,6 +129,10 @@ def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
                  f"capture->result p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms, "
                  f"{one['drops']} frames dropped (latest wins)")
     progress.say(f"throughput ratio pipeline/raw: {one['fps'] / raw['fps']:.2f}")
+    viewer = results["viewer"]
+    progress.say(f"one viewer on the unit's live stream ({viewer['viewer_pictures_per_sec']:.1f} "
+                 f"pictures/s): {viewer['fps']:.1f} fps; ratio with viewer/page closed: "
+                 f"{viewer['fps'] / one['fps']:.2f}")
     per = ", ".join(f"{k} {v:.1f}" for k, v in two["per_source_fps"].items())
     progress.say(f"pipeline, 2 sources, 2 camera processes: {two['fps']:.1f} fps in total "
                  f"(captured per source: {per})")

@@ -57,17 +57,24 @@ def raw_pair(model: Path, seconds: float, threads: int, replay: Path) -> dict[st
     return {"fps": sum(float(o["fps"]) for o in outs)}
 
 
+VIEWER_TOKEN = "bench-viewer-token-0123456789"
+
+
 def run_app(model: Path, seconds: float, threads: int, sources: list[dict[str, Any]],
-            results: Path) -> dict[str, Any]:
+            results: Path, viewer: bool = False) -> dict[str, Any]:
+    """The service on the replay; with `viewer`, someone watches the first camera's live
+    stream on the unit's page for the whole measurement."""
     from edgebake_runtime.config import validate
     from edgebake_runtime.service import Service
 
+    http = {"enabled": True, "bind": "127.0.0.1", "port": 0, "token": VIEWER_TOKEN,
+            "token_file": str(results / "token")} if viewer else {"enabled": False}
     config = validate({
         "model": {"path": str(model), "card": ""},
         "inference": {"num_threads": threads},
         "sources": sources,
         "journal": {"dir": str(results), "fsync_interval_sec": 1.0},
-        "http": {"enabled": False},
+        "http": http,
     }, "bench")
     app = Service(config)
     runner = threading.Thread(target=app.run, daemon=True)
@@ -76,6 +83,7 @@ def run_app(model: Path, seconds: float, threads: int, sources: list[dict[str, A
     while app.metrics.results < 20:
         time.sleep(0.05)
     pids = [c.pid for c in app.cameras.processes if c.pid]
+    watching = _watch(app.http.port, sources[0]["name"]) if viewer and app.http else None
     start_count = app.metrics.results
     cpu_service, cpu_workers = _cpu_seconds([0]), _cpu_seconds(pids)
     started = time.monotonic()
@@ -86,10 +94,11 @@ def run_app(model: Path, seconds: float, threads: int, sources: list[dict[str, A
     elapsed = time.monotonic() - started
     memory = {"service": _memory(0), "workers": [_memory(pid) for pid in pids]}
     snap = app.snapshot()
+    pictures = watching() if watching is not None else 0
     app.request_stop()
     runner.join(5)
     app.stop()
-    return {"fps": count / elapsed,
+    return {"fps": count / elapsed, "viewer_pictures_per_sec": pictures / elapsed,
             "p50_ms": snap["inference"]["end_to_end_p50_ms"],
             "p99_ms": snap["inference"]["end_to_end_p99_ms"],
             "invoke_p50_ms": snap["inference"]["p50_ms"],
@@ -98,6 +107,37 @@ def run_app(model: Path, seconds: float, threads: int, sources: list[dict[str, A
             "worker_cpu_ms": cpu_workers / max(count, 1) * 1000,
             "per_source_fps": {n: s["fps"] for n, s in snap["sources"].items()},
             "memory": memory}
+
+
+def _watch(port: int, camera: str) -> Any:
+    """A viewer on the camera's live stream, reading every picture; the returned function
+    ends it and says how many pictures it saw."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", f"/camera/{camera}.mjpeg",
+                 headers={"Authorization": f"Bearer {VIEWER_TOKEN}"})
+    answer = conn.getresponse()
+    seen = [0]
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            line = answer.readline()
+            if not line:
+                return
+            if line.startswith(b"--"):
+                seen[0] += 1
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def stop() -> int:
+        done.set()
+        answer.close()
+        conn.close()
+        return seen[0]
+    return stop
 
 
 def _memory(pid: int) -> dict[str, float]:
@@ -124,14 +164,14 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 def pipeline(model: Path, seconds: float, threads: int, sources: int, replay: Path,
-             results: Path) -> dict[str, Any]:
+             results: Path, viewer: bool = False) -> dict[str, Any]:
     from edgebake_runtime.config import MAX_REPLAY_FPS
 
     # as fast as inference takes the frames: a pace of its own would cap the pipeline
     return run_app(model, seconds, threads,
                    [{"name": f"replay{i}", "kind": "replay", "path": str(replay),
                      "fps": MAX_REPLAY_FPS}
-                    for i in range(sources)], results)
+                    for i in range(sources)], results, viewer)
 
 
 def rtsp(model: Path, seconds: float, threads: int, replay: Path, results: Path
@@ -170,9 +210,9 @@ def main() -> int:
         report = rtsp(Path(model), float(seconds), int(threads), Path(replay), Path(results))
     elif mode == "raw-pair":
         report = raw_pair(Path(model), float(seconds), int(threads), Path(replay))
-    else:
+    else:  # pipeline, or pipeline-viewer: the same with a live stream open
         report = pipeline(Path(model), float(seconds), int(threads), int(sources),
-                          Path(replay), Path(results))
+                          Path(replay), Path(results), mode == "pipeline-viewer")
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # the largest peak among the worker processes (they have ended by now)
     report["worker_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

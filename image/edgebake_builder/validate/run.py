@@ -129,7 +129,8 @@ def find_image(default_out: Path, target: str, image: Path | None
 
 def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
                progress: Progress, fail_fast: bool = False, update_trials: bool = True,
-               supervision_trials: bool = True, os_rollback: bool = True) -> ImageTestResult:
+               supervision_trials: bool = True, os_rollback: bool = True,
+               runtime_checks: bool = True) -> ImageTestResult:
     """Static checks on the image's rootfs, then the image booted in QEMU and checked over
     SSH; the checks' JUnit reports merged into test/junit.xml."""
     started = time.monotonic()
@@ -146,6 +147,8 @@ def test_image(image: Path, out_dir: Path, manifest: dict[str, Any],
         env = {"EDGEBAKE_MANIFEST": str(manifest_path), "EDGEBAKE_TEST_DIR": str(test_dir),
                # an A/B image: a system that never gets healthy is rolled back (~5 min)
                "EDGEBAKE_OS_ROLLBACK": "1" if os_rollback and update_trials else "",
+               # the runtime's own logic over SSH (model update, rollout, samples, the page)
+               "EDGEBAKE_RUNTIME_CHECKS": "1" if runtime_checks else "",
                "EDGEBAKE_IMAGE": str(image.resolve())}
         with progress.step("static checks on the image's rootfs (testinfra, chroot)"):
             codes["static"] = _static_checks(image, tmp, junit_parts[0], env, progress)

@@ -14,6 +14,15 @@ import pytest
 
 RESULTS = "/data/results"
 
+runtime_checks = pytest.mark.skipif(
+    not os.environ.get("EDGEBAKE_RUNTIME_CHECKS"),
+    reason="the runtime's own checks not asked for (--no-runtime-checks)")
+update_trials = pytest.mark.skipif(not os.environ.get("EDGEBAKE_TRIAL_BUNDLES"),
+                                   reason="update trials not asked for (--no-update-trials)")
+supervision_trials = pytest.mark.skipif(
+    not os.environ.get("EDGEBAKE_SUPERVISION_TRIALS"),
+    reason="supervision trials not asked for (--no-supervision-trials)")
+
 
 def wait(condition: Any, timeout: float, what: str, interval: float = 2.0) -> Any:
     deadline = time.monotonic() + timeout
@@ -144,6 +153,7 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
     assert len(record["id"].split("-")) == 2  # run id and number: unique across restarts
 
 
+@runtime_checks
 def test_the_technicians_page_shows_every_camera_in_a_browser(host: Any) -> None:
     """The page, with the token the unit made at its first start (the seed gives none), as
     `edgebake-update status` prints it over SSH, in headless Chromium on the host."""
@@ -232,13 +242,6 @@ def copy_to_unit(local: str, remote: str) -> None:
          "LogLevel=ERROR", local, f"root@127.0.0.1:{remote}"],
         capture_output=True, text=True, check=False)
     assert copy.returncode == 0, copy.stderr
-
-
-update_trials = pytest.mark.skipif(not os.environ.get("EDGEBAKE_TRIAL_BUNDLES"),
-                                   reason="update trials not asked for (--no-update-trials)")
-supervision_trials = pytest.mark.skipif(
-    not os.environ.get("EDGEBAKE_SUPERVISION_TRIALS"),
-    reason="supervision trials not asked for (--no-supervision-trials)")
 
 
 @update_trials
@@ -331,6 +334,7 @@ def test_a_model_whose_every_decode_fails_is_rolled_back_on_the_unit(host: Any) 
     assert snap["model"]["version"] != "1.7"
 
 
+@runtime_checks
 def test_field_samples_are_kept_and_collected_over_ssh(host: Any, tmp_path: Path) -> None:
     """The seed turned samples on: each camera keeps a periodic frame on /data/samples, and
     collect-samples fetches them over SSH; a second run fetches only the new ones."""
@@ -362,6 +366,7 @@ def test_field_samples_are_kept_and_collected_over_ssh(host: Any, tmp_path: Path
     assert snap["enabled"] and snap["kept"] >= len(names) and snap["write_errors"] == 0, snap
 
 
+@runtime_checks
 def test_a_signed_model_update_is_served_without_a_restart(host: Any) -> None:
     """edgebake-update on the unit: signature (a key from the seed), golden test and latency
     with the unit's runtime, then the running service switches to the new model (BlazeFace
@@ -629,6 +634,7 @@ def test_a_model_on_trial_rolls_back_after_a_reboot(host: Any) -> None:
         entries[-8:]
 
 
+@runtime_checks
 def test_a_rollout_of_two_units_takes_in_the_booted_one(host: Any, tmp_path: Path,
                                                         manifest: dict[str, Any]) -> None:
     """`invoke rollout`'s engine over the test's broker: the booted unit and one unit process
