@@ -199,3 +199,28 @@ def test_the_page_in_a_browser(unit: Any) -> None:
             "the page fits a phone's width"
         browser.save_screenshot(str(artifacts("host") / "unit-page.png"))
         assert console_errors(browser) == []
+
+
+def test_a_token_is_made_once_kept_private_and_printed_by_update_status(
+        tmp_path: Path, default_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgebake_runtime.config import validate
+    from edgebake_runtime.pagetoken import page_token
+    from edgebake_runtime.update import main as update_main
+    from runtime_helpers import write_config
+
+    config = make_config(tmp_path, default_model, [], http={
+        "token_file": str(tmp_path / "web" / "token")})
+    path = write_config(tmp_path, config)
+    assert update_main(["--config", str(path), "--overrides", str(tmp_path / "none.yaml"),
+                        "status"]) == 0
+    assert json.loads(capsys.readouterr().out)["page"]["path"] == "", "none made yet"
+    made = page_token(config.http)
+    assert (tmp_path / "web" / "token").stat().st_mode & 0o777 == 0o600
+    assert page_token(config.http) == made, "kept, not made again"
+    assert update_main(["--config", str(path), "--overrides", str(tmp_path / "none.yaml"),
+                        "status"]) == 0
+    assert json.loads(capsys.readouterr().out)["page"]["path"] == f"/?token={made}"
+    seeded = validate(dict(config.raw, http={**config.raw["http"], "token": TOKEN}), "seed")
+    assert page_token(seeded.http) == TOKEN, "the seed's token wins"
+    with pytest.raises(Exception, match="http.token"):
+        validate(dict(config.raw, http={**config.raw["http"], "token": "short"}), "seed")
