@@ -222,5 +222,5 @@ def test_a_token_is_made_once_kept_private_and_printed_by_update_status(
     assert json.loads(capsys.readouterr().out)["page"]["path"] == f"/?token={made}"
     seeded = validate(dict(config.raw, http={**config.raw["http"], "token": TOKEN}), "seed")
     assert page_token(seeded.http) == TOKEN, "the seed's token wins"
-    with pytest.raises(Exception, match="http.token"):
+    with pytest.raises(Exception, match=r"http\.token"):
         validate(dict(config.raw, http={**config.raw["http"], "token": "short"}), "seed")
