@@ -98,7 +98,8 @@ def test_nobody_looking_costs_no_picture(unit: Any) -> None:
 
 def test_without_the_token_there_is_no_picture_and_no_cookie(unit: Any) -> None:
     app, _, _ = unit
-    for path in ("/", "/camera/door.jpg", "/camera/door.mjpeg", "/?token=wrong-token-0123456"):
+    for path in ("/", "/unit.json", "/camera/door.jpg", "/camera/door.mjpeg",
+                 "/?token=wrong-token-0123456"):
         for headers in ({}, {"Authorization": "Bearer wrong-token-0123456"},
                         {"Cookie": "edgebake_token=wrong-token-0123456"}):
             code, answer, body = request(app, path, headers)
@@ -112,6 +113,8 @@ def test_without_the_token_there_is_no_picture_and_no_cookie(unit: Any) -> None:
     assert code == 200 and b"<main" in body
     assert "script-src 'sha256-" in answer["content-security-policy"]
     assert request(app, "/health")[0] in (200, 503), "/health stays public"
+    code, _, body = request(app, "/unit.json", BEARER)
+    assert code == 200 and "door" in json.loads(body)["sources"]
 
 
 def test_bad_requests_get_clear_answers(unit: Any) -> None:

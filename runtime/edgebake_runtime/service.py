@@ -123,7 +123,8 @@ class Service:
             self.page_error = f"no page: its token cannot be kept: {exc}"[:300]
             log.error("%s", self.page_error)
             return
-        self.page = UnitPage(self.config.http, token, lambda: list(self.cameras.processes))
+        self.page = UnitPage(self.config.http, token, lambda: list(self.cameras.processes),
+                             self.snapshot)
         self.http.routes.append(self.page.answer)
 
     def _reached_at(self) -> str:

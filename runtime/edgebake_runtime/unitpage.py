@@ -1,12 +1,12 @@
 """The technician's page on the unit: `/`, `/camera/<name>.jpg` and `/camera/<name>.mjpeg`.
 
-The page (`web/unit.html`, plain HTML with its script inline) reads the public `/health`
-and shows each camera's newest picture with what the model found drawn on it. Pictures of a
-site are private: everything here needs the unit's token, sent as `Authorization: Bearer`,
-or as the cookie that `/?token=...` sets (and only then: no token, no cookie). Pictures are
-made in the camera processes only while someone asks (`camera.preview`). Live streams are
-capped at `http.max_viewers`; a viewer that stops reading is dropped after the server's
-write timeout.
+The page (`web/unit.html`, plain HTML with its script inline) reads `/unit.json` (the
+figures of `/health`) and shows each camera's newest picture with what the model found
+drawn on it. Pictures of a site are private: everything here needs the unit's token, sent
+as `Authorization: Bearer`, or as the cookie that `/?token=...` sets (and only then: no
+token, no cookie). Pictures are made in the camera processes only while someone asks
+(`camera.preview`). Live streams are capped at `http.max_viewers`; a viewer that stops
+reading is dropped after the server's write timeout.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import re
 import threading
 import time
@@ -53,9 +54,11 @@ def _inline_hashes(html: str) -> tuple[str, str]:
 
 class UnitPage:
     def __init__(self, settings: HttpSettings, token: str,
-                 cameras: Callable[[], list[CameraProcess]]) -> None:
+                 cameras: Callable[[], list[CameraProcess]],
+                 snapshot: Callable[[], dict[str, Any]]) -> None:
         self.token = token
         self.cameras = cameras
+        self.snapshot = snapshot
         self.viewers = threading.BoundedSemaphore(settings.max_viewers) \
             if settings.max_viewers else None
         self.closing = threading.Event()
@@ -72,13 +75,16 @@ class UnitPage:
     def answer(self, request: Request) -> Reply | None:
         """The reply to a page or camera path (None: not one of them)."""
         path = request.path
-        if path not in ("/", "/index.html") and not path.startswith("/camera/"):
+        if path not in ("/", "/index.html", "/unit.json") and not path.startswith("/camera/"):
             return None
         if ".." in path.split("/"):
             return Reply(400, TEXT, b"paths with '..' are refused\n")
-        if path.startswith("/camera/"):
+        if path.startswith("/camera/") or path == "/unit.json":
             if not self._allowed(request.headers):
                 return self._unauthorized()
+            if path == "/unit.json":  # /health's figures, 200 however the unit is
+                return Reply(200, "application/json",
+                             json.dumps(self.snapshot(), sort_keys=True).encode())
             return self._camera(path)
         offered = (request.query.get("token") or [""])[0]
         if offered:

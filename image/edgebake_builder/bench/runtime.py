@@ -75,7 +75,42 @@ def bench_runtime(model: Path, replay: Path, seconds: float, threads: int,
             {"default": local, **({"heavier": big_model} if heavier is not None else {})},
             work, rounds, progress)
     results["model_mb"] = model.stat().st_size / 2**20
+    results["preview_encoders"] = preview_encoders(replay)
     return results
+
+
+def preview_encoders(replay: Path, rounds: int = 200) -> dict[str, float]:
+    """Milliseconds per 640x480 preview JPEG with Pillow and with PyAV's FFmpeg mjpeg
+    encoder (from RGB, as the camera process has it): why the page uses Pillow."""
+    import io
+    import time
+
+    import av
+    import numpy as np
+    from PIL import Image
+
+    picture = Image.open(sorted(replay.iterdir())[0]).convert("RGB").resize((640, 480))
+    rgb = np.asarray(picture)
+    encoder: Any = av.CodecContext.create("mjpeg", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 640, 480, "yuvj420p"
+    encoder.open()
+
+    def pillow() -> None:
+        Image.fromarray(rgb).save(io.BytesIO(), "JPEG", quality=75)
+
+    def pyav() -> None:
+        encoder.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+            format="yuvj420p"))
+
+    timings: dict[str, list[float]] = {"pillow": [], "pyav": []}
+    for _ in range(2):  # interleaved, each after a warm-up
+        for name, encode in (("pillow", pillow), ("pyav", pyav)):
+            encode()
+            began = time.perf_counter()
+            for _ in range(rounds):
+                encode()
+            timings[name].append((time.perf_counter() - began) / rounds * 1000)
+    return {name: min(values) for name, values in timings.items()}
 
 
 # threads per camera before they were measured on the unit (inference.num_threads: 2)
@@ -129,6 +164,10 @@ def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
                  f"capture->result p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms, "
                  f"{one['drops']} frames dropped (latest wins)")
     progress.say(f"throughput ratio pipeline/raw: {one['fps'] / raw['fps']:.2f}")
+    encoders = results["preview_encoders"]
+    progress.say(f"preview JPEG 640x480: Pillow {encoders['pillow']:.2f} ms, PyAV (FFmpeg "
+                 f"mjpeg) {encoders['pyav']:.2f} ms; ratio PyAV/Pillow "
+                 f"{encoders['pyav'] / encoders['pillow']:.2f}")
     viewer = results["viewer"]
     progress.say(f"one viewer on the unit's live stream ({viewer['viewer_pictures_per_sec']:.1f} "
                  f"pictures/s): {viewer['fps']:.1f} fps; ratio with viewer/page closed: "
