@@ -317,7 +317,7 @@ def test_a_system_order_goes_only_over_its_own_topic_and_hands_the_bundle_over(
 def test_a_sticks_newest_system_bundle_goes_to_the_inbox_and_a_link_never(
         tmp_path: Path) -> None:
     from edgebake_runtime.osinbox import read_note, waiting
-    from edgebake_runtime.osupdate import OsState
+    from edgebake_runtime.osstate import OsState
     from edgebake_runtime.usbupdate import system_from
 
     stick, inbox = tmp_path / "stick", tmp_path / "inbox"

@@ -154,6 +154,9 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self.open_lock = threading.Lock()
         self.allow = [ipaddress.ip_network(n, strict=False) for n in allow]
         self.refused = 0
+        self.snapshot: Snapshot = lambda: {"healthy": False}  # HealthServer sets these
+        self.timeout_sec = 5.0
+        self.routes: list[Route] = []
         super().__init__(address, handler)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -204,111 +207,118 @@ class CappedReader:
         self.raw.close()
 
 
+class Handler(BaseHTTPRequestHandler):
+    """One connection: GET /health, /metrics, or a path one of the server's routes takes."""
+
+    server: BoundedHTTPServer
+
+    def setup(self) -> None:
+        """The whole request has the server's `timeout_sec`, however slowly it trickles in,
+        and so has the answer going out; the unit's own time building it (slow on a loaded
+        unit) is not the client's to be cut for."""
+        super().setup()
+        self.connection.settimeout(self.server.timeout_sec)  # every read and write
+        self.rfile = CappedReader(self.rfile, MAX_REQUEST_BYTES)  # type: ignore
+        self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        self.deadline = threading.Timer(self.server.timeout_sec, self._cut)
+        self.deadline.daemon = True
+        self.deadline.start()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self.deadline.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def parse_request(self) -> bool:
+        """A request line cut off by MAX_REQUEST_BYTES, or one without a version
+        (HTTP/0.9, whose answer would have no status line), gets a plain error."""
+        if not super().parse_request():
+            return False  # answered already
+        line: bytes = getattr(self, "raw_requestline", b"")
+        cut = not line.endswith(b"\n")
+        if not cut and self.request_version != "HTTP/0.9":
+            return True
+        self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        self.send_error(414 if cut else 400,
+                        f"request line over {MAX_REQUEST_BYTES} bytes" if cut
+                        else "HTTP/1.0 or later expected")
+        return False
+
+    def do_GET(self) -> None:
+        self.deadline.cancel()  # the request is in; _reply starts the answer's own
+        parts = urlsplit(self.path)
+        if parts.path == "/health":
+            snap = self.server.snapshot()
+            body = json.dumps(snap, sort_keys=True).encode()
+            self._reply(Reply(200 if snap["healthy"] else 503, "application/json",
+                              body))
+        elif parts.path == "/metrics":
+            body = prometheus_text(self.server.snapshot()).encode()
+            self._reply(Reply(200, "text/plain; version=0.0.4", body))
+        else:
+            request = Request(parts.path, parse_qs(parts.query), self.headers)
+            answer = next((reply for route in self.server.routes
+                           if (reply := route(request)) is not None), None)
+            self._reply(answer or Reply(404, "text/plain",
+                                        b"not found: try /, /health or /metrics\n"))
+
+    def _reply(self, reply: Reply) -> None:
+        self._start_deadline()
+        self.send_response(reply.code)
+        self.send_header("Content-Type", reply.kind)
+        if reply.stream is None:
+            self.send_header("Content-Length", str(len(reply.body)))
+        for name, value in (*SAFE_HEADERS, *reply.headers):
+            self.send_header(name, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        if reply.stream is None:
+            self.wfile.write(reply.body)
+            return
+        try:
+            # a viewer's unread parts take at most this much of the unit's memory
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                       STREAM_SEND_BUFFER)
+            self.deadline.cancel()
+            for part in reply.stream:
+                self._start_deadline()  # each part has the whole timeout to go out
+                self.wfile.write(part)
+                self.wfile.flush()
+                self.deadline.cancel()
+        except OSError:
+            pass  # the viewer left, or read too slowly: the stream ends here
+        finally:
+            close = getattr(reply.stream, "close", None)
+            if close is not None:
+                close()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+
 class HealthServer:
     def __init__(self, bind: str, port: int, snapshot: Snapshot, max_connections: int = 8,
                  timeout_sec: float = 5.0, allow: list[str] | None = None) -> None:
-        get_snapshot = snapshot
-        owner = self
-        # more paths (the unit's page, shared samples), tried in turn
-        self.routes: list[Route] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = timeout_sec  # applies to every read and write on the connection
-
-            def setup(self) -> None:
-                """The whole request has `timeout_sec`, however slowly it trickles in, and
-                so has the answer going out; the unit's own time building it (slow on a
-                loaded unit) is not the client's to be cut for."""
-                super().setup()
-                self.rfile = CappedReader(self.rfile, MAX_REQUEST_BYTES)  # type: ignore
-                self._start_deadline()
-
-            def _start_deadline(self) -> None:
-                self.deadline = threading.Timer(timeout_sec, self._cut)
-                self.deadline.daemon = True
-                self.deadline.start()
-
-            def _cut(self) -> None:
-                with contextlib.suppress(OSError):
-                    self.connection.shutdown(socket.SHUT_RDWR)
-
-            def finish(self) -> None:
-                self.deadline.cancel()
-                with contextlib.suppress(OSError):
-                    super().finish()
-
-            def parse_request(self) -> bool:
-                """A request line cut off by MAX_REQUEST_BYTES, or one without a version
-                (HTTP/0.9, whose answer would have no status line), gets a plain error."""
-                if not super().parse_request():
-                    return False  # answered already
-                line: bytes = getattr(self, "raw_requestline", b"")
-                cut = not line.endswith(b"\n")
-                if not cut and self.request_version != "HTTP/0.9":
-                    return True
-                self.request_version = "HTTP/1.0"
-                self.close_connection = True
-                self.send_error(414 if cut else 400,
-                                f"request line over {MAX_REQUEST_BYTES} bytes" if cut
-                                else "HTTP/1.0 or later expected")
-                return False
-
-            def do_GET(self) -> None:
-                self.deadline.cancel()  # the request is in; _reply starts the answer's own
-                parts = urlsplit(self.path)
-                if parts.path == "/health":
-                    snap = get_snapshot()
-                    body = json.dumps(snap, sort_keys=True).encode()
-                    self._reply(Reply(200 if snap["healthy"] else 503, "application/json",
-                                      body))
-                elif parts.path == "/metrics":
-                    body = prometheus_text(get_snapshot()).encode()
-                    self._reply(Reply(200, "text/plain; version=0.0.4", body))
-                else:
-                    request = Request(parts.path, parse_qs(parts.query), self.headers)
-                    answer = next((reply for route in owner.routes
-                                   if (reply := route(request)) is not None), None)
-                    self._reply(answer or Reply(404, "text/plain",
-                                                b"not found: try /, /health or /metrics\n"))
-
-            def _reply(self, reply: Reply) -> None:
-                self._start_deadline()
-                self.send_response(reply.code)
-                self.send_header("Content-Type", reply.kind)
-                if reply.stream is None:
-                    self.send_header("Content-Length", str(len(reply.body)))
-                for name, value in (*SAFE_HEADERS, *reply.headers):
-                    self.send_header(name, value)
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                if reply.stream is None:
-                    self.wfile.write(reply.body)
-                    return
-                try:
-                    # a viewer's unread parts take at most this much of the unit's memory
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                               STREAM_SEND_BUFFER)
-                    self.deadline.cancel()
-                    for part in reply.stream:
-                        self._start_deadline()  # each part has the whole timeout to go out
-                        self.wfile.write(part)
-                        self.wfile.flush()
-                        self.deadline.cancel()
-                except OSError:
-                    pass  # the viewer left, or read too slowly: the stream ends here
-                finally:
-                    close = getattr(reply.stream, "close", None)
-                    if close is not None:
-                        close()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
         self.server = BoundedHTTPServer((bind, port), Handler, max_connections, allow or [])
+        self.server.snapshot = snapshot
+        self.server.timeout_sec = timeout_sec
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="http",
                                         daemon=True)
+
+    @property
+    def routes(self) -> list[Route]:
+        """More paths (the unit's page, shared samples), tried in turn."""
+        return self.server.routes
 
     def start(self) -> None:
         self._thread.start()

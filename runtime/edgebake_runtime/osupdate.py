@@ -26,11 +26,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
 from .bundle import BundleError, version_key
 from .osinbox import INBOX, read_note, waiting
+from .osstate import OsState, OsUpdateError
 
-STATE_DIR = Path("/data/os")
 SYSTEM_CONF = Path("/etc/rauc/system.conf")
 VERSION_FILE = Path("/etc/edgebake/version")
 HEALTH_URL = "http://127.0.0.1:8080/health"
@@ -45,66 +44,6 @@ IDENTITY = ("etc/machine-id", "etc/hostname", "etc/hosts", "etc/ssh/ssh_host_*",
             "etc/edgebake/update-keys/seed.pub", "etc/edgebake/mqtt-ca.pem",
             "etc/wpa_supplicant/wpa_supplicant-wlan0.conf",
             "etc/systemd/system/multi-user.target.wants/wpa_supplicant@wlan0.service")
-
-
-class OsUpdateError(Exception):
-    """One line for the caller; nothing was changed."""
-
-
-class OsState:
-    """What /data/os holds: the update in flight (`update.json`), the audit lines, and the
-    status that `/health` shows (`status.json`)."""
-
-    def __init__(self, root: Path = STATE_DIR) -> None:
-        self.root = root
-
-    def update(self) -> dict[str, Any]:
-        try:
-            data = json.loads((self.root / "update.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def set_update(self, **fields: Any) -> dict[str, Any]:
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        data = {**fields, "at": round(time.time(), 1)}
-        write_atomic(self.root / "update.json", json.dumps(data, indent=1).encode())
-        return data
-
-    def audit(self, step: str, **fields: Any) -> None:
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        line = json.dumps({"ts": round(time.time(), 3), "step": step, **fields},
-                          sort_keys=True) + "\n"
-        with (self.root / "audit.jsonl").open("a") as out:
-            out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
-
-    def audit_tail(self, lines: int = 5) -> list[dict[str, Any]]:
-        try:
-            text = (self.root / "audit.jsonl").read_text().splitlines()[-lines:]
-        except OSError:
-            return []
-        return [json.loads(x) for x in text if x.startswith("{")]
-
-    def refuse(self, reason: str, **fields: Any) -> OsUpdateError:
-        """Audit a refusal and keep it for `/health` (`system.refused`); the error to raise."""
-        self.audit("os-refused", reason=reason, **fields)
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        write_atomic(self.root / "refused.json", json.dumps(
-            {**fields, "reason": reason, "at": round(time.time(), 1)}).encode(), 0o644)
-        return OsUpdateError(f"refused: {reason}")
-
-    def last_refused(self) -> dict[str, Any] | None:
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads((self.root / "refused.json").read_text())
-            if isinstance(data, dict):
-                return data
-        return None
-
-    def publish_status(self, status: dict[str, Any]) -> None:
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        write_atomic(self.root / "status.json", json.dumps(status, indent=1).encode(), 0o644)
 
 
 def booted_slot(cmdline: Path = Path("/proc/cmdline")) -> str:

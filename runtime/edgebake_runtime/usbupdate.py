@@ -28,7 +28,7 @@ from .bundle import MAX_BUNDLE_BYTES, BundleError, version_key
 from .config import ConfigError, load_config
 from .interp import ModelError
 from .osinbox import INBOX, MAX_OS_BUNDLE_BYTES, SUFFIX, hand_over
-from .osupdate import OsState
+from .osstate import OsState
 from .pull import room_left, save_bundle
 from .update import UnitUpdates
 

@@ -142,12 +142,27 @@ def _thread_choice(models: dict[str, Path], work: Path, rounds: int,
     return rows
 
 
-def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
+def _report_threads(results: dict[str, Any], progress: Progress) -> None:
     for row in results.get("threads", []):
         rates = ", ".join(f"{n} thread(s) {rate:.0f}" for n, rate in row["rates"].items())
         progress.say(f"threads measured on this host, {row['model']} model, {row['cameras']} "
                      f"camera(s): results/s {rates}; tuned {row['tuned']} against fixed "
                      f"{row['fixed']}: ratio {row['ratio']:.2f}")
+
+
+def _report_page(results: dict[str, Any], one: dict[str, Any], progress: Progress) -> None:
+    encoders = results["preview_encoders"]
+    progress.say(f"preview JPEG 640x480: Pillow {encoders['pillow']:.2f} ms, PyAV (FFmpeg "
+                 f"mjpeg) {encoders['pyav']:.2f} ms; ratio PyAV/Pillow "
+                 f"{encoders['pyav'] / encoders['pillow']:.2f}")
+    viewer = results["viewer"]
+    progress.say(f"one viewer on the unit's live stream ({viewer['viewer_pictures_per_sec']:.1f} "
+                 f"pictures/s): {viewer['fps']:.1f} fps; ratio with viewer/page closed: "
+                 f"{viewer['fps'] / one['fps']:.2f}")
+
+
+def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
+    _report_threads(results, progress)
     raw, pair, one, two = results["raw"], results["raw_pair"], results["one"], results["two"]
     for number, r in enumerate(results["rounds"], 1):
         progress.say(f"round {number}: raw {r['raw']['fps']:.1f} fps, two raw "
@@ -164,14 +179,7 @@ def report(results: dict[str, Any], threads: int, progress: Progress) -> None:
                  f"capture->result p50 {one['p50_ms']:.2f} ms, p99 {one['p99_ms']:.2f} ms, "
                  f"{one['drops']} frames dropped (latest wins)")
     progress.say(f"throughput ratio pipeline/raw: {one['fps'] / raw['fps']:.2f}")
-    encoders = results["preview_encoders"]
-    progress.say(f"preview JPEG 640x480: Pillow {encoders['pillow']:.2f} ms, PyAV (FFmpeg "
-                 f"mjpeg) {encoders['pyav']:.2f} ms; ratio PyAV/Pillow "
-                 f"{encoders['pyav'] / encoders['pillow']:.2f}")
-    viewer = results["viewer"]
-    progress.say(f"one viewer on the unit's live stream ({viewer['viewer_pictures_per_sec']:.1f} "
-                 f"pictures/s): {viewer['fps']:.1f} fps; ratio with viewer/page closed: "
-                 f"{viewer['fps'] / one['fps']:.2f}")
+    _report_page(results, one, progress)
     per = ", ".join(f"{k} {v:.1f}" for k, v in two["per_source_fps"].items())
     progress.say(f"pipeline, 2 sources, 2 camera processes: {two['fps']:.1f} fps in total "
                  f"(captured per source: {per})")

@@ -208,21 +208,9 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
     # a "card" larger than the image: the data partition must grow into it at first boot
     disk_bytes = image.stat().st_size + CARD_EXTRA_BYTES
     env["EDGEBAKE_DISK_BYTES"] = str(disk_bytes)
-    # a technician's USB stick with a bundle this unit must refuse (signed by another key)
-    on_stick = {"model-9.9.ebundle": USB_BUNDLE}
-    system = manifest.get("system") or {}
-    if system.get("layout") == "ab" and system.get("compatible") and shutil.which("rauc"):
-        # and a system bundle signed under a stranger's CA: root's updater must refuse it
-        on_stick[USB_OS_BUNDLE] = foreign_bundle(tmp / USB_OS_BUNDLE, system["compatible"],
-                                                 "99.0")
-        env["EDGEBAKE_USB_OS_BUNDLE"] = USB_OS_BUNDLE
-    stick = usb_stick(tmp / "stick.img", on_stick)
-    # and one that claims to be the unit's root: it must never be mounted as it
-    hostile = hostile_root_stick(tmp / "hostile-root.img", tmp / "hostile-tree")
-    env["EDGEBAKE_USB_BUNDLE"] = "model-9.9.ebundle"
     machine = QemuMachine(image=image, workdir=tmp / "vm", console=test_dir / "console.log",
                           extra_cmdline=["modules-load=vivid"], disk_bytes=disk_bytes,
-                          usb_sticks=[stick, hostile])
+                          usb_sticks=_usb_sticks(tmp, manifest, env))
     try:
         with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
             _boot(machine, image, manifest, seed, key, progress)
@@ -234,6 +222,21 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
         served.stop()
         if broker is not None:
             broker.stop()
+
+
+def _usb_sticks(tmp: Path, manifest: dict[str, Any], env: dict[str, str]) -> list[Path]:
+    """A technician's stick with bundles this unit must refuse, and one that claims to be
+    the unit's root, which must never be mounted as it."""
+    on_stick = {"model-9.9.ebundle": USB_BUNDLE}  # signed by another key
+    system = manifest.get("system") or {}
+    if system.get("layout") == "ab" and system.get("compatible") and shutil.which("rauc"):
+        # a system bundle signed under a stranger's CA: root's updater must refuse it
+        on_stick[USB_OS_BUNDLE] = foreign_bundle(tmp / USB_OS_BUNDLE, system["compatible"],
+                                                 "99.0")
+        env["EDGEBAKE_USB_OS_BUNDLE"] = USB_OS_BUNDLE
+    env["EDGEBAKE_USB_BUNDLE"] = "model-9.9.ebundle"
+    return [usb_stick(tmp / "stick.img", on_stick),
+            hostile_root_stick(tmp / "hostile-root.img", tmp / "hostile-tree")]
 
 
 def _test_seed(tmp: Path, key: Path, rtsp_url: str, broker: LocalBroker | None,
