@@ -232,7 +232,7 @@ BROKER_HELP = {"broker": "MQTT broker host of the fleet",
 def fleet_status(c: Context, broker: str, port: int = 0, wait: float = 2.0,
                  username: str = "", password: str = "", ca_file: str = "", html: str = "",
                  serve: int = -1, bind: str = "127.0.0.1", rollout: str = "") -> None:
-    """The units seen on MQTT: link, health, model version and sha256, last result time."""
+    """The units seen on MQTT as a table, or as a page (--html, or live with --serve)."""
     from edgebake_builder.fleet import broker_of, collect, table
 
     where = broker_of(broker, port, username, password, ca_file)
