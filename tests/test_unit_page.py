@@ -119,6 +119,7 @@ def test_without_the_token_there_is_no_picture_and_no_cookie(unit: Any) -> None:
 
 def test_bad_requests_get_clear_answers(unit: Any) -> None:
     app, _, _ = unit
+    assert request(app, "/favicon.ico")[0] == 204, "a browser's ask gets nothing, and no error"
     assert request(app, "/camera/nobody.jpg", BEARER)[0] == 404
     assert request(app, "/camera/../health.jpg", BEARER)[0] == 400
     assert request(app, "/camera/%2e%2e/door.jpg", BEARER)[0] == 404
@@ -184,7 +185,8 @@ def test_the_page_in_a_browser(unit: Any) -> None:
         browser.get(f"{base}/")
         assert "needs its token" in browser.page_source
         assert browser.find_elements("css selector", "img") == []
-        console_errors(browser)  # the 401 itself is logged; nothing after it may be
+        errors = console_errors(browser)
+        assert all("401" in e for e in errors), errors  # the 401 itself, nothing else
         browser.get(f"{base}/?token={TOKEN}")
         assert browser.current_url == f"{base}/", "the token leaves the address bar"
         wait_for(lambda: browser.execute_script(

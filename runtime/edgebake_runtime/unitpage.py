@@ -75,6 +75,8 @@ class UnitPage:
     def answer(self, request: Request) -> Reply | None:
         """The reply to a page or camera path (None: not one of them)."""
         path = request.path
+        if path == "/favicon.ico":  # a browser asks for it, the 401 page too: none, no error
+            return Reply(204, TEXT, b"")
         if path not in ("/", "/index.html", "/unit.json") and not path.startswith("/camera/"):
             return None
         if ".." in path.split("/"):
