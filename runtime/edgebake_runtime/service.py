@@ -222,7 +222,7 @@ class Service:
         return {"enabled": True, "url": f"{self._reached_at()}/",
                 "streams": page.streams, "watching": page.watching,
                 "refused": page.refused,
-                "viewers_max": self.config.http.max_viewers}
+                "streams_max": self.config.http.max_viewers}
 
     def _samples_health(self) -> dict[str, Any]:
         if self.samples is None:
