@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -312,8 +313,8 @@ class CameraProcess(ChildLink):
         if sock is None or not self._ready or (now - asked_at < 1.0 and fps <= asked_fps):
             return
         self._preview_asked = (now, fps)
-        with contextlib.suppress(OSError):
-            sock.send(wire.WANT_PREVIEW + f"{fps:g}".encode())
+        with contextlib.suppress(OSError):  # a process too busy to read misses one ask
+            sock.send(wire.WANT_PREVIEW + f"{fps:g}".encode(), socket.MSG_DONTWAIT)
 
     def newer_preview(self, than: float, fps: float, timeout: float) -> tuple[bytes, float]:
         """A preview that came after `than` (time.monotonic()), waiting up to `timeout`
