@@ -49,3 +49,22 @@ def artifacts(target: str) -> Path:
     folder = Path(__file__).resolve().parents[3] / "out" / target / "test"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def open_unit_page(driver: Any, base: str, token_path: str) -> None:
+    """The unit's page as a technician opens it: first without its token (a 401 that shows no
+    image and logs nothing but itself), then with it (the token leaves the address bar)."""
+    driver.get(f"{base}/")
+    assert "needs its token" in driver.page_source
+    assert driver.find_elements("css selector", "img") == []
+    errors = console_errors(driver)
+    assert all("401" in e for e in errors), errors
+    driver.get(base + token_path)
+    assert driver.current_url == f"{base}/", "the token leaves the address bar"
+
+
+def picture_shown(driver: Any, camera: str) -> bool:
+    """Whether the page shows a loaded picture in that camera's tile."""
+    return bool(driver.execute_script(
+        "const i = document.querySelector(`[data-camera='${arguments[0]}'] img`);"
+        "return i && i.complete && i.naturalWidth > 0;", camera))

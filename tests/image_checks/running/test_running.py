@@ -157,7 +157,12 @@ def test_health_reports_fresh_frames_and_the_model(host: Any, manifest: dict[str
 def test_the_technicians_page_shows_every_camera_in_a_browser(host: Any) -> None:
     """The page, with the token the unit made at its first start (the seed gives none), as
     `edgebake-update status` prints it over SSH, in headless Chromium on the host."""
-    from edgebake_builder.validate.browser import chromium, console_errors
+    from edgebake_builder.validate.browser import (
+        chromium,
+        console_errors,
+        open_unit_page,
+        picture_shown,
+    )
 
     status = json.loads(host.run("edgebake-update status").stdout)
     token_path = status["page"]["path"]
@@ -169,17 +174,9 @@ def test_the_technicians_page_shows_every_camera_in_a_browser(host: Any) -> None
          "every camera up")
     base = f"http://127.0.0.1:{os.environ['EDGEBAKE_HTTP_PORT']}"
     with chromium() as browser:
-        browser.get(f"{base}/")
-        assert "needs its token" in browser.page_source
-        assert browser.find_elements("css selector", "img") == []
-        errors = console_errors(browser)
-        assert all("401" in e for e in errors), errors  # the 401 itself, nothing else
-        browser.get(base + token_path)
-        assert browser.current_url == f"{base}/"
+        open_unit_page(browser, base, token_path)
         for name in (vivid, "rtsp"):
-            wait(lambda n=name: browser.execute_script(
-                "const i = document.querySelector(`[data-camera='${arguments[0]}'] img`);"
-                "return i && i.complete && i.naturalWidth > 0;", n), 120,
+            wait(lambda n=name: picture_shown(browser, n), 120,
                  f"camera {name}'s picture on the page", interval=1.0)
         browser.save_screenshot(str(Path(os.environ["EDGEBAKE_TEST_DIR"]) / "unit-page.png"))
         assert console_errors(browser) == []
