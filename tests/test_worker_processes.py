@@ -379,3 +379,26 @@ def _camera_here(tmp_path: Path, model: Path, beside: bool) -> tuple[Any, Any, A
         "version": "v1", "threads": 1, "threshold": None, "top_k": 3, "depth": 2,
         "decode_beside": beside})
     return camera, ours, theirs
+
+
+def test_a_long_invoke_is_not_a_hang_until_the_stall_limit(tmp_path: Path, default_model: Path
+                                                          ) -> None:
+    """A slow model on a loaded unit spends seconds in one invoke: a model switch then waits
+    for it instead of killing the process. Only an invoke (or a silence) past the health
+    verdict's own limit, watchdog.stall_sec, counts as a hang."""
+    app = replay_app(tmp_path, default_model, stall_sec=20.0)
+    with RunningApp(app) as running:
+        wait_for(lambda: running.app.metrics.results >= 3, 30, "first results")
+        camera = running.app.cameras.processes[0]
+        assert camera.hung() == "", "a process at work"
+    # stopped: its reader no longer updates what it heard, so the figures below stay as set
+    assert camera.hung_after == 20.0
+    now = time.monotonic()
+    camera._heard = now
+    camera._busy_reported = now - 5.0  # five seconds into one invoke: slow, not hung
+    assert camera.hung() == ""
+    camera._busy_reported = now - 25.0
+    assert camera.hung().startswith("in one invoke for 2"), camera.hung()
+    camera._busy_reported = 0.0
+    camera._heard = now - 25.0
+    assert camera.hung().startswith("silent for 2"), camera.hung()

@@ -147,6 +147,7 @@ class DiskImage(Output):
     def assemble(self, ctx: BuildContext) -> None:
         prune.prune_modules(ctx.rootfs, ctx.recipe["kernel.modules_exclude"],
                             ctx.recipe["kernel.modules_keep"], ctx.progress)
+        prune.prune_hwdb(ctx.rootfs, ctx.recipe["hwdb_exclude"], ctx.progress)
         prune.prune(ctx.rootfs, ctx.recipe["prune"], ctx.recipe["prune_keep"], ctx.progress)
         assemble.compile_python(ctx.rootfs, ctx.epoch, ctx.progress)
         self.installed = rootfs_tree.installed_packages(ctx.rootfs)

@@ -115,6 +115,7 @@ class Cameras:
                                self.config.queue.depth, self.config.inference.score_threshold,
                                self.config.inference.top_k, self.write_lines, self.metrics)
         camera.decode_beside = core_free(cameras)
+        camera.hung_after = self.config.watchdog.stall_sec
         samples = self.config.samples
         if samples.enabled:
             camera.samples_spec = {"settings": {f.name: getattr(samples, f.name)

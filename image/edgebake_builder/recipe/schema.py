@@ -64,6 +64,10 @@ SETTINGS: tuple[Setting, ...] = (
             "maintainer scripts use (the root is read-only and replaced whole)."),
     Setting("prune_keep", StrList(Str(r"/\S*", "that is an absolute path glob")), [],
             "Exceptions to prune."),
+    Setting("hwdb_exclude", StrList(Str(r"[A-Za-z0-9_.*?\[\]-]+\.hwdb",
+                                        "that is a file name glob ending in .hwdb")), [],
+            "udev hardware database sources (names in hwdb.d) left out when the database is "
+            "compiled again at assembly, in the target with its own systemd-hwdb."),
     Setting("kernel.modules_exclude", StrList(MODULE_GLOB), [],
             "Kernel modules pruned from the image (globs under /lib/modules/<version>/); a module "
             "a kept one depends on always stays. Pruned at assembly: no new base."),

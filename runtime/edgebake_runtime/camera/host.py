@@ -83,6 +83,9 @@ class CameraProcess(ChildLink):
         self.metrics = metrics
         self.decode_beside = False  # the service sets it: True while a core is free for it
         self.samples_spec: dict[str, Any] | None = None  # the service sets it when samples are on
+        # busy in one invoke or silent for longer than this, it is hung (the service sets the
+        # health verdict's own limit, watchdog.stall_sec: a slow model on a loaded unit is not)
+        self.hung_after = 15.0
         self.samples: dict[str, Any] = {}  # the sample keepers' counters, over every process
         self.stats = SourceStats()
         self.queue = QueueMirror()
@@ -253,8 +256,9 @@ class CameraProcess(ChildLink):
             old_threads = self.num_threads
             self.num_threads = threads or self.num_threads  # also for a replacement process
             sock = self._sock
-            if sock is None or not self._ready or not self._responsive():
-                self._replace(model, card, "hung or gone at a model switch")
+            hung = self.hung()
+            if sock is None or not self._ready or hung:
+                self._replace(model, card, f"{hung or 'gone'} at a model switch")
                 return
             self._answered.clear()
             order = {"model": str(model), "card": str(card.path), "version": card.version,
@@ -264,8 +268,11 @@ class CameraProcess(ChildLink):
             except OSError:
                 self._replace(model, card, "gone at a model switch")
                 return
-            if not self._answered.wait(timeout):
-                self._replace(model, card, f"no answer to a model switch in {timeout:.0f}s")
+            # the answer comes once the invoke under way ends (within hung_after) and the
+            # model has loaded (within timeout)
+            if not self._answered.wait(timeout + self.hung_after):
+                self._replace(model, card, "no answer to a model switch in "
+                              f"{timeout + self.hung_after:.0f}s")
                 return
             answer = self._answer or {}
             if answer.get("error"):
@@ -273,10 +280,17 @@ class CameraProcess(ChildLink):
                 raise WorkerStartError(f"camera {self.name}: {answer['error']}")
             self.model, self.card = model, card
 
-    def _responsive(self) -> bool:
+    def hung(self) -> str:
+        """Why the process counts as hung ("" when it does not): silent, or in one invoke,
+        for longer than `hung_after`. A long invoke of a slow model on a loaded unit is not
+        a hang: the process answers a switch once the invoke ends."""
         now = time.monotonic()
         busy = self._busy_reported
-        return now - self._heard < SILENT_SEC and not (busy and now - busy > SILENT_SEC)
+        if now - self._heard > self.hung_after:
+            return f"silent for {now - self._heard:.0f}s"
+        if busy and now - busy > self.hung_after:
+            return f"in one invoke for {now - busy:.0f}s"
+        return ""
 
     def _replace(self, model: Path, card: Card, why: str) -> None:
         """End the process; the reader thread starts the next one, with `model`."""
