@@ -490,3 +490,96 @@ def test_threads_are_measured_at_start_kept_and_measured_again_for_a_new_model(
         wait_for(lambda: running.app.metrics.results >= 5, 30, "results, threads fixed")
         assert running.health()["inference"]["threads"] == {
             "chosen_by": "inference.num_threads", "configured": 3}
+
+
+def test_the_fastest_variant_that_passes_its_checks_is_run(tmp_path: Path) -> None:
+    """An image's model with other precisions beside it (`<model>.variants/`): each variant
+    that is the same model (version, task, labels) and passes its golden test with this
+    runtime is measured with the model's thread counts, and the cameras run the fastest.
+    Here the model is BlazeFace full range and a stand-in for a cheaper precision is the
+    short-range network (a quarter of the pixels) under the same card identity; a variant
+    with another version and one whose golden test fails are left out, and say why."""
+    import shutil
+
+    from edgebake_builder.convert.isolated import write_card
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.steps.model import fetch_locked_model, read_models_lock
+    from edgebake_runtime.threadtune import STORE_NAME
+
+    lock = read_models_lock()
+    full = fetch_locked_model(lock["face_detection_full_range"], Progress(1))
+    short = fetch_locked_model(lock["face_detection_short_range"], Progress(1))
+    folder = tmp_path / "model"
+    variants = folder / "face.variants"
+    variants.mkdir(parents=True)
+    model = folder / "face.tflite"
+    shutil.copyfile(full, model)
+    write_card(model, folder / "face.card.json", "face", {"version": "1.0"})
+    for name, version in (("short", "1.0"), ("other", "9.9")):
+        shutil.copyfile(short, variants / f"{name}.tflite")
+        write_card(variants / f"{name}.tflite", variants / f"{name}.card.json", "face",
+                   {"version": version})
+    # the full-range card and golden outputs beside the short-range network: golden fails
+    shutil.copyfile(short, variants / "broken.tflite")
+    shutil.copyfile(folder / "face.card.json", variants / "broken.card.json")
+    shutil.copyfile(folder / "face.golden.npz", variants / "face.golden.npz")
+    app = Service(make_config(tmp_path, model,
+                              [{"name": "door", "kind": "replay",
+                                "path": str(replay_folder(tmp_path)), "fps": 10}],
+                              inference={"num_threads": 0}))
+    with RunningApp(app) as running:
+        wait_for(lambda: running.app.metrics.results >= 5, 60, "results")
+        shown = running.health()["inference"]["threads"]
+        assert shown["variant"] == "short", shown
+        assert set(shown["variants"]) == {"short"}, shown
+        assert "version differs" in shown["refused"]["other"], shown
+        assert shown["refused"]["broken"].startswith("golden test"), shown
+        assert running.app.cameras.processes[0].model == variants / "short.tflite"
+        assert running.health()["model"]["version"] == "1.0"
+        kept = json.loads((tmp_path / "models" / STORE_NAME).read_text())
+        assert kept["variant_path"] == str(variants / "short.tflite"), kept
+        assert max(kept["variants"]["short"].values()) > max(kept["results_per_sec"].values())
+    records = list(read_lines(tmp_path / "results"))
+    assert records and {r["model"] for r in records} == {"1.0"}
+
+
+def test_an_images_model_variants_are_installed_beside_it_as_the_unit_finds_them(
+        tmp_path: Path) -> None:
+    """recipe `model.variants`: each is copied beside the model in `<stem>.variants/` with a
+    card of the model's version, where the unit's measurement finds it; a variant that is
+    another kind of model is refused in one line naming the file and the field."""
+    from edgebake_builder.errors import BuildError
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.steps.install import MODEL_DIR, install_model
+    from edgebake_builder.steps.model import (
+        fetch_locked_model,
+        prepare_model,
+        prepare_variants,
+        read_models_lock,
+    )
+    from edgebake_builder.steps.rootfs import inside
+    from edgebake_runtime.threadtune import tune, variants_of
+
+    lock = read_models_lock()
+    full = fetch_locked_model(lock["face_detection_full_range"], Progress(1))
+    short = fetch_locked_model(lock["face_detection_short_range"], Progress(1))
+    main = prepare_model(str(full), tmp_path / "work", Progress(1))
+    prepared = prepare_variants([str(short)], main, Progress(1))
+    rootfs = tmp_path / "rootfs"
+    installed = inside(rootfs, install_model(prepared, rootfs))
+    assert installed.parent == inside(rootfs, MODEL_DIR)
+    found = variants_of(installed)
+    assert [p.name for p in found] == [short.name]
+    card = json.loads(found[0].with_name(f"{short.stem}.card.json").read_text())
+    assert card["version"] == main.card["version"] and card["sha256"] != main.card["sha256"]
+    tuning = tune(installed, 1, 1, None, seconds=0.2)
+    assert set(tuning.variants) == {short.stem} and not tuning.refused, tuning
+    # another kind of model under a card that says so
+    other = tmp_path / "other" / "labels.tflite"
+    other.parent.mkdir()
+    shutil.copyfile(short, other)
+    with_card = prepare_model(str(other), tmp_path / "work2", Progress(1))
+    data = dict(with_card.card, labels=["cat", "dog"])
+    (other.parent / "labels.card.json").write_text(json.dumps(data))
+    with pytest.raises(BuildError, match=r"model.variants: .*labels.tflite: its card's labels"):
+        prepare_variants([str(other)], main, Progress(1))

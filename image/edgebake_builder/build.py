@@ -58,8 +58,10 @@ def prepare_model(ctx: BuildContext) -> None:
     recipe = ctx.recipe
     ctx.wheel_target = wheels.Target(recipe["python.version"], recipe["python.glibc"])
     lock = wheels.read_wheels_lock()
-    ctx.prepared = model.prepare_model(ctx.options.model or recipe["model.path"], ctx.workdir,
-                                       ctx.progress)
+    ctx.prepared = model.prepare_variants(
+        recipe["model.variants"],
+        model.prepare_model(ctx.options.model or recipe["model.path"], ctx.workdir,
+                            ctx.progress), ctx.progress)
     ctx.runtime = model.choose_runtime(
         recipe["runtime"], ctx.prepared.card,
         [r for r in model.RUNTIME_PREFERENCE if wheels.wheel_for(r, lock, ctx.wheel_target)],
@@ -113,6 +115,10 @@ def verify_model(ctx: BuildContext) -> None:
     elif ctx.recipe["verify.enabled"]:
         ctx.verified = verify.verify_on_target(ctx.rootfs, ctx.model_path, ctx.card_path,
                                                ctx.progress)
+        for variant in ctx.model.variants:  # each must also be right on the target
+            folder = ctx.model_path.parent / variant.model.parent.name
+            verify.verify_on_target(ctx.rootfs, folder / variant.model.name,
+                                    folder / variant.card_path.name, ctx.progress)
     else:
         ctx.progress.say("      skipped (verify.enabled: false)")
 

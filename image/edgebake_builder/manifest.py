@@ -26,6 +26,9 @@ def build(ctx: BuildContext, output_fields: dict[str, Any]) -> dict[str, Any]:
                           for w in ctx.wheels],
         "model": {"path": str(ctx.model_path), "card_path": str(ctx.card_path),
                   "sha256": prepared.card["sha256"], "card": prepared.card,
+                  "variants": [{"file": v.model.name, "sha256": v.card["sha256"],
+                                "quantization": v.card.get("quantization"),
+                                "accuracy": v.card.get("accuracy")} for v in prepared.variants],
                   "verified_on_target": bool(verified.get("ok")),
                   "target_runtime": {k: verified.get(k) for k in
                                      ("runtime", "runtime_version", "max_deviation")},

@@ -15,8 +15,9 @@ from typing import Any
 
 from . import threadtune
 from .camera.host import CameraProcess
-from .card import Card
+from .card import Card, CardError, card_path_for, load_card
 from .config import AppConfig, SourceConfig
+from .digest import sha256_file
 from .metrics import Metrics
 from .modelload import StartupError
 from .sources.discover import find_cameras
@@ -66,6 +67,8 @@ class Cameras:
         self.by_name: dict[str, CameraProcess] = {}
         self.model = config.model_path
         self.card: Card | None = None
+        # what the processes load: the model, or the variant of it the measurement chose
+        self.running: tuple[Path, Card] | None = None
         self.switching = threading.Lock()  # held while every camera switches models
         self.tuning: threadtune.Tuning | None = None  # inference.num_threads: 0 (auto)
         self.tuning_error = ""
@@ -96,6 +99,20 @@ class Cameras:
             self.tuning_error = f"{type(exc).__name__}: {exc}"[:300]
             log.warning("measuring interpreter threads failed: %s", self.tuning_error)
 
+    def _to_run(self, model: Path, card: Card) -> tuple[Path, Card]:
+        """The variant of `model` the measurement chose (same version, task and labels,
+        checked there), or `model` itself."""
+        tuning = self.tuning
+        if tuning is None or not tuning.variant_path or \
+                tuning.model_sha256 != sha256_file(model):
+            return model, card
+        variant = Path(tuning.variant_path)
+        try:
+            return variant, load_card(card_path_for(variant))
+        except CardError as exc:  # gone or changed since it was measured: the model itself
+            log.warning("model variant %s: %s; running the model itself", variant, exc)
+            return model, card
+
     def threads_health(self) -> dict[str, Any]:
         """How the cameras' interpreter threads were chosen, for /health."""
         configured = self.config.inference.num_threads
@@ -110,8 +127,9 @@ class Cameras:
 
     def _new(self, index: int, source: SourceConfig, cameras: int) -> CameraProcess:
         """A camera process, launched; `cameras`: how many there will be with this one."""
-        assert self.card is not None
-        camera = CameraProcess(index, source, self.model, self.card, self._threads(cameras),
+        assert self.running is not None
+        model, card = self.running
+        camera = CameraProcess(index, source, model, card, self._threads(cameras),
                                self.config.queue.depth, self.config.inference.score_threshold,
                                self.config.inference.top_k, self.write_lines, self.metrics)
         camera.decode_beside = core_free(cameras)
@@ -130,6 +148,7 @@ class Cameras:
         # before any camera runs, for the cameras there will be (those found by themselves too)
         found = len(find_cameras()) if self.template is not None else 0
         self._tune(model, len(self.configured) + found, serving=False)
+        self.running = self._to_run(model, card)
         launched: list[CameraProcess] = []
         try:
             for index, source in enumerate(self.configured):
@@ -160,25 +179,25 @@ class Cameras:
         cannot, those that did go back and StartupError says why. Returns when it began."""
         with self.switching:
             began = time.monotonic()
-            old_model, old_card = self.model, self.card
-            old_tuning = self.tuning
+            old_running, old_tuning = self.running, self.tuning
+            assert old_running is not None  # the cameras were loaded before any switch
             # measured with the old model's cameras still running (said so, and measured
             # again quietly at the next start)
             self._tune(model, len(self.processes), serving=True)
             threads = self._threads(len(self.processes))
+            running = self._to_run(model, card)
             switched: list[CameraProcess] = []
             try:
                 for camera in self.processes:
-                    camera.switch(model, card, threads)
+                    camera.switch(*running, threads)
                     switched.append(camera)
             except Exception as exc:
                 self.tuning = old_tuning
                 for camera in switched:
                     with contextlib.suppress(Exception):
-                        camera.switch(old_model, old_card,  # type: ignore[arg-type]
-                                      self._threads(len(self.processes)))
+                        camera.switch(*old_running, self._threads(len(self.processes)))
                 raise StartupError(f"model {model}: {exc}") from None
-            self.model, self.card = model, card
+            self.model, self.card, self.running = model, card, running
             for camera in self.processes:  # stalls are judged from the switch on
                 camera.last_done = max(camera.last_done, began)
             return began

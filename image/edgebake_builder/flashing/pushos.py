@@ -90,7 +90,7 @@ def wait_for_verdict(host: str, version: str, deadline_sec: float, port: int = 2
         update = (last or {}).get("update") or {}
         if update.get("version") == version and update.get("state") in DONE:
             return last or {}
-        time.sleep(10)
+        time.sleep(5)
     state = ((last or {}).get("update") or {}).get("state", "no answer")
     raise BuildError(f"{host}: no verdict on system {version} after {deadline_sec:.0f} s "
                      f"(last state: {state})")

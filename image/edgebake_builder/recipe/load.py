@@ -150,6 +150,9 @@ def _apply_file(values: dict[str, Any], path: Path, sources: list[str],
     model = flat.get("model.path")
     if model:
         flat["model.path"] = str((path.parent / model).resolve())
+    variants = flat.get("model.variants")
+    if isinstance(variants, list):
+        flat["model.variants"] = [str((path.parent / str(v)).resolve()) for v in variants]
     _apply(values, flat)
     sources.append(str(path))
 

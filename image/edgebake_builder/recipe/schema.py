@@ -140,6 +140,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("journald.max_use", SIZE, "64M", "SystemMaxUse for the persistent journal."),
     Setting("app", Mapping(), {}, "Defaults for /etc/edgebake/app.yaml (checked by the runtime)."),
     Setting("model.path", Str(), "", "Model file; empty means the project's default model."),
+    Setting("model.variants", StrList(Str(r"\S+\.tflite", "that is a .tflite file")), [],
+            "Other precisions of the same model (`invoke convert-model --quantize float16` or "
+            "int8, each with the card the converter wrote beside it, its accuracy gate passed), "
+            "shipped beside it: with inference.num_threads 0 the unit measures each that "
+            "passes its golden test there and runs the fastest."),
     Setting("verify.enabled", Bool(), True,
             "Run the model inside the target rootfs with the shipped runtime before assembly."),
 )

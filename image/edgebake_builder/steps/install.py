@@ -71,11 +71,15 @@ def install_runtime(rootfs: Path) -> None:
 
 
 def install_model(model: PreparedModel, rootfs: Path) -> Path:
-    """Copy model, card and golden file into the image; return the model's target path."""
+    """Copy model, card and golden file, and its variants' (`<stem>.variants/`), into the
+    image; return the model's target path."""
     target_dir = inside(rootfs, MODEL_DIR)
     shutil.rmtree(target_dir, ignore_errors=True)
     target_dir.mkdir(parents=True)
-    for path in (model.model, model.card_path, model.golden_path):
-        shutil.copyfile(path, target_dir / path.name)
-        (target_dir / path.name).chmod(0o644)
+    for prepared in (model, *model.variants):
+        folder = target_dir / prepared.model.parent.relative_to(model.model.parent)
+        folder.mkdir(exist_ok=True)
+        for path in (prepared.model, prepared.card_path, prepared.golden_path):
+            shutil.copyfile(path, folder / path.name)
+            (folder / path.name).chmod(0o644)
     return MODEL_DIR / model.model.name

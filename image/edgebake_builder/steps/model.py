@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebake_runtime.card import card_path_for
+from edgebake_runtime.threadtune import VARIANTS_SUFFIX
 
 from ..cache import atomic_path, cache_root, sha256_file
 from ..errors import BuildError
@@ -41,6 +43,7 @@ class PreparedModel:
     card_path: Path
     golden_path: Path
     card: dict[str, Any]
+    variants: tuple[PreparedModel, ...] = ()  # other precisions of it (recipe model.variants)
 
 
 def read_models_lock(path: Path = MODELS_LOCK) -> dict[str, LockedModel]:
@@ -106,6 +109,46 @@ def prepare_model(model_arg: str, workdir: Path, progress: Progress,
                  f"ops {len(card['ops'])}, sha256 {card['sha256'][:16]}…")
     return PreparedModel(model=model, card_path=card_path,
                          golden_path=dest_dir / card["golden"]["file"], card=card)
+
+
+# what must be the same in a variant's card as in the model's: the unit swaps one for the other
+VARIANT_SAME = ("task", "labels")
+
+
+def prepare_variants(paths: list[str], main: PreparedModel, progress: Progress
+                     ) -> PreparedModel:
+    """`main` with its variants (recipe `model.variants`) copied into `<stem>.variants/`
+    beside it, each given the main card's version, and checked to be the same model."""
+    if not paths:
+        return main
+    folder = main.model.with_name(main.model.stem + VARIANTS_SUFFIX)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    variants = []
+    for given in paths:
+        source = Path(given)
+        if not source.is_file():
+            raise BuildError(f"recipe: model.variants: {source}: model file not found")
+        copy = folder / source.name
+        if copy.exists():
+            raise BuildError(f"recipe: model.variants: {source.name}: named twice; expected "
+                             "one file name per variant")
+        shutil.copyfile(source, copy)
+        extra = _user_card_fields(source, copy) or {}
+        extra.pop("version", None)  # the unit serves it as the model: the same version
+        if "version" in main.card:
+            extra["version"] = main.card["version"]
+        card = write_card(copy, card_path_for(copy), name=main.model.stem, extra=extra)
+        for key in VARIANT_SAME:
+            if card.get(key) != main.card.get(key):
+                raise BuildError(f"recipe: model.variants: {source}: its card's {key} "
+                                 f"{card.get(key)!r} differs from the model's "
+                                 f"{main.card.get(key)!r}; expected the same model")
+        progress.say(f"      variant {copy.name}: {card.get('quantization') or 'as given'}, "
+                     f"{card['size_bytes']} bytes, sha256 {card['sha256'][:16]}…")
+        variants.append(PreparedModel(copy, card_path_for(copy),
+                                      folder / card["golden"]["file"], card))
+    return dataclasses.replace(main, variants=tuple(variants))
 
 
 def _user_card_fields(source: Path, copied: Path) -> dict[str, Any] | None:
