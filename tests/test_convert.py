@@ -73,6 +73,33 @@ def test_sizes_shrink_as_expected(digits: dict[str, Path], tmp_path: Path) -> No
     assert sizes["int8"] / sizes["none"] < 0.35
 
 
+def test_float16_and_int8_variants_ship_and_are_measured_by_the_unit(
+        digits: dict[str, Path], tmp_path: Path) -> None:
+    """The digits model converted three ways, each through its gate: the float model is the
+    image's, float16 and int8 its variants (recipe model.variants). Installed as the image
+    has them, the unit's measurement (in a process without TensorFlow) golden-tests each with
+    the device runtime and measures it; the choice is one of the three."""
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.steps.install import install_model
+    from edgebake_builder.steps.model import prepare_model, prepare_variants
+    from edgebake_builder.steps.rootfs import inside
+    from edgebake_runtime.threadtune import tune_in_child
+
+    made = {q: convert(digits, tmp_path / "made" / f"digits_{q}.tflite", q).output
+            for q in ("none", "float16", "int8")}
+    main = prepare_model(str(made["none"]), tmp_path / "work", Progress(1))
+    prepared = prepare_variants([str(made["float16"]), str(made["int8"])], main, Progress(1))
+    assert [v.card["quantization"] for v in prepared.variants] == ["float16", "int8"]
+    assert {v.card["version"] for v in prepared.variants} == {main.card["version"]}
+    rootfs = tmp_path / "rootfs"
+    model = inside(rootfs, install_model(prepared, rootfs))
+    tuning = tune_in_child(model, 1, 1, tmp_path / "threads.json", False)
+    assert set(tuning.variants) == {"digits_float16", "digits_int8"}, tuning
+    assert not tuning.refused, tuning.refused
+    assert tuning.variant in ("", "digits_float16", "digits_int8")
+    assert all(rate > 0 for table in tuning.variants.values() for rate in table.values())
+
+
 def test_gate_fails_on_bad_calibration_and_leaves_nothing(digits: dict[str, Path],
                                                           tmp_path: Path) -> None:
     blank = tmp_path / "blank.npz"
