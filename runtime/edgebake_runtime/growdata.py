@@ -15,6 +15,7 @@ from pathlib import Path
 
 DATA = "/data"
 ALIGN_SECTORS = 2048  # 1 MiB: what is left at the end of a card is not worth a resize
+SETTLE_SEC = 60  # udev's events for the changed partition are waited for this long at most
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,24 @@ def plan(mount_point: str = DATA) -> Plan:
     return Plan(disk, number, device, int(entry["start"]), int(entry["size"]), sectors)
 
 
+def settle() -> None:
+    """Wait for udev to finish the events the partition change raised. Its blkid probe of
+    the partition must not read the superblock while resize2fs rewrites it: a torn read
+    drops the partition's by-partuuid link for a moment, and systemd then stops /data and
+    everything that needs it (seen at a QEMU unit's first boot)."""
+    subprocess.run(["udevadm", "settle", f"--timeout={SETTLE_SEC}"], capture_output=True,
+                   check=False)  # a slow udev is waited for this long, then growing goes on
+
+
 def grow(p: Plan) -> str:
     if p.spare >= ALIGN_SECTORS:
         # ", +" keeps the start and takes all free space after it
         _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-N", str(p.number), p.disk],
              stdin=", +\n")
         _run(["partx", "-u", "--nr", str(p.number), p.disk])
+        settle()
     _run(["resize2fs", p.device])
+    settle()
     return (f"{p.device}: {p.size * 512 / 2**20:.0f} MiB -> "
             f"{(p.disk_sectors - p.start) * 512 / 2**20:.0f} MiB")
 

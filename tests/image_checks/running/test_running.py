@@ -497,6 +497,15 @@ def test_data_partition_fills_the_card(host: Any) -> None:
     log = host.run("journalctl -b 0 -u edgebake-growdata --no-pager").stdout + host.run(
         "journalctl --no-pager -u edgebake-growdata").stdout
     assert "data partition grown" in log or "already fills" in log, log[-800:]
+    # /data stayed mounted while it grew: a udev probe that read the superblock while
+    # resize2fs rewrote it once made systemd stop /data and everything needing it
+    mounted = int(host.run("systemctl show -p ActiveEnterTimestampMonotonic --value "
+                           "data.mount").stdout.strip() or 0)
+    grown = int(host.run("systemctl show -p ExecMainStartTimestampMonotonic --value "
+                         "edgebake-growdata.service").stdout.strip() or 0)
+    assert 0 < mounted < grown, (mounted, grown)
+    assert host.run("findmnt -n -o SOURCE /data").stdout.strip().startswith("/dev/"), \
+        host.run("findmnt /data").stdout
 
 
 @supervision_trials
