@@ -294,3 +294,37 @@ def test_bench_rollout_fifty_units() -> None:
     assert re.fullmatch(r"rollout: 50 units, 4 stages, 50 confirmed in \d+ s; bad bundle "
                         r"stopped after 5 units \(threshold 1\), 0 left on it",
                         result.stdout.strip().splitlines()[-1]), result.stdout[-2000:]
+
+
+def test_host_units_end_with_the_run_that_started_them() -> None:
+    """A test run killed outright (SIGKILL: no finally, no atexit) leaves no host unit
+    behind: each is started to get SIGTERM when its parent ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def running(pid: int) -> bool:
+        stat = Path(f"/proc/{pid}/stat")
+        try:
+            return stat.read_text().split()[2] != "Z"  # a zombie has ended
+        except OSError:
+            return False
+
+    script = ("import subprocess, sys, time\n"
+              "from edgebake_builder.hostcmd import die_with_parent\n"
+              "child = subprocess.Popen(['sleep', '600'], start_new_session=True,\n"
+              "                         preexec_fn=die_with_parent)\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert run.stdout is not None
+    child = int(run.stdout.readline())
+    assert running(child)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 60
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running(child), f"sleep {child} outlived the run that started it"

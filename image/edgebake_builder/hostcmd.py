@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -13,6 +15,13 @@ from .errors import BuildError
 from .progress import Progress
 
 HEARTBEAT_SECONDS = 20.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """For `preexec_fn`: the child gets SIGTERM when the process that started it ends, even
+    by SIGKILL, so a test run killed outright leaves no unit or server running behind it."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run(cmd: Sequence[str | Path], progress: Progress, *, env: Mapping[str, str] | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..hostcmd import die_with_parent
 from ..validate.broker import BrokerTls
 
 UNIT_FPS = 1.0
@@ -65,7 +66,8 @@ class HostUnits:
                 [sys.executable, "-m", "edgebake_runtime.main", "--config",
                  str(unit.folder / "app.yaml"), "--overrides", str(unit.folder / "none.yaml"),
                  "--log-level", "WARNING"],
-                stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
+                preexec_fn=die_with_parent)
             log.close()
             self.units.append(unit)
 

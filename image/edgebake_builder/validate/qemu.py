@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BuildError
+from ..hostcmd import die_with_parent
 from ..steps import abboot
 from . import diskimage
 from .seed import seed_overlay
@@ -151,8 +152,11 @@ class QemuMachine:
     def start(self) -> None:
         self.console.parent.mkdir(parents=True, exist_ok=True)
         self.console.write_text("")
+        # started from the main thread: it ends with the run (even a killed one) that
+        # started it, and never keeps a core busy after a test
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die_with_parent)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
