@@ -251,3 +251,31 @@ def test_flash_writes_image_and_seed_and_reads_back(built: dict[str, Any], tmp_p
                      str(tmp_path / "other.img"), "--seed", str(bad))
     assert refused.returncode == 1 and "hostname: expected" in refused.stderr
     assert not (tmp_path / "other.img").exists()
+
+
+def test_model_variants_are_verified_on_the_target_and_shipped(tmp_path: Path) -> None:
+    """recipe `model.variants`: the variant is golden-tested in the target like the model,
+    listed in the manifest, and in the root beside the model where the unit looks for it."""
+    from edgebake_builder.progress import Progress
+    from edgebake_builder.steps.model import fetch_locked_model, read_models_lock
+
+    full = fetch_locked_model(read_models_lock()["face_detection_full_range"], Progress(1))
+    recipe = tmp_path / "variants.yaml"
+    recipe.write_text(f"model:\n  variants: [{full}]\n")
+    out = tmp_path / "out"
+    result = invoke("build-image", "--target", "pi4", "--recipe", str(recipe), "--out", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"variant {full.name}" in result.stdout
+    assert result.stdout.count("golden cases match") == 2, result.stdout[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    model = manifest["model"]
+    assert [v["file"] for v in model["variants"]] == [full.name], model["variants"]
+    folder = Path(model["path"]).with_suffix(".variants")
+    image = out / manifest["image"]
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(image)], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    part = table["partitions"][1]
+    root = extract(image, Partition(2, part["start"] * SECTOR, part["size"] * SECTOR,
+                                    part["type"]), tmp_path / "root.ext4")
+    listing = debugfs(root, f"ls -l {folder}")
+    assert full.name in listing and f"{full.stem}.card.json" in listing, listing
