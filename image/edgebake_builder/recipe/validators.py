@@ -28,8 +28,7 @@ class StrList:
         return list(value)
 
     def describe(self) -> str:
-        inner = self.item.describe()
-        return f"a list of {inner[2:] if inner.startswith('a ') else inner}s"
+        return f"a list of items, each {self.item.describe()}"
 
 
 @dataclass(frozen=True)
