@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebake_runtime.config import ConfigError, validate
+from edgebake_runtime.threadtune import variants_folder
 
 from . import __version__, preflight, units, variants
 from .context import BuildContext, BuildOptions, default_source_date_epoch
@@ -115,8 +116,8 @@ def verify_model(ctx: BuildContext) -> None:
     elif ctx.recipe["verify.enabled"]:
         ctx.verified = verify.verify_on_target(ctx.rootfs, ctx.model_path, ctx.card_path,
                                                ctx.progress)
+        folder = variants_folder(ctx.model_path)
         for variant in ctx.model.variants:  # each must also be right on the target
-            folder = ctx.model_path.parent / variant.model.parent.name
             verify.verify_on_target(ctx.rootfs, folder / variant.model.name,
                                     folder / variant.card_path.name, ctx.progress)
     else:

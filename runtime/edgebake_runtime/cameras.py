@@ -17,7 +17,6 @@ from . import threadtune
 from .camera.host import CameraProcess
 from .card import Card, CardError, card_path_for, load_card
 from .config import AppConfig, SourceConfig
-from .digest import sha256_file
 from .metrics import Metrics
 from .modelload import StartupError
 from .sources.discover import find_cameras
@@ -103,10 +102,11 @@ class Cameras:
         """The variant of `model` the measurement chose (same version, task and labels,
         checked there), or `model` itself."""
         tuning = self.tuning
-        if tuning is None or not tuning.variant_path or \
-                tuning.model_sha256 != sha256_file(model):
+        if tuning is None or not tuning.variant_path:
             return model, card
         variant = Path(tuning.variant_path)
+        if variant.parent != threadtune.variants_folder(model):
+            return model, card  # chosen for another model (its measurement has failed since)
         try:
             return variant, load_card(card_path_for(variant))
         except CardError as exc:  # gone or changed since it was measured: the model itself

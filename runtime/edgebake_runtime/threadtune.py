@@ -39,6 +39,8 @@ MEASURE_SEC = 1.0  # per candidate, after one warm-up invoke per interpreter
 CHILD_TIMEOUT_SEC = 300.0  # loads and runs under QEMU's emulation too
 STORE_NAME = "threads.json"
 VARIANTS_SUFFIX = ".variants"
+# what a variant's card must share with the model's: the unit serves one as the other
+SAME_MODEL_KEYS = ("version", "task", "labels")
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,13 @@ def measure(model: Path, threads: int, cameras: int, seconds: float = MEASURE_SE
 def variants_of(model: Path) -> list[Path]:
     """The other precisions of `model` the image ships beside it (`<stem>.variants/*.tflite`,
     each with its card and golden file)."""
-    folder = model.with_name(model.stem + VARIANTS_SUFFIX)
-    return sorted(p for p in folder.glob("*.tflite") if card_path_for(p).is_file())
+    return sorted(p for p in variants_folder(model).glob("*.tflite")
+                  if card_path_for(p).is_file())
+
+
+def variants_folder(model: Path) -> Path:
+    """Where the other precisions of `model` are shipped: `<stem>.variants/` beside it."""
+    return model.with_name(model.stem + VARIANTS_SUFFIX)
 
 
 def variant_problem(model: Path, variant: Path) -> str:
@@ -127,7 +134,7 @@ def variant_problem(model: Path, variant: Path) -> str:
         ours, theirs = load_card(card_path_for(model)), load_card(card_path_for(variant))
     except CardError as exc:
         return str(exc)
-    for key in ("version", "task", "labels"):
+    for key in SAME_MODEL_KEYS:
         if ours.data.get(key) != theirs.data.get(key):
             return f"its card's {key} differs from the model's"
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebake_runtime.card import card_path_for
-from edgebake_runtime.threadtune import VARIANTS_SUFFIX
+from edgebake_runtime.threadtune import SAME_MODEL_KEYS, variants_folder
 
 from ..cache import atomic_path, cache_root, sha256_file
 from ..errors import BuildError
@@ -111,17 +111,13 @@ def prepare_model(model_arg: str, workdir: Path, progress: Progress,
                          golden_path=dest_dir / card["golden"]["file"], card=card)
 
 
-# what must be the same in a variant's card as in the model's: the unit swaps one for the other
-VARIANT_SAME = ("task", "labels")
-
-
 def prepare_variants(paths: list[str], main: PreparedModel, progress: Progress
                      ) -> PreparedModel:
     """`main` with its variants (recipe `model.variants`) copied into `<stem>.variants/`
     beside it, each given the main card's version, and checked to be the same model."""
     if not paths:
         return main
-    folder = main.model.with_name(main.model.stem + VARIANTS_SUFFIX)
+    folder = variants_folder(main.model)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     variants = []
@@ -139,7 +135,7 @@ def prepare_variants(paths: list[str], main: PreparedModel, progress: Progress
         if "version" in main.card:
             extra["version"] = main.card["version"]
         card = write_card(copy, card_path_for(copy), name=main.model.stem, extra=extra)
-        for key in VARIANT_SAME:
+        for key in SAME_MODEL_KEYS:  # the version was just made the same
             if card.get(key) != main.card.get(key):
                 raise BuildError(f"recipe: model.variants: {source}: its card's {key} "
                                  f"{card.get(key)!r} differs from the model's "
