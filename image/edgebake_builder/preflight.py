@@ -27,6 +27,10 @@ BUILD_TOOLS: dict[str, str] = {
     "faketime": "faketime",
     "zstd": "zstd",
     "aarch64-linux-gnu-strip": "binutils-aarch64-linux-gnu",
+    # recipe refuse_libraries: reading symbols, making the libraries that refuse
+    "aarch64-linux-gnu-readelf": "binutils-aarch64-linux-gnu",
+    "aarch64-linux-gnu-as": "binutils-aarch64-linux-gnu",
+    "aarch64-linux-gnu-ld": "binutils-aarch64-linux-gnu",
 }
 # what an A/B image adds: the boot script, and the system bundle
 AB_TOOLS: dict[str, str] = {"mkimage": "u-boot-tools", "rauc": "rauc",

@@ -26,6 +26,7 @@ from .steps import (
     packages,
     prune,
     publish,
+    refuse,
     vendorboot,
 )
 from .steps import rootfs as rootfs_tree
@@ -148,6 +149,8 @@ class DiskImage(Output):
         prune.prune_modules(ctx.rootfs, ctx.recipe["kernel.modules_exclude"],
                             ctx.recipe["kernel.modules_keep"], ctx.progress)
         prune.prune_hwdb(ctx.rootfs, ctx.recipe["hwdb_exclude"], ctx.progress)
+        refuse.refuse_libraries(ctx.rootfs, ctx.recipe["refuse_libraries"],
+                                ctx.recipe["refuse_answer_none"], ctx.progress)
         prune.prune(ctx.rootfs, ctx.recipe["prune"], ctx.recipe["prune_keep"], ctx.progress)
         assemble.compile_python(ctx.rootfs, ctx.epoch, ctx.progress)
         self.installed = rootfs_tree.installed_packages(ctx.rootfs)

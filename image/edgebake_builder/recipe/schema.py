@@ -64,6 +64,15 @@ SETTINGS: tuple[Setting, ...] = (
             "maintainer scripts use (the root is read-only and replaced whole)."),
     Setting("prune_keep", StrList(Str(r"/\S*", "that is an absolute path glob")), [],
             "Exceptions to prune."),
+    Setting("refuse_libraries", StrList(Str(r"/\S*", "that is an absolute path glob")), [],
+            "Shared libraries replaced at assembly by small ones with the same name and the "
+            "symbols their users bind to, which end the process with a message naming the "
+            "function if called: what a unit loads but never calls (the encoders PyAV's "
+            "FFmpeg links)."),
+    Setting("refuse_answer_none", StrList(Str(r"[A-Za-z0-9_.$*?\[\]]+",
+                                              "that is a symbol name glob")), [],
+            "Functions of refused libraries that return 0 (nothing there) instead: those a "
+            "user calls only to ask what the library can do."),
     Setting("hwdb_exclude", StrList(Str(r"[A-Za-z0-9_.*?\[\]-]+\.hwdb",
                                         "that is a file name glob ending in .hwdb")), [],
             "udev hardware database sources (names in hwdb.d) left out when the database is "

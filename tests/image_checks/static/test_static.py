@@ -129,34 +129,54 @@ def test_runtime_imports_in_the_target(host: Any, manifest: dict[str, Any]) -> N
     assert cmd.stdout.strip() == "ok"
 
 
-H264_ROUND_TRIP = """
-import io, av, numpy as np
-buf = io.BytesIO()
-out = av.open(buf, "w", format="h264")
-stream = out.add_stream("libx264", rate=5)
-stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-for i in range(4):
-    frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 40, np.uint8), format="rgb24")
-    for packet in stream.encode(frame):
-        out.mux(packet)
-for packet in stream.encode():
-    out.mux(packet)
-out.close()
-buf.seek(0)
-print(sum(1 for _ in av.open(buf, format="h264").decode(video=0)))
+H264_DECODE = """
+import av
+print(sum(1 for _ in av.open("/tmp/edgebake-check/clip.h264").decode(video=0)))
+"""
+X264_ENCODE = """
+import av
+codec = av.CodecContext.create("libx264", "w")
+codec.width, codec.height, codec.pix_fmt = 64, 64, "yuv420p"
+codec.open()
+print("opened")
 """
 
 
-def test_streams_decode_with_the_shipped_pyav(host: Any) -> None:
-    """PyAV's shared objects lose their debug sections at build time: H.264 still encodes
-    and decodes in the target (qemu-user), which is what RTSP cameras need."""
+def _h264_clip(path: Path, frames: int) -> None:
+    """A short H.264 stream made on the host, as an RTSP camera would send one."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="h264") as out:
+        stream = out.add_stream("libx264", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), i * 40, np.uint8),
+                                               format="rgb24")
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+
+
+def test_streams_decode_with_the_shipped_pyav(host: Any, manifest: dict[str, Any]) -> None:
+    """PyAV's shared objects lose their debug sections, and the encoders its FFmpeg links
+    are refused (recipe refuse_libraries): H.264 still decodes in the target (qemu-user),
+    which is what RTSP cameras need, and a refused encoder ends the process naming it."""
     if not host.file("/opt/edgebake/lib/av").exists:
         pytest.skip("this image ships no PyAV")
-    script = Path(os.environ["EDGEBAKE_ROOTFS"]) / "tmp" / "edgebake-check" / "h264.py"
-    script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(H264_ROUND_TRIP)
-    cmd = host.run("PYTHONPATH=/opt/edgebake/lib python3 /tmp/edgebake-check/h264.py")
+    scratch = Path(os.environ["EDGEBAKE_ROOTFS"]) / "tmp" / "edgebake-check"
+    scratch.mkdir(parents=True, exist_ok=True)
+    _h264_clip(scratch / "clip.h264", 4)
+    (scratch / "decode.py").write_text(H264_DECODE)
+    (scratch / "encode.py").write_text(X264_ENCODE)
+    cmd = host.run("PYTHONPATH=/opt/edgebake/lib python3 /tmp/edgebake-check/decode.py")
     assert cmd.rc == 0 and cmd.stdout.strip() == "4", cmd.stderr[-800:]
+    refused = any("libx264" in p for p in manifest["recipe"].get("refuse_libraries", []))
+    cmd = host.run("PYTHONPATH=/opt/edgebake/lib python3 /tmp/edgebake-check/encode.py")
+    if refused:
+        assert cmd.rc == 70 and "opened" not in cmd.stdout, (cmd.rc, cmd.stdout)
+        assert "libx264" in cmd.stderr and "left out of this image" in cmd.stderr, cmd.stderr
+    else:
+        assert cmd.rc == 0 and cmd.stdout.strip() == "opened", cmd.stderr[-800:]
 
 
 def test_model_updates_can_be_checked_on_the_target(host: Any) -> None:
