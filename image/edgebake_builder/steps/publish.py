@@ -12,11 +12,12 @@ from ..cache import sha256_file
 from ..hostcmd import run
 from ..progress import Progress
 
-# zstd -9 with a 128 MiB window: as small as xz -1 in under half the time (1403 MiB pi4 image
-# on 2 cores: 12.0 s and 182.9 MiB against 25.2 s and 181.2 MiB). A 2^27 window is the most
-# any zstd decoder (bmaptool's, Raspberry Pi Imager's libarchive) reads without being told;
-# the output does not depend on the thread count.
-ZSTD_ARGS = ("-9", "--long=27", "-T0")
+# zstd -10 with a 128 MiB window: as small as xz -1 in under half the time. The pi4 image of
+# 2026-12-04 on 2 cores: -9 100.2 MB in 3.5 s, -10 98.9 MB in 4.5 s, -11 98.8 MB in 6.2 s,
+# -13 in 14.6 s is larger than -12. A 2^27 window is the most any zstd decoder (bmaptool's,
+# Raspberry Pi Imager's libarchive) reads without being told; the output does not depend on
+# the thread count.
+ZSTD_ARGS = ("-10", "--long=27", "-T0")
 
 
 def compress(image: Path, compression: str, xz_level: int, progress: Progress) -> Path:

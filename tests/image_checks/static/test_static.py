@@ -180,7 +180,8 @@ def test_streams_decode_with_the_shipped_pyav(host: Any, manifest: dict[str, Any
 
 
 def test_model_updates_can_be_checked_on_the_target(host: Any) -> None:
-    """The shipped cryptography wheels sign and verify ed25519 under the target's Python."""
+    """The shipped cryptography (Debian's, or the wheels on an overlay) signs and verifies
+    ed25519 under the target's Python."""
     script = ("from cryptography.hazmat.primitives.asymmetric import ed25519; "
               "k = ed25519.Ed25519PrivateKey.generate(); "
               "k.public_key().verify(k.sign(b'x'), b'x'); "
