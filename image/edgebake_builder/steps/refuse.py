@@ -52,8 +52,11 @@ def refuse_libraries(rootfs: Path, patterns: list[str], answer_none: list[str],
     if not patterns:
         return 0
     libraries = _matching_libraries(rootfs, patterns)
+    unmatched = [p for p in patterns
+                 if not any(fnmatch.fnmatch(f"/{lib.relative_to(rootfs)}", p) for lib in libraries)]
+    if unmatched:  # a wheel or package renamed its libraries: say so, the image is larger
+        progress.say(f"      refuse_libraries: nothing matches {', '.join(unmatched)}")
     if not libraries:
-        progress.say("      refuse_libraries: no library matches; nothing replaced")
         return 0
     # who can bind to a library: ELF files in the folder above its own (for a wheel's
     # `<name>.libs` folder, the whole site folder the wheel was installed into)
