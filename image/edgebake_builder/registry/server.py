@@ -13,6 +13,7 @@ from typing import Any
 
 from ..convert.toolchain import python_for
 from ..errors import BuildError
+from ..hostcmd import die_with_parent
 from ..validate.qemu import free_port
 from .client import check_answers
 
@@ -39,7 +40,8 @@ class RegistryServer:
                  "--port", str(port), "--workers", "1",
                  "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                  "--artifacts-destination", str(folder / "artifacts")],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent)  # nothing left serving if we are killed
         server = cls(proc, f"http://127.0.0.1:{port}", log)
         server._wait_until_it_answers()
         return server
