@@ -51,7 +51,8 @@ def test_a_refused_library_keeps_only_what_its_users_bind_to(tmp_path: Path) -> 
     user = _library(libs, "libuser.so.1", USER, needs=[encoder])
     others = refuse.read_symbols([user])
     assert others[user].needed == ["libenc.so.1"]
-    users = refuse._replace(tmp_path, encoder, others, ["enc_caps"], Progress(1))
+    own = refuse.read_symbols([encoder])[encoder]
+    users = refuse._replace(tmp_path, encoder, own, others, ["enc_caps"], Progress(1))
     assert users == [user]
     made = refuse.read_symbols([encoder])[encoder]
     assert made.soname == "libenc.so.1"
@@ -80,4 +81,5 @@ def test_what_cannot_be_refused_is_one_line(tmp_path: Path) -> None:
     subprocess.run([refuse.ASSEMBLER, "-o", str(obj), str(tmp_path / "prog.s")], check=True)
     subprocess.run([refuse.LINKER, "-o", str(program), str(obj)], check=True)
     with pytest.raises(BuildError, match=r"^recipe: refuse_libraries: /lib/prog: has no SONAME"):
-        refuse._replace(tmp_path, program, {}, [], Progress(1))
+        refuse._replace(tmp_path, program, refuse.read_symbols([program])[program], {}, [],
+                        Progress(1))

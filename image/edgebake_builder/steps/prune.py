@@ -6,13 +6,12 @@ those scripts need (perl beyond perl-base, say) can go."""
 from __future__ import annotations
 
 import fnmatch
-import os
 from pathlib import Path
 
 from .. import kmods
 from ..errors import BuildError
 from ..progress import Progress
-from .rootfs import inside, run_in_target
+from .rootfs import inside, matching_files, run_in_target
 
 HWDB = "/usr/lib/udev/hwdb.bin"
 HWDB_SOURCES = ("/usr/lib/udev/hwdb.d", "/etc/udev/hwdb.d")
@@ -24,15 +23,10 @@ def prune(rootfs: Path, patterns: list[str], keep: list[str], progress: Progress
     if not patterns:
         return 0
     removed = count = 0
-    for folder, _dirs, files in os.walk(rootfs):
-        for name in files:
-            path = os.path.join(folder, name)
-            absolute = "/" + os.path.relpath(path, rootfs)
-            if any(fnmatch.fnmatch(absolute, p) for p in patterns) and \
-                    not any(fnmatch.fnmatch(absolute, k) for k in keep):
-                removed += os.lstat(path).st_size
-                count += 1
-                os.unlink(path)
+    for path, _absolute in list(matching_files(rootfs, patterns, keep)):
+        removed += path.lstat().st_size
+        count += 1
+        path.unlink()
     progress.say(f"      pruned {count} files, {removed / 2**20:.1f} MiB (recipe: prune)")
     return removed
 

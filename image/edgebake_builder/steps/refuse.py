@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import BuildError
 from ..hostcmd import capture, run
 from ..progress import Progress
-from .rootfs import run_in_target
+from .rootfs import is_elf, matching_files, run_in_target
 
 READELF = "aarch64-linux-gnu-readelf"
 ASSEMBLER = "aarch64-linux-gnu-as"
@@ -62,14 +62,16 @@ def refuse_libraries(rootfs: Path, patterns: list[str], answer_none: list[str],
     # `<name>.libs` folder, the whole site folder the wheel was installed into)
     scopes = sorted({library.parent.parent for library in libraries})
     others = sorted({p for scope in scopes for p in scope.rglob("*") if p not in libraries
-                     and p.is_file() and not p.is_symlink() and _is_elf(p)})
-    symbols = read_symbols(others)
+                     and p.is_file() and not p.is_symlink() and is_elf(p)})
+    symbols = read_symbols(others + libraries)
     saved = 0
     users: set[Path] = set()
     for library in libraries:
         before = library.stat().st_size
-        in_scope = {p: s for p, s in symbols.items() if p.is_relative_to(library.parent.parent)}
-        users.update(_replace(rootfs, library, in_scope, answer_none, progress))
+        in_scope = {p: s for p, s in symbols.items() if p not in libraries
+                    and p.is_relative_to(library.parent.parent)}
+        users.update(_replace(rootfs, library, symbols[library], in_scope, answer_none,
+                              progress))
         saved += before - library.stat().st_size
     _check_users_load(rootfs, sorted(users), progress)
     progress.say(f"      refused {len(libraries)} libraries no unit calls (recipe: "
@@ -78,26 +80,14 @@ def refuse_libraries(rootfs: Path, patterns: list[str], answer_none: list[str],
 
 
 def _matching_libraries(rootfs: Path, patterns: list[str]) -> list[Path]:
-    found = []
-    for folder, _dirs, files in os.walk(rootfs):
-        for name in files:
-            path = Path(folder) / name
-            absolute = "/" + str(path.relative_to(rootfs))
-            if any(fnmatch.fnmatch(absolute, p) for p in patterns) and not path.is_symlink() \
-                    and _is_elf(path):
-                found.append(path)
-    return sorted(found)
+    return sorted(path for path, _ in matching_files(rootfs, patterns)
+                  if not path.is_symlink() and is_elf(path))
 
 
-def _is_elf(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(4) == b"\x7fELF"
-
-
-def _replace(rootfs: Path, library: Path, others: dict[Path, ElfSymbols],
+def _replace(rootfs: Path, library: Path, own: ElfSymbols, others: dict[Path, ElfSymbols],
              answer_none: list[str], progress: Progress) -> list[Path]:
-    """Swap one library for a refusing one; returns the files among `others` that need it."""
-    own = read_symbols([library])[library]
+    """Swap one library (whose symbols are `own`) for a refusing one; returns the files
+    among `others` that need it."""
     if not own.soname:
         raise BuildError(f"recipe: refuse_libraries: /{library.relative_to(rootfs)}: has no "
                          "SONAME, so it is not a shared library others link to")

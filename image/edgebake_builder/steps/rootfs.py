@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..hostcmd import capture
@@ -13,6 +15,27 @@ from ..progress import Progress
 def inside(rootfs: Path, path: Path | str) -> Path:
     """Host path of an absolute target path."""
     return rootfs / str(path).lstrip("/")
+
+
+ELF_MAGIC = b"\x7fELF"
+
+
+def is_elf(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4) == ELF_MAGIC
+
+
+def matching_files(rootfs: Path, patterns: list[str],
+                   keep: list[str] | tuple[str, ...] = ()) -> Iterator[tuple[Path, str]]:
+    """Each file or link in the rootfs (host path, absolute target path) whose target path
+    matches a glob of `patterns` and none of `keep`; recipe globs, so `*` crosses `/`."""
+    for folder, _dirs, files in os.walk(rootfs):
+        for name in files:
+            path = os.path.join(folder, name)
+            absolute = "/" + os.path.relpath(path, rootfs)
+            if any(fnmatch.fnmatch(absolute, p) for p in patterns) and \
+                    not any(fnmatch.fnmatch(absolute, k) for k in keep):
+                yield Path(path), absolute
 
 
 def run_in_target(rootfs: Path, argv: list[str], progress: Progress,

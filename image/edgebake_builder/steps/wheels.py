@@ -11,6 +11,7 @@ from ..cache import atomic_path, cache_root
 from ..errors import BuildError
 from ..hostcmd import run
 from ..progress import Progress
+from .rootfs import is_elf
 
 WHEELS_LOCK = Path(__file__).resolve().parents[3] / "recipes" / "wheels.lock"
 LOCK_LINE = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)==(?P<version>\S+)\s+"
@@ -129,12 +130,6 @@ def install_wheels(wheels: list[LockedWheel], wheel_dir: Path, site_dir: Path,
 
 # binutils for the target's architecture (every target is aarch64)
 TARGET_STRIP = "aarch64-linux-gnu-strip"
-ELF_MAGIC = b"\x7fELF"
-
-
-def _is_elf(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(4) == ELF_MAGIC
 
 
 def strip_debug_info(site_dir: Path, progress: Progress) -> int:
@@ -142,7 +137,7 @@ def strip_debug_info(site_dir: Path, progress: Progress) -> int:
     modules: 40 of its 96 MiB); symbols stay, so tracebacks and `ldd` are unchanged. Returns
     the bytes saved."""
     objects = sorted(p for p in site_dir.rglob("*.so*")
-                     if p.is_file() and not p.is_symlink() and _is_elf(p))
+                     if p.is_file() and not p.is_symlink() and is_elf(p))
     if not objects:
         return 0
     before = sum(p.stat().st_size for p in objects)
