@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import shlex
 import socket
@@ -16,6 +17,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from edgebake_runtime.config import ConfigError, validate
@@ -313,6 +315,43 @@ def test_growdata_plans_on_a_real_partition_table(tmp_path: Path) -> None:
     end = int(grown["partitions"][-1]["start"]) + int(grown["partitions"][-1]["size"])
     assert 64 * 2**20 // 512 - end < ALIGN_SECTORS
     assert grown["partitions"][-1]["start"] == last["start"]
+
+
+def test_growing_waits_for_udevs_probe_and_gives_up_in_bounds(tmp_path: Path,
+                                                             monkeypatch: Any) -> None:
+    """The grow holds the whole disk's BSD lock (udev probes under a shared one): it waits
+    while a probe holds the disk, takes it once the probe ends, and leaves the card alone
+    for this boot when the disk stays held past its bound."""
+    import fcntl
+
+    from edgebake_runtime import growdata
+
+    disk = tmp_path / "card.img"
+    disk.write_bytes(b"\0" * 4096)
+    probe = os.open(disk, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # udev probing the disk
+    released = threading.Event()
+
+    def probe_ends() -> None:
+        time.sleep(0.5)
+        released.set()
+        os.close(probe)
+
+    threading.Thread(target=probe_ends, daemon=True).start()
+    with growdata.whole_disk_locked(str(disk)):
+        assert released.is_set()
+        other = os.open(disk, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):  # and a new probe now waits for us
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        os.close(other)
+
+    held = os.open(disk, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_SH)  # held for good
+    monkeypatch.setattr(growdata, "LOCK_WAIT_SEC", 0.5)
+    with pytest.raises(growdata.DiskBusy, match="stayed locked"), \
+            growdata.whole_disk_locked(str(disk)):
+        pytest.fail("the grow ran on a disk someone else held")
+    os.close(held)
 
 
 @pytest.mark.long

@@ -214,6 +214,8 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
     try:
         with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
             _boot(machine, image, manifest, seed, key, progress)
+        if not _data_is_mounted(machine, key, test_dir, progress):
+            return 1, {}
         with progress.step("runtime checks over SSH (testinfra)"):
             return _running_checks(machine, key, tmp, test_dir, env, junit, progress)
     finally:
@@ -295,6 +297,23 @@ def _boot(machine: QemuMachine, image: Path, manifest: dict[str, Any], seed: byt
     machine.start()
     waited = machine.wait_for_ssh(key, SSH_TIMEOUT_SEC)
     progress.say(f"      SSH up after {waited:.0f}s")
+
+
+def _data_is_mounted(machine: QemuMachine, key: Path, test_dir: Path,
+                     progress: Progress) -> bool:
+    """Every running check needs /data: a unit that lost it at first boot is shown with the
+    journal of what happened to it, instead of some 50 minutes of checks each timing out."""
+    if machine.ssh(key, "findmnt -n /data").returncode == 0:
+        return True
+    journal = machine.ssh(key, "journalctl --no-pager -o short-monotonic", timeout=180).stdout
+    (test_dir / "journal.txt").write_text(journal)
+    progress.say("      /data is not mounted on the booted unit: running checks not run; "
+                 f"what the journal says of it ({test_dir / 'journal.txt'}):")
+    about_data = [line for line in journal.splitlines()
+                  if any(word in line for word in ("data.mount", "growdata", "by-partuuid"))]
+    for line in about_data[-20:]:
+        progress.say(f"      | {line}")
+    return False
 
 
 def _running_checks(machine: QemuMachine, key: Path, tmp: Path, test_dir: Path,

@@ -508,6 +508,19 @@ def test_data_partition_fills_the_card(host: Any) -> None:
         host.run("findmnt /data").stdout
 
 
+def test_udev_puts_off_its_probes_while_the_card_is_locked(host: Any) -> None:
+    """What growing /data relies on, with this image's own systemd-udevd: while the whole
+    card is BSD-locked, a probe of the data partition waits, and runs once the lock goes."""
+    partition = host.run("findmnt -nvo SOURCE /data").stdout.strip()
+    disk = "/dev/" + host.run(f"lsblk -ndo PKNAME {partition}").stdout.strip()
+    held = host.run(f"flock {disk} sh -c 'udevadm trigger --action=change {partition} && "
+                    "udevadm settle --timeout=3'")
+    assert held.rc != 0, "udev probed the data partition while the card was locked"
+    after = host.run("udevadm settle --timeout=120")
+    assert after.rc == 0, after.stderr
+    assert host.run("findmnt -n /data").rc == 0
+
+
 @supervision_trials
 def test_camera_unplugged_and_replugged_without_a_restart(host: Any) -> None:
     """vivid's device is unbound (as if the USB camera were pulled), then bound again: the
