@@ -296,9 +296,9 @@ def test_bench_rollout_fifty_units() -> None:
                         result.stdout.strip().splitlines()[-1]), result.stdout[-2000:]
 
 
-def test_host_units_end_with_the_run_that_started_them() -> None:
-    """A test run killed outright (SIGKILL: no finally, no atexit) leaves no host unit
-    behind: each is started to get SIGTERM when its parent ends."""
+def outlives_a_killed_parent(script: str) -> int | None:
+    """Run `script` (which prints the pid of what it started), kill it with SIGKILL (no
+    finally, no atexit), and give the pid if that child is still running a minute later."""
     import os
     import signal
     import subprocess
@@ -312,12 +312,6 @@ def test_host_units_end_with_the_run_that_started_them() -> None:
         except OSError:
             return False
 
-    script = ("import subprocess, sys, time\n"
-              "from edgebake_builder.hostcmd import die_with_parent\n"
-              "child = subprocess.Popen(['sleep', '600'], start_new_session=True,\n"
-              "                         preexec_fn=die_with_parent)\n"
-              "print(child.pid, flush=True)\n"
-              "time.sleep(600)\n")
     run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert run.stdout is not None
     child = int(run.stdout.readline())
@@ -327,4 +321,35 @@ def test_host_units_end_with_the_run_that_started_them() -> None:
     deadline = time.monotonic() + 60
     while running(child) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not running(child), f"sleep {child} outlived the run that started it"
+    return child if running(child) else None
+
+
+def test_host_units_end_with_the_run_that_started_them() -> None:
+    """A test run killed outright leaves no host unit behind: each is started to get SIGTERM
+    when its parent ends."""
+    script = ("import subprocess, sys, time\n"
+              "from edgebake_builder.hostcmd import die_with_parent\n"
+              "child = subprocess.Popen(['sleep', '600'], start_new_session=True,\n"
+              "                         preexec_fn=die_with_parent)\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    left = outlives_a_killed_parent(script)
+    assert left is None, f"sleep {left} outlived the run that started it"
+
+
+def test_the_test_broker_ends_with_the_run_that_started_it() -> None:
+    """mosquitto started as root would switch users, which clears the death signal: the
+    test broker keeps its user, so a killed test run leaves no broker on a port."""
+    script = ("import socket, time\n"
+              "from edgebake_builder.validate.broker import LocalBroker\n"
+              "broker = LocalBroker.start_tls()\n"
+              "for _ in range(600):  # serving, before its pid is given\n"
+              "    try:\n"
+              "        socket.create_connection(('127.0.0.1', broker.port), 5).close()\n"
+              "        break\n"
+              "    except OSError:\n"
+              "        time.sleep(0.1)\n"
+              "print(broker.proc.pid if broker.proc.poll() is None else '', flush=True)\n"
+              "time.sleep(600)\n")
+    left = outlives_a_killed_parent(script)
+    assert left is None, f"mosquitto {left} outlived the run that started it"

@@ -11,7 +11,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hostcmd import die_with_parent
 from .qemu import free_port
+
+
+# mosquitto started as root would switch to its own user, and a change of user clears the
+# death signal die_with_parent asks for: a test broker on the loopback keeps the user it
+# was started as (the line is ignored when that is not root)
+KEEP_USER = "user root\n"
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class LocalBroker:
         port = free_port()
         conf = folder / "mosquitto.conf"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                        "persistence false\n")
+                        f"persistence false\n{KEEP_USER}")
         return cls(cls._run(conf), port)
 
     @classmethod
@@ -47,10 +54,8 @@ class LocalBroker:
                   addresses: tuple[str, ...] = ("127.0.0.1",)) -> LocalBroker:
         """TLS on 127.0.0.1 with a certificate for `addresses` (the host's loopback, and the
         address a QEMU guest reaches it at) from a CA made here, and one login. Its files go
-        into a folder of their own that mosquitto can read once it has dropped root for its
-        own user; stop() removes it."""
+        into a folder of their own (mkdtemp: for this user only); stop() removes it."""
         folder = Path(tempfile.mkdtemp(prefix="edgebake-broker-"))
-        folder.chmod(0o755)
         ca_file, cert_file, key_file = _certificates(folder, addresses)
         passwords = folder / "mosquitto.passwd"
         subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), username, password],
@@ -59,15 +64,17 @@ class LocalBroker:
         conf = folder / "mosquitto-tls.conf"
         conf.write_text(f"listener {port} 127.0.0.1\ncafile {ca_file}\ncertfile {cert_file}\n"
                         f"keyfile {key_file}\nallow_anonymous false\n"
-                        f"password_file {passwords}\npersistence false\n")
+                        f"password_file {passwords}\npersistence false\n{KEEP_USER}")
         broker = cls(cls._run(conf), port, BrokerTls(ca_file, username, password))
         broker.folder = folder
         return broker
 
     @staticmethod
     def _run(conf: Path) -> subprocess.Popen[bytes]:
+        """Started to end with the process that started it (a test run killed outright
+        leaves no broker behind)."""
         return subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -112,5 +119,5 @@ def _certificates(folder: Path, addresses: tuple[str, ...]) -> tuple[Path, Path,
     paths[1].write_bytes(cert.public_bytes(pem))
     paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-    paths[2].chmod(0o644)  # mosquitto drops to its own user before it reads it
+    paths[2].chmod(0o600)
     return paths
