@@ -14,7 +14,6 @@ from pathlib import Path
 from ..hostcmd import die_with_parent
 from .qemu import free_port
 
-
 # mosquitto started as root would switch to its own user, and a change of user clears the
 # death signal die_with_parent asks for: a test broker on the loopback keeps the user it
 # was started as (the line is ignored when that is not root)
