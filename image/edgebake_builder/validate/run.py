@@ -26,6 +26,7 @@ from .qemu import QemuMachine, console_tail
 from .rtsp import RtspServer, make_h264
 from .seed import render_seed, seed_overlay
 from .trialbundles import make_trial_bundles
+from .unitjournal import boot_figures, data_is_mounted, save_journal
 
 CHECKS_DIR = Path(__file__).resolve().parents[3] / "tests" / "image_checks"
 SSH_TIMEOUT_SEC = 420.0
@@ -90,22 +91,6 @@ def unpack_rootfs(image: Path, dest: Path, progress: Progress) -> Path:
         raise BuildError(f"{image}: cannot read the root filesystem: {result.stderr[-300:]}")
     progress.log(result.stderr)
     return dest
-
-
-def boot_figures(journal_text: str) -> dict[str, float]:
-    """Seconds since kernel start (monotonic clock) for multi-user and the first inference,
-    taken from the first boot in the journal."""
-    figures: dict[str, float] = {}
-    for line in journal_text.splitlines():
-        match = re.match(r"\[\s*([0-9.]+)\]", line)
-        if not match:
-            continue
-        stamp = float(match.group(1))
-        if "boot-to-multi-user" not in figures and "Reached target multi-user.target" in line:
-            figures["boot-to-multi-user"] = stamp
-        if "boot-to-first-inference" not in figures and "edgebake: ready:" in line:
-            figures["boot-to-first-inference"] = stamp
-    return figures
 
 
 def find_image(default_out: Path, target: str, image: Path | None
@@ -214,7 +199,7 @@ def _boot_and_check(image: Path, tmp: Path, test_dir: Path, manifest: dict[str, 
     try:
         with progress.step("boot the image in QEMU (qcow2 overlay + test seed)"):
             _boot(machine, image, manifest, seed, key, progress)
-        if not _data_is_mounted(machine, key, test_dir, progress):
+        if not data_is_mounted(machine, key, test_dir, progress):
             return 1, {}
         with progress.step("runtime checks over SSH (testinfra)"):
             return _running_checks(machine, key, tmp, test_dir, env, junit, progress)
@@ -299,23 +284,6 @@ def _boot(machine: QemuMachine, image: Path, manifest: dict[str, Any], seed: byt
     progress.say(f"      SSH up after {waited:.0f}s")
 
 
-def _data_is_mounted(machine: QemuMachine, key: Path, test_dir: Path,
-                     progress: Progress) -> bool:
-    """Every running check needs /data: a unit that lost it at first boot is shown with the
-    journal of what happened to it, instead of some 50 minutes of checks each timing out."""
-    if machine.ssh(key, "findmnt -n /data").returncode == 0:
-        return True
-    journal = machine.ssh(key, "journalctl --no-pager -o short-monotonic", timeout=180).stdout
-    (test_dir / "journal.txt").write_text(journal)
-    progress.say("      /data is not mounted on the booted unit: running checks not run; "
-                 f"what the journal says of it ({test_dir / 'journal.txt'}):")
-    about_data = [line for line in journal.splitlines()
-                  if any(word in line for word in ("data.mount", "growdata", "by-partuuid"))]
-    for line in about_data[-20:]:
-        progress.say(f"      | {line}")
-    return False
-
-
 def _running_checks(machine: QemuMachine, key: Path, tmp: Path, test_dir: Path,
                     env: dict[str, str], junit: Path, progress: Progress
                     ) -> tuple[int, dict[str, float]]:
@@ -329,10 +297,7 @@ def _running_checks(machine: QemuMachine, key: Path, tmp: Path, test_dir: Path,
         progress.say("      runtime checks failed; last 30 console lines:")
         for line in console_tail(machine.console, 30).splitlines():
             progress.say(f"      | {line}")
-    # every boot of the run; the first one is the unit's real first boot
-    journal = machine.ssh(key, "journalctl --no-pager -o short-monotonic", timeout=180).stdout
-    (test_dir / "journal.txt").write_text(journal)
-    return code, boot_figures(journal)
+    return code, boot_figures(save_journal(machine, key, test_dir))
 
 
 def _result(junit_parts: list[Path], codes: dict[str, int], test_dir: Path,
