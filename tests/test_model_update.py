@@ -170,6 +170,19 @@ def test_refused_updates_change_nothing(tmp_path: Path, default_model: Path,
     assert slots == ["2.0"], slots  # the refused attempts left nothing behind
 
 
+def test_the_latency_check_is_bounded_in_time_and_never_under_its_minimum(
+        default_model: Path) -> None:
+    """A unit that takes a second a frame must not spend twenty on an update's latency
+    check: past the budget it stops, but only after its minimum of invokes."""
+    from edgebake_runtime.interp import load_interpreter
+    from edgebake_runtime.update import LATENCY_MIN_RUNS, LATENCY_RUNS, invoke_times
+
+    interpreter = load_interpreter(default_model, num_threads=1)
+    assert len(invoke_times(interpreter, budget_sec=0.0)) == LATENCY_MIN_RUNS
+    assert len(invoke_times(interpreter, budget_sec=3600.0)) == LATENCY_RUNS
+    assert LATENCY_MIN_RUNS < LATENCY_RUNS
+
+
 def test_http_pull_applies_a_new_bundle_once_and_then_asks_with_its_etag(
         tmp_path: Path, default_model: Path, bundles: dict[str, Path]) -> None:
     (tmp_path / "target").write_text("pi4\n")

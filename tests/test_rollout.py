@@ -337,12 +337,16 @@ def test_host_units_end_with_the_run_that_started_them() -> None:
     assert left is None, f"sleep {left} outlived the run that started it"
 
 
-def test_the_test_broker_ends_with_the_run_that_started_it() -> None:
+@pytest.mark.parametrize("start", [
+    "from edgebake_builder.validate.broker import LocalBroker\n"
+    "broker = LocalBroker.start_tls()\n",
+    "import pathlib, tempfile\nfrom edgebake_builder.bench.soak import Broker\n"
+    "broker = Broker(pathlib.Path(tempfile.mkdtemp()))\nbroker.start()\n",
+], ids=["test-broker", "soak-broker"])
+def test_the_test_broker_ends_with_the_run_that_started_it(start: str) -> None:
     """mosquitto started as root would switch users, which clears the death signal: the
-    test broker keeps its user, so a killed test run leaves no broker on a port."""
-    script = ("import socket, time\n"
-              "from edgebake_builder.validate.broker import LocalBroker\n"
-              "broker = LocalBroker.start_tls()\n"
+    test and soak brokers keep their user, so a killed run leaves no broker on a port."""
+    script = ("import socket, time\n" + start +
               "for _ in range(600):  # serving, before its pid is given\n"
               "    try:\n"
               "        socket.create_connection(('127.0.0.1', broker.port), 5).close()\n"

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..hostcmd import die_with_parent
 from ..progress import Progress
+from ..validate.broker import KEEP_USER
 from ..validate.qemu import free_port
 
 CAMERA_FPS = 5.0
@@ -67,7 +69,10 @@ def small_filesystem(folder: Path, size_mib: int) -> Iterator[Path]:
 
 
 class Broker:
-    """mosquitto on 127.0.0.1 with persistence, so a stop keeps what it acknowledged."""
+    """mosquitto on 127.0.0.1 with persistence, so a stop keeps what it acknowledged. It
+    keeps the user it was started as (mosquitto would drop root for its own user, which
+    clears the death signal) and is only ever started from the main thread (the kernel
+    sends that signal when the starting thread ends): a killed soak leaves no broker."""
 
     def __init__(self, folder: Path) -> None:
         if shutil.which("mosquitto") is None:
@@ -75,21 +80,17 @@ class Broker:
         self.port = free_port()
         self.conf = folder / "mosquitto.conf"
         (folder / "db").mkdir()
-        # mosquitto started as root drops to its own user: it must reach and write its db,
-        # or a restart silently forgets every queued message and subscription
-        folder.chmod(0o755)
-        with contextlib.suppress(LookupError, OSError):
-            shutil.chown(folder / "db", "mosquitto")
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
                              f"persistence true\npersistence_location {folder / 'db'}/\n"
                              "autosave_interval 1\nmax_queued_messages 0\n"
-                             "max_inflight_messages 1000\n")
+                             f"max_inflight_messages 1000\n{KEEP_USER}")
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
     def start(self) -> None:
         self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent)
         time.sleep(0.3)
 
     def stop(self) -> None:
@@ -154,13 +155,8 @@ def run_soak(minutes: float, progress: Progress, rate: float = 4000.0,
             if not receiver.subscribed.wait(30):
                 raise BuildError("soak: the receiver could not subscribe to the local broker")
             sender.start()
-            stop = threading.Event()
-            chaos = threading.Thread(target=_chaos, args=(broker, stop), daemon=True)
-            chaos.start()
-            number = _feed(journal, receiver, broker, started + minutes * 60, rate, started,
-                           progress)
-            stop.set()
-            chaos.join()
+            number = _feed(journal, receiver, Chaos(broker), started + minutes * 60, rate,
+                           started, progress)
             if broker.proc is None:
                 broker.start()
             progress.say("      draining: waiting for the sender to catch up")
@@ -181,9 +177,11 @@ def run_soak(minutes: float, progress: Progress, rate: float = 4000.0,
                               time.monotonic() - started)
 
 
-def _feed(journal: Any, receiver: Receiver, broker: Broker, deadline: float, rate: float,
+def _feed(journal: Any, receiver: Receiver, chaos: Chaos, deadline: float, rate: float,
           started: float, progress: Progress) -> int:
-    """Records into the journal at `rate` a second until `deadline`; returns how many."""
+    """Records into the journal at `rate` a second until `deadline`, the broker stopped
+    and started as `chaos` says; returns how many."""
+    broker = chaos.broker
     pad = json.dumps(RECORD_PAD)
     number = 0
     next_report = time.monotonic() + 30
@@ -196,6 +194,7 @@ def _feed(journal: Any, receiver: Receiver, broker: Broker, deadline: float, rat
             journal.append_line(f'{{"id":"soak-{number}","pad":{pad},'
                                 f'"source":"synthetic","ts":{stamp!r}}}\n'.encode(), stamp)
         journal.sync_if_due()
+        chaos.tick(time.monotonic())
         if time.monotonic() >= next_report:
             next_report += 30
             stats = journal.stats()
@@ -208,14 +207,25 @@ def _feed(journal: Any, receiver: Receiver, broker: Broker, deadline: float, rat
     return number
 
 
-def _chaos(broker: Broker, stop: threading.Event) -> None:
-    """Stop the broker for 2-8 s every 10-30 s."""
-    chance = random.Random(7)
-    while not stop.wait(chance.uniform(10, 30)):
-        broker.stop()
-        broker.restarts += 1
-        stop.wait(chance.uniform(2, 8))
-        broker.start()
+class Chaos:
+    """The broker stopped for 2-8 s every 10-30 s, on a fixed random schedule, from the
+    feeding loop's own thread."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._chance = random.Random(7)
+        self._next = time.monotonic() + self._chance.uniform(10, 30)
+
+    def tick(self, now: float) -> None:
+        if now < self._next:
+            return
+        if self.broker.proc is not None:
+            self.broker.stop()
+            self.broker.restarts += 1
+            self._next = now + self._chance.uniform(2, 8)
+        else:
+            self.broker.start()
+            self._next = now + self._chance.uniform(10, 30)
 
 
 def _drain(sender: Any, journal: Any, receiver: Receiver, expected: int,

@@ -14,7 +14,7 @@ from edgebake_builder.flashing.pushos import push_os, wait_for_verdict
 from edgebake_builder.steps.osbundle import OsKeys
 from edgebake_builder.validate.osbundles import MARKER, derive_bundle
 
-WINDOW_SEC = 30
+WINDOW_SEC = 15  # healthy this long after the new system is ready: enough to prove the path
 VERDICT_DEADLINE_SEC = 1500  # install, reboot, window, and for a rollback a second reboot
 SSH_EXTRA = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
              "-o", "LogLevel=ERROR"]
