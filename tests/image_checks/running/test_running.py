@@ -242,6 +242,32 @@ def copy_to_unit(local: str, remote: str) -> None:
     assert copy.returncode == 0, copy.stderr
 
 
+def test_a_strangers_system_bundle_on_a_stick_is_refused_and_shown(host: Any) -> None:
+    """An A/B image: the stick's edgebake/*.raucb went from the USB helper through the inbox
+    to root's updater (the path unit), which refused it on RAUC's signature check: in /health
+    and the audit log, nothing left in the inbox, no install begun, no unit failed. Before
+    the reboot check: a stick read while a new system is on trial is refused for that."""
+    name = os.environ.get("EDGEBAKE_USB_OS_BUNDLE")
+    if not name:
+        pytest.skip("no system bundle on the test stick (not A/B, or no rauc on the host)")
+    refused = wait(lambda: ((health().get("system") or {}).get("refused") or {}), 300,
+                   "the stick's system bundle refused in /health")
+    assert refused["via"] == "usb" and refused["bundle"] == name, refused
+    assert "signature" in refused["reason"], refused
+    audit = host.run("cat /data/os/audit.jsonl").stdout
+    assert '"os-refused"' in audit and name in audit, audit
+    entries = [json.loads(line) for line in audit.splitlines() if line.startswith("{")]
+    stranger = name.removeprefix("system-").removesuffix(".raucb")  # its version
+    assert not [e for e in entries if e["step"] == "os-installing"
+                and e.get("version") == stranger], audit  # refused before any install
+    assert not host.run("ls -A /data/os/inbox /data/os/incoming 2>/dev/null | grep -v :"
+                        ).stdout.strip()
+    failed = host.run("systemctl list-units --all --plain --no-legend --state=failed "
+                      "'edgebake-os-*'").stdout
+    assert not failed.strip(), failed
+    assert host.service("edgebake-os-inbox.path").is_running
+
+
 @update_trials
 @pytest.mark.parametrize(("name", "refusal"), [
     ("tampered", "does not match its signed sha256 (tampered)"),
@@ -612,7 +638,12 @@ TRIAL_AT_REBOOT: dict[str, Any] = {}
 SERVING_AT_REBOOT: dict[str, Any] = {}
 
 
-def test_results_survive_a_reboot(host: Any) -> None:
+def test_results_survive_a_reboot(host: Any, manifest: dict[str, Any], tmp_path: Path
+                                  ) -> None:
+    """Where the image takes system updates, the reboot is into a new system (unit_reboot.py;
+    the system update check looks at the rest of it)."""
+    from unit_reboot import reboot_unit
+
     wait(lambda: result_count(host) > 0, 120, "results before the reboot")
     # the check before may have just had the service restarted: ask once it answers again
     snap = wait(lambda: (h := health()) and h.get("ready") and h, 240, "the service to answer")
@@ -622,8 +653,8 @@ def test_results_survive_a_reboot(host: Any) -> None:
     before = result_count(host)
     machine_id = host.file("/etc/machine-id").content_string.strip()
     boot_id = host.file("/proc/sys/kernel/random/boot_id").content_string.strip()
-    host.run("systemctl reboot")
-    time.sleep(10)
+    if not reboot_unit(host, manifest, tmp_path):
+        time.sleep(10)  # a plain reboot: give the old system time to go down
     wait(lambda: host.file("/proc/sys/kernel/random/boot_id").content_string.strip() != boot_id,
          420, "the unit to come back after the reboot", interval=5.0)
     assert result_count(host) >= before
