@@ -45,13 +45,14 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"v2": folder / "v2.ebundle", "keys": keys, "key": folder / "ops.key"}
 
 
-def update_app(tmp: Path, model: Path, **sections: dict[str, Any]) -> Service:
+def update_app(tmp: Path, model: Path, fps: float = 20, window_sec: float = WINDOW_SEC,
+               **sections: dict[str, Any]) -> Service:
+    update = {"dir": str(tmp / "models"), "window_sec": window_sec, "poll_sec": 0.2,
+              "keys_dir": str(tmp / "update-keys"), "target_file": str(tmp / "target"),
+              **sections.pop("update", {})}
     return Service(make_config(tmp, model, [{"name": "cam", "kind": "replay",
-                                         "path": str(replay_folder(tmp)), "fps": 20}],
-                           update={"dir": str(tmp / "models"), "window_sec": WINDOW_SEC,
-                                   "poll_sec": 0.2, "keys_dir": str(tmp / "update-keys"),
-                                   "target_file": str(tmp / "target")},
-                           **sections))
+                                         "path": str(replay_folder(tmp)), "fps": fps}],
+                           update=update, **sections))
 
 
 def install(app: Service, bundle: Path, keys: Path, **settings: Any) -> str:
@@ -101,6 +102,49 @@ def test_a_new_model_serves_without_a_restart_and_is_confirmed(
     assert steps[:5] == ["received", "signature ok", "golden test ok", "latency ok",
                          "trial started"]
     assert "serving" in steps and steps[-1] == "confirmed"
+
+
+def test_a_model_is_confirmed_only_once_it_has_made_enough_inferences_to_judge(
+        tmp_path: Path, default_model: Path, bundles: dict[str, Path]) -> None:
+    """A slow camera (4 fps) ends the 3 s window with about 12 inferences, fewer than the 20
+    update.min_trial_inferences asks for: the trial goes on until there are 20."""
+    with RunningApp(update_app(tmp_path, default_model, fps=4)) as running:
+        wait_for(lambda: running.app.metrics.results >= 2, 60, "first results")
+        install(running.app, bundles["v2"], bundles["keys"])
+        trials: list[dict[str, Any]] = []
+
+        def confirmed() -> bool:
+            trials.append(running.health()["model"]["trial"])
+            return ModelStore(tmp_path / "models").state()["trial"] is None
+
+        wait_for(confirmed, 180, "the trial to be confirmed")
+    confirm = [json.loads(x) for x in (tmp_path / "models" / "audit.log").read_text()
+               .splitlines() if json.loads(x)["step"] == "confirmed"]
+    assert len(confirm) == 1 and confirm[0]["inferences"] >= 20, confirm
+    shown = [t for t in trials if t]
+    assert all(t["inferences_needed"] == 20 and t["inferences"] >= 0 for t in shown), shown
+
+
+def test_a_model_that_never_shows_enough_inferences_is_rolled_back(
+        tmp_path: Path, default_model: Path, bundles: dict[str, Path]) -> None:
+    """Evidence that never comes (more inferences asked for than a minute brings) is no reason
+    to keep a model: it goes back a minute after its (zero) window, with the reason."""
+    from edgebake_runtime.rollout import EVIDENCE_WAIT_MIN_SEC
+
+    app = update_app(tmp_path, default_model, fps=4, window_sec=0.0,
+                     update={"min_trial_inferences": 100000})
+    with RunningApp(app) as running:
+        wait_for(lambda: running.app.metrics.results >= 2, 60, "first results")
+        install(running.app, bundles["v2"], bundles["keys"])
+        began = time.monotonic()
+        wait_for(lambda: running.app.card.version == "2.0", 20, "the switch")
+        wait_for(lambda: running.app.card.version != "2.0", EVIDENCE_WAIT_MIN_SEC + 120,
+                 "the rollback")
+        assert time.monotonic() - began >= EVIDENCE_WAIT_MIN_SEC
+    rollback = [json.loads(x) for x in (tmp_path / "models" / "audit.log").read_text()
+                .splitlines() if json.loads(x)["step"] == "rollback"]
+    assert len(rollback) == 1 and "a model is kept after 100000" in rollback[0]["reason"]
+    assert ModelStore(tmp_path / "models").state()["current"] is None
 
 
 def test_a_hung_new_model_is_rolled_back_by_itself(

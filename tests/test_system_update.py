@@ -317,7 +317,7 @@ def test_a_system_order_goes_only_over_its_own_topic_and_hands_the_bundle_over(
 def test_a_sticks_newest_system_bundle_goes_to_the_inbox_and_a_link_never(
         tmp_path: Path) -> None:
     from edgebake_runtime.osinbox import read_note, waiting
-    from edgebake_runtime.osstate import OsState
+    from edgebake_runtime.osstate import REFUSALS_KEPT, OsState
     from edgebake_runtime.usbupdate import system_from
 
     stick, inbox = tmp_path / "stick", tmp_path / "inbox"
@@ -337,6 +337,12 @@ def test_a_sticks_newest_system_bundle_goes_to_the_inbox_and_a_link_never(
     [line] = system_from(stick, inbox, 1.0, state)
     assert "refused" in line and not waiting(inbox), line
     assert state.last_refused()["via"] == "usb"
+    # /health keeps the last few refusals, newest last, and never more
+    for attempt in range(REFUSALS_KEPT + 2):
+        state.refuse(f"attempt {attempt}", via="ssh")
+    kept = state.refusals()
+    assert [x["reason"] for x in kept] == [f"attempt {n}" for n in range(2, REFUSALS_KEPT + 2)]
+    assert state.last_refused() == kept[-1]
     assert system_from(stick, tmp_path / "no-inbox", 1.0, state)[0].endswith(
         "takes no system updates (not an A/B system)")
 

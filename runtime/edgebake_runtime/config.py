@@ -162,6 +162,9 @@ class UpdateSettings:
     poll_sec: float = setting(2.0, Float(0.2, 60.0), "How often the slots are looked at.")
     max_error_rate: float = setting(0.05, Float(0.0, 1.0),
                                     "Inference errors in the window that roll a model back.")
+    min_trial_inferences: int = setting(20, Int(1, 100000),
+                                        "Inferences a new model must make before its error "
+                                        "rate is judged or it is confirmed.")
     keys_dir: str = setting("/etc/edgebake/update-keys", ABSOLUTE_PATH,
                             "Trusted bundle keys (the image puts them there).")
     target_file: str = setting("/etc/edgebake/target", ABSOLUTE_PATH,

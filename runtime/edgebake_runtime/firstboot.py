@@ -39,6 +39,9 @@ SEED = Path("/boot/firmware/edgebake-seed.yaml")
 APPLIED_NAME = "edgebake-seed.applied.yaml"
 SERVICE_GROUP = "edgebake"
 ETC = Path("/etc")
+# the one host key a unit makes and sshd loads (sshd_config.d/edgebake.conf): every OpenSSH
+# client of the last decade speaks it, and RSA's would cost seconds of each first boot
+HOST_KEY_TYPE = "ed25519"
 DONE = Path("/var/lib/edgebake/firstboot.done")
 # where the view of the root is bound while the machine-id is committed (a tmpfs)
 RUN_DIR = "/run"
@@ -206,8 +209,8 @@ def retire_seed(seed: Path) -> Path:
 
 def drop_broken_host_keys(folder: Path) -> list[str]:
     """A power cut while ssh-keygen wrote a host key can leave it empty or without its .pub;
-    `ssh-keygen -A` skips a key file that exists, so sshd would never load it. Such keys are
-    removed so the next `-A` makes them whole. Returns the names removed."""
+    a key file that exists is not made again, so sshd would never load it. Such keys are
+    removed so that first boot makes them whole. Returns the names removed."""
     removed = []
     for key in sorted(folder.glob("ssh_host_*_key")):
         public = key.with_name(key.name + ".pub")
@@ -263,8 +266,11 @@ def apply_identity() -> int:
     if Path("/usr/bin/ssh-keygen").exists():
         (ETC / "ssh").mkdir(parents=True, exist_ok=True)
         drop_broken_host_keys(ETC / "ssh")
-        # -f: the root the keys go under (ETC's parent), so a test can point it elsewhere
-        subprocess.run(["/usr/bin/ssh-keygen", "-A", "-f", str(ETC.parent)], check=False)
+        key = ETC / "ssh" / f"ssh_host_{HOST_KEY_TYPE}_key"
+        if not key.exists():
+            subprocess.run(["/usr/bin/ssh-keygen", "-q", "-t", HOST_KEY_TYPE, "-N", "",
+                            "-C", "", "-f", str(key)], check=False)
+            print(f"ssh host key made: {HOST_KEY_TYPE}", flush=True)
     os.sync()
     return 0
 

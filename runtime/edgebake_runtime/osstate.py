@@ -13,6 +13,9 @@ from typing import Any
 from .atomic import write_atomic
 
 STATE_DIR = Path("/data/os")
+# refusals kept for /health: a later one (a stick read again during a trial, say) must not
+# hide why the one before it was refused; the audit log keeps them all
+REFUSALS_KEPT = 5
 
 
 class OsUpdateError(Exception):
@@ -56,19 +59,27 @@ class OsState:
         return [json.loads(x) for x in text if x.startswith("{")]
 
     def refuse(self, reason: str, **fields: Any) -> OsUpdateError:
-        """Audit a refusal and keep it for `/health` (`system.refused`); the error to raise."""
+        """Audit a refusal and keep it, with the few before it, for `/health`
+        (`system.refused`, `system.refusals`); the error to raise."""
         self.audit("os-refused", reason=reason, **fields)
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        write_atomic(self.root / "refused.json", json.dumps(
-            {**fields, "reason": reason, "at": round(time.time(), 1)}).encode(), 0o644)
+        kept = [*self.refusals(), {**fields, "reason": reason, "at": round(time.time(), 1)}]
+        write_atomic(self.root / "refused.json",
+                     json.dumps(kept[-REFUSALS_KEPT:]).encode(), 0o644)
         return OsUpdateError(f"refused: {reason}")
 
-    def last_refused(self) -> dict[str, Any] | None:
+    def refusals(self) -> list[dict[str, Any]]:
+        """The last REFUSALS_KEPT refusals, oldest first (a file from before the list held
+        one refusal)."""
+        data: Any = None
         with contextlib.suppress(OSError, ValueError):
             data = json.loads((self.root / "refused.json").read_text())
-            if isinstance(data, dict):
-                return data
-        return None
+        kept = data if isinstance(data, list) else [data]
+        return [x for x in kept if isinstance(x, dict)][-REFUSALS_KEPT:]
+
+    def last_refused(self) -> dict[str, Any] | None:
+        kept = self.refusals()
+        return kept[-1] if kept else None
 
     def publish_status(self, status: dict[str, Any]) -> None:
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)

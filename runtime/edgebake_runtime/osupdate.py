@@ -99,7 +99,8 @@ def status(state: OsState) -> dict[str, Any]:
         previous = json.loads((state.root / "status.json").read_text())
     versions = {**previous.get("slots", {}), **slot_versions(), booted: own_version()}
     return {"layout": "ab", "booted": booted, "version": own_version(), "slots": versions,
-            "update": state.update(), "refused": state.last_refused()}
+            "update": state.update(), "refused": state.last_refused(),
+            "refusals": state.refusals()}
 
 
 def install(bundle: Path, state: OsState, window_sec: int, via: str = "ssh", seq: int = 0,

@@ -28,6 +28,10 @@ from .supervise import Supervised
 log = logging.getLogger("edgebake.rollout")
 # A switch waits this long for the new model's first result (the gap the frames saw).
 FIRST_RESULT_SEC = 10.0
+# a trial short of update.min_trial_inferences at the end of its window waits for more this
+# long (3 windows, at least a minute) before it is rolled back for want of evidence
+EVIDENCE_WAIT_WINDOWS = 3.0
+EVIDENCE_WAIT_MIN_SEC = 60.0
 OS_FETCH = Path("/data/os/fetch")  # where the service downloads system bundles
 
 
@@ -260,29 +264,50 @@ class Rollout:
     # --- the trial -----------------------------------------------------------------------
     def judge_trial(self, serving: str, healthy: bool, restart_helps: bool,
                     status: str) -> None:
-        """During a trial: unhealthy or erring -> roll back; a clean window -> confirmed."""
+        """During a trial: unhealthy or erring -> roll back; a clean window with enough
+        inferences to judge -> confirmed; too few inferences long after the window -> rolled
+        back, since a model nobody saw work is not kept."""
         trial = self.store.state().get("trial")
         if not trial or trial.get("version") != serving:
             return
-        results, errors = self._trial_errors
-        new_results = self.metrics.results - results
-        new_errors = self.metrics.inference_errors - errors
-        rate = new_errors / max(new_results + new_errors, 1)
+        attempts, errors = self.trial_attempts()
+        needed = self.config.update.min_trial_inferences
         limit = self.config.update.max_error_rate
+        window = float(trial["window_sec"])
+        elapsed = time.time() - float(trial["started"])
         reason = ""
         if restart_helps:
             reason = f"unhealthy in the health window: {status}"
-        elif new_results + new_errors >= 20 and rate > limit:
-            reason = f"inference errors {rate:.0%} in the health window (limit {limit:.0%})"
+        elif attempts >= needed and errors / attempts > limit:
+            reason = (f"inference errors {errors / attempts:.0%} in the health window "
+                      f"(limit {limit:.0%})")
+        elif attempts < needed and elapsed >= window + max(EVIDENCE_WAIT_WINDOWS * window,
+                                                           EVIDENCE_WAIT_MIN_SEC):
+            reason = (f"only {attempts} inferences in {elapsed:.0f} s of trial; a model is "
+                      f"kept after {needed}")
         if reason:
             log.error("model %s rolled back: %s", trial["version"], reason)
             self._roll_back(trial["version"], reason)
             self._tell("rolled-back", trial, reason)
-        elif healthy and time.time() - float(trial["started"]) >= float(trial["window_sec"]):
+        elif healthy and elapsed >= window and attempts >= needed:
             self.store.confirm()
-            self.store.audit("confirmed", version=trial["version"])
+            self.store.audit("confirmed", version=trial["version"], inferences=attempts)
             log.info("model %s confirmed after its health window", trial["version"])
-            self._tell("confirmed", trial, f"healthy for {float(trial['window_sec']):g} s")
+            self._tell("confirmed", trial, f"healthy for {window:g} s")
+
+    def trial_health(self) -> dict[str, Any] | None:
+        """The trial as /health shows it: its state and how much evidence it has so far."""
+        trial = self.store.state().get("trial")
+        if not trial:
+            return None
+        return {**trial, "inferences": self.trial_attempts()[0],
+                "inferences_needed": self.config.update.min_trial_inferences}
+
+    def trial_attempts(self) -> tuple[int, int]:
+        """(inferences tried, of them failed) since the model on trial began serving."""
+        results, errors = self._trial_errors
+        new_errors = self.metrics.inference_errors - errors
+        return self.metrics.results - results + new_errors, new_errors
 
     def stats(self) -> dict[str, Any]:
         pull = next((t for t in self.threads if t.name == "update-pull"), None)

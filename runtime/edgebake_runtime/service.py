@@ -200,7 +200,7 @@ class Service:
             "device_id": self.config.device_id,
             "group": self.config.update.mqtt_group,
             "model": snapshot.model(self.card, str(self.cameras.model), rollout.swaps,
-                                    self.store.state().get("trial"),
+                                    rollout.trial_health(),
                                     rollout.last_swap_gap_sec, self.runtime),
             "sources": sources,
             "inference": {**snapshot.inference(cameras, self.metrics),

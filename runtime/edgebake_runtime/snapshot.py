@@ -61,7 +61,7 @@ def system(status_file: Path = SYSTEM_STATUS, version_file: Path = VERSION_FILE,
            cmdline: Path = Path("/proc/cmdline"),
            sbom_file: Path = Path("/usr/share/edgebake/sbom.sha256")) -> dict[str, Any]:
     """The system's version and, on an A/B unit, the booted slot, both slots' versions and
-    the system update in flight and the last bundle refused (edgebake-os keeps that file;
+    the system update in flight and the last bundles refused (edgebake-os keeps that file;
     the service only reads it)."""
     data: Any = {}
     with contextlib.suppress(OSError, ValueError):
@@ -80,5 +80,5 @@ def system(status_file: Path = SYSTEM_STATUS, version_file: Path = VERSION_FILE,
         sbom = sbom_file.read_text().strip() or None
     return {"version": version, "layout": "ab" if booted else "single", "booted": booted,
             "slots": data.get("slots", {}), "update": data.get("update") or None,
-            "refused": data.get("refused") or None,
+            "refused": data.get("refused") or None, "refusals": data.get("refusals") or [],
             "sbom_sha256": sbom}

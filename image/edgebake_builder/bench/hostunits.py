@@ -20,6 +20,9 @@ from ..hostcmd import die_with_parent
 from ..validate.broker import BrokerTls
 
 UNIT_FPS = 1.0
+# at UNIT_FPS a few seconds' window holds a few inferences: that is the evidence these units
+# need before a trial is judged (a unit's default, 20, would stretch every window to 20 s)
+UNIT_TRIAL_INFERENCES = 2
 
 
 @dataclass
@@ -92,7 +95,8 @@ class HostUnits:
             "update": {"dir": str(data / "models"), "keys_dir": str(keys),
                        "target_file": str(unit.folder / "target"),
                        "fleet_file": str(unit.folder / "fleet"),
-                       "mqtt_commands": True, "mqtt_group": self.group, "poll_sec": 1.0},
+                       "mqtt_commands": True, "mqtt_group": self.group, "poll_sec": 1.0,
+                       "min_trial_inferences": UNIT_TRIAL_INFERENCES},
         }
         (unit.folder / "app.yaml").write_text(yaml.safe_dump(config))
 

@@ -490,6 +490,14 @@ def test_seed_hostname_applied(host: Any) -> None:
     assert host.file("/etc/hostname").content_string.strip() == os.environ["EDGEBAKE_HOSTNAME"]
 
 
+def test_the_unit_made_one_host_key_of_its_own_and_sshd_loads_only_it(host: Any) -> None:
+    keys = host.run("ls /etc/ssh/").stdout.split()
+    assert sorted(k for k in keys if k.startswith("ssh_host_")) == [
+        "ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"], keys
+    loaded = host.run("sshd -T | grep -i '^hostkey '").stdout.split()
+    assert loaded == ["hostkey", "/etc/ssh/ssh_host_ed25519_key"], loaded
+
+
 def test_the_seed_leaves_no_secret_readable(host: Any) -> None:
     """Its settings are for root and the service only, and the card's boot partition keeps
     only a copy without secrets (anyone holding the card can read FAT)."""

@@ -87,6 +87,7 @@ def test_sshd_is_key_only(host: Any) -> None:
     assert "PasswordAuthentication no" in config
     assert "KbdInteractiveAuthentication no" in config
     assert "PermitRootLogin prohibit-password" in config
+    assert "HostKey /etc/ssh/ssh_host_ed25519_key" in config.splitlines()
     # each unit makes its own at first boot: none from the build (nor its stand-ins)
     for kind in ("rsa", "ecdsa", "ed25519"):
         assert not host.file(f"/etc/ssh/ssh_host_{kind}_key").exists, kind
