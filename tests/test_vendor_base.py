@@ -103,6 +103,11 @@ def test_setuid_bits_survive_the_import_and_units_are_enabled(
     wants = subprocess.run(["debugfs", "-R", "ls -l /etc/systemd/system/multi-user.target.wants",
                             str(root)], capture_output=True, text=True, check=True).stdout
     assert "edgebake.service" in wants
+    # the vendor's host key unit is masked: first boot makes the unit's one key
+    masked = subprocess.run(["debugfs", "-R", "stat /etc/systemd/system/"
+                             "regenerate_ssh_host_keys.service", str(root)],
+                            capture_output=True, text=True, check=True).stdout
+    assert "Fast link dest: \"/dev/null\"" in masked, masked[:300]
 
 
 def test_bad_base_arguments_fail_with_one_line(lookalike: tuple[Path, str],

@@ -97,9 +97,10 @@ def apply(bundle_path: Path, store: ModelStore, keys: dict[str, Any], made_for: 
     trial = store.state().get("trial")
     if trial:  # its `previous` would become an unconfirmed model
         left = float(trial["started"]) + float(trial["window_sec"]) - time.time()
-        raise BundleError(f"model {trial['version']} is on trial (its health window ends in "
-                          f"{max(left, 0):.0f}s); send the update once it is confirmed or "
-                          "rolled back")
+        when = (f"its health window ends in {left:.0f}s" if left > 0 else
+                "its health window is over; it waits for enough inferences to be judged")
+        raise BundleError(f"model {trial['version']} is on trial ({when}); send the update "
+                          "once it is confirmed or rolled back")
     target, fleet = made_for
     bundle = check_bundle(bundle_path, keys, target, current_version, allow_rollback,
                           fleet=fleet)

@@ -5,7 +5,8 @@ as for our own base) and every kernel argument we do not own. Changed: `root=` n
 filesystem by label; the vendor's first-boot resize (`init=.../firstboot` or
 `init_resize.sh`) is removed, since our data partition follows the root and grows instead
 (edgebake-growdata); `userconfig.service`, which waits at the console for a user name, is
-masked: a field unit has nobody at its console, and SSH takes keys from the seed. When the
+masked: a field unit has nobody at its console, and SSH takes keys from the seed; so is
+`regenerate_ssh_host_keys.service`, since edgebake's first boot makes the unit's host key. When the
 base runs NetworkManager (Raspberry Pi OS bookworm), it keeps the network and systemd-networkd
 stays off, so there is one network manager.
 """
@@ -24,7 +25,11 @@ from .rootfs import inside
 DROPPED_PREFIXES = ("root=", "rootfstype=")
 DROPPED_ARGS = ("init=/usr/lib/raspberrypi-sys-mods/firstboot",
                 "init=/usr/lib/raspi-config/init_resize.sh", "resize", "rw")
-CONSOLE_UNITS = ("userconfig.service",)
+# the vendor's first-boot units that edgebake's first boot replaces, and why
+MASKED_UNITS = {
+    "userconfig.service": "it waits for a user at the console",
+    "regenerate_ssh_host_keys.service": "edgebake's first boot makes the unit's one host key",
+}
 MARKER = "# edgebake recipe settings\n"
 
 
@@ -56,14 +61,14 @@ def adapt(recipe: Recipe, rootfs: Path, base: VendorInfo, root: str, progress: P
         text += "\n\n[all]"
     text += "\n" + MARKER + "".join(line + "\n" for line in recipe["firmware.config_txt"])
     config.write_text(text)
-    for unit in CONSOLE_UNITS:
+    for unit, why in MASKED_UNITS.items():
         link = inside(rootfs, f"/etc/systemd/system/{unit}")
         if any(inside(rootfs, d).joinpath(unit).exists()
                for d in ("/usr/lib/systemd/system", "/lib/systemd/system")):
             if link.exists() or link.is_symlink():
                 link.unlink()
             link.symlink_to("/dev/null")
-            progress.say(f"      masked {unit} (it waits for a user at the console)")
+            progress.say(f"      masked {unit} ({why})")
     if any(inside(rootfs, d).joinpath("NetworkManager.service").exists()
            for d in ("/usr/lib/systemd/system", "/lib/systemd/system")):
         run(["systemctl", f"--root={rootfs}", "disable", "systemd-networkd.service"], progress,

@@ -3,7 +3,8 @@
 It has the vendor image's shape, which is what the import step depends on: an MBR disk with a
 FAT32 `bootfs` and an ext4 `rootfs` addressed by PARTUUID, `kernel8.img`/`kernel_2712.img` and
 `initramfs8` chosen by `auto_initramfs=1`, a `cmdline.txt` whose `init=` resizes the root on
-first boot, `/etc/rpi-issue`, Imager's `firstrun.sh` or cloud-init files when asked, and an
+first boot, `/etc/rpi-issue`, the unit that makes every kind of SSH host key at first boot,
+Imager's `firstrun.sh` or cloud-init files when asked, and an
 `rpicam-vid` that writes YUV420 frames. Inside is a Debian bookworm arm64 system (the pi4
 target's cached base) with Debian's generic kernel as `kernel8.img`, so the result boots
 under QEMU's `virt` machine like any edgebake image; a real Raspberry Pi OS kernel would not.
@@ -49,6 +50,20 @@ FIRSTBOOT = """#!/bin/sh
 # look-alike of raspberrypi-sys-mods' firstboot: grows the root partition, then boots on
 echo "firstboot: would resize the root partition to fill the card" > /dev/kmsg
 exec /sbin/init
+"""
+# raspberrypi-sys-mods makes every host key type at first boot with this unit
+REGENERATE_KEYS_UNIT = """[Unit]
+Description=Regenerate SSH host keys (look-alike)
+Before=ssh.service
+ConditionFileIsExecutable=/usr/bin/ssh-keygen
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A -v
+ExecStartPost=/bin/systemctl disable regenerate_ssh_host_keys
+
+[Install]
+WantedBy=multi-user.target
 """
 # The real tool streams camera frames; this one streams a moving gradient in the same format
 # (raw YUV420 planes, --width/--height/--framerate, -o - to stdout, -t 0 for ever).
@@ -143,6 +158,12 @@ def _vendor_root(root: Path) -> None:
     sysmods.mkdir(parents=True)
     (sysmods / "firstboot").write_text(FIRSTBOOT)
     (sysmods / "firstboot").chmod(0o755)
+    units = root / "usr" / "lib" / "systemd" / "system"
+    (units / "regenerate_ssh_host_keys.service").write_text(REGENERATE_KEYS_UNIT)
+    wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "regenerate_ssh_host_keys.service").symlink_to(
+        "/usr/lib/systemd/system/regenerate_ssh_host_keys.service")
     rpicam = root / "usr" / "bin" / "rpicam-vid"
     rpicam.write_text(RPICAM_VID)
     rpicam.chmod(0o755)
