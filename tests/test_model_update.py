@@ -127,8 +127,9 @@ def test_a_model_is_confirmed_only_once_it_has_made_enough_inferences_to_judge(
 
 def test_a_model_that_never_shows_enough_inferences_is_rolled_back(
         tmp_path: Path, default_model: Path, bundles: dict[str, Path]) -> None:
-    """Evidence that never comes (more inferences asked for than a minute brings) is no reason
-    to keep a model: it goes back a minute after its (zero) window, with the reason."""
+    """Evidence that never comes (more inferences asked for than half a minute brings) is no
+    reason to keep a model: it goes back half a minute after its (zero) window, with the
+    reason."""
     from edgebake_runtime.rollout import EVIDENCE_WAIT_MIN_SEC
 
     app = update_app(tmp_path, default_model, fps=4, window_sec=0.0,

@@ -29,9 +29,9 @@ log = logging.getLogger("edgebake.rollout")
 # A switch waits this long for the new model's first result (the gap the frames saw).
 FIRST_RESULT_SEC = 10.0
 # a trial short of update.min_trial_inferences at the end of its window waits for more this
-# long (3 windows, at least a minute) before it is rolled back for want of evidence
+# long (3 windows, at least half a minute) before it is rolled back for want of evidence
 EVIDENCE_WAIT_WINDOWS = 3.0
-EVIDENCE_WAIT_MIN_SEC = 60.0
+EVIDENCE_WAIT_MIN_SEC = 30.0
 OS_FETCH = Path("/data/os/fetch")  # where the service downloads system bundles
 
 
