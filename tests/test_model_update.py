@@ -66,9 +66,14 @@ def install(app: Service, bundle: Path, keys: Path, **settings: Any) -> str:
         updates.settings, **settings)).apply(bundle)
 
 
-def audit_steps(tmp: Path) -> list[str]:
+def audit_entries(tmp: Path, step: str | None = None) -> list[dict[str, Any]]:
+    """The model audit log's entries, or only those of one step."""
     lines = (tmp / "models" / "audit.log").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
+    return [e for e in map(json.loads, lines) if step is None or e["step"] == step]
+
+
+def audit_steps(tmp: Path) -> list[str]:
+    return [entry["step"] for entry in audit_entries(tmp)]
 
 
 def test_a_new_model_serves_without_a_restart_and_is_confirmed(
@@ -118,8 +123,7 @@ def test_a_model_is_confirmed_only_once_it_has_made_enough_inferences_to_judge(
             return ModelStore(tmp_path / "models").state()["trial"] is None
 
         wait_for(confirmed, 180, "the trial to be confirmed")
-    confirm = [json.loads(x) for x in (tmp_path / "models" / "audit.log").read_text()
-               .splitlines() if json.loads(x)["step"] == "confirmed"]
+    confirm = audit_entries(tmp_path, "confirmed")
     assert len(confirm) == 1 and confirm[0]["inferences"] >= 20, confirm
     shown = [t for t in trials if t]
     assert all(t["inferences_needed"] == 20 and t["inferences"] >= 0 for t in shown), shown
@@ -142,8 +146,7 @@ def test_a_model_that_never_shows_enough_inferences_is_rolled_back(
         wait_for(lambda: running.app.card.version != "2.0", EVIDENCE_WAIT_MIN_SEC + 120,
                  "the rollback")
         assert time.monotonic() - began >= EVIDENCE_WAIT_MIN_SEC
-    rollback = [json.loads(x) for x in (tmp_path / "models" / "audit.log").read_text()
-                .splitlines() if json.loads(x)["step"] == "rollback"]
+    rollback = audit_entries(tmp_path, "rollback")
     assert len(rollback) == 1 and "a model is kept after 100000" in rollback[0]["reason"]
     assert ModelStore(tmp_path / "models").state()["current"] is None
 
@@ -465,8 +468,7 @@ def test_a_model_whose_every_decode_fails_is_rolled_back_by_itself(
         wait_for(lambda: running.app.metrics.results > served + 5, 30,
                  "results from the image model again")
         assert running.health()["model"]["trial"] is None
-    lines = [json.loads(x) for x in (tmp_path / "models" / "audit.log").read_text().splitlines()]
-    rollback = next(x for x in lines if x["step"] == "rollback")
+    rollback = audit_entries(tmp_path, "rollback")[0]
     assert "inference errors" in rollback["reason"] or "unhealthy" in rollback["reason"], rollback
     assert ModelStore(tmp_path / "models").state()["current"] is None
 

@@ -98,9 +98,10 @@ def status(state: OsState) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
         previous = json.loads((state.root / "status.json").read_text())
     versions = {**previous.get("slots", {}), **slot_versions(), booted: own_version()}
+    refusals = state.refusals()
     return {"layout": "ab", "booted": booted, "version": own_version(), "slots": versions,
-            "update": state.update(), "refused": state.last_refused(),
-            "refusals": state.refusals()}
+            "update": state.update(), "refused": refusals[-1] if refusals else None,
+            "refusals": refusals}
 
 
 def install(bundle: Path, state: OsState, window_sec: int, via: str = "ssh", seq: int = 0,

@@ -52,7 +52,7 @@ class Rollout:
         self.swaps = 0
         self.last_swap_gap_sec: float | None = None
         self.switched_at = 0.0  # monotonic time of the last switch
-        self._trial_errors = (0, 0)  # (results, errors) when the trial began
+        self._counts_at_switch = (0, 0)  # (results, errors) when the model now served began
         self._apply_lock = threading.Lock()
         self.threads: list[Supervised] = []
         self.puller: Any = None  # BundlePuller when update.pull_url is set
@@ -220,7 +220,7 @@ class Rollout:
         self.switched_at = began
         self.running_version = slot.version if slot else None
         self.swaps += 1
-        self._trial_errors = (self.metrics.results, self.metrics.inference_errors)
+        self._counts_at_switch = (self.metrics.results, self.metrics.inference_errors)
         self.last_swap_gap_sec = self._first_result_after(
             began, newest_before, slot.version if slot else None)
         log.info("model %s now serving (first result after %s)", card.version,
@@ -305,7 +305,7 @@ class Rollout:
 
     def trial_attempts(self) -> tuple[int, int]:
         """(inferences tried, of them failed) since the model on trial began serving."""
-        results, errors = self._trial_errors
+        results, errors = self._counts_at_switch
         new_errors = self.metrics.inference_errors - errors
         return self.metrics.results - results + new_errors, new_errors
 
