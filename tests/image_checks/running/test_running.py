@@ -735,10 +735,10 @@ def test_a_rollout_of_two_units_takes_in_the_booted_one(host: Any, tmp_path: Pat
     # the booted unit must not be inside another model's trial when the order comes
     wait(lambda: health()["model"]["trial"] is None, 900, "no model on trial on the unit")
     lines: list[str] = []
-    try:
+    try:  # a short window: each unit also waits for enough inferences to judge the model
         request = RolloutRequest(bundle, Broker("127.0.0.1", int(port), tls.username,
                                                 tls.password, str(tls.ca_file)), key,
-                                 "1,100%", units="qemu-test-unit,host-000", window_sec=20.0,
+                                 "1,100%", units="qemu-test-unit,host-000", window_sec=10.0,
                                  deadline_sec=900.0, state_path=tmp_path / "state.json")
         state = Rollout(request, lines.append).run()
     finally:

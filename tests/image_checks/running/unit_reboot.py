@@ -43,12 +43,13 @@ def identity(host: Any) -> dict[str, str]:
             "hostname": host.run("hostname").stdout.strip()}
 
 
-def install(system: dict[str, Any], version: str, kind: str, tmp: Path) -> dict[str, Any]:
+def install(system: dict[str, Any], version: str, kind: str, tmp: Path,
+            window_sec: int = WINDOW_SEC) -> dict[str, Any]:
     """A bundle derived from the image's own, pushed over SSH; the unit's verdict on it."""
     manifest_dir = Path(os.environ["EDGEBAKE_IMAGE"]).parent
     bundle = derive_bundle(manifest_dir / system["bundle"], os_keys(), system["compatible"],
                            version, tmp / f"{kind}.raucb", kind)
-    answer = push_os("127.0.0.1", bundle, window_sec=WINDOW_SEC, **ssh_args())
+    answer = push_os("127.0.0.1", bundle, window_sec=window_sec, **ssh_args())
     assert f"installed system {version}" in answer, answer
     return wait_for_verdict("127.0.0.1", version, VERDICT_DEADLINE_SEC, **ssh_args())
 
