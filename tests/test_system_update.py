@@ -359,3 +359,17 @@ def test_a_system_installs_only_when_newer_except_over_ssh() -> None:
     assert same_or_older("1.0", "1.1", "ssh") == ""
     assert same_or_older("1.10", "1.9", "pull") == ""
     assert same_or_older("1.0.1-test", "1.0", "mqtt") == ""  # no order to judge
+
+
+def test_a_rollback_is_the_verdict_only_once_the_unit_is_back_on_its_old_slot() -> None:
+    """The failed system writes its verdict a moment before it reboots out: a laptop that
+    read it then would report the rolled-back system as the one running."""
+    from edgebake_builder.flashing.pushos import settled
+
+    update = {"version": "2", "from_slot": "B", "to_slot": "A", "state": "rolled-back"}
+    assert not settled({"booted": "A", "update": update}, "2")
+    assert settled({"booted": "B", "update": update}, "2")
+    assert not settled({"booted": "B", "update": update}, "3")
+    kept = {**update, "state": "confirmed"}
+    assert settled({"booted": "A", "update": kept}, "2")
+    assert not settled({"booted": "A", "update": {**update, "state": "trial"}}, "2")

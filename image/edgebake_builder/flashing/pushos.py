@@ -79,6 +79,15 @@ def push_os(host: str, bundle: Path, port: int = 22, user: str = "root", identit
     return f"{host}: {line}"
 
 
+def settled(status: dict[str, Any], version: str) -> bool:
+    """The update to `version` is decided and the unit runs the slot the verdict leaves it
+    on: a system that failed its trial is rolled back a moment before it reboots out."""
+    update = status.get("update") or {}
+    if update.get("version") != version or update.get("state") not in DONE:
+        return False
+    return update["state"] != "rolled-back" or status.get("booted") != update.get("to_slot")
+
+
 def wait_for_verdict(host: str, version: str, deadline_sec: float, port: int = 22,
                      user: str = "root", identity: str = "",
                      extra_options: list[str] | None = None) -> dict[str, Any]:
@@ -87,9 +96,8 @@ def wait_for_verdict(host: str, version: str, deadline_sec: float, port: int = 2
     last: dict[str, Any] | None = None
     while time.monotonic() - started < deadline_sec:
         last = os_status(host, port, user, identity, extra_options) or last
-        update = (last or {}).get("update") or {}
-        if update.get("version") == version and update.get("state") in DONE:
-            return last or {}
+        if last is not None and settled(last, version):
+            return last
         time.sleep(5)
     state = ((last or {}).get("update") or {}).get("state", "no answer")
     raise BuildError(f"{host}: no verdict on system {version} after {deadline_sec:.0f} s "
