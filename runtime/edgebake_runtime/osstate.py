@@ -77,10 +77,6 @@ class OsState:
         kept = data if isinstance(data, list) else [data]
         return [x for x in kept if isinstance(x, dict)][-REFUSALS_KEPT:]
 
-    def last_refused(self) -> dict[str, Any] | None:
-        kept = self.refusals()
-        return kept[-1] if kept else None
-
     def publish_status(self, status: dict[str, Any]) -> None:
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         write_atomic(self.root / "status.json", json.dumps(status, indent=1).encode(), 0o644)
