@@ -295,6 +295,7 @@ def _running_checks(machine: QemuMachine, key: Path, tmp: Path, test_dir: Path,
     # a short folder for the shared connection's socket (a socket path has ~100 bytes)
     with tempfile.TemporaryDirectory(prefix="edgebake-ssh-") as sockets:
         config = _ssh_config(tmp, Path(sockets))
+        env["EDGEBAKE_SSH_CONFIG"] = str(config)
         code = run_checks("running", junit, hosts, env, progress,
                           ["--ssh-identity-file", str(key), "--ssh-config", str(config)])
         subprocess.run(["ssh", "-F", str(config), "-p", str(machine.ssh_port), "-O", "exit",

@@ -234,10 +234,11 @@ def test_a_stick_labelled_like_the_root_is_never_mounted(host: Any,
 
 
 def copy_to_unit(local: str, remote: str) -> None:
+    from unit_reboot import ssh_options
+
     copy = subprocess.run(
-        ["scp", "-P", os.environ["EDGEBAKE_SSH_PORT"], "-i", os.environ["EDGEBAKE_SSH_KEY"],
-         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
-         "LogLevel=ERROR", local, f"root@127.0.0.1:{remote}"],
+        ["scp", *ssh_options(), "-P", os.environ["EDGEBAKE_SSH_PORT"], "-i",
+         os.environ["EDGEBAKE_SSH_KEY"], local, f"root@127.0.0.1:{remote}"],
         capture_output=True, text=True, check=False)
     assert copy.returncode == 0, copy.stderr
 
@@ -368,11 +369,9 @@ def test_field_samples_are_kept_and_collected_over_ssh(host: Any, tmp_path: Path
         return int(host.run("ls /data/samples/ | grep -c '[.]jpg$'").stdout.strip() or 0)
 
     wait(lambda: on_unit() >= 2, 180, "two samples on the unit")
-    options = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
-               "LogLevel=ERROR"]
-    args = {"port": int(os.environ["EDGEBAKE_SSH_PORT"]),
-            "identity": os.environ["EDGEBAKE_SSH_KEY"], "extra_options": options,
-            "say": lambda line: None}
+    from unit_reboot import ssh_args
+
+    args = {**ssh_args(), "say": lambda line: None}
     first = collect_samples("127.0.0.1", tmp_path, **args)
     assert first.fetched >= 2 and first.already == 0, first
     wait(lambda: on_unit() > first.fetched, 120, "a newer sample")

@@ -15,8 +15,6 @@ from edgebake_builder.validate.osbundles import derive_bundle
 
 WINDOW_SEC = 15  # healthy this long after the new system is ready: enough to prove the path
 VERDICT_DEADLINE_SEC = 1500  # install, reboot, window, and for a rollback a second reboot
-SSH_EXTRA = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-             "-o", "LogLevel=ERROR"]
 # the update the reboot was: its status, its version, and the unit as it was before it
 SYSTEM_UPDATE: dict[str, Any] = {}
 
@@ -32,9 +30,15 @@ def os_keys() -> OsKeys:
     return OsKeys(folder / "os-ca.crt", folder / "os.key", folder / "os.crt")
 
 
+def ssh_options() -> list[str]:
+    """The checks' own SSH settings (test-image writes them): their shared connection, and
+    no host-key records for a unit that is new at every run."""
+    return ["-F", os.environ["EDGEBAKE_SSH_CONFIG"]]
+
+
 def ssh_args() -> dict[str, Any]:
     return {"port": int(os.environ["EDGEBAKE_SSH_PORT"]),
-            "identity": os.environ["EDGEBAKE_SSH_KEY"], "extra_options": SSH_EXTRA}
+            "identity": os.environ["EDGEBAKE_SSH_KEY"], "extra_options": ssh_options()}
 
 
 def identity(host: Any) -> dict[str, str]:
